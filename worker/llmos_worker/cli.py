@@ -1,0 +1,68 @@
+"""`llmos-worker`: one command line, one sub-command per job the worker image does.
+
+Each sub-command lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`;
+modules are imported only when their sub-command runs, so `fetch-model` never loads torch.
+Every flag can also be set by an environment variable (`LLMOS_<FLAG>`, dashes as underscores),
+because the operator passes settings to pods that way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+# sub-command -> (module, help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("llmos_worker.server.main", "serve a model over an OpenAI-compatible HTTP API"),
+    "fetch-model": ("llmos_worker.storage.fetch", "download, verify and store model weights"),
+    "encrypt-model": ("llmos_worker.storage.cli", "encrypt a model file with envelope encryption"),
+    "verify-model": ("llmos_worker.storage.cli", "verify an encrypted model's integrity"),
+    "rewrap-key": ("llmos_worker.storage.cli", "re-wrap a model's data key with a new key"),
+    "bench": ("llmos_worker.bench", "run the offline engine benchmark"),
+}
+
+
+def env_default(name: str, default: str | None = None) -> str | None:
+    """The value of `LLMOS_<NAME>` if set, else `default`. Used for argparse defaults."""
+    return os.environ.get("LLMOS_" + name.upper().replace("-", "_"), default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmos-worker", description=__doc__.splitlines()[0])
+    subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = subs.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(_module=module_name)
+        module = _import(module_name)
+        if module is not None:
+            add = getattr(module, f"add_{name.replace('-', '_')}_arguments", None) or getattr(
+                module, "add_arguments"
+            )
+            add(sub)
+    return parser
+
+
+def _import(module_name: str) -> object | None:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            return None  # sub-command not built into this image
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module = _import(args._module)
+    if module is None:
+        parser.error(f"sub-command {args.command!r} is not available")
+    run = getattr(module, f"run_{args.command.replace('-', '_')}", None) or getattr(module, "run")
+    return int(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Paged-memory inference engine: sequences, block manager, scheduler, sampler, engine."""

@@ -1,0 +1,54 @@
+"""Engine settings: one dataclass, validated, shared by the CLI, the server and tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from llmos_worker.errors import InvalidRequestError
+
+SchedulingPolicy = Literal["fcfs", "priority"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass
+class EngineConfig:
+    """Settings of one engine instance.
+
+    The KV cache is sized from `kv_cache_memory_bytes` when given, otherwise from
+    `kv_cache_memory_fraction` of the device's free memory (host RAM on CPU).
+    """
+
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None
+    kv_cache_memory_fraction: float = 0.2
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's context length
+    scheduling_policy: SchedulingPolicy = "fcfs"
+    enable_prefix_caching: bool = True
+    dtype: DType = "float32"
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise InvalidRequestError("block_size must be a power of two up to 128", param="block_size")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise InvalidRequestError("kv_cache_memory_bytes must be positive",
+                                      param="kv_cache_memory_bytes")
+        if not 0.0 < self.kv_cache_memory_fraction <= 0.95:
+            raise InvalidRequestError("kv_cache_memory_fraction must be in (0, 0.95]",
+                                      param="kv_cache_memory_fraction")
+        if self.max_num_seqs < 1:
+            raise InvalidRequestError("max_num_seqs must be at least 1", param="max_num_seqs")
+        if self.max_num_batched_tokens < self.block_size:
+            raise InvalidRequestError("max_num_batched_tokens must be at least block_size",
+                                      param="max_num_batched_tokens")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise InvalidRequestError("max_model_len must be positive", param="max_model_len")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise InvalidRequestError("scheduling_policy must be 'fcfs' or 'priority'",
+                                      param="scheduling_policy")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise InvalidRequestError("dtype must be float32, bfloat16 or float16", param="dtype")

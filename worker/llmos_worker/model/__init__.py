@@ -1,0 +1,1 @@
+"""Llama-family model for paged attention, weight loading and the model runner."""

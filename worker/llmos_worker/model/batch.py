@@ -1,0 +1,22 @@
+"""The flat batch one model forward consumes: all scheduled tokens of all sequences, concatenated.
+
+This is the contract between the scheduler side (which owns block tables) and the model runner
+(which owns the KV cache tensors). Prefill chunks and single-token decodes mix freely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # (T,) int64: tokens computed this step, sequence after sequence
+    positions: torch.Tensor  # (T,) int64: position of each token within its sequence
+    slot_mapping: torch.Tensor  # (T,) int64: KV slot written = block_id * block_size + offset
+    query_start_loc: torch.Tensor  # (S+1,) int64: token offsets of each sequence in input_ids
+    context_lens: torch.Tensor  # (S,) int64: KV length of each sequence after this step
+    block_tables: torch.Tensor  # (S, max_blocks) int64: physical blocks, padded with 0
+    logits_indices: torch.Tensor  # (L,) int64: rows of input_ids whose next-token logits are needed

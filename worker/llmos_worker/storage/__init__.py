@@ -1,0 +1,1 @@
+"""Model storage: fetching, digests, envelope encryption."""
