@@ -21,7 +21,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "encrypt-model": ("llmos_worker.storage.cli", "encrypt a model file with envelope encryption"),
     "verify-model": ("llmos_worker.storage.cli", "verify an encrypted model's integrity"),
     "rewrap-key": ("llmos_worker.storage.cli", "re-wrap a model's data key with a new key"),
-    "bench": ("llmos_worker.bench", "run the offline engine benchmark"),
 }
 
 
