@@ -1,0 +1,188 @@
+"""The InferencePool kind: the serving of one LLMModel by a set of worker pods.
+
+The spec says which model, how many replicas (or how to autoscale them), what each replica gets
+(GPUs, CPU, memory, placement), how its engine is tuned, and who may call it. The status is read
+from the real Deployment: replicas, ready replicas, the label selector (for the scale
+subresource), the in-cluster endpoint, and the Ready / Progressing / Degraded conditions.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from llmos_operator.api.common import (
+    NAME_PATTERN,
+    ApiModel,
+    Condition,
+    LabelSelector,
+    Quantity,
+    SecretKeyRef,
+)
+
+KIND = "InferencePool"
+PLURAL = "inferencepools"
+SINGULAR = "inferencepool"
+SHORT_NAMES = ["ip"]
+
+
+class Toleration(ApiModel):
+    """A pod toleration (core/v1 Toleration)."""
+
+    key: str | None = Field(default=None, max_length=317, description="Taint key to tolerate.")
+    operator: Literal["Exists", "Equal"] | None = Field(
+        default=None, description="Exists or Equal (default Equal)."
+    )
+    value: str | None = Field(default=None, max_length=63, description="Taint value for Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate; all effects when unset."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, ge=0, description="How long a NoExecute taint is tolerated."
+    )
+
+
+class PoolResources(ApiModel):
+    """What each worker replica gets from the node."""
+
+    gpus: int = Field(
+        default=0, ge=0, le=16, description="GPUs per replica (nvidia.com/gpu); 0 runs on CPU."
+    )
+    cpu: Quantity = Field(default="2", description="CPU request and limit per replica.")
+    memory: Quantity = Field(default="4Gi", description="Memory request and limit per replica.")
+    node_selector: dict[str, str] | None = Field(
+        default=None, description="Node labels a worker pod must be scheduled on."
+    )
+    tolerations: list[Toleration] | None = Field(
+        default=None, max_length=32, description="Taints the worker pods tolerate."
+    )
+    priority_class_name: str | None = Field(
+        default=None, max_length=253, pattern=NAME_PATTERN, description="PriorityClass of pods."
+    )
+
+
+class EngineSettings(ApiModel):
+    """Settings of the paged-memory inference engine in every worker."""
+
+    block_size: int = Field(default=16, ge=1, le=256, description="Tokens per KV-cache block.")
+    kv_cache_memory_fraction: float = Field(
+        default=0.9,
+        gt=0.0,
+        le=1.0,
+        description="Fraction of free device memory given to the KV cache.",
+    )
+    max_num_seqs: int = Field(
+        default=64, ge=1, le=4096, description="Sequences batched together at most."
+    )
+    max_model_len: int | None = Field(
+        default=None,
+        ge=16,
+        le=1048576,
+        description="Longest prompt+completion in tokens; the model's limit when unset.",
+    )
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        default="fcfs", description="fcfs serves in arrival order; priority by request priority."
+    )
+    enable_prefix_caching: bool = Field(
+        default=True, description="Reuse KV blocks of shared prompt prefixes."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="bfloat16", description="Data type of weights and KV cache."
+    )
+
+
+class PoolAccess(ApiModel):
+    """Who may call the pool (enforced by NetworkPolicy and API keys)."""
+
+    namespace_selectors: list[LabelSelector] | None = Field(
+        default=None,
+        max_length=16,
+        description="Namespaces whose pods may call the pool; the pool's own namespace when unset.",
+    )
+    pod_selectors: list[LabelSelector] | None = Field(
+        default=None, max_length=16, description="Pods (in allowed namespaces) that may call."
+    )
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding the accepted API keys, one per line."
+    )
+
+
+class Autoscaling(ApiModel):
+    """Scaling of the replicas on engine signals."""
+
+    enabled: bool = Field(default=False, description="Scale between minReplicas and maxReplicas.")
+    min_replicas: int = Field(default=1, ge=0, le=1000, description="Fewest replicas.")
+    max_replicas: int = Field(default=4, ge=1, le=1000, description="Most replicas.")
+    metric: Literal["kvCacheUsage", "requestsWaiting", "requestsRunning"] = Field(
+        default="kvCacheUsage", description="Engine signal scaled on."
+    )
+    target: float = Field(
+        default=0.7, gt=0.0, le=100000.0, description="Target value of the metric per replica."
+    )
+    scale_up_stabilization_seconds: int = Field(
+        default=0, ge=0, le=3600, description="Window before scaling up."
+    )
+    scale_down_stabilization_seconds: int = Field(
+        default=300, ge=0, le=3600, description="Window before scaling down."
+    )
+    mode: Literal["builtin", "hpa"] = Field(
+        default="builtin",
+        description="builtin: the operator scales; hpa: a HorizontalPodAutoscaler does.",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("minReplicas must not exceed maxReplicas")
+        return self
+
+
+class InferencePoolSpec(ApiModel):
+    """Desired state of an InferencePool."""
+
+    model_ref: str = Field(
+        max_length=253,
+        pattern=NAME_PATTERN,
+        description="Name of the LLMModel (same namespace) to serve.",
+    )
+    replicas: int = Field(default=1, ge=0, le=1000, description="Worker pods to run.")
+    resources: PoolResources = Field(
+        default_factory=PoolResources, description="Per-replica resources and placement."
+    )
+    engine: EngineSettings = Field(
+        default_factory=EngineSettings, description="Inference engine settings."
+    )
+    access: PoolAccess | None = Field(default=None, description="Who may call the pool.")
+    autoscaling: Autoscaling | None = Field(default=None, description="Autoscaling of replicas.")
+
+
+class AutoscalingStatus(ApiModel):
+    """What the autoscaler last saw and decided."""
+
+    current_metric: float | None = Field(default=None, description="Last metric per replica.")
+    desired_replicas: int | None = Field(default=None, ge=0, description="Last decision.")
+    last_decision: str | None = Field(default=None, max_length=1024, description="Why.")
+    last_scale_time: str | None = Field(default=None, description="When it last scaled.")
+
+
+class InferencePoolStatus(ApiModel):
+    """Observed state of an InferencePool, read from its Deployment."""
+
+    replicas: int = Field(default=0, ge=0, description="Worker pods that exist.")
+    ready_replicas: int = Field(default=0, ge=0, description="Worker pods that are ready.")
+    selector: str | None = Field(default=None, description="Label selector of the worker pods.")
+    endpoint: str | None = Field(default=None, description="In-cluster OpenAI base URL.")
+    model_version: str | None = Field(default=None, description="Model version being served.")
+    autoscaling: AutoscalingStatus | None = Field(
+        default=None, description="Autoscaler observations."
+    )
+    quota: dict[str, str] | None = Field(
+        default=None, description="Quota usage notes from QuotaPolicy evaluation."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Ready, Progressing and Degraded."
+    )
+    observed_generation: int | None = Field(
+        default=None, description="The .metadata.generation this status describes."
+    )

@@ -1,0 +1,151 @@
+"""The LLMModel kind: a model artifact the operator downloads, verifies and stores on a volume.
+
+`spec.source` says where the weights come from (one of four URI schemes; `https://` needs the
+expected sha256 because nothing else vouches for the bytes), `spec.version` names the artifact
+version. The operator runs a loader Job writing into a PVC and reports the outcome in `status`:
+phase, digest and size as the loader measured them, the version now served, and a short history.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from llmos_operator.api.common import ApiModel, Condition, Quantity, SecretKeyRef
+
+KIND = "LLMModel"
+PLURAL = "llmmodels"
+SINGULAR = "llmmodel"
+SHORT_NAMES = ["llm"]
+HISTORY_LIMIT = 10
+
+SOURCE_PATTERN = (
+    r"^(builtin://[a-z0-9][a-z0-9.-]*"
+    r"|https://[^\s]+"
+    r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/[^\s]*"
+    r"|hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?)$"
+)
+_SOURCE_RE = re.compile(SOURCE_PATTERN)
+Phase = Literal["Pending", "Loading", "Ready", "Failed"]
+
+
+class ModelStorage(ApiModel):
+    """The PersistentVolumeClaim the weights are written to."""
+
+    size: Quantity = Field(
+        default="2Gi", description="Capacity requested for the model volume, e.g. 20Gi."
+    )
+    storage_class_name: str | None = Field(
+        default=None,
+        max_length=253,
+        description="StorageClass of the volume; the cluster default when unset.",
+    )
+    access_modes: list[Literal["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany",
+                               "ReadWriteOncePod"]] = Field(
+        default_factory=lambda: ["ReadWriteOnce"],
+        min_length=1,
+        max_length=4,
+        description="Access modes of the volume; ReadWriteMany or ReadOnlyMany lets worker pods "
+        "on several nodes mount it.",
+    )  # fmt: skip
+
+
+class ModelEncryption(ApiModel):
+    """Encryption at rest of the stored weights (envelope encryption, AES-256-GCM)."""
+
+    enabled: bool = Field(default=False, description="Encrypt the weights as they are written.")
+    key_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding the key-encryption key (32 bytes, base64 in the data).",
+    )
+
+    @model_validator(mode="after")
+    def _key_when_enabled(self) -> ModelEncryption:
+        if self.enabled and self.key_secret_ref is None:
+            raise ValueError("keySecretRef is required when encryption is enabled")
+        return self
+
+
+class LLMModelSpec(ApiModel):
+    """Desired state of an LLMModel."""
+
+    source: str = Field(
+        max_length=2048,
+        pattern=SOURCE_PATTERN,
+        description="Where the weights come from: builtin://smollm2-135m-instruct, "
+        "https://host/path/file.gguf (sha256 required), pvc://claim/path/in/claim, or "
+        "hf://org/name@revision.",
+    )
+    sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="Expected sha256 (lowercase hex) of the downloaded file; required for https.",
+    )
+    format: Literal["gguf", "safetensors"] = Field(
+        default="gguf", description="File format of the weights."
+    )
+    version: str = Field(
+        default="1",
+        min_length=1,
+        max_length=63,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Version label of the artifact; changing it starts a new load.",
+    )
+    storage: ModelStorage = Field(
+        default_factory=ModelStorage, description="Volume the weights are stored on."
+    )
+    encryption: ModelEncryption | None = Field(
+        default=None, description="Encryption at rest of the stored weights."
+    )
+
+    @model_validator(mode="after")
+    def _https_needs_digest(self) -> LLMModelSpec:
+        if self.source.startswith("https://") and self.sha256 is None:
+            raise ValueError("sha256 is required for an https:// source")
+        return self
+
+
+class ModelVersionRecord(ApiModel):
+    """One successfully loaded version, newest first in status.history."""
+
+    version: str = Field(max_length=63, description="spec.version that was loaded.")
+    source: str = Field(max_length=2048, description="spec.source that was loaded.")
+    digest: str = Field(default="", max_length=128, description="sha256:<hex> of the artifact.")
+    size_bytes: int = Field(default=0, ge=0, description="Bytes written to the volume.")
+    path: str = Field(default="", max_length=253, description="Directory inside the volume.")
+    loaded_at: str = Field(default="", description="When the load finished (RFC 3339).")
+
+
+class LLMModelStatus(ApiModel):
+    """Observed state of an LLMModel, written by the operator."""
+
+    phase: Phase = Field(default="Pending", description="Pending, Loading, Ready or Failed.")
+    digest: str | None = Field(default=None, description="sha256:<hex> of the served artifact.")
+    size_bytes: int | None = Field(default=None, ge=0, description="Size of the served artifact.")
+    served_version: str | None = Field(default=None, description="Version now on the volume.")
+    path: str | None = Field(
+        default=None, description="Directory of the served version inside the model volume."
+    )
+    claim_name: str | None = Field(default=None, description="PVC holding the weights.")
+    load_job: str | None = Field(default=None, description="Name of the current loader Job.")
+    load_key: str | None = Field(
+        default=None, description="Hash of source+version+format of the current load."
+    )
+    history: list[ModelVersionRecord] = Field(
+        default_factory=list,
+        max_length=HISTORY_LIMIT,
+        description=f"Loaded versions, newest first, at most {HISTORY_LIMIT}.",
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Ready and Failed conditions."
+    )
+    observed_generation: int | None = Field(
+        default=None, description="The .metadata.generation this status describes."
+    )
+
+
+def source_scheme(source: str) -> str:
+    """The scheme of a source URI ("builtin", "https", "pvc", "hf"); "" when malformed."""
+    return source.split("://", 1)[0] if _SOURCE_RE.match(source) else ""

@@ -1,0 +1,23 @@
+"""Pure functions from a spec to Kubernetes manifests (dicts): no I/O, unit-tested directly."""
+
+from llmos_operator.builders.model import ModelRef, build_loader_job, build_pvc
+from llmos_operator.builders.pool import (
+    PoolRef,
+    ServedModel,
+    build_deployment,
+    build_pdb,
+    build_service,
+    build_service_account,
+)
+
+__all__ = [
+    "ModelRef",
+    "PoolRef",
+    "ServedModel",
+    "build_deployment",
+    "build_loader_job",
+    "build_pdb",
+    "build_pvc",
+    "build_service",
+    "build_service_account",
+]

@@ -1,0 +1,144 @@
+"""Children of an LLMModel: the PersistentVolumeClaim holding weights and the loader Job.
+
+The loader runs the worker image's `llmos-worker fetch-model`, which downloads and verifies the
+weights into `<mount>/<load dir>` and writes its manifest JSON ({digest, sizeBytes, files,
+version, ...}) to the container's termination message, where the operator reads it back.
+Each distinct (source, version, format) gets its own load key, Job name and directory, so a new
+version loads beside the old one and retries of the same load find the same Job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from llmos_operator.api.llmmodel import KIND, LLMModelSpec
+from llmos_operator.builders import meta, security
+from llmos_operator.config import OperatorConfig
+
+TERMINATION_LOG = "/dev/termination-log"
+SOURCES_MOUNT = "/sources"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """The identity of the LLMModel being rendered."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+def load_key(spec: LLMModelSpec) -> str:
+    """Hash of what a load produces: a change of source, version, format or digest is a new load."""
+    return meta.short_hash(spec.source, spec.version, spec.format, spec.sha256 or "")
+
+
+def claim_name(model: str) -> str:
+    return meta.child_name(model, "weights")
+
+
+def job_name(model: str, key: str) -> str:
+    return meta.child_name(model, f"load-{key}")
+
+
+def load_dir(key: str) -> str:
+    """Directory of one load inside the model volume."""
+    return f"v-{key}"
+
+
+def _metadata(ref: ModelRef, name: str, **extra: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": ref.namespace,
+        "labels": meta.labels("loader", ref.name, **{meta.MODEL_LABEL: ref.name}, **extra),
+        "ownerReferences": [meta.owner_reference(KIND, ref.name, ref.uid)],
+    }
+
+
+def build_pvc(ref: ModelRef, spec: LLMModelSpec) -> dict[str, Any]:
+    pvc_spec: dict[str, Any] = {
+        "accessModes": list(spec.storage.access_modes),
+        "resources": {"requests": {"storage": spec.storage.size}},
+    }
+    if spec.storage.storage_class_name:
+        pvc_spec["storageClassName"] = spec.storage.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(ref, claim_name(ref.name)),
+        "spec": pvc_spec,
+    }
+
+
+def _source_arg(spec: LLMModelSpec) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+    """(--source value, extra volumes, extra mounts); pvc:// sources become a mounted path."""
+    if not spec.source.startswith("pvc://"):
+        return spec.source, [], []
+    claim, _, path = spec.source.removeprefix("pvc://").partition("/")
+    volume = {"name": "source", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+    mount = {"name": "source", "mountPath": f"{SOURCES_MOUNT}/{claim}", "readOnly": True}
+    return f"{SOURCES_MOUNT}/{claim}/{path}", [volume], [mount]
+
+
+def build_loader_job(ref: ModelRef, spec: LLMModelSpec, config: OperatorConfig) -> dict[str, Any]:
+    key = load_key(spec)
+    source, extra_volumes, extra_mounts = _source_arg(spec)
+    args = ["--source", source, "--dest", f"{config.models_mount_path}/{load_dir(key)}"]
+    if spec.sha256:
+        args += ["--sha256", spec.sha256]
+    args += ["--format", spec.format]
+    tmp_volume, tmp_mount = security.scratch_volume("4Gi")
+    extra = {meta.MODEL_LABEL: ref.name, meta.LOAD_LABEL: key}
+    pod_labels = meta.labels("loader", ref.name, **extra)
+    container = {
+        "name": "fetch",
+        "image": config.worker_image,
+        "imagePullPolicy": config.worker_image_pull_policy,
+        "command": ["llmos-worker", "fetch-model"],
+        "args": args,
+        "env": [
+            {"name": "HOME", "value": "/tmp"},
+            {"name": "HF_HOME", "value": "/tmp/hf"},
+            {"name": "LLMOS_MODEL_VERSION", "value": spec.version},
+        ],
+        "resources": {
+            "requests": {"cpu": "250m", "memory": "512Mi"},
+            "limits": {"cpu": "2", "memory": "2Gi"},
+        },
+        "volumeMounts": [
+            {"name": "models", "mountPath": config.models_mount_path},
+            tmp_mount,
+            *extra_mounts,
+        ],
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "File",
+        "securityContext": security.container_security_context(),
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(ref, job_name(ref.name, key), **{meta.LOAD_LABEL: key}),
+        "spec": {
+            "backoffLimit": 2,
+            "activeDeadlineSeconds": 6 * 3600,
+            "template": {
+                "metadata": {"labels": pod_labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": security.pod_security_context(),
+                    "containers": [container],
+                    "volumes": [
+                        {
+                            "name": "models",
+                            "persistentVolumeClaim": {"claimName": claim_name(ref.name)},
+                        },
+                        tmp_volume,
+                        *extra_volumes,
+                    ],
+                },
+            },
+        },
+    }

@@ -1,0 +1,237 @@
+"""Children of an InferencePool: ServiceAccount, worker Deployment, Service, PodDisruptionBudget.
+
+The worker container runs `llmos-worker serve --model <dir> --host 0.0.0.0 --port <port>` with
+its engine settings as the `LLMOS_*` environment variables the worker's CLI reads as flag
+defaults. The model volume is mounted read-only at the path the LLMModel's loader wrote to.
+A change to any engine setting or to the served model version changes the pod template, which
+makes the Deployment roll.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from llmos_operator.api.inferencepool import KIND, InferencePoolSpec
+from llmos_operator.builders import meta, security
+from llmos_operator.config import OperatorConfig
+
+
+@dataclass(frozen=True)
+class PoolRef:
+    """The identity of the InferencePool being rendered."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What a Ready LLMModel offers a pool: its volume and the directory of the served version."""
+
+    name: str
+    claim_name: str
+    path: str
+    version: str
+    digest: str
+
+
+def service_account_name(pool: str) -> str:
+    return meta.child_name(pool, "worker")
+
+
+def deployment_name(pool: str) -> str:
+    return meta.child_name(pool)
+
+
+def service_name(pool: str) -> str:
+    return meta.child_name(pool)
+
+
+def pdb_name(pool: str) -> str:
+    return meta.child_name(pool)
+
+
+def selector_labels(pool: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "llmos-worker", "app.kubernetes.io/instance": pool}
+
+
+def endpoint(ref: PoolRef, config: OperatorConfig) -> str:
+    """The in-cluster OpenAI base URL of the pool's Service."""
+    host = f"{service_name(ref.name)}.{ref.namespace}.svc.{config.cluster_domain}"
+    return f"http://{host}:{config.worker_port}/v1"
+
+
+def _metadata(ref: PoolRef, name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": ref.namespace,
+        "labels": meta.labels("inference", ref.name, **{meta.POOL_LABEL: ref.name}),
+        "ownerReferences": [meta.owner_reference(KIND, ref.name, ref.uid)],
+    }
+
+
+def build_service_account(ref: PoolRef) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(ref, service_account_name(ref.name)),
+        "automountServiceAccountToken": False,  # why: workers never call the Kubernetes API
+    }
+
+
+def worker_env(spec: InferencePoolSpec, model: ServedModel) -> list[dict[str, str]]:
+    """The LLMOS_* variables `llmos-worker serve` reads as defaults of its flags."""
+    engine = spec.engine
+    values: dict[str, str] = {
+        "LLMOS_BLOCK_SIZE": str(engine.block_size),
+        "LLMOS_KV_CACHE_MEMORY_FRACTION": repr(engine.kv_cache_memory_fraction),
+        "LLMOS_MAX_NUM_SEQS": str(engine.max_num_seqs),
+        "LLMOS_SCHEDULING_POLICY": engine.scheduling_policy,
+        "LLMOS_ENABLE_PREFIX_CACHING": "true" if engine.enable_prefix_caching else "false",
+        "LLMOS_DTYPE": engine.dtype,
+        "LLMOS_DEVICE": "cuda" if spec.resources.gpus > 0 else "cpu",
+        "LLMOS_SERVED_MODEL_NAME": model.name,
+    }
+    if engine.max_model_len is not None:
+        values["LLMOS_MAX_MODEL_LEN"] = str(engine.max_model_len)
+    env = [{"name": k, "value": v} for k, v in values.items()]
+    env += [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HOME", "value": "/tmp/hf"},
+        {"name": "HF_HUB_OFFLINE", "value": "1"},  # why: workers never download at run time
+    ]
+    return env
+
+
+def _resources(spec: InferencePoolSpec) -> dict[str, Any]:
+    amounts: dict[str, Any] = {"cpu": spec.resources.cpu, "memory": spec.resources.memory}
+    limits = dict(amounts)
+    if spec.resources.gpus > 0:
+        limits["nvidia.com/gpu"] = spec.resources.gpus
+    return {"requests": amounts, "limits": limits}
+
+
+def build_deployment(
+    ref: PoolRef, spec: InferencePoolSpec, model: ServedModel, config: OperatorConfig
+) -> dict[str, Any]:
+    port = config.worker_port
+    model_dir = f"{config.models_mount_path}/{model.path}"
+    tmp_volume, tmp_mount = security.scratch_volume("2Gi")
+    http_get = {"port": "http"}
+    container: dict[str, Any] = {
+        "name": "worker",
+        "image": config.worker_image,
+        "imagePullPolicy": config.worker_image_pull_policy,
+        "command": ["llmos-worker", "serve"],
+        "args": ["--model", model_dir, "--host", "0.0.0.0", "--port", str(port)],
+        "env": worker_env(spec, model),
+        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "startupProbe": {
+            "httpGet": {"path": "/health", **http_get},
+            "periodSeconds": 5,
+            "failureThreshold": 120,  # why: loading a large model takes minutes
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/health", **http_get},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", **http_get},
+            "periodSeconds": 5,
+            "failureThreshold": 2,
+        },
+        "resources": _resources(spec),
+        "volumeMounts": [
+            {"name": "model", "mountPath": config.models_mount_path, "readOnly": True},
+            tmp_mount,
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+        "securityContext": security.container_security_context(),
+    }
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": service_account_name(ref.name),
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": security.pod_security_context(),
+        "terminationGracePeriodSeconds": 30,
+        "containers": [container],
+        "volumes": [
+            {
+                "name": "model",
+                "persistentVolumeClaim": {"claimName": model.claim_name, "readOnly": True},
+            },
+            tmp_volume,
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
+        ],
+    }
+    if spec.resources.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
+    if spec.resources.tolerations:
+        pod_spec["tolerations"] = [t.to_api() for t in spec.resources.tolerations]
+    if spec.resources.priority_class_name:
+        pod_spec["priorityClassName"] = spec.resources.priority_class_name
+    template_labels = {
+        **meta.labels("inference", ref.name, **{meta.POOL_LABEL: ref.name}),
+        meta.MODEL_LABEL: model.name,
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(ref, deployment_name(ref.name)),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector_labels(ref.name)},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+            },
+            "template": {
+                "metadata": {
+                    "labels": template_labels,
+                    "annotations": {
+                        "llmos.dev/model-version": model.version,
+                        "llmos.dev/model-digest": model.digest,
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(port),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def build_service(ref: PoolRef, config: OperatorConfig) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(ref, service_name(ref.name)),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(ref.name),
+            "ports": [
+                {
+                    "name": "http",
+                    "port": config.worker_port,
+                    "targetPort": "http",
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def build_pdb(ref: PoolRef) -> dict[str, Any]:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(ref, pdb_name(ref.name)),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector_labels(ref.name)},
+        },
+    }

@@ -1,0 +1,51 @@
+"""Operator configuration: one frozen value built from the environment, injected via kopf's memo.
+
+Everything a test wants to change (the API server, the worker image, timer intervals, retry
+delays) is a field here, so tests pass their own `OperatorConfig` instead of patching modules.
+Environment variables (`LLMOS_OPERATOR_<FIELD>`) configure the deployed operator.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """Settings of one operator process."""
+
+    worker_image: str = "ghcr.io/llmos-dev/llmos-worker:0.1.0"
+    worker_image_pull_policy: str = "IfNotPresent"
+    worker_port: int = 8000
+    cluster_domain: str = "cluster.local"
+    models_mount_path: str = "/models"
+    # why: a pool waiting for its model retries this often (kopf.TemporaryError delay)
+    model_wait_delay_s: float = 10.0
+    # drift correction and status refresh interval of every pool and model
+    reconcile_interval_s: float = 30.0
+    # kopf's own backoffs; tests shrink them
+    error_backoff_s: float = 5.0
+    watch_timeout_s: float = 300.0
+    # explicit API server for tests / out-of-cluster runs; in-cluster or kubeconfig otherwise
+    api_server: str | None = None
+    api_token: str | None = None
+    finalizer: str = "llmos.dev/cleanup"
+    http_timeout_s: float = 10.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
+        source = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = source.get("LLMOS_OPERATOR_" + f.name.upper())
+            if raw is None:
+                continue
+            if f.type in ("float", "float | None"):
+                values[f.name] = float(raw)
+            elif f.type == "int":
+                values[f.name] = int(raw)
+            else:
+                values[f.name] = raw
+        return cls(**values)  # type: ignore[arg-type]
