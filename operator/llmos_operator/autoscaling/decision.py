@@ -194,9 +194,10 @@ def decide(
     elif bounded_raw < current:
         reason = "ScaleDownStabilizing"
 
-    if desired > policy.max_replicas:
+    # why: "at the bound because of the bound" is the useful reason, also when nothing moves
+    if desired > policy.max_replicas or (desired == policy.max_replicas < raw):
         desired, reason = policy.max_replicas, "LimitedByMaxReplicas"
-    if desired < policy.min_replicas:
+    if desired < policy.min_replicas or (desired == policy.min_replicas > raw):
         desired, reason = policy.min_replicas, "LimitedByMinReplicas"
     if obs.quota_cap is not None and desired > max(obs.quota_cap, 0):
         desired, reason = max(obs.quota_cap, 0), "LimitedByQuota"
