@@ -1,0 +1,178 @@
+"""InferencePool reconciler: wait for the model, then SA, Deployment, Service, PDB, and status.
+
+Nothing is created before the spec validates and the referenced LLMModel is Ready, so an invalid
+or premature pool never leaves half its children behind. Every pass re-applies the desired
+children (drift is undone) and derives the status from the Deployment's real status.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from llmos_operator.api import llmmodel
+from llmos_operator.api.common import set_condition
+from llmos_operator.api.inferencepool import KIND, InferencePoolSpec
+from llmos_operator.builders import meta
+from llmos_operator.builders.pool import (
+    PoolRef,
+    ServedModel,
+    build_deployment,
+    build_pdb,
+    build_service,
+    build_service_account,
+    deployment_name,
+    endpoint,
+    pdb_name,
+    selector_labels,
+    service_account_name,
+    service_name,
+)
+from llmos_operator.config import OperatorConfig
+from llmos_operator.controllers.errors import InvalidSpec, WaitingForDependency
+from llmos_operator.kube import KubeClient
+from llmos_operator.status import Clock, invalid_spec_message, rfc3339, status_patch
+
+Conditions = list[dict[str, Any]]
+
+
+def deployment_conditions(
+    deployment: dict[str, Any], desired: int
+) -> list[tuple[str, str, str, str]]:
+    """(type, status, reason, message) for Ready, Progressing, Degraded from a Deployment."""
+    status = deployment.get("status") or {}
+    generation = (deployment.get("metadata") or {}).get("generation") or 0
+    ready = int(status.get("readyReplicas") or 0)
+    updated = int(status.get("updatedReplicas") or 0)
+    total = int(status.get("replicas") or 0)
+    observed = int(status.get("observedGeneration") or 0)
+    dep_conds = {c.get("type"): c for c in status.get("conditions") or []}
+
+    if desired == 0:
+        ready_c = ("Ready", "False", "ScaledToZero", "the pool has 0 replicas")
+    elif ready >= desired:
+        ready_c = ("Ready", "True", "ReplicasReady", f"{ready}/{desired} replicas ready")
+    else:
+        ready_c = ("Ready", "False", "ReplicasNotReady", f"{ready}/{desired} replicas ready")
+
+    rolling = observed < generation or updated < desired or total > desired or ready < desired
+    progressing = dep_conds.get("Progressing", {})
+    stuck = (
+        progressing.get("status") == "False"
+        or progressing.get("reason") == "ProgressDeadlineExceeded"
+    )
+    failure = dep_conds.get("ReplicaFailure", {})
+    if stuck:
+        degraded_c = (
+            "Degraded",
+            "True",
+            str(progressing.get("reason") or "ProgressDeadlineExceeded"),
+            str(progressing.get("message") or "the rollout made no progress"),
+        )
+    elif failure.get("status") == "True":
+        degraded_c = (
+            "Degraded",
+            "True",
+            str(failure.get("reason") or "ReplicaFailure"),
+            str(failure.get("message") or "pods could not be created"),
+        )
+    else:
+        degraded_c = ("Degraded", "False", "AsExpected", "")
+    progressing_c = (
+        ("Progressing", "True", "RollingOut", f"{updated}/{desired} replicas updated")
+        if rolling and not stuck
+        else ("Progressing", "False", "Stable" if not stuck else "Stuck", "")
+    )
+    return [ready_c, progressing_c, degraded_c]
+
+
+async def reconcile_pool(
+    kube: KubeClient, config: OperatorConfig, body: dict[str, Any], clock: Clock
+) -> dict[str, Any]:
+    """Bring one InferencePool's children and status up to date; returns the new status."""
+    metadata = body["metadata"]
+    name, namespace = metadata["name"], metadata["namespace"]
+    generation = metadata.get("generation")
+    old_status: dict[str, Any] = dict(body.get("status") or {})
+    status = {k: v for k, v in old_status.items() if k != "kopf"}
+    now = rfc3339(clock())
+    conditions: Conditions = list(status.get("conditions") or [])
+
+    def condition(type_: str, value: str, reason: str, message: str) -> None:
+        nonlocal conditions
+        conditions = set_condition(
+            conditions,
+            type_,
+            value,
+            reason,
+            message,
+            now=now,
+            generation=generation,  # type: ignore[arg-type]
+        )
+
+    async def write() -> dict[str, Any]:
+        status["conditions"] = conditions
+        status["observedGeneration"] = generation
+        patch = status_patch(old_status, status)
+        if patch is not None:
+            await kube.patch(KIND, namespace, name, {"status": patch}, sub="status")
+        return status
+
+    try:
+        spec = InferencePoolSpec.model_validate(body.get("spec") or {})
+    except ValidationError as exc:
+        message = invalid_spec_message(exc)
+        condition("Ready", "False", "InvalidSpec", message)
+        condition("Degraded", "True", "InvalidSpec", message)
+        await write()
+        raise InvalidSpec(message) from exc
+
+    model = await kube.get(llmmodel.KIND, namespace, spec.model_ref)
+    model_status = (model or {}).get("status") or {}
+    if model is None:
+        message = f"spec.modelRef: LLMModel {spec.model_ref!r} not found in {namespace}"
+        condition("Ready", "False", "ModelNotFound", message)
+        await write()
+        raise WaitingForDependency(message)
+    if model_status.get("phase") != "Ready" or not model_status.get("path"):
+        phase = model_status.get("phase") or "Pending"
+        message = f"waiting for LLMModel {spec.model_ref!r} to be Ready (phase {phase})"
+        condition("Ready", "False", "ModelNotReady", message)
+        await write()
+        raise WaitingForDependency(message)
+
+    ref = PoolRef(name=name, namespace=namespace, uid=metadata["uid"])
+    served = ServedModel(
+        name=spec.model_ref,
+        claim_name=str(model_status.get("claimName") or f"{spec.model_ref}-weights"),
+        path=str(model_status["path"]),
+        version=str(model_status.get("servedVersion") or ""),
+        digest=str(model_status.get("digest") or ""),
+    )
+    await kube.apply(build_service_account(ref))
+    deployment, _ = await kube.apply(build_deployment(ref, spec, served, config))
+    await kube.apply(build_service(ref, config))
+    await kube.apply(build_pdb(ref))
+
+    for type_, value, reason, message in deployment_conditions(deployment, spec.replicas):
+        condition(type_, value, reason, message)
+    dep_status = deployment.get("status") or {}
+    status.update(
+        replicas=int(dep_status.get("replicas") or 0),
+        readyReplicas=int(dep_status.get("readyReplicas") or 0),
+        selector=meta.selector_string(selector_labels(name)),
+        endpoint=endpoint(ref, config),
+        modelVersion=served.version,
+    )
+    return await write()
+
+
+async def cleanup_pool(kube: KubeClient, body: dict[str, Any]) -> None:
+    """Delete the pool's children (what garbage collection would do, done eagerly)."""
+    metadata = body["metadata"]
+    name, namespace = metadata["name"], metadata["namespace"]
+    await kube.delete("Deployment", namespace, deployment_name(name))
+    await kube.delete("PodDisruptionBudget", namespace, pdb_name(name))
+    await kube.delete("Service", namespace, service_name(name))
+    await kube.delete("ServiceAccount", namespace, service_account_name(name))

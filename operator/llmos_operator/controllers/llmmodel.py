@@ -1,0 +1,158 @@
+"""LLMModel reconciler: PVC + loader Job, then phase Pending -> Loading -> Ready | Failed.
+
+The loader Job for the current (source, version, format, sha256) is found by its deterministic
+name; its outcome is read from the Job's conditions and, on success, from the manifest JSON the
+loader wrote as its pod's termination message (digest, sizeBytes). A new spec gets a new Job and
+a new directory, while the previous version keeps being served until the new one is Ready.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import ValidationError
+
+from llmos_operator.api.common import set_condition
+from llmos_operator.api.llmmodel import HISTORY_LIMIT, KIND, LLMModelSpec
+from llmos_operator.builders import meta
+from llmos_operator.builders.model import (
+    ModelRef,
+    build_loader_job,
+    build_pvc,
+    claim_name,
+    job_name,
+    load_dir,
+    load_key,
+)
+from llmos_operator.config import OperatorConfig
+from llmos_operator.controllers.errors import InvalidSpec
+from llmos_operator.kube import KubeClient
+from llmos_operator.status import Clock, invalid_spec_message, rfc3339, status_patch
+
+
+def _job_outcome(job: dict[str, Any]) -> tuple[str, str, str]:
+    """("succeeded" | "failed" | "running", reason, message) from a Job's status."""
+    status = job.get("status") or {}
+    for cond in status.get("conditions") or []:
+        if cond.get("status") != "True":
+            continue
+        if cond.get("type") in ("Complete", "SuccessCriteriaMet"):
+            return "succeeded", "", ""
+        if cond.get("type") in ("Failed", "FailureTarget"):
+            return "failed", str(cond.get("reason") or "JobFailed"), str(cond.get("message") or "")
+    if (status.get("succeeded") or 0) >= 1:
+        return "succeeded", "", ""
+    return "running", "", ""
+
+
+def _terminated_messages(pods: list[dict[str, Any]]) -> list[str]:
+    """Termination messages of the loader containers, newest pod first."""
+    pods = sorted(
+        pods, key=lambda p: str(p.get("metadata", {}).get("creationTimestamp", "")), reverse=True
+    )
+    messages = []
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (cs.get("state") or {}).get("terminated") or {}
+            if terminated.get("message"):
+                messages.append(str(terminated["message"]))
+    return messages
+
+
+def _manifest(messages: list[str]) -> dict[str, Any] | None:
+    for message in messages:
+        try:
+            data = json.loads(message)
+        except ValueError:
+            continue
+        if isinstance(data, dict) and isinstance(data.get("digest"), str):
+            return data
+    return None
+
+
+async def reconcile_model(
+    kube: KubeClient, config: OperatorConfig, body: dict[str, Any], clock: Clock
+) -> dict[str, Any]:
+    """Bring one LLMModel's children and status up to date; returns the new status."""
+    metadata = body["metadata"]
+    name, namespace = metadata["name"], metadata["namespace"]
+    generation = metadata.get("generation")
+    old_status: dict[str, Any] = dict(body.get("status") or {})
+    status = {k: v for k, v in old_status.items() if k != "kopf"}
+    now = rfc3339(clock())
+    conditions: list[dict[str, Any]] = list(status.get("conditions") or [])
+
+    async def write(phase: str, reason: str, message: str) -> dict[str, Any]:
+        status["phase"] = phase
+        ready = "True" if phase == "Ready" else "False"
+        status["conditions"] = set_condition(
+            conditions, "Ready", ready, reason, message, now=now, generation=generation
+        )
+        status["observedGeneration"] = generation
+        patch = status_patch(old_status, status)
+        if patch is not None:
+            await kube.patch(KIND, namespace, name, {"status": patch}, sub="status")
+        return status
+
+    try:
+        spec = LLMModelSpec.model_validate(body.get("spec") or {})
+    except ValidationError as exc:
+        message = invalid_spec_message(exc)
+        await write("Failed", "InvalidSpec", message)
+        raise InvalidSpec(message) from exc
+
+    ref = ModelRef(name=name, namespace=namespace, uid=metadata["uid"])
+    key = load_key(spec)
+    await kube.apply(build_pvc(ref, spec))
+    status["claimName"] = claim_name(name)
+    if status.get("loadKey") == key and status.get("phase") in ("Ready", "Failed"):
+        # why: this load is settled; its Job may since have been cleaned up, never redo it
+        phase = str(status["phase"])
+        cond = next((c for c in conditions if c.get("type") == "Ready"), {})
+        return await write(phase, str(cond.get("reason", phase)), str(cond.get("message", "")))
+
+    status["loadKey"] = key
+    status["loadJob"] = job_name(name, key)
+    job, _ = await kube.apply(build_loader_job(ref, spec, config))
+    outcome, reason, message = _job_outcome(job)
+    if outcome == "running":
+        return await write("Loading", "Loading", f"loader Job {status['loadJob']} is running")
+
+    pods = await kube.list("Pod", namespace, {meta.LOAD_LABEL: key, meta.MODEL_LABEL: name})
+    messages = _terminated_messages(pods)
+    if outcome == "failed":
+        detail = f"{message} {messages[0][-500:]}".strip() if messages else message
+        return await write("Failed", reason, f"loader Job {status['loadJob']} failed: {detail}")
+
+    manifest = _manifest(messages)
+    if manifest is None:
+        return await write(
+            "Failed", "LoaderReportMissing", "the loader succeeded but left no manifest JSON"
+        )
+    record = {
+        "version": spec.version,
+        "source": spec.source,
+        "digest": str(manifest["digest"]),
+        "sizeBytes": int(manifest.get("sizeBytes") or 0),
+        "path": load_dir(key),
+        "loadedAt": now,
+    }
+    history = [h for h in status.get("history") or [] if h.get("path") != record["path"]]
+    status.update(
+        digest=record["digest"],
+        sizeBytes=record["sizeBytes"],
+        servedVersion=spec.version,
+        path=record["path"],
+        history=[record, *history][:HISTORY_LIMIT],
+    )
+    return await write("Ready", "Loaded", f"version {spec.version} loaded ({record['digest']})")
+
+
+async def cleanup_model(kube: KubeClient, body: dict[str, Any]) -> None:
+    """Delete the loader Jobs and the PVC (what garbage collection would do, done eagerly)."""
+    metadata = body["metadata"]
+    name, namespace = metadata["name"], metadata["namespace"]
+    for job in await kube.list("Job", namespace, {meta.MODEL_LABEL: name}):
+        await kube.delete("Job", namespace, job["metadata"]["name"])
+    await kube.delete("PersistentVolumeClaim", namespace, claim_name(name))

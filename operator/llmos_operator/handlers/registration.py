@@ -1,0 +1,195 @@
+"""All kopf handlers of the operator and the `register` function that wires them.
+
+- startup: kopf settings from the `OperatorConfig` in memo, API client into memo;
+- login: the same connection for kopf's own watches;
+- LLMModel / InferencePool: resume + create + spec update -> reconcile (TemporaryError while
+  waiting, PermanentError for invalid specs), a timer re-checks reality (drift, status),
+  delete -> cleanup of children (kopf's finalizer path);
+- children (Jobs, Deployments, Services, ServiceAccounts, PDBs) -> reconcile their owner, so
+  hand edits and deletions are undone at once and pool status follows the Deployment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import kopf
+
+from llmos_operator.api.common import GROUP, VERSION
+from llmos_operator.api.inferencepool import PLURAL as POOLS
+from llmos_operator.api.llmmodel import PLURAL as MODELS
+from llmos_operator.builders import meta
+from llmos_operator.config import OperatorConfig
+from llmos_operator.controllers import (
+    InvalidSpec,
+    WaitingForDependency,
+    cleanup_model,
+    cleanup_pool,
+    reconcile_model,
+    reconcile_pool,
+)
+from llmos_operator.handlers.state import OperatorState
+from llmos_operator.kube import KubeClient
+
+STATE = "llmos"  # memo key of the OperatorState
+CONFIG = "config"  # memo key of an injected OperatorConfig
+
+
+def connection(config: OperatorConfig) -> kopf.ConnectionInfo:
+    """The API server to talk to: explicit config, else in-cluster, else kubeconfig."""
+    if config.api_server:
+        return kopf.ConnectionInfo(
+            server=config.api_server, token=config.api_token, scheme="Bearer"
+        )
+    info = kopf.login_with_service_account() or kopf.login_with_kubeconfig()
+    if info is None:
+        raise kopf.PermanentError("no Kubernetes credentials: not in a cluster, no kubeconfig")
+    return info
+
+
+def _config(memo: kopf.Memo) -> OperatorConfig:
+    config = memo.get(CONFIG)
+    return config if isinstance(config, OperatorConfig) else OperatorConfig.from_env()
+
+
+def _state(memo: kopf.Memo) -> OperatorState:
+    state = memo[STATE]
+    assert isinstance(state, OperatorState)
+    return state
+
+
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    config = _config(memo)
+    settings.persistence.finalizer = config.finalizer
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = int(config.watch_timeout_s)
+    settings.watching.client_timeout = int(config.watch_timeout_s) + 10
+    settings.watching.reconnect_backoff = min(1.0, config.error_backoff_s)
+    settings.batching.error_delays = [config.error_backoff_s] * 3 + [config.error_backoff_s * 4]
+    settings.networking.request_timeout = config.http_timeout_s
+    kube = KubeClient(connection(config), timeout_s=config.http_timeout_s)
+    memo[STATE] = OperatorState(config=config, kube=kube)
+
+
+async def close(memo: kopf.Memo, **_: Any) -> None:
+    if STATE in memo:
+        await _state(memo).kube.aclose()
+
+
+def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+    return connection(_config(memo))
+
+
+async def model_changed(
+    body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any
+) -> None:
+    state = _state(memo)
+    async with state.lock("LLMModel", namespace, name):
+        try:
+            await reconcile_model(state.kube, state.config, dict(body), state.clock)
+        except InvalidSpec as exc:
+            raise kopf.PermanentError(str(exc)) from exc
+
+
+async def model_check(
+    body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any
+) -> None:
+    state = _state(memo)
+    if body.get("metadata", {}).get("deletionTimestamp"):
+        return
+    async with state.lock("LLMModel", namespace, name):
+        # why: an invalid spec is in the status already; the handler path reported it once
+        with contextlib.suppress(InvalidSpec):
+            await reconcile_model(state.kube, state.config, dict(body), state.clock)
+
+
+async def model_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await cleanup_model(_state(memo).kube, dict(body))
+
+
+async def pool_changed(
+    body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any
+) -> None:
+    state = _state(memo)
+    async with state.lock("InferencePool", namespace, name):
+        try:
+            await reconcile_pool(state.kube, state.config, dict(body), state.clock)
+        except InvalidSpec as exc:
+            raise kopf.PermanentError(str(exc)) from exc
+        except WaitingForDependency as exc:
+            raise kopf.TemporaryError(str(exc), delay=state.config.model_wait_delay_s) from exc
+
+
+async def _recheck_pool(state: OperatorState, namespace: str, name: str) -> None:
+    async with state.lock("InferencePool", namespace, name):
+        # why: re-read under the lock; the event or timer body may be stale or the pool gone
+        body = await state.kube.get("InferencePool", namespace, name)
+        if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+            return
+        # why: the status says why it stopped; the create/update handler owns the retries
+        with contextlib.suppress(InvalidSpec, WaitingForDependency):
+            await reconcile_pool(state.kube, state.config, body, state.clock)
+
+
+async def pool_check(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    await _recheck_pool(_state(memo), namespace, name)
+
+
+async def pool_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await cleanup_pool(_state(memo).kube, dict(body))
+
+
+async def pool_child_event(
+    body: kopf.Body, namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any
+) -> None:
+    pool = labels.get(meta.POOL_LABEL)
+    if pool:
+        await _recheck_pool(_state(memo), namespace, pool)
+
+
+async def loader_job_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    state = _state(memo)
+    model = labels.get(meta.MODEL_LABEL)
+    if not model:
+        return
+    async with state.lock("LLMModel", namespace, model):
+        body = await state.kube.get("LLMModel", namespace, model)
+        if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+            return
+        with contextlib.suppress(InvalidSpec):
+            await reconcile_model(state.kube, state.config, body, state.clock)
+
+
+def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> kopf.OperatorRegistry:
+    """Wire every handler into `registry`; timer intervals come from `config`."""
+    kopf.on.startup(registry=registry)(configure)
+    kopf.on.cleanup(registry=registry)(close)
+    kopf.on.login(registry=registry)(login)
+
+    model = (GROUP, VERSION, MODELS)
+    pool = (GROUP, VERSION, POOLS)
+    interval = config.reconcile_interval_s
+    for decorate in (kopf.on.resume, kopf.on.create):
+        decorate(*model, registry=registry, id="reconcile")(model_changed)
+        decorate(*pool, registry=registry, id="reconcile")(pool_changed)
+    kopf.on.update(*model, field="spec", registry=registry, id="reconcile")(model_changed)
+    kopf.on.update(*pool, field="spec", registry=registry, id="reconcile")(pool_changed)
+    kopf.timer(*model, interval=interval, idle=interval, registry=registry)(model_check)
+    kopf.timer(*pool, interval=interval, idle=interval, registry=registry)(pool_check)
+    kopf.on.delete(*model, registry=registry, id="cleanup")(model_deleted)
+    kopf.on.delete(*pool, registry=registry, id="cleanup")(pool_deleted)
+
+    managed = {"app.kubernetes.io/managed-by": meta.MANAGED_BY}
+    inference = {**managed, "app.kubernetes.io/component": "inference"}
+    for group, version, plural in (
+        ("apps", "v1", "deployments"),
+        ("", "v1", "services"),
+        ("", "v1", "serviceaccounts"),
+        ("policy", "v1", "poddisruptionbudgets"),
+    ):
+        kopf.on.event(group, version, plural, labels=inference, registry=registry)(pool_child_event)
+    loader = {**managed, "app.kubernetes.io/component": "loader"}
+    kopf.on.event("batch", "v1", "jobs", labels=loader, registry=registry)(loader_job_event)
+    return registry

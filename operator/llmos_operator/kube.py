@@ -1,0 +1,202 @@
+"""A small async Kubernetes REST client (httpx) for the objects the operator owns.
+
+kopf watches; this client reads and writes children: get, list, create, merge-patch, delete, and
+`apply` = create-or-patch-when-drifted. "Already exists" on create is success (a retried
+reconcile), "not found" on get/delete is a value, every other error status raises `KubeError`.
+The API server address and credentials come from kopf's `ConnectionInfo`, and the HTTP transport
+can be injected, so tests point it at an emulator without patching anything.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import kopf
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class KubeError(Exception):
+    """The API server refused a request (status other than the ones a caller expects)."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One REST resource: where it lives in the API."""
+
+    group: str
+    version: str
+    plural: str
+    namespaced: bool = True
+
+    def path(self, namespace: str | None = None, name: str | None = None, sub: str = "") -> str:
+        base = f"/api/{self.version}" if not self.group else f"/apis/{self.group}/{self.version}"
+        if self.namespaced and namespace:
+            base += f"/namespaces/{namespace}"
+        base += f"/{self.plural}"
+        if name:
+            base += f"/{name}"
+        if sub:
+            base += f"/{sub}"
+        return base
+
+
+# kind -> resource, for every kind the operator reads or writes
+RESOURCES: dict[str, Resource] = {
+    "PersistentVolumeClaim": Resource("", "v1", "persistentvolumeclaims"),
+    "ServiceAccount": Resource("", "v1", "serviceaccounts"),
+    "Service": Resource("", "v1", "services"),
+    "Pod": Resource("", "v1", "pods"),
+    "Job": Resource("batch", "v1", "jobs"),
+    "Deployment": Resource("apps", "v1", "deployments"),
+    "PodDisruptionBudget": Resource("policy", "v1", "poddisruptionbudgets"),
+    "LLMModel": Resource("llmos.dev", "v1alpha1", "llmmodels"),
+    "InferencePool": Resource("llmos.dev", "v1alpha1", "inferencepools"),
+    "QuotaPolicy": Resource("llmos.dev", "v1alpha1", "quotapolicies", namespaced=False),
+}
+
+
+def contains(actual: Any, desired: Any) -> bool:
+    """Whether `actual` already holds everything `desired` says (server defaults may add more)."""
+    if isinstance(desired, dict):
+        return isinstance(actual, dict) and all(
+            key in actual and contains(actual[key], value) for key, value in desired.items()
+        )
+    if isinstance(desired, list):
+        return (
+            isinstance(actual, list)
+            and len(actual) == len(desired)
+            and all(contains(a, d) for a, d in zip(actual, desired, strict=True))
+        )
+    if isinstance(desired, int | str) and isinstance(actual, int | str):
+        # why: quantities round-trip as int or string ("2" == 2)
+        return str(desired) == str(actual)
+    return bool(actual == desired)
+
+
+def _client_kwargs(info: kopf.ConnectionInfo) -> dict[str, Any]:
+    headers: dict[str, str] = {}
+    if info.token:
+        headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
+    verify: ssl.SSLContext | bool = True
+    if info.insecure:
+        verify = False
+    elif info.ca_path or info.ca_data:
+        ctx = ssl.create_default_context(
+            cafile=str(info.ca_path) if info.ca_path else None,
+            cadata=info.ca_data.decode() if isinstance(info.ca_data, bytes) else info.ca_data,
+        )
+        if info.certificate_path and info.private_key_path:
+            ctx.load_cert_chain(str(info.certificate_path), str(info.private_key_path))
+        verify = ctx
+    auth = httpx.BasicAuth(info.username, info.password or "") if info.username else None
+    return {"base_url": info.server, "headers": headers, "verify": verify, "auth": auth}
+
+
+class KubeClient:
+    """Async CRUD on Kubernetes objects by kind."""
+
+    def __init__(
+        self,
+        info: kopf.ConnectionInfo,
+        *,
+        timeout_s: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._http = httpx.AsyncClient(
+            **_client_kwargs(info), timeout=timeout_s, transport=transport
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(
+        self, method: str, url: str, *, ok_missing: bool = False, **kwargs: Any
+    ) -> dict[str, Any] | None:
+        response = await self._http.request(method, url, **kwargs)
+        if response.status_code == 404 and ok_missing:
+            return None
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+            except ValueError:
+                body = {}
+            raise KubeError(
+                response.status_code,
+                str(body.get("reason", response.reason_phrase)),
+                str(body.get("message", response.text[:500])),
+            )
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        return await self._request("GET", RESOURCES[kind].path(namespace, name), ok_missing=True)
+
+    async def list(
+        self, kind: str, namespace: str | None, labels: dict[str, str] | None = None
+    ) -> list[dict[str, Any]]:
+        params = {"labelSelector": ",".join(f"{k}={v}" for k, v in (labels or {}).items())}
+        body = await self._request("GET", RESOURCES[kind].path(namespace), params=params)
+        items: list[dict[str, Any]] = (body or {}).get("items", [])
+        wanted = labels or {}
+        # why: filtering again is cheap and keeps a lax server from handing us others' objects
+        return [
+            item for item in items if contains(item.get("metadata", {}).get("labels", {}), wanted)
+        ]
+
+    async def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        meta = body["metadata"]
+        url = RESOURCES[body["kind"]].path(meta.get("namespace"))
+        result = await self._request("POST", url, json=body)
+        assert result is not None
+        return result
+
+    async def patch(
+        self, kind: str, namespace: str | None, name: str, patch: dict[str, Any], sub: str = ""
+    ) -> dict[str, Any] | None:
+        """JSON merge patch (RFC 7396); None when the object is gone."""
+        return await self._request(
+            "PATCH",
+            RESOURCES[kind].path(namespace, name, sub),
+            ok_missing=True,
+            json=patch,
+            headers={"Content-Type": MERGE_PATCH},
+        )
+
+    async def delete(self, kind: str, namespace: str | None, name: str) -> bool:
+        """Delete (foreground for children); False when it was already gone."""
+        url = RESOURCES[kind].path(namespace, name)
+        result = await self._request(
+            "DELETE", url, ok_missing=True, params={"propagationPolicy": "Background"}
+        )
+        return result is not None
+
+    async def apply(self, desired: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """Create `desired` or patch the existing object back to it: (object, what was done)."""
+        meta = desired["metadata"]
+        kind, namespace, name = desired["kind"], meta.get("namespace"), meta["name"]
+        existing = await self.get(kind, namespace, name)
+        if existing is None:
+            try:
+                return await self.create(desired), "created"
+            except KubeError as exc:
+                if exc.status != 409:
+                    raise
+                existing = await self.get(kind, namespace, name)
+                if existing is None:
+                    raise
+        owned = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind", "status")}
+        if contains(existing, owned):
+            return existing, "unchanged"
+        patched = await self.patch(kind, namespace, name, owned)
+        if patched is None:  # deleted between our get and patch: the next reconcile creates it
+            return existing, "gone"
+        return patched, "patched"
