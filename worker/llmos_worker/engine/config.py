@@ -33,7 +33,8 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
-            raise InvalidRequestError("block_size must be a power of two up to 128", param="block_size")
+            raise InvalidRequestError("block_size must be a power of two up to 128",
+                                      param="block_size")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise InvalidRequestError("kv_cache_memory_bytes must be positive",
                                       param="kv_cache_memory_bytes")

@@ -60,7 +60,8 @@ class SamplingParams:
             raise bad("repetition_penalty", "repetition_penalty must be in (0, 2]")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise bad("max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
+        too_many = self.max_tokens is not None and self.min_tokens > self.max_tokens
+        if self.min_tokens < 0 or too_many:
             raise bad("min_tokens", "min_tokens must be in [0, max_tokens]")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise bad("logprobs", f"logprobs must be in [0, {MAX_LOGPROBS}]")

@@ -1,0 +1,382 @@
+"""`LLMEngine`: add requests, step the batch, get cumulative outputs back (offline or served).
+
+One `step()` is one scheduler decision and one batched model forward: the scheduled prefill chunks
+and decodes are flattened into a `ForwardBatch`, the runner writes their K/V into the paged cache
+and returns logits for the sequences whose last token was computed, the sampler picks one token
+each, and the detokenizer and stop rules decide who finishes. A request with `n > 1` is prefilled
+once; when its prompt is done it forks into `n` sequences sharing the prompt's blocks. Finished
+and aborted sequences give every block back at once. The engine is single-threaded: the server
+drives `step()` from one thread and calls `add_request`/`abort` between steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterable
+from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from llmos_worker.engine.block_manager import BlockManager
+from llmos_worker.engine.config import EngineConfig
+from llmos_worker.engine.detokenizer import Detokenizer, init_offsets
+from llmos_worker.engine.kv_copy import copy_kv_blocks
+from llmos_worker.engine.outputs import (
+    CompletionOutput,
+    EngineStats,
+    RequestMetrics,
+    RequestOutput,
+)
+from llmos_worker.engine.params import SamplingParams
+from llmos_worker.engine.sampler import Sampler, SamplingRow
+from llmos_worker.engine.scheduler import Scheduler, SchedulerOutput
+from llmos_worker.engine.sequence import Request, Sequence
+from llmos_worker.errors import InvalidRequestError
+from llmos_worker.model.batch import ForwardBatch
+
+if TYPE_CHECKING:
+    from llmos_worker.model import LoadedModel
+
+_GOLDEN = 0x9E3779B97F4A7C15  # why: spreads the seeds of a request's n completions apart
+
+
+class Runner(Protocol):
+    """What the engine needs from a model runner (`llmos_worker.model.runner.ModelRunner`)."""
+
+    def execute(self, batch: ForwardBatch) -> torch.Tensor: ...
+
+
+class LLMEngine:
+    """Continuous-batching engine over one loaded model and one paged KV cache."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 runner: Runner | None = None, num_blocks: int | None = None):
+        """`runner`/`num_blocks` replace the real model runner (tests); normally both are None."""
+        self.config = config
+        self.clock = clock
+        self.model_name: str = loaded.name
+        self.tokenizer = loaded.tokenizer
+        self.vocab_size: int = loaded.config.vocab_size
+        max_pos: int = loaded.config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > max_pos:
+            raise InvalidRequestError(
+                f"max_model_len {config.max_model_len} exceeds the model's context length "
+                f"{max_pos}", param="max_model_len")
+        bs = config.block_size
+        if runner is None:
+            num_blocks = self._size_cache(loaded, config, max_pos)
+            from llmos_worker.model.runner import ModelRunner
+
+            runner = ModelRunner(loaded, block_size=bs, num_blocks=num_blocks)
+        elif num_blocks is None:
+            raise ValueError("num_blocks is required with a custom runner")
+        self.runner = runner
+        self.num_blocks = num_blocks
+        self.max_model_len: int = config.max_model_len or min(max_pos, num_blocks * bs)
+        self.block_manager = BlockManager(num_blocks, bs,
+                                          enable_prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   policy=config.scheduling_policy)
+        self.sampler = Sampler(config.seed)
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self.eos_token_ids: frozenset[int] = frozenset(self.tokenizer.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_source(cls, source: str, config: EngineConfig) -> LLMEngine:
+        """Load `source` (see `llmos_worker.model.load_model`) and build an engine over it."""
+        from llmos_worker.model import load_model
+
+        return cls(load_model(source, dtype=config.dtype, device=config.device), config)
+
+    @staticmethod
+    def _size_cache(loaded: LoadedModel, config: EngineConfig, max_pos: int) -> int:
+        from llmos_worker.model.runner import ModelRunner, available_memory_bytes
+
+        per_block = ModelRunner.bytes_per_block(loaded.config, config.block_size, config.dtype)
+        budget = config.kv_cache_memory_bytes
+        if budget is None:
+            budget = int(available_memory_bytes(config.device) * config.kv_cache_memory_fraction)
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise InvalidRequestError(
+                f"the KV cache budget of {budget} bytes holds no block of {per_block} bytes",
+                param="kv_cache_memory_bytes")
+        # why: more blocks than every seat at full length can use is wasted memory
+        max_len = config.max_model_len or max_pos
+        useful = config.max_num_seqs * -(-max_len // config.block_size) + 1
+        return int(min(num_blocks, useful))
+
+    # ---------------------------------------------------------------- requests
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
+                    priority: int = 0, cache_salt: str = "",
+                    arrival_time: float | None = None) -> None:
+        """Queue a request; refuses (InvalidRequestError) what could never be served."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use",
+                                      param="request_id", code="duplicate_request_id")
+        if params.n > self.config.max_num_seqs:
+            raise InvalidRequestError(
+                f"n ({params.n}) exceeds max_num_seqs ({self.config.max_num_seqs})", param="n")
+        ids = (self.tokenizer.encode(prompt, add_special_tokens=True)
+               if isinstance(prompt, str) else list(prompt))
+        if not ids:
+            raise InvalidRequestError("prompt is empty", param="prompt", code="empty_prompt")
+        bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt has token ids outside the vocabulary [0, {self.vocab_size}): "
+                f"{bad[:5]}", param="prompt", code="invalid_token_id")
+        plen, limit = len(ids), self.max_model_len
+        if plen >= limit:
+            raise InvalidRequestError(
+                f"prompt has {plen} tokens but max_model_len is {limit}: no room for any "
+                "output token", param="prompt", code="context_length_exceeded")
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - plen
+        if plen + max_tokens > limit:
+            raise InvalidRequestError(
+                f"prompt ({plen} tokens) + max_tokens ({max_tokens}) = {plen + max_tokens} "
+                f"exceeds max_model_len ({limit})", param="max_tokens",
+                code="context_length_exceeded")
+        # the last sampled token never needs a KV slot
+        need = self.block_manager.blocks_for(plen + max_tokens - 1)
+        if need > self.num_blocks:
+            raise InvalidRequestError(
+                f"prompt ({plen} tokens) + max_tokens ({max_tokens}) needs {need} KV blocks of "
+                f"{self.config.block_size} tokens but the cache has {self.num_blocks}; it could "
+                "never run", param="max_tokens" if plen <= self.num_blocks * self.config.block_size
+                else "prompt", code="kv_cache_too_small")
+        now = self.clock()
+        arrival = now if arrival_time is None else arrival_time
+        seq = Sequence(request_id=request_id, index=0, token_ids=ids, num_prompt_tokens=plen,
+                       params=params, max_tokens=max_tokens, priority=priority,
+                       arrival_time=arrival, cache_salt=cache_salt, num_seats=params.n)
+        seq.generator = self._generator(params, 0)
+        if params.logprobs is not None:
+            seq.logprobs = []
+        init_offsets(seq)
+        request = Request(request_id, list(ids), params, RequestMetrics(arrival_time=arrival),
+                          seqs=[seq])
+        self.requests[request_id] = request
+        self.scheduler.add(seq)
+
+    @staticmethod
+    def _generator(params: SamplingParams, index: int) -> torch.Generator | None:
+        if params.seed is None:
+            return None
+        seed = (params.seed + index * _GOLDEN) % 2**64 if index else params.seed
+        return torch.Generator().manual_seed(seed)
+
+    def abort(self, request_id: str) -> None:
+        """Forget a request and free its blocks; idempotent, and no output follows."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---------------------------------------------------------------- the step
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler iteration and one forward; outputs of requests that progressed."""
+        if not self.scheduler.has_unfinished():
+            return []
+        out = self.scheduler.schedule()
+        now = self.clock()
+        for seq in out.preempted:
+            self.requests[seq.request_id].metrics.num_preemptions += 1
+        if not out.scheduled:
+            return []
+        if out.copies:
+            copy_kv_blocks(self.runner, out.copies)
+        batch, sample_seqs = self._build_batch(out, now)
+        logits = self.runner.execute(batch)  # (len(sample_seqs), V)
+        self.scheduler.update_after_step(out)
+
+        rows: list[SamplingRow] = []
+        targets: list[Sequence] = []
+        row_of: list[int] = []
+        for i, seq in enumerate(sample_seqs):
+            request = self.requests[seq.request_id]
+            group = [seq]
+            if not request.forked and request.params.n > 1:
+                group += self._fork(request, seq)
+            for s in group:
+                rows.append(self._sampling_row(s))
+                targets.append(s)
+                row_of.append(i)
+        if len(row_of) != len(sample_seqs):
+            logits = logits[torch.tensor(row_of)]
+        sampled = self.sampler.sample(logits, rows)
+
+        now = self.clock()
+        touched: dict[str, Request] = {}
+        for seq, tok in zip(targets, sampled, strict=True):
+            request = self.requests[seq.request_id]
+            self._append(request, seq, tok.token_id, tok.logprob, now)
+            touched[request.request_id] = request
+        outputs = [self._output(r) for r in touched.values()]
+        for r in touched.values():
+            if r.finished:
+                r.metrics.finished_time = now
+                del self.requests[r.request_id]
+        return outputs
+
+    def _build_batch(self, out: SchedulerOutput, now: float) -> tuple[ForwardBatch,
+                                                                        list[Sequence]]:
+        bs = self.config.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        starts = [0]
+        context_lens: list[int] = []
+        tables: list[list[int]] = []
+        logits_indices: list[int] = []
+        sample_seqs: list[Sequence] = []
+        for item in out.scheduled:
+            seq, n = item.seq, item.num_new_tokens
+            c = seq.num_computed_tokens
+            metrics = self.requests[seq.request_id].metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
+                metrics.num_cached_prompt_tokens = seq.num_cached_tokens
+            self.prompt_tokens += max(0, min(c + n, seq.num_prompt_tokens) - c)
+            input_ids += seq.token_ids[c:c + n]
+            positions += range(c, c + n)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(c, c + n)]
+            starts.append(starts[-1] + n)
+            context_lens.append(c + n)
+            tables.append(table)
+            if c + n == seq.num_tokens:
+                logits_indices.append(starts[-1] - 1)
+                sample_seqs.append(seq)
+        width = max(len(t) for t in tables)
+        batch = ForwardBatch(
+            input_ids=torch.tensor(input_ids, dtype=torch.long),
+            positions=torch.tensor(positions, dtype=torch.long),
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            query_start_loc=torch.tensor(starts, dtype=torch.long),
+            context_lens=torch.tensor(context_lens, dtype=torch.long),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                      dtype=torch.long),
+            logits_indices=torch.tensor(logits_indices, dtype=torch.long),
+        )
+        return batch, sample_seqs
+
+    def _fork(self, request: Request, parent: Sequence) -> list[Sequence]:
+        """Split a prefilled request into its n sequences, sharing the prompt's blocks."""
+        request.forked = True
+        parent.num_seats = 1
+        children = []
+        for index in range(1, request.params.n):
+            child = parent.fork(index)
+            child.generator = self._generator(request.params, index)
+            self.block_manager.fork(parent, child)
+            self.scheduler.add_running(child)
+            children.append(child)
+        request.seqs += children
+        return children
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        p = seq.params
+        banned: list[int] = []
+        if seq.num_output_tokens < p.min_tokens:
+            banned = list(p.stop_token_ids)
+            if not p.ignore_eos:
+                banned += self.eos_token_ids
+        return SamplingRow(params=p, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
+                           output_token_ids=seq.output_token_ids, generator=seq.generator,
+                           banned_token_ids=banned)
+
+    def _append(self, request: Request, seq: Sequence, token: int, logprob: Any,
+                now: float) -> None:
+        seq.token_ids.append(token)
+        self.generation_tokens += 1
+        if logprob is not None and seq.logprobs is not None:
+            seq.logprobs.append(logprob)
+            seq.cumulative_logprob += logprob.logprob
+        metrics = request.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        metrics.last_token_time = now
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            # the stop token stays in token_ids but not in the text
+            self.detokenizer.decode_new(seq, upto=seq.num_tokens - 1)
+            seq.finish_reason = "stop"
+            seq.stop_reason = token if token in p.stop_token_ids else None
+        else:
+            new_chars = self.detokenizer.decode_new(seq)
+            if self.detokenizer.check_stop_strings(seq, new_chars):
+                seq.finish_reason = "stop"
+            elif (seq.num_output_tokens >= seq.max_tokens
+                  or seq.num_tokens >= self.max_model_len):
+                seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
+
+    def _output(self, request: Request) -> RequestOutput:
+        outs = []
+        for seq in sorted(request.seqs, key=lambda s: s.index):
+            outs.append(CompletionOutput(
+                index=seq.index,
+                text=self.detokenizer.visible_text(seq),
+                token_ids=seq.output_token_ids,
+                cumulative_logprob=None if seq.logprobs is None else seq.cumulative_logprob,
+                logprobs=None if seq.logprobs is None else list(seq.logprobs),
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+            ))
+        return RequestOutput(request_id=request.request_id,
+                             prompt_token_ids=request.prompt_token_ids, outputs=outs,
+                             finished=request.finished, metrics=request.metrics)
+
+    # ---------------------------------------------------------------- introspection
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_swapped=0,
+            kv_cache_usage=bm.usage(),
+            num_total_blocks=bm.num_blocks,
+            num_free_blocks=bm.num_free_blocks,
+            prefix_cache_queries=bm.prefix_queries,
+            prefix_cache_hits=bm.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens,
+        )
+
+    # ---------------------------------------------------------------- offline use
+    def generate(self, prompts: Seq[str | list[int]],
+                 params: SamplingParams | Iterable[SamplingParams]) -> list[RequestOutput]:
+        """Run `prompts` to completion as one batch; outputs in prompt order."""
+        plist = ([params] * len(prompts) if isinstance(params, SamplingParams)
+                 else list(params))
+        if len(plist) != len(prompts):
+            raise InvalidRequestError("one SamplingParams per prompt is required", param="params")
+        ids = [f"generate-{next(self._ids)}" for _ in prompts]
+        try:
+            for rid, prompt, p in zip(ids, prompts, plist, strict=True):
+                self.add_request(rid, prompt, p)
+            final: dict[str, RequestOutput] = {}
+            while len(final) < len(ids) and self.has_unfinished():
+                for o in self.step():
+                    if o.finished:
+                        final[o.request_id] = o
+        finally:
+            for rid in ids:
+                self.abort(rid)
+        return [final[rid] for rid in ids]
