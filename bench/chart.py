@@ -1,0 +1,82 @@
+"""The PNG summary of one run (matplotlib, Agg backend, no display): offline and single-stream
+throughput per system against the roofline, shared-prefix TTFT with caching on/off, and online
+TTFT / TPOT against the arrival rate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _tput(m: dict[str, Any] | None) -> float:
+    return float((m or {}).get("output_throughput") or 0.0)
+
+
+def draw(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    roof = results.get("roofline", {})
+    systems = ("llmos", "HF generate", "llama.cpp")
+
+    for ax, key, title, ceiling in (
+        (axes[0][0], "offline_mixed", "(1) offline mixed, output tok/s", "compute_tok_s_fp32"),
+        (axes[0][1], "single_stream", "(4) single stream, output tok/s", "batch1_mem_tok_s_fp32"),
+    ):
+        block = results.get(key, {})
+        hf = block.get("hf_best") if key == "offline_mixed" else block.get("hf")
+        vals = [_tput(block.get("llmos")), _tput(hf), _tput(block.get("llamacpp"))]
+        bars = ax.bar(systems, vals, color=["tab:blue", "tab:orange", "tab:green"])
+        ax.bar_label(bars, fmt="%.0f")
+        if roof.get(ceiling):
+            kind = "compute" if "compute" in ceiling else "batch-1 memory"
+            label = f"fp32 {kind} roofline"
+            ax.axhline(roof[ceiling], color="red", linestyle="--", label=label)
+            ax.legend(loc="upper right", fontsize=8)
+        ax.set_title(title)
+        ax.set_ylabel("tok/s")
+
+    sp = results.get("shared_prefix", {})
+    ttft = [
+        ((sp.get(k) or {}).get("ttft") or {}).get("mean_ms", 0.0)
+        for k in ("caching_on", "caching_off")
+    ]
+    bars = axes[1][0].bar(
+        ["prefix cache on", "prefix cache off"], ttft, color=["tab:blue", "tab:gray"]
+    )
+    axes[1][0].bar_label(bars, fmt="%.0f")
+    axes[1][0].set_title("(3) shared 512-token prefix, mean TTFT (ms)")
+    axes[1][0].set_ylabel("ms")
+
+    ax = axes[1][1]
+    online = {r: m for r, m in results.get("online", {}).items() if "ttft" in m}
+    if online:
+        rates = [float(r) for r in online]
+        for metric, style in (("ttft", "o-"), ("tpot", "s-")):
+            ax.plot(
+                rates,
+                [m[metric]["median_ms"] for m in online.values()],
+                style,
+                label=f"{metric.upper()} p50",
+            )
+            ax.plot(
+                rates,
+                [m[metric]["p99_ms"] for m in online.values()],
+                style,
+                alpha=0.4,
+                label=f"{metric.upper()} p99",
+            )
+        ax.set_xlabel("arrival rate (req/s)")
+        ax.set_ylabel("ms")
+        ax.legend(fontsize=8)
+    ax.set_title("(2) online, streaming over HTTP")
+
+    fig.suptitle(f"LLM OS worker benchmarks — {results.get('meta', {}).get('date', '')}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

