@@ -1,0 +1,336 @@
+"""kopf handlers of QuotaPolicy: admission, usage in status, ResourceQuotas, pool re-evaluation.
+
+Wired by `register_quota(registry)` next to the core handlers' `register(...)`. The API client
+comes from the core state in memo (`memo["llmos"].kube`), the quota state (per-namespace locks
+and replica grants) from `memo["llmos_quota"]`, made by this module's startup handler, which
+also configures kopf's admission server (`AdmissionServer`, settings from an injected
+`WebhookConfig` in `memo["webhook"]` or env `LLMOS_WEBHOOK_*`).
+
+- validating admission (`quota-pools`, `quota-models`) for InferencePool / LLMModel CREATE and
+  UPDATE: refuses what would exceed the strictest selecting policy, naming it and the numbers;
+- `reconcile_quotas` (on QuotaPolicy changes, a timer, and pool/model/namespace events): writes
+  per-namespace usage into each policy's status, keeps one ResourceQuota per (policy, namespace)
+  and deletes the stale ones, renders each pool's rate-limit ConfigMap, and sets each pool's
+  `QuotaExceeded` condition (+ `status.quota`) when a tightened policy is now exceeded;
+- `replicas_within_quota(memo, body)`: what the pool reconcile calls before sizing the
+  Deployment; serialised per namespace, so two pools created at once cannot both take the
+  last GPUs (the first grant is recorded before the second is computed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import kopf
+
+from llmos_operator.api.common import GROUP, VERSION, set_condition
+from llmos_operator.builders.meta import MANAGED_BY
+from llmos_operator.kube import RESOURCES, KubeClient, Resource
+from llmos_operator.quota.evaluation import (
+    allowed_replicas,
+    check_model,
+    check_pool,
+    model_size_violations,
+    pool_violations,
+    usage_violations,
+)
+from llmos_operator.quota.policy import Effective, Policy, PolicyError, effective_for
+from llmos_operator.quota.ratelimits import build_rate_limits_configmap
+from llmos_operator.quota.resourcequota import POLICY_LABEL, build_resource_quota
+from llmos_operator.quota.usage import PoolDemand, namespace_usage
+from llmos_operator.quota.webhook import AdmissionServer, WebhookConfig
+from llmos_operator.status import rfc3339, utc_now
+
+logger = logging.getLogger(__name__)
+
+QUOTA = "llmos_quota"  # memo key of the QuotaState
+CORE = "llmos"  # memo key of the core OperatorState (its .kube is the API client)
+WEBHOOK = "webhook"  # memo key of an injected WebhookConfig
+CONDITION = "QuotaExceeded"
+
+# why: the core client knows only the kinds it owns; these are the ones quota adds
+for _kind, _resource in {
+    "Namespace": Resource("", "v1", "namespaces", namespaced=False),
+    "ResourceQuota": Resource("", "v1", "resourcequotas"),
+    "ConfigMap": Resource("", "v1", "configmaps"),
+}.items():
+    RESOURCES.setdefault(_kind, _resource)
+
+
+@dataclass
+class QuotaState:
+    """Shared quota state: per-namespace locks, replicas granted to pools, one reconcile lock."""
+
+    locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
+    grants: dict[tuple[str, str], int] = field(default_factory=dict)
+    reconcile_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def _kube(memo: kopf.Memo) -> KubeClient:
+    kube = getattr(memo[CORE], "kube", None)
+    if not isinstance(kube, KubeClient):
+        raise kopf.TemporaryError("the API client is not ready yet", delay=1)
+    return kube
+
+
+def _state(memo: kopf.Memo) -> QuotaState:
+    state = memo[QUOTA]
+    assert isinstance(state, QuotaState)
+    return state
+
+
+async def configure_quota(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    config = memo.get(WEBHOOK)
+    config = config if isinstance(config, WebhookConfig) else WebhookConfig.from_env()
+    settings.admission.server = AdmissionServer(config)
+    settings.admission.managed = config.managed
+    memo[QUOTA] = QuotaState()
+
+
+async def _policies(kube: KubeClient) -> list[Policy]:
+    out: list[Policy] = []
+    for body in await kube.list("QuotaPolicy", None):
+        try:
+            out.append(Policy.from_body(body))
+        except PolicyError as exc:  # why: the CRD schema refuses these; never crash on one
+            logger.warning("ignoring QuotaPolicy %s: %s", body["metadata"].get("name"), exc)
+    return out
+
+
+async def _effective(kube: KubeClient, namespace: str) -> Effective:
+    ns = await kube.get("Namespace", None, namespace)
+    labels = ((ns or {}).get("metadata") or {}).get("labels") or {}
+    return effective_for(await _policies(kube), labels)
+
+
+async def _model_size(kube: KubeClient, namespace: str, model: str) -> int | None:
+    body = await kube.get("LLMModel", namespace, model) if model else None
+    size = ((body or {}).get("status") or {}).get("sizeBytes")
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+# --- admission ---------------------------------------------------------------------------------
+
+
+async def validate_pool(body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    kube, ns = _kube(memo), namespace or body.get("metadata", {}).get("namespace", "")
+    async with _state(memo).locks[ns]:
+        effective = await _effective(kube, ns)
+        if not effective.policies:
+            return
+        others = [PoolDemand.from_body(b) for b in await kube.list("InferencePool", ns)]
+        demand = PoolDemand.from_body(body)
+        size = await _model_size(kube, ns, demand.model)
+        verdict = check_pool(dict(body), effective, others, model_size_bytes=size)
+    if not verdict.allowed:
+        raise kopf.AdmissionError(verdict.message, code=403)
+
+
+async def validate_model(body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    kube, ns = _kube(memo), namespace or body.get("metadata", {}).get("namespace", "")
+    verdict = check_model(dict(body), await _effective(kube, ns))
+    if not verdict.allowed:
+        raise kopf.AdmissionError(verdict.message, code=403)
+
+
+# --- the pool reconcile's quota gate -----------------------------------------------------------
+
+
+async def replicas_within_quota(memo: kopf.Memo, body: dict[str, Any]) -> tuple[int, str | None]:
+    """Replicas the pool may run now and why fewer than spec.replicas (None when all).
+
+    Serialised per namespace; the grant is recorded, so a concurrent pool sees it."""
+    kube, state = _kube(memo), _state(memo)
+    meta = body.get("metadata") or {}
+    ns, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
+    async with state.locks[ns]:
+        effective = await _effective(kube, ns)
+        running = ((body.get("status") or {}).get("replicas")) or 0
+        current = state.grants.get((ns, name), running)
+        others = []
+        for other in await kube.list("InferencePool", ns):
+            other_name = other["metadata"]["name"]
+            if other_name == name or other["metadata"].get("deletionTimestamp"):
+                continue
+            held = state.grants.get((ns, other_name))
+            if held is None:  # never granted since start: count what it runs
+                held = int((other.get("status") or {}).get("replicas") or 0)
+            others.append(PoolDemand.from_body(other, replicas=held))
+        n, reason = allowed_replicas(body, effective, namespace_usage(others), current=current)
+        state.grants[(ns, name)] = n
+        return n, reason
+
+
+# --- reconcile ---------------------------------------------------------------------------------
+
+
+async def reconcile_quotas(kube: KubeClient, state: QuotaState) -> None:
+    """Bring every policy's status, every ResourceQuota and every pool's quota view up to date."""
+    async with state.reconcile_lock:
+        policy_bodies = await kube.list("QuotaPolicy", None)
+        policies = {p.name: p for p in await _policies(kube)}
+        namespaces = {
+            n["metadata"]["name"]: n["metadata"].get("labels") or {}
+            for n in await kube.list("Namespace", None)
+        }
+        pools = [p for p in await kube.list("InferencePool", None) if p.get("metadata")]
+        by_ns: dict[str, list[PoolDemand]] = defaultdict(list)
+        for pool in pools:
+            by_ns[pool["metadata"]["namespace"]].append(PoolDemand.from_body(pool))
+
+        wanted_quotas: set[tuple[str, str]] = set()
+        for body in policy_bodies:
+            policy = policies.get(body["metadata"]["name"])
+            if policy is None:
+                continue
+            selected = sorted(ns for ns, labels in namespaces.items() if policy.selects(labels))
+            for ns in selected:
+                rq = build_resource_quota(policy, ns, str(body["metadata"].get("uid", "")))
+                if rq is not None:
+                    await kube.apply(rq)
+                    wanted_quotas.add((ns, rq["metadata"]["name"]))
+            await _write_policy_status(kube, body, policy, selected, by_ns)
+
+        for rq in await kube.list(
+            "ResourceQuota", None, {"app.kubernetes.io/managed-by": MANAGED_BY}
+        ):
+            meta = rq["metadata"]
+            if POLICY_LABEL in (meta.get("labels") or {}) and (
+                (meta["namespace"], meta["name"]) not in wanted_quotas
+            ):
+                await kube.delete("ResourceQuota", meta["namespace"], meta["name"])
+
+        for pool in pools:
+            ns = pool["metadata"]["namespace"]
+            effective = effective_for(policies.values(), namespaces.get(ns, {}))
+            await _write_pool_quota(kube, pool, effective, by_ns[ns])
+
+
+async def _write_policy_status(
+    kube: KubeClient,
+    body: dict[str, Any],
+    policy: Policy,
+    selected: list[str],
+    by_ns: dict[str, list[PoolDemand]],
+) -> None:
+    usage = [namespace_usage(by_ns.get(ns, [])).to_status(ns) for ns in selected]
+    effective = Effective.merge([policy])
+    over = [
+        msg
+        for ns in selected
+        for msg in usage_violations(ns, namespace_usage(by_ns.get(ns, [])), effective)
+    ]
+    status = body.get("status") or {}
+    conditions = set_condition(
+        status.get("conditions") or [],
+        CONDITION,
+        "True" if over else "False",
+        "OverQuota" if over else "WithinQuota",
+        "; ".join(over) or f"{len(selected)} namespace(s) within limits",
+        now=rfc3339(utc_now()),
+        generation=body["metadata"].get("generation"),
+    )
+    new = {
+        "usage": usage,
+        "conditions": conditions,
+        "observedGeneration": body["metadata"].get("generation"),
+    }
+    if _same_status(status, new):
+        return
+    await kube.patch("QuotaPolicy", None, policy.name, {"status": new}, sub="status")
+
+
+async def _write_pool_quota(
+    kube: KubeClient, pool: dict[str, Any], effective: Effective, demands: list[PoolDemand]
+) -> None:
+    meta = pool["metadata"]
+    if meta.get("deletionTimestamp"):
+        return
+    await kube.apply(build_rate_limits_configmap(pool, effective))
+    demand = PoolDemand.from_body(pool)
+    usage = namespace_usage(demands)
+    size = await _model_size(kube, meta["namespace"], demand.model)
+    violations = pool_violations(demand, effective) + usage_violations(
+        meta["namespace"], usage, effective
+    )
+    violations += model_size_violations(demand.model, size, effective)
+    status = pool.get("status") or {}
+    message = "; ".join(violations)
+    conditions = set_condition(
+        status.get("conditions") or [],
+        CONDITION,
+        "True" if violations else "False",
+        "OverQuota" if violations else "WithinQuota",
+        message or _within(effective),
+        now=rfc3339(utc_now()),
+        generation=meta.get("generation"),
+    )
+    quota = {"policies": ",".join(effective.policies), "message": message}
+    if _same_status(status, {"conditions": conditions, "quota": quota}):
+        return
+    patch = {"status": {"conditions": conditions, "quota": quota}}
+    await kube.patch("InferencePool", meta["namespace"], meta["name"], patch, sub="status")
+
+
+def _within(effective: Effective) -> str:
+    if not effective.policies:
+        return "no QuotaPolicy selects this namespace"
+    return "within QuotaPolicy " + ", ".join(effective.policies)
+
+
+def _same_status(current: dict[str, Any], new: dict[str, Any]) -> bool:
+    def strip(conditions: Any) -> Any:
+        return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in conditions or []]
+
+    for key, value in new.items():
+        if key == "conditions":
+            if strip(current.get(key)) != strip(value):
+                return False
+        elif current.get(key) != value:
+            return False
+    return True
+
+
+async def quota_changed(memo: kopf.Memo, **_: Any) -> None:
+    await reconcile_quotas(_kube(memo), _state(memo))
+
+
+async def pool_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    if QUOTA not in memo or CORE not in memo:
+        return
+    obj = event.get("object") or {}
+    if event.get("type") == "DELETED":
+        meta = obj.get("metadata") or {}
+        _state(memo).grants.pop((meta.get("namespace", ""), meta.get("name", "")), None)
+    with contextlib.suppress(kopf.TemporaryError):
+        await reconcile_quotas(_kube(memo), _state(memo))
+
+
+def register_quota(
+    registry: kopf.OperatorRegistry, *, interval_s: float = 30.0
+) -> kopf.OperatorRegistry:
+    """Wire the quota handlers into `registry` (after the core `register`, whose startup
+    handler puts the API client into memo)."""
+    kopf.on.startup(registry=registry)(configure_quota)
+    policies = (GROUP, VERSION, "quotapolicies")
+    for decorate in (kopf.on.resume, kopf.on.create, kopf.on.update):
+        decorate(*policies, registry=registry, id="quota")(quota_changed)
+    # why: optional -- no finalizer; the ResourceQuotas go with their owner by garbage collection
+    kopf.on.delete(*policies, registry=registry, id="quota", optional=True)(quota_changed)
+    kopf.timer(*policies, interval=interval_s, idle=interval_s, registry=registry)(quota_changed)
+    for plural in ("inferencepools", "llmmodels"):
+        kopf.on.event(GROUP, VERSION, plural, registry=registry)(pool_event)
+    kopf.on.event("", "v1", "namespaces", registry=registry)(pool_event)
+    operations: list[Literal["CREATE", "UPDATE"]] = ["CREATE", "UPDATE"]
+    kopf.on.validate(
+        GROUP, VERSION, "inferencepools", id="quota-pools", operations=operations, registry=registry
+    )(validate_pool)
+    kopf.on.validate(
+        GROUP, VERSION, "llmmodels", id="quota-models", operations=operations, registry=registry
+    )(validate_model)
+    return registry
