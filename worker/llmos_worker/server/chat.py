@@ -1,0 +1,206 @@
+"""`POST /v1/chat/completions`: messages through the model's chat template, then generation.
+
+The prompt is the tokenizer's chat template applied to the messages with the assistant's
+generation prompt appended (token ids, so the engine never re-tokenises rendered special tokens).
+A stream sends, per choice, a first chunk with `role`, content deltas, and a chunk carrying
+`finish_reason`; with `stream_options.include_usage` every chunk has `"usage": null` and a final
+chunk with no choices carries the usage, as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import jinja2
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from llmos_worker.engine.outputs import TokenLogprob
+from llmos_worker.errors import InvalidRequestError, WorkerError
+from llmos_worker.server.errors import HTTPError, to_http_error
+from llmos_worker.server.generation import (
+    SSE_DONE,
+    Generation,
+    GenerationStream,
+    TokenText,
+    TrackerSet,
+    collect_or_abort,
+    finish_reason,
+    sse,
+)
+from llmos_worker.server.protocol import ChatCompletionRequest
+from llmos_worker.server.response import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    DeltaMessage,
+    TokenLogprobEntry,
+    TopLogprob,
+)
+from llmos_worker.server.state import ServerState
+
+
+def chat_logprobs(entries: list[TokenLogprob], token_text: TokenText) -> ChatLogprobs:
+    content = []
+    for entry in entries:
+        text = token_text(entry.token_id)
+        top = [
+            TopLogprob(token=token_text(t), logprob=lp, bytes=list(token_text(t).encode()))
+            for t, lp in entry.top.items()
+        ]
+        content.append(
+            TokenLogprobEntry(
+                token=text, logprob=entry.logprob, bytes=list(text.encode()), top_logprobs=top
+            )
+        )
+    return ChatLogprobs(content=content)
+
+
+def chat_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
+    tokenizer = state.tokenizer
+    if not tokenizer.has_chat_template:
+        raise InvalidRequestError(
+            "this model has no chat template; use /v1/completions",
+            param="messages",
+            code="no_chat_template",
+        )
+    try:
+        ids: list[int] = tokenizer.apply_chat_template(
+            req.template_messages(), add_generation_prompt=req.add_generation_prompt
+        )
+    except jinja2.TemplateError as exc:  # why: templates reject e.g. non-alternating roles
+        raise InvalidRequestError(
+            f"the chat template rejected the messages: {exc}",
+            param="messages",
+            code="invalid_messages",
+        ) from exc
+    return list(ids)
+
+
+async def create_chat_completion(
+    state: ServerState, body: object, request: Request, cache_salt: str = ""
+) -> Response:
+    req = ChatCompletionRequest.model_validate(body)
+    front = state.serving_front()
+    if req.model != state.model_name:
+        raise HTTPError(
+            404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found"
+        )
+    params = req.to_sampling_params()
+    prompt = chat_prompt(state, req)
+    response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    generation = Generation(
+        front, response_id, [prompt], params, priority=req.priority, cache_salt=cache_salt
+    )
+    await generation.start()
+    created = int(time.time())
+    if req.stream:
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        return GenerationStream(
+            _stream(state, generation, response_id, created, include_usage), generation
+        )
+    outputs = await collect_or_abort(request, generation)
+    if outputs is None:
+        return Response(status_code=499)  # client closed the request; nobody reads this
+    choices = [
+        ChatChoice(
+            index=c.index,
+            message=AssistantMessage(content=c.text),
+            logprobs=(
+                chat_logprobs(c.logprobs or [], state.token_text)
+                if params.logprobs is not None
+                else None
+            ),
+            finish_reason=finish_reason(c),
+            stop_reason=c.stop_reason,
+        )
+        for c in outputs[0].outputs
+    ]
+    body_out = ChatCompletionResponse(
+        id=response_id,
+        created=created,
+        model=state.model_name,
+        choices=choices,
+        usage=generation.usage(),
+    )
+    return JSONResponse(body_out.model_dump())
+
+
+async def _stream(
+    state: ServerState, generation: Generation, response_id: str, created: int, include_usage: bool
+) -> AsyncIterator[str]:
+    want_logprobs = generation.params.logprobs is not None
+    trackers = TrackerSet(generation.params.stop)
+
+    def chunk(choices: list[ChatChunkChoice]) -> str:
+        data = ChatCompletionChunk(
+            id=response_id, created=created, model=state.model_name, choices=choices
+        ).model_dump()
+        if not include_usage:
+            del data["usage"]
+        return sse(data)
+
+    try:
+        yield chunk(
+            [
+                ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                for i in range(generation.params.n)
+            ]
+        )
+        async for updates in generation.updates():
+            choices = []
+            for _, out in updates:
+                for c in out.outputs:
+                    tracker = trackers.get(c.index)
+                    if tracker.finish_sent:
+                        continue
+                    delta, new_logprobs = tracker.advance(c)
+                    reason = finish_reason(c)
+                    if not delta and reason is None and not new_logprobs:
+                        continue
+                    tracker.finish_sent = reason is not None
+                    choices.append(
+                        ChatChunkChoice(
+                            index=c.index,
+                            delta=DeltaMessage(content=delta) if delta else DeltaMessage(),
+                            logprobs=(
+                                chat_logprobs(new_logprobs, state.token_text)
+                                if want_logprobs
+                                else None
+                            ),
+                            finish_reason=reason,
+                            stop_reason=c.stop_reason,
+                        )
+                    )
+            if choices:
+                yield chunk(choices)
+        if include_usage:
+            yield sse(
+                ChatCompletionChunk(
+                    id=response_id,
+                    created=created,
+                    model=state.model_name,
+                    choices=[],
+                    usage=generation.usage(),
+                )
+            )
+    except WorkerError as exc:
+        err = to_http_error(exc)
+        yield sse(
+            {
+                "error": {
+                    "message": err.message,
+                    "type": "server_error",
+                    "param": err.param,
+                    "code": err.code,
+                }
+            }
+        )
+    finally:
+        generation.close()
+    yield SSE_DONE

@@ -1,0 +1,220 @@
+"""One HTTP request's generation: its engine requests, its sink, and stream deltas.
+
+A `Generation` submits every prompt of one HTTP request to the `AsyncEngine` under ids
+`<response id>-<prompt index>`, then yields coalesced updates (the newest cumulative output of
+each engine request that moved). Closing it aborts whatever has not finished, which is how a
+client disconnect frees KV blocks. `DeltaTracker` turns cumulative text into stream deltas and
+holds back the tail that could still become a stop string or is an incomplete UTF-8 character
+(`U+FFFD`), so a stream never shows text that the final response would not contain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from llmos_worker.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from llmos_worker.engine.params import SamplingParams
+from llmos_worker.server.async_engine import AsyncEngine, Sink
+from llmos_worker.server.protocol import EnginePrompt
+from llmos_worker.server.response import Usage
+
+# token id -> its text, for logprobs
+TokenText = Callable[[int], str]
+
+
+class Generation:
+    """The engine requests of one HTTP request (one per prompt, each with `n` completions)."""
+
+    def __init__(
+        self,
+        front: AsyncEngine,
+        response_id: str,
+        prompts: list[EnginePrompt],
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        cache_salt: str = "",
+    ) -> None:
+        self.front = front
+        self.params = params
+        self.prompts = prompts
+        self.priority = priority
+        self.cache_salt = cache_salt
+        self.request_ids = [f"{response_id}-{i}" for i in range(len(prompts))]
+        self.sink: Sink = asyncio.Queue()
+        self.latest: dict[str, RequestOutput] = {}
+        self._unfinished = set(self.request_ids)
+
+    async def start(self) -> None:
+        await self.front.add(
+            self.request_ids,
+            self.prompts,
+            self.params,
+            self.sink,
+            priority=self.priority,
+            cache_salt=self.cache_salt,
+        )
+
+    async def updates(self) -> AsyncIterator[list[tuple[int, RequestOutput]]]:
+        """Yield `[(prompt index, newest output)]` for the engine requests that moved."""
+        index = {rid: i for i, rid in enumerate(self.request_ids)}
+        while self._unfinished:
+            items = [await self.sink.get()]
+            while not self.sink.empty():
+                items.append(self.sink.get_nowait())
+            changed: dict[str, RequestOutput] = {}
+            for rid, item in items:
+                if isinstance(item, BaseException):
+                    raise item
+                changed[rid] = item
+                self.latest[rid] = item
+                if item.finished:
+                    self._unfinished.discard(rid)
+            yield [(index[rid], out) for rid, out in changed.items()]
+
+    async def collect(self) -> list[RequestOutput]:
+        """Wait for every engine request to finish; outputs in prompt order."""
+        async for _ in self.updates():
+            pass
+        return [self.latest[rid] for rid in self.request_ids]
+
+    def close(self) -> None:
+        """Abort what has not finished (client gone or error); forget the rest."""
+        self.front.abort(sorted(self._unfinished))
+        self.front.release(self.request_ids)
+        self._unfinished.clear()
+
+    def usage(self) -> Usage:
+        prompt = sum(len(o.prompt_token_ids) for o in self.latest.values())
+        completion = sum(len(c.token_ids) for o in self.latest.values() for c in o.outputs)
+        return Usage.of(prompt, completion)
+
+
+async def until_disconnected(request: Request) -> None:
+    """Return when the client of a non-streaming request goes away (its body already read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def collect_or_abort(request: Request, generation: Generation) -> list[RequestOutput] | None:
+    """Collect a non-streaming generation; None (and the request aborted) if the client left."""
+    collect = asyncio.ensure_future(generation.collect())
+    gone = asyncio.ensure_future(until_disconnected(request))
+    try:
+        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not collect.done():
+            collect.cancel()
+        generation.close()
+    if collect.done() and not collect.cancelled():
+        return collect.result()  # re-raises an engine error
+    return None
+
+
+@dataclass
+class DeltaTracker:
+    """What of one completion's cumulative output the client has already been sent."""
+
+    stop: list[str]
+    sent_chars: int = 0
+    sent_tokens: int = 0
+    text_offset: int = 0
+    finish_sent: bool = False
+
+    def advance(self, out: CompletionOutput) -> tuple[str, list[TokenLogprob]]:
+        """The new text and the logprobs of the new tokens since the last call."""
+        text = out.text
+        safe = len(text)
+        if not out.finished:
+            while safe > 0 and text[safe - 1] == "\ufffd":
+                safe -= 1  # why: an incomplete multi-byte character decodes to U+FFFD for now
+            safe -= _stop_prefix_len(text[:safe], self.stop)
+        safe = max(safe, self.sent_chars)
+        delta = text[self.sent_chars : safe]
+        self.sent_chars = safe
+        new_logprobs = list(out.logprobs[self.sent_tokens :]) if out.logprobs else []
+        self.sent_tokens = len(out.token_ids)
+        return delta, new_logprobs
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+@dataclass
+class TrackerSet:
+    """Delta trackers of every choice of one HTTP request, keyed by choice index."""
+
+    stop: list[str]
+    trackers: dict[int, DeltaTracker] = field(default_factory=dict)
+
+    def get(self, choice: int) -> DeltaTracker:
+        if choice not in self.trackers:
+            self.trackers[choice] = DeltaTracker(self.stop)
+        return self.trackers[choice]
+
+
+def token_text_fn(decode: Callable[..., str]) -> TokenText:
+    """A memoised `token id -> text` for logprobs (special tokens kept visible)."""
+    cache: dict[int, str] = {}
+
+    def text(token_id: int) -> str:
+        if token_id not in cache:
+            cache[token_id] = decode([token_id], skip_special_tokens=False)
+        return cache[token_id]
+
+    return text
+
+
+def finish_reason(out: CompletionOutput) -> str | None:
+    # why: OpenAI has no "abort"; an aborted choice ended early like a length cut
+    return "length" if out.finish_reason == "abort" else out.finish_reason
+
+
+def sse(payload: BaseModel | dict[str, Any]) -> str:
+    data = payload.model_dump() if isinstance(payload, BaseModel) else payload
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class GenerationStream(StreamingResponse):
+    """An SSE response that aborts its generation however the response ends.
+
+    why: if the client leaves before the body iterator starts, the iterator's own `finally`
+    never runs; this one always does.
+    """
+
+    def __init__(self, content: AsyncIterator[str], generation: Generation) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self.generation = generation
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.close()

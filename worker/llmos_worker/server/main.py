@@ -1,0 +1,259 @@
+"""`llmos-worker serve`: load a model, serve it over the OpenAI API, drain on SIGTERM.
+
+Every flag defaults from the environment (`LLMOS_<FLAG>`), because the operator configures pods
+that way. The socket opens first and the model loads in the background (`/ready` is 503 until it
+has). On SIGTERM (or Ctrl+C) the server drains: `/ready` turns 503 so the Service stops routing
+here, new completions are refused with 503, in-flight requests run to completion for up to
+`--drain-timeout` seconds (then are aborted), and the process exits 0. A second signal exits at
+once. torch is imported only when the command runs, not when the CLI parser is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+
+from llmos_worker.cli import env_default
+from llmos_worker.engine.config import EngineConfig
+from llmos_worker.errors import WorkerError
+
+if TYPE_CHECKING:
+    from llmos_worker.server.async_engine import Engine
+    from llmos_worker.server.state import ServerState
+
+log = logging.getLogger("llmos_worker.server")
+
+DEFAULT_MODEL = "builtin://smollm2-135m-instruct"
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.strip().lower() in ("", "none", "auto") else int(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    e = env_default
+    a = parser.add_argument
+    a(
+        "--model",
+        default=e("model", DEFAULT_MODEL),
+        help="builtin://NAME, a .gguf file, or a Hugging Face model directory",
+    )
+    a(
+        "--served-model-name",
+        default=e("served_model_name"),
+        help="the name clients pass as `model` (default: the model's own name)",
+    )
+    a("--host", default=e("host", "127.0.0.1"))
+    a("--port", type=int, default=e("port", "8000"))
+    a("--block-size", type=int, default=e("block_size", "16"), help="tokens per KV block")
+    a(
+        "--kv-cache-memory-bytes",
+        type=_optional_int,
+        default=e("kv_cache_memory_bytes"),
+        help="KV cache size in bytes (default: a fraction of free memory)",
+    )
+    a("--kv-cache-memory-fraction", type=float, default=e("kv_cache_memory_fraction", "0.2"))
+    a("--max-num-seqs", type=int, default=e("max_num_seqs", "64"))
+    a("--max-num-batched-tokens", type=int, default=e("max_num_batched_tokens", "2048"))
+    a(
+        "--max-model-len",
+        type=_optional_int,
+        default=e("max_model_len"),
+        help="context length (default: the model's)",
+    )
+    a("--scheduling-policy", choices=["fcfs", "priority"], default=e("scheduling_policy", "fcfs"))
+    a(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=_bool(e("enable_prefix_caching", "true") or "true"),
+    )
+    a("--dtype", choices=["float32", "bfloat16", "float16"], default=e("dtype", "float32"))
+    a("--device", default=e("device", "cpu"))
+    a("--seed", type=int, default=e("seed", "0"))
+    a(
+        "--max-waiting-requests",
+        type=int,
+        default=e("max_waiting_requests", "512"),
+        help="requests allowed to wait for a batch slot before 429",
+    )
+    a("--max-body-bytes", type=int, default=e("max_body_bytes", str(4 * 1024 * 1024)))
+    a(
+        "--drain-timeout",
+        type=float,
+        default=e("drain_timeout", "30"),
+        help="seconds in-flight requests may take to finish after SIGTERM",
+    )
+    a(
+        "--api-keys-file",
+        default=e("api_keys_file"),
+        help='JSON {"keys": [{"tenant", "sha256"}]}; when set, /v1/* requires a bearer key',
+    )
+    a("--log-level", default=e("log_level", "info"), choices=["debug", "info", "warning", "error"])
+    a("--log-format", default=e("log_format", "text"), choices=["text", "json"])
+    a(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=_bool(e("access_log", "false") or "false"),
+    )
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (+ exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter()
+        if fmt == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        block_size=args.block_size,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        scheduling_policy=args.scheduling_policy,
+        enable_prefix_caching=args.enable_prefix_caching,
+        dtype=args.dtype,
+        device=args.device,
+        seed=args.seed,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from llmos_worker.server.app import build_app
+    from llmos_worker.server.auth import ApiKeyAuth
+    from llmos_worker.server.state import ServerState
+
+    configure_logging(args.log_level, args.log_format)
+    try:
+        config = engine_config(args)
+        auth = ApiKeyAuth.from_file(args.api_keys_file) if args.api_keys_file else None
+    except WorkerError as exc:
+        log.error("invalid settings: %s", exc)
+        return 2
+    state = ServerState(
+        served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes, auth=auth
+    )
+
+    def loader() -> Engine:
+        from llmos_worker.engine.engine import LLMEngine
+
+        return LLMEngine.from_source(args.model, config)
+
+    failures: list[BaseException] = []
+
+    def on_load_error(exc: BaseException) -> None:
+        failures.append(exc)
+        server.should_exit = True
+
+    app = build_app(
+        state,
+        loader=loader,
+        max_waiting_requests=args.max_waiting_requests,
+        on_load_error=on_load_error,
+    )
+    uv_config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        access_log=args.access_log,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=5,
+    )
+    server = DrainingServer(uv_config, state, drain_timeout_s=args.drain_timeout)
+    log.info(
+        "serving %s on http://%s:%d (model loads in the background)",
+        args.model,
+        args.host,
+        args.port,
+    )
+    server.run()
+    if failures:
+        return 1
+    if not server.started:
+        return 1  # e.g. the port is taken; uvicorn logged why
+    log.info("drained; exiting")
+    return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a drain phase between the first signal and the exit."""
+
+    def __init__(
+        self, config: uvicorn.Config, state: ServerState, *, drain_timeout_s: float
+    ) -> None:
+        super().__init__(config)
+        self.state = state
+        self.drain_timeout_s = drain_timeout_s
+        self.drain_deadline: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # why: not calling super() for the first signal, which would exit without draining and
+        # re-raise the signal after serving (exit status -15 instead of 0)
+        if self.drain_deadline is not None or not self.started:
+            self.should_exit = True
+            self.force_exit = self.drain_deadline is not None
+            return
+        self.state.draining = True
+        self.drain_deadline = time.monotonic() + self.drain_timeout_s
+        inflight = self.state.front.num_inflight if self.state.front is not None else 0
+        log.info(
+            "%s: draining %d in-flight request(s), up to %.0f s",
+            signal.Signals(sig).name,
+            inflight,
+            self.drain_timeout_s,
+        )
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_deadline is not None and not self.should_exit:
+            front = self.state.front
+            inflight = front.num_inflight if front is not None else 0
+            if inflight and time.monotonic() >= self.drain_deadline:
+                log.warning("drain deadline passed; aborting %d request(s)", inflight)
+                if front is not None:
+                    await front.shutdown()
+                inflight = 0
+            if inflight == 0:
+                self.should_exit = True
+        result: bool = await super().on_tick(counter)
+        return result
