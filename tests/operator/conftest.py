@@ -1,0 +1,289 @@
+"""The Kubernetes API the operator tests run against: kmock's emulator plus a real server's habits.
+
+`ApiServer` is kmock's `KubernetesEmulator` (stateful objects, watch streams, finalizers,
+deletionTimestamp) with what a real kube-apiserver also does and the emulator does not. Each
+behaviour added here, as a real API server has it:
+
+1. create: `metadata.uid` (a UUID), `metadata.creationTimestamp`, `metadata.generation = 1`;
+   `metadata.namespace` filled from the URL when the body leaves it out.
+2. every write (create, patch, delete-marking): a fresh, increasing `metadata.resourceVersion`.
+3. a patch that changes `.spec` bumps `metadata.generation` (metadata/status changes do not).
+4. the status subresource: on kinds that have one, `status` is dropped from creates and from
+   patches to the main endpoint, and a patch to `/status` changes only `status`.
+5. the served resources are declared (with kinds, namespacing, subresources, verbs) as an API
+   server's discovery reports them, including apiextensions' CustomResourceDefinitions, which
+   are loaded from the generated crds/ directory.
+
+It also records every request as (group, resource[/subresource], verb) - the evidence the RBAC
+test compares with the ClusterRole. Not added (the operator must not need them): garbage
+collection by owner references, label-selector filtering, admission, defaulting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import itertools
+import threading
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp.web
+import httpx
+import kmock
+import kopf
+import pytest
+import yaml
+from llmos_operator.config import OperatorConfig
+from llmos_operator.handlers import register
+from llmos_operator.handlers.registration import CONFIG
+
+ROOT = Path(__file__).resolve().parents[2]
+NS = "team-a"
+
+# plural -> (group, version, kind, namespaced, subresources)
+RESOURCES: dict[str, tuple[str, str, str, bool, set[str]]] = {
+    "customresourcedefinitions": (
+        "apiextensions.k8s.io", "v1", "CustomResourceDefinition", False, {"status"}
+    ),
+    "llmmodels": ("llmos.dev", "v1alpha1", "LLMModel", True, {"status"}),
+    "inferencepools": ("llmos.dev", "v1alpha1", "InferencePool", True, {"status", "scale"}),
+    "quotapolicies": ("llmos.dev", "v1alpha1", "QuotaPolicy", False, {"status"}),
+    "namespaces": ("", "v1", "Namespace", False, {"status"}),  # discovery only (kopf waits)
+    "pods": ("", "v1", "Pod", True, {"status"}),
+    "persistentvolumeclaims": ("", "v1", "PersistentVolumeClaim", True, {"status"}),
+    "services": ("", "v1", "Service", True, {"status"}),
+    "serviceaccounts": ("", "v1", "ServiceAccount", True, set()),
+    "events": ("", "v1", "Event", True, set()),
+    "jobs": ("batch", "v1", "Job", True, {"status"}),
+    "deployments": ("apps", "v1", "Deployment", True, {"status", "scale"}),
+    "poddisruptionbudgets": ("policy", "v1", "PodDisruptionBudget", True, {"status"}),
+}  # fmt: skip
+VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
+
+
+def verb_of(method: str, name: str | None, params: dict[str, str]) -> str:
+    if method == "GET":
+        return "watch" if params.get("watch") == "true" else "get" if name else "list"
+    return {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}[method]
+
+
+class ApiServer(kmock.KubernetesEmulator):  # type: ignore[misc]
+    """kmock's emulator + the real API server behaviours listed in the module docstring."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.evidence: list[tuple[str, str, str]] = []
+        self._versions = itertools.count(1000)
+        for plural, (group, version, kind, namespaced, subs) in RESOURCES.items():
+            key = f"{group}/{version}/{plural}" if group else f"v1/{plural}"
+            self.resources[key] = kmock.ResourceInfo(
+                kind=kind, namespaced=namespaced, subresources=subs, verbs=VERBS
+            )
+        for path in sorted((ROOT / "crds").glob("*.yaml")):
+            crd = yaml.safe_load(path.read_text())
+            self.objects[
+                "apiextensions.k8s.io/v1/customresourcedefinitions", None, crd["metadata"]["name"]
+            ] = crd
+
+    def _now(self) -> str:
+        return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def _current(self, request: Any) -> dict[str, Any] | None:
+        key = (request.resource, request.namespace, request.name)
+        if key not in self.objects or self.objects[key].deleted:
+            return None
+        return dict(self.objects[key].raw)
+
+    async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
+        res = request.resource
+        if res is not None and res.plural in RESOURCES:
+            plural = res.plural + (f"/{request.subresource}" if request.subresource else "")
+            method = str(
+                request.method.value if hasattr(request.method, "value") else request.method
+            )
+            self.evidence.append((res.group, plural, verb_of(method, request.name, request.params)))
+            has_status = "status" in RESOURCES[res.plural][4]
+            data = request.data if isinstance(request.data, dict) else None
+            if data is not None and method == "POST":
+                meta = data.setdefault("metadata", {})
+                meta.setdefault("namespace", request.namespace) if request.namespace else None
+                meta["uid"] = str(uuid.uuid4())
+                meta["creationTimestamp"] = self._now()
+                meta["generation"] = 1
+                meta["resourceVersion"] = str(next(self._versions))
+                if has_status:
+                    data.pop("status", None)
+            elif data is not None and method == "PATCH":
+                current = self._current(request) or {}
+                if request.subresource == "status":
+                    for key in list(data):
+                        if key != "status":
+                            del data[key]
+                else:
+                    if has_status:
+                        data.pop("status", None)
+                    merged = _merge(current.get("spec"), data.get("spec"))
+                    if "spec" in data and merged != current.get("spec"):
+                        generation = int(current.get("metadata", {}).get("generation") or 0) + 1
+                        data.setdefault("metadata", {})["generation"] = generation
+                data.setdefault("metadata", {})["resourceVersion"] = str(next(self._versions))
+        return await super()._handle(request)
+
+
+def _merge(base: Any, patch: Any) -> Any:
+    """RFC 7396 JSON merge patch (to tell whether a patch changes .spec)."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(base) if isinstance(base, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merge(out.get(key), value)
+    return out
+
+
+class Cluster:
+    """Test-side client of the emulated API server (talks HTTP, as kubectl would)."""
+
+    def __init__(self, server: ApiServer, url: str) -> None:
+        self.server = server
+        self.url = url
+        self.http = httpx.AsyncClient(base_url=url, timeout=10)
+
+    @staticmethod
+    def path(plural: str, namespace: str | None = NS, name: str = "", sub: str = "") -> str:
+        group, version, _, namespaced, _ = RESOURCES[plural]
+        base = f"/apis/{group}/{version}" if group else "/api/v1"
+        if namespaced and namespace:
+            base += f"/namespaces/{namespace}"
+        base += f"/{plural}" + (f"/{name}" if name else "") + (f"/{sub}" if sub else "")
+        return base
+
+    async def create(self, plural: str, body: dict[str, Any], namespace: str = NS) -> Any:
+        response = await self.http.post(self.path(plural, namespace), json=body)
+        response.raise_for_status()
+        return response.json()
+
+    async def get(self, plural: str, name: str, namespace: str = NS) -> dict[str, Any] | None:
+        response = await self.http.get(self.path(plural, namespace, name))
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def patch(
+        self, plural: str, name: str, patch: dict[str, Any], sub: str = "", namespace: str = NS
+    ) -> Any:
+        response = await self.http.patch(
+            self.path(plural, namespace, name, sub),
+            json=patch,
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+        response.raise_for_status()
+        return response.json()
+
+    async def delete(self, plural: str, name: str, namespace: str = NS) -> int:
+        response = await self.http.delete(self.path(plural, namespace, name))
+        return response.status_code
+
+    def names(self, plural: str, namespace: str = NS) -> list[str]:
+        """Names of the live objects of a kind (read from the emulator's store)."""
+        out = []
+        for (res, ns, name), obj in self.server.objects.items():
+            if res.plural == plural and ns == namespace and not obj.deleted:
+                out.append(name)
+        return sorted(out)
+
+    async def wait_for(
+        self, check: Callable[[], Awaitable[Any]], timeout: float = 10.0, what: str = ""
+    ) -> Any:
+        """Poll `check` until it returns something truthy."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            result = await check()
+            if result:
+                return result
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out waiting for {what or check}")
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    server = ApiServer()
+    async with server, kmock.Server(server) as http_server:
+        client = Cluster(server, str(http_server.url).rstrip("/"))
+        yield client
+        await client.http.aclose()
+
+
+def test_config(cluster: Cluster) -> OperatorConfig:
+    return OperatorConfig(
+        api_server=cluster.url,
+        worker_image="registry.example/llmos-worker:test",
+        model_wait_delay_s=0.3,
+        reconcile_interval_s=0.5,
+        error_backoff_s=0.2,
+        watch_timeout_s=30,
+        http_timeout_s=5,
+    )
+
+
+class OperatorProcess:
+    """The real kopf operator in a thread of its own; stop() + start() is a restart.
+
+    why a thread: kopf cancels every asyncio task created after it started when it stops, which
+    would include pytest's own fixture tasks if it shared their event loop.
+    """
+
+    def __init__(self, config: OperatorConfig) -> None:
+        self.config = config
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.errors: list[BaseException] = []
+
+    def _main(self, ready: threading.Event) -> None:
+        registry = register(kopf.OperatorRegistry(), self.config)
+        try:
+            asyncio.run(
+                kopf.operator(
+                    registry=registry,
+                    clusterwide=True,
+                    standalone=True,
+                    memo=kopf.Memo({CONFIG: self.config}),
+                    stop_flag=self._stop,
+                    ready_flag=ready,
+                )
+            )
+        except BaseException as exc:  # why: surfaced by stop(), not lost in the thread
+            self.errors.append(exc)
+
+    async def start(self) -> None:
+        self._stop = threading.Event()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, args=(ready,), daemon=True)
+        self._thread.start()
+        started = await asyncio.to_thread(ready.wait, 10)
+        assert started, f"the operator did not start: {self.errors}"
+
+    async def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        await asyncio.to_thread(self._thread.join, 15)
+        assert not self._thread.is_alive(), "the operator did not stop"
+        self._thread = None
+        assert not self.errors, f"the operator crashed: {self.errors}"
+
+
+@pytest.fixture
+async def operator(cluster: Cluster) -> AsyncIterator[OperatorProcess]:
+    process = OperatorProcess(test_config(cluster))
+    await process.start()
+    yield process
+    await process.stop()
