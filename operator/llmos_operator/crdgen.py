@@ -220,7 +220,14 @@ def write_all(directory: Path) -> list[Path]:
         path = directory / f"{info.plural}.{common.GROUP}.yaml"
         path.write_text(render(info))
         written.append(path)
-    return written
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [path.name for path in written],
+    }
+    index = directory / "kustomization.yaml"
+    index.write_text(HEADER + yaml.safe_dump(kustomization, sort_keys=False))
+    return [*written, index]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

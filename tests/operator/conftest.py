@@ -36,6 +36,7 @@ import kmock
 import kopf
 import pytest
 import yaml
+
 from llmos_operator.config import OperatorConfig
 from llmos_operator.handlers import register
 from llmos_operator.handlers.registration import CONFIG
