@@ -98,7 +98,8 @@ class LLMEngine:
 
     @staticmethod
     def _size_cache(loaded: LoadedModel, config: EngineConfig, max_pos: int) -> int:
-        from llmos_worker.model.runner import ModelRunner, available_memory_bytes
+        from llmos_worker.model.memory import available_memory_bytes
+        from llmos_worker.model.runner import ModelRunner
 
         per_block = ModelRunner.bytes_per_block(loaded.config, config.block_size, config.dtype)
         budget = config.kv_cache_memory_bytes

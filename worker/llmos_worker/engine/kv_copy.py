@@ -2,9 +2,9 @@
 
 The block manager decides *which* blocks to copy (a forked sequence about to write into a shared,
 partially filled block gets a private copy); this module does the copy. A runner offering
-`copy_blocks(pairs)` does it itself; otherwise the copy is done here on the runner's cache
-tensors (`kv_caches`: one tensor per layer, or `kv_cache`: one tensor), whose block axis is the
-one of length `num_blocks` — indexing that axis with all sources at once, then all destinations.
+`copy_blocks(pairs)` does it itself; otherwise the copy is done here on the runner's single cache
+tensor `kv_cache`, laid out (layers, K/V, num_blocks, block_size, kv_heads, head_dim) as
+`ModelRunner` documents: all sources are gathered at once, then scattered onto the destinations.
 """
 
 from __future__ import annotations
@@ -13,12 +13,7 @@ from typing import Any
 
 import torch
 
-
-def _block_axis(cache: torch.Tensor, num_blocks: int) -> int:
-    for axis, size in enumerate(cache.shape):
-        if size == num_blocks:
-            return axis
-    raise ValueError(f"no axis of length num_blocks={num_blocks} in KV cache {tuple(cache.shape)}")
+BLOCK_AXIS = 2  # of ModelRunner.kv_cache: (layers, 2, num_blocks, block_size, Hkv, D)
 
 
 def copy_kv_blocks(runner: Any, pairs: list[tuple[int, int]]) -> None:
@@ -29,16 +24,10 @@ def copy_kv_blocks(runner: Any, pairs: list[tuple[int, int]]) -> None:
     if callable(copy):
         copy(pairs)
         return
-    caches = getattr(runner, "kv_caches", None)
-    if caches is None:
-        single = getattr(runner, "kv_cache", None)
-        if single is None:
-            raise TypeError("runner exposes neither copy_blocks() nor kv_caches/kv_cache")
-        caches = [single]
-    num_blocks = int(runner.num_blocks)
+    cache = getattr(runner, "kv_cache", None)
+    if not isinstance(cache, torch.Tensor) or cache.dim() <= BLOCK_AXIS:
+        raise TypeError("runner exposes neither copy_blocks() nor a kv_cache tensor")
+    src = torch.tensor([s for s, _ in pairs], device=cache.device)
+    dst = torch.tensor([d for _, d in pairs], device=cache.device)
     with torch.inference_mode():
-        for cache in caches:
-            axis = _block_axis(cache, num_blocks)
-            src = torch.tensor([s for s, _ in pairs], device=cache.device)
-            dst = torch.tensor([d for _, d in pairs], device=cache.device)
-            cache.index_copy_(axis, dst, cache.index_select(axis, src))
+        cache.index_copy_(BLOCK_AXIS, dst, cache.index_select(BLOCK_AXIS, src))
