@@ -1,0 +1,172 @@
+"""The Llama-family decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) for paged attention.
+
+Weights are stored fused for fewer, larger matmuls: one `qkv` projection and one `gate_up`
+projection per layer. Parameters are allocated uninitialised on the target device and dtype and
+filled by `load_weights` from `(hf_name, tensor)` pairs, so no random init is ever paid for.
+`forward` consumes one `ForwardBatch` (all scheduled tokens of all sequences, flat) and the
+per-layer KV caches, and returns hidden states only for `logits_indices` projected to the vocab.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmos_worker.errors import ModelLoadError
+from llmos_worker.model.attention import AttentionPlan, paged_attention
+from llmos_worker.model.batch import ForwardBatch
+from llmos_worker.model.config import ModelConfig
+from llmos_worker.model.rope import apply_rope, cos_sin_table, inverse_frequencies
+
+
+def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm: statistics in float32, result cast back before the weight multiply."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm transformer block: x + attn(norm(x)); x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.cfg = cfg
+        qkv_rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        self.input_norm = _param(cfg.hidden_size, dtype=dtype, device=device)
+        self.qkv = _param(qkv_rows, cfg.hidden_size, dtype=dtype, device=device)
+        self.o_proj = _param(cfg.hidden_size, cfg.num_heads * cfg.head_dim, dtype=dtype,
+                             device=device)
+        self.post_norm = _param(cfg.hidden_size, dtype=dtype, device=device)
+        self.gate_up = _param(2 * cfg.intermediate_size, cfg.hidden_size, dtype=dtype,
+                              device=device)
+        self.down = _param(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+        cfg = self.cfg
+        t = x.shape[0]
+        h = rms_norm(x, self.input_norm, cfg.rms_norm_eps)
+        qkv = F.linear(h, self.qkv)  # (T, (H + 2 Hkv) D)
+        q_end = cfg.num_heads * cfg.head_dim
+        k_end = q_end + cfg.num_kv_heads * cfg.head_dim
+        q = qkv[:, :q_end].view(t, cfg.num_heads, cfg.head_dim)
+        k = qkv[:, q_end:k_end].view(t, cfg.num_kv_heads, cfg.head_dim)
+        v = qkv[:, k_end:].view(t, cfg.num_kv_heads, cfg.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        attn = paged_attention(q, k, v.contiguous(), cache, plan, cfg.head_dim ** -0.5)
+        x = x + F.linear(attn, self.o_proj)
+        h = rms_norm(x, self.post_norm, cfg.rms_norm_eps)
+        gate, up = F.linear(h, self.gate_up).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, self.down)
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm and LM head (tied to the embedding if configured)."""
+
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
+    def __init__(self, cfg: ModelConfig, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu",
+                 rope_factors: torch.Tensor | None = None) -> None:
+        super().__init__()
+        device = torch.device(device)
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
+        self.norm = _param(cfg.hidden_size, dtype=dtype, device=device)
+        self.lm_head = (
+            None if cfg.tie_word_embeddings
+            else _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        )
+        cos, sin = cos_sin_table(inverse_frequencies(cfg, rope_factors),
+                                 cfg.max_position_embeddings)
+        # (P, 1, D) in the compute dtype, as HF casts cos/sin to the activations' dtype
+        self.register_buffer("rope_cos", cos.to(device=device, dtype=dtype)[:, None, :],
+                             persistent=False)
+        self.register_buffer("rope_sin", sin.to(device=device, dtype=dtype)[:, None, :],
+                             persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def forward(self, batch: ForwardBatch, caches: list[torch.Tensor],
+                block_size: int) -> torch.Tensor:
+        """Logits (L, vocab) in the model dtype for `batch.logits_indices`."""
+        device = self.device
+        plan = AttentionPlan.from_batch(batch, block_size, device)
+        positions = batch.positions.to(device)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, 1, D)
+        x = F.embedding(batch.input_ids.to(device), self.embed)  # (T, hidden)
+        for layer, cache in zip(self.layers, caches, strict=True):
+            x = layer(x, cos, sin, cache, plan)
+        x = x[batch.logits_indices.to(device)]  # why: norm + head only where logits are wanted
+        x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+        head = self.embed if self.lm_head is None else self.lm_head
+        return F.linear(x, head)
+
+    # -- weights ------------------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Fill parameters from HF-named tensors; every parameter must be covered exactly."""
+        cfg = self.cfg
+        hd = cfg.head_dim
+        q_rows, kv_rows = cfg.num_heads * hd, cfg.num_kv_heads * hd
+        layer_slices = {
+            "self_attn.q_proj": ("qkv", 0, q_rows),
+            "self_attn.k_proj": ("qkv", q_rows, q_rows + kv_rows),
+            "self_attn.v_proj": ("qkv", q_rows + kv_rows, q_rows + 2 * kv_rows),
+            "self_attn.o_proj": ("o_proj", None, None),
+            "mlp.gate_proj": ("gate_up", 0, cfg.intermediate_size),
+            "mlp.up_proj": ("gate_up", cfg.intermediate_size, 2 * cfg.intermediate_size),
+            "mlp.down_proj": ("down", None, None),
+            "input_layernorm": ("input_norm", None, None),
+            "post_attention_layernorm": ("post_norm", None, None),
+        }
+        layer_re = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
+        expected = 2 + 9 * cfg.num_layers + (0 if self.lm_head is None else 1)
+        seen: set[str] = set()
+        for name, tensor in weights:
+            target: torch.Tensor
+            if name == "model.embed_tokens.weight":
+                target = self.embed
+            elif name == "model.norm.weight":
+                target = self.norm
+            elif name == "lm_head.weight":
+                if self.lm_head is None:
+                    continue  # tied: some checkpoints still ship a copy
+                target = self.lm_head
+            elif name.endswith("rotary_emb.inv_freq"):
+                continue
+            else:
+                m = layer_re.match(name)
+                if m is None or m.group(2) not in layer_slices or int(m.group(1)) >= cfg.num_layers:
+                    raise ModelLoadError(f"unexpected weight {name!r} for a Llama decoder")
+                attr, lo, hi = layer_slices[m.group(2)]
+                target = getattr(self.layers[int(m.group(1))], attr)
+                if lo is not None:
+                    target = target[lo:hi]
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ModelLoadError(
+                    f"weight {name!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(target.shape)}"
+                )
+            with torch.no_grad():
+                target.copy_(tensor)
+            seen.add(name)
+        if len(seen) != expected:
+            raise ModelLoadError(
+                f"checkpoint covers {len(seen)} of {expected} weight tensors "
+                f"(e.g. layer 0 has: {sorted(n for n in seen if '.layers.0.' in n)})"
+            )

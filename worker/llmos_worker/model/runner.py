@@ -1,0 +1,56 @@
+"""ModelRunner: owns the paged KV cache and runs one batched forward per engine step.
+
+The cache is allocated once, zeroed (so padded reads are finite), as one tensor
+(layers, 2, num_blocks, block_size, kv_heads, head_dim) in the model dtype on the model's device;
+the engine's block manager hands out block ids into it. `execute` returns float32 logits on CPU
+for exactly the rows the scheduler asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmos_worker.errors import ModelLoadError
+from llmos_worker.model.batch import ForwardBatch
+from llmos_worker.model.config import ModelConfig
+from llmos_worker.model.loader import DTYPES, LoadedModel
+
+
+def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unsupported dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class ModelRunner:
+    """Runs `LoadedModel.model` over `ForwardBatch`es against a KV cache of `num_blocks` blocks."""
+
+    def __init__(self, loaded: LoadedModel, *, block_size: int, num_blocks: int) -> None:
+        if block_size < 1 or num_blocks < 1:
+            raise ModelLoadError(f"block_size ({block_size}) and num_blocks ({num_blocks}) "
+                                 "must be positive")
+        cfg = loaded.config
+        self.loaded = loaded
+        self.model = loaded.model
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        # (layers, K/V, blocks, block_size, Hkv, D)
+        self.kv_cache = torch.zeros(
+            cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+            dtype=loaded.dtype, device=loaded.device,
+        )
+        self.layer_caches = list(self.kv_cache.unbind(0))
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: str | torch.dtype) -> int:
+        """KV bytes one block takes across all layers (K and V)."""
+        elem = torch.empty((), dtype=_torch_dtype(dtype)).element_size()
+        return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * elem
+
+    def execute(self, batch: ForwardBatch) -> torch.Tensor:
+        """(len(batch.logits_indices), vocab) float32 logits on CPU."""
+        with torch.inference_mode():
+            logits: torch.Tensor = self.model(batch, self.layer_caches, self.block_size)
+        return logits.float().cpu()
