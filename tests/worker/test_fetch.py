@@ -243,3 +243,16 @@ def test_cli_failure_exit_code_and_termination_log(
     with pytest.raises(SystemExit) as info:  # argparse: unknown format
         main([*argv, "--format=onnx"])
     assert info.value.code == 2
+
+
+def test_storage_never_imports_torch() -> None:
+    # why: the loader Job's path (fetch-model, crypto commands) must stay light
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, llmos_worker.storage, llmos_worker.storage.cli, llmos_worker.storage.fetch; "
+        "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -9,13 +9,11 @@ from llmos_worker.storage.crypto import (
     DEFAULT_CHUNK_SIZE,
     Encryptor,
     Header,
-    encrypt_file,
     iter_decrypted,
     read_header,
-    rewrap,
-    verify_file,
 )
 from llmos_worker.storage.digest import model_digest, sha256_file
+from llmos_worker.storage.envelope import encrypt_file, rewrap, verify_file
 from llmos_worker.storage.errors import (
     DigestMismatchError,
     EncryptedFormatError,

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from llmos_worker.cli import env_default
 from llmos_worker.errors import StorageError
-from llmos_worker.storage.crypto import DEFAULT_CHUNK_SIZE, encrypt_file, rewrap, verify_file
+from llmos_worker.storage.crypto import DEFAULT_CHUNK_SIZE
+from llmos_worker.storage.envelope import encrypt_file, rewrap, verify_file
 from llmos_worker.storage.keys import load_key
 from llmos_worker.storage.manifest import MANIFEST_NAME, read_manifest
 
