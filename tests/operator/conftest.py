@@ -6,7 +6,8 @@ behaviour added here, as a real API server has it:
 
 1. create: `metadata.uid` (a UUID), `metadata.creationTimestamp`, `metadata.generation = 1`;
    `metadata.namespace` filled from the URL when the body leaves it out.
-2. every write (create, patch, delete-marking): a fresh, increasing `metadata.resourceVersion`.
+2. every write (create, patch): a fresh, increasing `metadata.resourceVersion`; a JSON patch
+   whose `test` op fails (kopf tests resourceVersion) is refused with 422, not applied.
 3. a patch that changes `.spec` bumps `metadata.generation` (metadata/status changes do not).
 4. the status subresource: on kinds that have one, `status` is dropped from creates and from
    patches to the main endpoint, and a patch to `/status` changes only `status`.
@@ -32,6 +33,7 @@ from typing import Any
 
 import aiohttp.web
 import httpx
+import jsonpointer
 import kmock
 import kopf
 import pytest
@@ -83,7 +85,7 @@ class ApiServer(kmock.KubernetesEmulator):  # type: ignore[misc]
             self.resources[key] = kmock.ResourceInfo(
                 kind=kind, namespaced=namespaced, subresources=subs, verbs=VERBS
             )
-        for path in sorted((ROOT / "crds").glob("*.yaml")):
+        for path in sorted((ROOT / "crds").glob("*.llmos.dev.yaml")):
             crd = yaml.safe_load(path.read_text())
             self.objects[
                 "apiextensions.k8s.io/v1/customresourcedefinitions", None, crd["metadata"]["name"]
@@ -131,7 +133,29 @@ class ApiServer(kmock.KubernetesEmulator):  # type: ignore[misc]
                         generation = int(current.get("metadata", {}).get("generation") or 0) + 1
                         data.setdefault("metadata", {})["generation"] = generation
                 data.setdefault("metadata", {})["resourceVersion"] = str(next(self._versions))
+            elif isinstance(request.data, list) and method == "PATCH":
+                self._json_patch(request, request.data)
         return await super()._handle(request)
+
+    def _json_patch(self, request: Any, ops: list[dict[str, Any]]) -> None:
+        """RFC 6902 patches: a failed `test` op is 422 Invalid (optimistic concurrency)."""
+        current = self._current(request) or {}
+        for op in ops:
+            if op.get("op") == "test":
+                actual = jsonpointer.resolve_pointer(current, op["path"], None)
+                if actual != op.get("value"):
+                    raise kmock.KubernetesError(
+                        status=422,
+                        reason="Invalid",
+                        message=f"the test of {op['path']} failed: {actual!r} != {op['value']!r}",
+                    )
+        if request.subresource == "status":
+            ops[:] = [op for op in ops if op["path"].startswith("/status") or op["op"] == "test"]
+        if any(op["path"].startswith("/spec") for op in ops if op.get("op") != "test"):
+            generation = int(current.get("metadata", {}).get("generation") or 0) + 1
+            ops.append({"op": "add", "path": "/metadata/generation", "value": generation})
+        version = str(next(self._versions))
+        ops.append({"op": "add", "path": "/metadata/resourceVersion", "value": version})
 
 
 def _merge(base: Any, patch: Any) -> Any:
