@@ -256,3 +256,22 @@ def test_storage_never_imports_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_mounted_path_source_as_the_operator_renders_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the operator mounts a pvc:// source's claim at /sources/<claim> and passes that path
+    src = tmp_path / "sources" / "claim" / "m.gguf"
+    src.parent.mkdir(parents=True)
+    src.write_bytes(GGUF)
+    monkeypatch.setenv("LLMOS_MODEL_VERSION", "7")
+    dest = tmp_path / "models" / "v-abc"
+    assert main(["fetch-model", "--source", str(src), "--dest", str(dest), "--format", "gguf"]) == 0
+    manifest = read_manifest(dest)
+    assert manifest.source == str(src) and manifest.version == "7"
+    assert manifest.digest == sha(GGUF)
+    uri = fetch_model(FetchRequest(f"file://{src}", tmp_path / "d2")).source
+    assert uri == f"file://{src}"
+    with pytest.raises(SourceError, match="does not exist"):
+        fetch_model(FetchRequest(str(tmp_path / "absent"), tmp_path / "d3"))

@@ -24,6 +24,7 @@ from llmos_worker.storage import (
     fetch_model,
     open_decrypted,
     open_model_dir,
+    open_model_source,
     read_manifest,
     resolve_model_dir,
 )
@@ -196,3 +197,30 @@ def test_directory_rotation_keeps_the_model_loadable_with_the_new_key_only(
     with pytest.raises(WrongKeyError), open_model_dir(dest, old):
         pass
     assert read_manifest(dest).encrypted
+
+
+def test_open_model_source_for_the_serve_command(tmp_path: Path) -> None:
+    kek = write_key(tmp_path / "kek")
+    data = b"GGUF" + os.urandom(100_000)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "m.gguf").write_bytes(data)
+    plain = tmp_path / "plain"
+    sealed = tmp_path / "sealed"
+    fetch_model(FetchRequest(str(tmp_path / "src" / "m.gguf"), plain))
+    digest = fetch_model(FetchRequest(str(tmp_path / "src" / "m.gguf"), sealed, kek=kek)).digest
+    key = str(tmp_path / "kek")
+    with open_model_source("builtin://smollm2-135m-instruct") as source:
+        assert source == "builtin://smollm2-135m-instruct"
+    with open_model_source(str(plain)) as source:
+        assert source == str(plain / "m.gguf")
+    with open_model_source(str(sealed), key_file=key, expected_digest=digest) as source:
+        assert Path(source).name == "m.gguf" and Path(source).read_bytes() == data
+    with open_model_source(str(sealed / "m.gguf.enc"), key_file=key) as source:
+        assert Path(source).name == "m.gguf" and Path(source).read_bytes() == data
+    with pytest.raises(StorageError, match="key file is needed"), open_model_source(str(sealed)):
+        pass
+    with (
+        pytest.raises(ModelMismatchError),
+        open_model_source(str(sealed), key_file=key, expected_digest="7" * 64),
+    ):
+        pass

@@ -33,6 +33,7 @@ from llmos_worker.storage.plaintext import (
     ModelLocation,
     open_decrypted,
     open_model_dir,
+    open_model_source,
     resolve_model_dir,
 )
 
@@ -62,6 +63,7 @@ __all__ = [
     "model_digest",
     "open_decrypted",
     "open_model_dir",
+    "open_model_source",
     "parse_key",
     "read_header",
     "read_manifest",

@@ -6,6 +6,7 @@ the sha256 (required for http(s): the model digest of digest.py must equal it), 
 `manifest.json`, and writes the compact manifest to the termination log so the operator reads
 digest and size from the pod's terminated state. On failure the termination log gets
 `{"error", "reason"}`, the exit status is 1 and nothing partial is left in `--dest`.
+Every flag defaults from `LLMOS_<FLAG>`; `--version` also from `LLMOS_MODEL_VERSION`.
 Local sources (builtin, pvc) are hashed in a first pass: encryption binds the model digest into
 every chunk, so it must be known before the first byte is written.
 """
@@ -36,6 +37,7 @@ from llmos_worker.storage.source import (
     Source,
     builtin_path,
     hf_mirror_url,
+    local_path,
     parse_source,
     pvc_path,
     url_filename,
@@ -103,7 +105,7 @@ def _local_files(source: Source, root: Path) -> list[tuple[str, Path]]:
     if source.kind == "builtin":
         path = builtin_path(source.location)
         return [(path.name, path)]
-    path = pvc_path(source, root)
+    path = local_path(source) if source.kind == "local" else pvc_path(source, root)
     if path.is_file():
         return [(path.name, path)]
     files = sorted(
@@ -185,7 +187,11 @@ def add_fetch_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dest", default=dest, required=dest is None, help="model directory")
     parser.add_argument("--sha256", default=env_default("SHA256"), help="expected model digest")
     parser.add_argument("--format", default=env_default("FORMAT"), choices=FORMATS)
-    parser.add_argument("--version", default=env_default("VERSION"), help="version label")
+    parser.add_argument(
+        "--version",
+        default=env_default("VERSION") or env_default("MODEL_VERSION"),
+        help="version label (env LLMOS_VERSION or LLMOS_MODEL_VERSION)",
+    )
     parser.add_argument(
         "--encrypt-key-file",
         default=env_default("ENCRYPT_KEY_FILE"),

@@ -23,7 +23,8 @@ from pathlib import Path
 from llmos_worker.storage.crypto import iter_decrypted
 from llmos_worker.storage.digest import normalise_sha256, sha256_file
 from llmos_worker.storage.errors import DigestMismatchError, ModelMismatchError, StorageError
-from llmos_worker.storage.manifest import Manifest, read_manifest
+from llmos_worker.storage.keys import load_key
+from llmos_worker.storage.manifest import MANIFEST_NAME, Manifest, read_manifest
 
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 
@@ -187,4 +188,40 @@ def open_model_dir(
             yield directory
 
 
-__all__ = ["ModelLocation", "open_decrypted", "open_model_dir", "resolve_model_dir"]
+@contextlib.contextmanager
+def open_model_source(
+    source: str,
+    *,
+    key_file: str | None = None,
+    expected_digest: str | None = None,
+) -> Iterator[str]:
+    """Yield the source string to give `load_model` for what a user passed as `--model`.
+
+    A `fetch-model` directory (it holds manifest.json) goes through `open_model_dir` — verified,
+    decrypted into memory when encrypted; a single `*.enc` file is decrypted into memory; anything
+    else (builtin://, a .gguf, an HF directory) is passed through unchanged. The plaintext lives
+    until the block exits: load the model inside it (the loader copies the weights out).
+    """
+    kek = load_key(key_file) if key_file else None
+    path = Path(source)
+    if "://" not in source and (path / MANIFEST_NAME).is_file():
+        with open_model_dir(path, kek, expected_digest=expected_digest) as model_path:
+            yield str(model_path)
+    elif "://" not in source and path.is_file() and path.name.endswith(".enc"):
+        if kek is None:
+            raise StorageError(f"{source} is an encrypted model file: a key file is needed")
+        with open_decrypted(
+            path, kek, expected_model_digest=expected_digest, link_name=path.name[:-4]
+        ) as model_path:
+            yield str(model_path)
+    else:
+        yield source
+
+
+__all__ = [
+    "ModelLocation",
+    "open_decrypted",
+    "open_model_dir",
+    "open_model_source",
+    "resolve_model_dir",
+]

