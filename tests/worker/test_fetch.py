@@ -275,3 +275,17 @@ def test_mounted_path_source_as_the_operator_renders_it(
     assert uri == f"file://{src}"
     with pytest.raises(SourceError, match="does not exist"):
         fetch_model(FetchRequest(str(tmp_path / "absent"), tmp_path / "d3"))
+
+
+def test_termination_message_stays_under_4_kib() -> None:
+    from llmos_worker.storage import Manifest, ManifestFile
+
+    files = tuple(ManifestFile(f"model-{i:05d}.safetensors", "a" * 64, i) for i in range(300))
+    big = Manifest("pvc://c/p", "safetensors", "v" * 5000, files, "b" * 64, 1, False, "t")
+    for manifest in (
+        big,
+        Manifest("pvc://c/p", "safetensors", "1", files, "b" * 64, 1, False, "t"),
+    ):
+        message = json.loads(manifest.termination_message())
+        assert len(manifest.termination_message().encode()) < 4096
+        assert message["digest"] == "b" * 64 and message["fileCount"] == 300

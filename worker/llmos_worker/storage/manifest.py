@@ -110,6 +110,11 @@ class Manifest:
             data["fileCount"] = len(self.files)
             data["source"] = self.source[:1024]
             text = json.dumps(data, separators=(",", ":"))
+        if len(text.encode("utf-8")) >= TERMINATION_MESSAGE_LIMIT:  # a huge version or extra
+            keep = ("format", "digest", "sizeBytes", "encrypted", "createdAt")
+            text = json.dumps(
+                {**{k: data[k] for k in keep}, "fileCount": len(self.files)}, separators=(",", ":")
+            )
         return text
 
 
