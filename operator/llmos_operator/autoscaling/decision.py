@@ -75,7 +75,8 @@ class Observation:
 
     `values` has one entry per ready pod: its metric value, or None when the scrape failed.
     Replicas beyond the ready pods (`current_replicas - len(values)`, e.g. still starting) are
-    unknown as well. `quota_cap` is the most replicas the namespace's QuotaPolicy allows this pool
+    unknown as well; ready pods beyond `current_replicas` (a scale-down in progress) still count.
+    `quota_cap` is the most replicas the namespace's QuotaPolicy allows this pool
     (None: no quota applies).
     """
 
@@ -140,8 +141,9 @@ def _raw_recommendation(
     """(replicas, reason, mean, known, unknown) from the metric alone, before any window."""
     known = [v for v in obs.values if v is not None]
     current = obs.current_replicas
-    unknown = max(current - len(known), 0)
-    total = len(known) + unknown  # == max(current, known); extra ready pods are terminating
+    # why: pods beyond spec (a scale-down in progress) still serve; count what really exists
+    total = max(current, len(obs.values))
+    unknown = total - len(known)
     if not known:
         return current, "NoMetrics", None, 0, unknown
     mean = sum(known) / len(known)

@@ -350,7 +350,16 @@ def register(
         # why: kopf tells async handlers by inspect.iscoroutinefunction; a callable object fails it
         await timer(body=body, namespace=namespace, name=name, patch=patch, memo=memo)
 
-    kopf.timer(*pool, interval=settings.interval_s, registry=registry, id="autoscale")(autoscale)
+    kopf.timer(
+        *pool,
+        interval=settings.interval_s,
+        # why: a failed tick (API or scrape trouble) is retried at the next tick, not in 60 s
+        backoff=settings.interval_s,
+        # why: one slow tick must not block operator shutdown
+        timeout=max(settings.interval_s, settings.scrape_timeout_s * 4),
+        registry=registry,
+        id="autoscale",
+    )(autoscale)
     # why: optional = no finalizer of ours; the series just go when the pool does
     kopf.on.delete(*pool, optional=True, registry=registry, id="autoscaler-forget")(forget_pool)
     return registry

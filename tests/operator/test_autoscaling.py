@@ -1,0 +1,304 @@
+"""The builtin autoscaler inside the real kopf operator, against the kmock API server fixture.
+
+The test plays the parts a cluster would: Pod objects (ready, with a loopback IP and their
+`http` container port) stand for the pool's worker pods, and each points at a small real HTTP
+server on loopback serving Prometheus text with a value the test sets. The operator scrapes
+them over HTTP, decides, and writes `spec.replicas`, `status.autoscaling`, events and metrics.
+Windows and the timer interval are shortened through the injected `AutoscalerSettings`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp.web
+import kmock
+import kopf
+import pytest
+
+from llmos_operator.builders.pool import selector_labels
+from llmos_operator.config import OperatorConfig
+from llmos_operator.handlers import autoscaling, register
+from llmos_operator.handlers.registration import CONFIG
+from llmos_operator.metrics import OperatorMetrics
+from tests.operator import conftest
+from tests.operator.conftest import NS, VERBS, Cluster
+
+SETTINGS = autoscaling.AutoscalerSettings(interval_s=0.2, scrape_timeout_s=1.0, metrics_port=None)
+
+
+class FakeWorker:
+    """A loopback HTTP server whose /metrics reports `waiting` queued requests."""
+
+    def __init__(self) -> None:
+        self.waiting = 0.0
+        self.port = 0
+        self._runner: aiohttp.web.AppRunner | None = None
+
+    async def _metrics(self, _: aiohttp.web.Request) -> aiohttp.web.Response:
+        text = (
+            "# TYPE llmos_num_requests_waiting gauge\n"
+            f'llmos_num_requests_waiting{{model_name="m"}} {self.waiting}\n'
+        )
+        return aiohttp.web.Response(text=text, content_type="text/plain")
+
+    async def start(self) -> FakeWorker:
+        app = aiohttp.web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = aiohttp.web.AppRunner(app)
+        await self._runner.setup()
+        site = aiohttp.web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def add_pod(cluster: Cluster, pool: str, index: int, port: int) -> None:
+    name = f"{pool}-pod-{index}"
+    await cluster.create(
+        "pods",
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "labels": selector_labels(pool)},
+            "spec": {
+                "containers": [
+                    {
+                        "name": "worker",
+                        "image": "w",
+                        "ports": [{"name": "http", "containerPort": port}],
+                    }
+                ]
+            },
+        },
+    )
+    ready = {"type": "Ready", "status": "True"}
+    status = {"phase": "Running", "podIP": "127.0.0.1", "conditions": [ready]}
+    await cluster.patch("pods", name, {"status": status}, sub="status")
+
+
+def pool_body(name: str, replicas: int, **autoscaling_spec: Any) -> dict[str, Any]:
+    spec = {
+        "enabled": True,
+        "minReplicas": 1,
+        "maxReplicas": 4,
+        "metric": "requestsWaiting",
+        "target": 2,
+        "scaleUpStabilizationSeconds": 0,
+        "scaleDownStabilizationSeconds": 2,
+        **autoscaling_spec,
+    }
+    return {
+        "apiVersion": "llmos.dev/v1alpha1",
+        "kind": "InferencePool",
+        "metadata": {"name": name},
+        "spec": {"modelRef": "m", "replicas": replicas, "autoscaling": spec},
+    }
+
+
+class GeneratingApiServer(conftest.ApiServer):
+    """The fixture's API server plus `metadata.generateName` (kopf names its events that way)."""
+
+    async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
+        data = request.data if isinstance(request.data, dict) else None
+        meta = (data or {}).get("metadata") or {}
+        if request.method == "POST" and meta.get("generateName") and not meta.get("name"):
+            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+        return await super()._handle(request)
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    server = GeneratingApiServer()
+    async with server, kmock.Server(server) as http_server:
+        client = Cluster(server, str(http_server.url).rstrip("/"))
+        yield client
+        await client.http.aclose()
+
+
+@pytest.fixture
+async def metrics() -> OperatorMetrics:
+    return OperatorMetrics()
+
+
+class ScalingOperator(conftest.OperatorProcess):
+    """The fixture's in-thread operator with the autoscaling handlers registered as well."""
+
+    def __init__(self, config: OperatorConfig, metrics: OperatorMetrics) -> None:
+        super().__init__(config)
+        self.metrics = metrics
+
+    def _main(self, ready: threading.Event) -> None:
+        registry = register(kopf.OperatorRegistry(), self.config)
+        autoscaling.register(registry, self.config, SETTINGS, metrics=self.metrics)
+        try:
+            asyncio.run(
+                kopf.operator(
+                    registry=registry,
+                    clusterwide=True,
+                    standalone=True,
+                    memo=kopf.Memo({CONFIG: self.config}),
+                    stop_flag=self._stop,
+                    ready_flag=ready,
+                )
+            )
+        except BaseException as exc:  # why: surfaced by stop(), not lost in the thread
+            self.errors.append(exc)
+
+
+@pytest.fixture
+async def scaling_operator(cluster: Cluster, metrics: OperatorMetrics) -> AsyncIterator[None]:
+    """The operator's handlers plus the autoscaling ones, against the emulator."""
+    cluster.server.resources["autoscaling/v2/horizontalpodautoscalers"] = kmock.ResourceInfo(
+        kind="HorizontalPodAutoscaler", namespaced=True, subresources={"status"}, verbs=VERBS
+    )
+    process = ScalingOperator(conftest.test_config(cluster), metrics)
+    await process.start()
+    yield
+    await process.stop()
+
+
+@pytest.fixture
+async def workers() -> AsyncIterator[list[FakeWorker]]:
+    started = [await FakeWorker().start() for _ in range(4)]
+    yield started
+    for worker in started:
+        await worker.stop()
+
+
+async def replicas_of(cluster: Cluster, name: str) -> int:
+    body = await cluster.get("inferencepools", name)
+    assert body is not None
+    return int(body["spec"]["replicas"])
+
+
+def events_of(cluster: Cluster, reason: str) -> list[dict[str, Any]]:
+    return [
+        obj.raw
+        for (res, _, _), obj in cluster.server.objects.items()
+        if res.plural == "events" and not obj.deleted and obj.raw.get("reason") == reason
+    ]
+
+
+async def test_scales_up_under_load_and_down_only_after_the_window(
+    cluster: Cluster, scaling_operator: None, workers: list[FakeWorker], metrics: OperatorMetrics
+) -> None:
+    await cluster.create("inferencepools", pool_body("chat", 1))
+    await add_pod(cluster, "chat", 0, workers[0].port)
+    workers[0].waiting = 7  # 7 queued / target 2 per replica -> 4 replicas
+
+    async def scaled_to(n: int) -> bool:
+        return await replicas_of(cluster, "chat") == n
+
+    await cluster.wait_for(lambda: scaled_to(4), timeout=10, what="scale up to 4")
+    body = await cluster.get("inferencepools", "chat")
+    assert body is not None
+    status = body["status"]["autoscaling"]
+    assert status["desiredReplicas"] == 4
+    assert status["currentMetric"] == 7
+    assert status["lastDecision"].startswith("MetricAboveTarget")
+    assert status["lastScaleTime"]
+    assert any("replicas 1 -> 4" in e["message"] for e in events_of(cluster, "ScaledUp"))
+
+    # the "Deployment" brings the three new pods; the load stops everywhere
+    for i in range(1, 4):
+        await add_pod(cluster, "chat", i, workers[i].port)
+    workers[0].waiting = 0
+    idle_since = time.monotonic()
+    await asyncio.sleep(1.2)
+    assert await replicas_of(cluster, "chat") == 4, "fell before the 2 s window"
+    await cluster.wait_for(lambda: scaled_to(1), timeout=10, what="scale down to 1")
+    assert time.monotonic() - idle_since >= 2.0 - SETTINGS.interval_s
+    assert events_of(cluster, "ScaledDown")
+
+    text = metrics.render().decode()
+    assert 'llmos_operator_autoscaler_decisions_total{direction="up"' in text
+    assert 'llmos_operator_pool_desired_replicas{namespace="team-a",pool="chat"} 1.0' in text
+
+
+async def test_unreachable_pods_are_unknown_not_idle(
+    cluster: Cluster, scaling_operator: None, workers: list[FakeWorker]
+) -> None:
+    await cluster.create("inferencepools", pool_body("blind", 3, scaleDownStabilizationSeconds=0))
+    await add_pod(cluster, "blind", 0, workers[0].port)  # answers: idle
+    await workers[1].stop()
+    await workers[2].stop()
+    await add_pod(cluster, "blind", 1, workers[1].port)  # nothing listens any more
+    await add_pod(cluster, "blind", 2, workers[2].port)
+
+    async def decided() -> dict[str, Any] | None:
+        body = await cluster.get("inferencepools", "blind")
+        return ((body or {}).get("status") or {}).get("autoscaling")
+
+    await cluster.wait_for(decided, timeout=10, what="a decision")
+    await asyncio.sleep(1.0)
+    # read as zero the pool would fall to 1; as unknown (at target) it keeps 2 of 3
+    assert await replicas_of(cluster, "blind") == 2
+    status = await decided()
+    assert status is not None and "(2 unknown)" in status["lastDecision"]
+
+
+async def test_never_scales_past_the_namespace_quota(
+    cluster: Cluster, scaling_operator: None, workers: list[FakeWorker]
+) -> None:
+    await cluster.create(
+        "quotapolicies",
+        {
+            "apiVersion": "llmos.dev/v1alpha1",
+            "kind": "QuotaPolicy",
+            "metadata": {"name": "small"},
+            "spec": {"namespaceSelector": {}, "limits": {"totalReplicas": 2}},
+        },
+        namespace=None,  # type: ignore[arg-type]
+    )
+    await cluster.create("inferencepools", pool_body("capped", 1))
+    await add_pod(cluster, "capped", 0, workers[0].port)
+    workers[0].waiting = 50
+
+    async def limited() -> bool:
+        body = await cluster.get("inferencepools", "capped")
+        status = ((body or {}).get("status") or {}).get("autoscaling") or {}
+        return str(status.get("lastDecision", "")).startswith("LimitedByQuota")
+
+    await cluster.wait_for(limited, timeout=10, what="a quota-limited decision")
+    await asyncio.sleep(0.6)
+    assert await replicas_of(cluster, "capped") == 2
+
+
+async def test_hpa_mode_renders_the_hpa_and_leaves_replicas_alone(
+    cluster: Cluster, scaling_operator: None
+) -> None:
+    await cluster.create("inferencepools", pool_body("ext", 2, mode="hpa", target=0.5))
+    path = "/apis/autoscaling/v2/namespaces/" + NS + "/horizontalpodautoscalers/ext"
+
+    async def hpa() -> dict[str, Any] | None:
+        response = await cluster.http.get(path)
+        return response.json() if response.status_code == 200 else None
+
+    rendered = await cluster.wait_for(hpa, timeout=10, what="the HPA")
+    assert rendered["spec"]["scaleTargetRef"] == {
+        "apiVersion": "llmos.dev/v1alpha1",
+        "kind": "InferencePool",
+        "name": "ext",
+    }
+    (metric,) = rendered["spec"]["metrics"]
+    assert metric["pods"]["metric"]["name"] == "llmos_num_requests_waiting"
+    assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "500m"}
+    await asyncio.sleep(0.6)
+    assert await replicas_of(cluster, "ext") == 2
+
+    await cluster.patch("inferencepools", "ext", {"spec": {"autoscaling": {"enabled": False}}})
+
+    async def gone() -> bool:
+        return await hpa() is None
+
+    await cluster.wait_for(gone, timeout=10, what="the HPA removed")
