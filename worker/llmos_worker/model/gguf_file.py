@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from llmos_worker.errors import ModelLoadError
+from llmos_worker.model.dequant import FAST_TYPES, dequantize_fast
 
 GGUF_MAGIC = b"GGUF"
 _DEFAULT_ALIGNMENT = 32
@@ -145,12 +146,14 @@ class GGUFFile:
         row_bytes = info.shape[-1] // block * type_size
         data = np.frombuffer(self._map, dtype=np.uint8, count=nbytes, offset=info.offset)
         data = data.reshape(*info.shape[:-1], row_bytes)
+        if info.ggml_type in FAST_TYPES:
+            # why a copy: the tensor must not keep the mmap alive (it cannot close while viewed)
+            raw = torch.from_numpy(data.reshape(-1, row_bytes).copy())
+            return dequantize_fast(raw, info.ggml_type, info.shape[-1]).reshape(info.shape)
         try:
             values = dequantize(data, qtype)
         except NotImplementedError as exc:
             raise ModelLoadError(f"tensor {name}: cannot dequantise {qtype.name}") from exc
-        # why a copy: F32/F16 "dequantisation" may return a view into the mmap, which must not
-        # outlive this reader (and the mmap cannot close while views exist).
         out = torch.from_numpy(np.array(values, dtype=np.float32, copy=True))
         return out.reshape(info.shape)
 
