@@ -13,6 +13,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 # sub-command -> (module, help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -29,22 +30,30 @@ def env_default(name: str, default: str | None = None) -> str | None:
     return os.environ.get("LLMOS_" + name.upper().replace("-", "_"), default)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; only `command`'s module is imported to add its flags.
+
+    why: importing every sub-command's module would make `fetch-model` (the loader image's job)
+    pay for torch, which only `serve` needs.
+    """
     parser = argparse.ArgumentParser(prog="llmos-worker", description=__doc__.splitlines()[0])
     subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         sub = subs.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(_module=module_name)
+        if name != command:
+            continue
         module = _import(module_name)
         if module is not None:
-            add = getattr(module, f"add_{name.replace('-', '_')}_arguments", None) or getattr(
-                module, "add_arguments"
+            add = (
+                getattr(module, f"add_{name.replace('-', '_')}_arguments", None)
+                or module.add_arguments
             )
             add(sub)
     return parser
 
 
-def _import(module_name: str) -> object | None:
+def _import(module_name: str) -> ModuleType | None:
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -54,12 +63,14 @@ def _import(module_name: str) -> object | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     module = _import(args._module)
     if module is None:
         parser.error(f"sub-command {args.command!r} is not available")
-    run = getattr(module, f"run_{args.command.replace('-', '_')}", None) or getattr(module, "run")
+    run = getattr(module, f"run_{args.command.replace('-', '_')}", None) or module.run
     return int(run(args))
 
 
