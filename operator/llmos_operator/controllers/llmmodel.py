@@ -79,6 +79,8 @@ async def reconcile_model(
     name, namespace = metadata["name"], metadata["namespace"]
     generation = metadata.get("generation")
     old_status: dict[str, Any] = dict(body.get("status") or {})
+    if metadata.get("deletionTimestamp"):
+        return old_status  # why: being deleted; creating children now would orphan them
     status = {k: v for k, v in old_status.items() if k != "kopf"}
     now = rfc3339(clock())
     conditions: list[dict[str, Any]] = list(status.get("conditions") or [])

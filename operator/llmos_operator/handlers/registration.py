@@ -93,16 +93,19 @@ async def model_changed(
             raise kopf.PermanentError(str(exc)) from exc
 
 
-async def model_check(
-    body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any
-) -> None:
-    state = _state(memo)
-    if body.get("metadata", {}).get("deletionTimestamp"):
-        return
+async def _recheck_model(state: OperatorState, namespace: str, name: str) -> None:
     async with state.lock("LLMModel", namespace, name):
+        # why: re-read under the lock; a timer's or child event's body may be stale or deleting
+        body = await state.kube.get("LLMModel", namespace, name)
+        if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+            return
         # why: an invalid spec is in the status already; the handler path reported it once
         with contextlib.suppress(InvalidSpec):
-            await reconcile_model(state.kube, state.config, dict(body), state.clock)
+            await reconcile_model(state.kube, state.config, body, state.clock)
+
+
+async def model_check(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    await _recheck_model(_state(memo), namespace, name)
 
 
 async def model_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -149,17 +152,12 @@ async def pool_child_event(
         await _recheck_pool(_state(memo), namespace, pool)
 
 
-async def loader_job_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
-    state = _state(memo)
+async def loader_job_event(
+    namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any
+) -> None:
     model = labels.get(meta.MODEL_LABEL)
-    if not model:
-        return
-    async with state.lock("LLMModel", namespace, model):
-        body = await state.kube.get("LLMModel", namespace, model)
-        if body is None or body.get("metadata", {}).get("deletionTimestamp"):
-            return
-        with contextlib.suppress(InvalidSpec):
-            await reconcile_model(state.kube, state.config, body, state.clock)
+    if model:
+        await _recheck_model(_state(memo), namespace, model)
 
 
 def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> kopf.OperatorRegistry:
