@@ -25,6 +25,7 @@ import uvicorn
 from llmos_worker.engine.config import EngineConfig
 from llmos_worker.server.app import build_app
 from llmos_worker.server.async_engine import Engine
+from llmos_worker.server.auth import ApiKeyAuth
 from llmos_worker.server.state import ServerState
 
 VENV_BIN = Path(sys.executable).parent
@@ -57,9 +58,12 @@ class InProcessServer:
         max_waiting_requests: int = 512,
         max_body_bytes: int = 1024 * 1024,
         served_model_name: str | None = None,
+        auth: ApiKeyAuth | None = None,
         ready_timeout_s: float = 120.0,
     ) -> None:
-        self.state = ServerState(served_model_name=served_model_name, max_body_bytes=max_body_bytes)
+        self.state = ServerState(
+            served_model_name=served_model_name, max_body_bytes=max_body_bytes, auth=auth
+        )
         self.app = build_app(self.state, loader=loader, max_waiting_requests=max_waiting_requests)
         config = uvicorn.Config(
             self.app,
