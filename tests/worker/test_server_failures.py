@@ -1,0 +1,109 @@
+"""Failure paths on a real server: engine thread death, a non-streaming client hanging up, keys.
+
+The tiny model's real engine is wrapped to slow it down (so a request is surely still running when
+its client leaves) or to make its step fail (as a CUDA error would), without changing the server.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from llmos_worker.engine.outputs import RequestOutput
+from llmos_worker.server.auth import ApiKeyAuth, hash_key
+from tests.worker.server_harness import InProcessServer, engine_factory
+
+
+class WrappedEngine:
+    """The real engine with an optional delay per step and a failure after `fail_after` steps."""
+
+    def __init__(
+        self, engine: Any, *, step_delay_s: float = 0.0, fail_after: int | None = None
+    ) -> None:
+        self._engine = engine
+        self.step_delay_s = step_delay_s
+        self.fail_after = fail_after
+        self.steps = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def step(self) -> list[RequestOutput]:
+        self.steps += 1
+        if self.fail_after is not None and self.steps > self.fail_after:
+            raise RuntimeError("simulated device failure")
+        time.sleep(self.step_delay_s)
+        outputs: list[RequestOutput] = self._engine.step()
+        return outputs
+
+
+def body(**fields: Any) -> dict[str, Any]:
+    return {"model": "tiny", "prompt": "hello", "temperature": 0, "ignore_eos": True, **fields}
+
+
+def test_engine_failure_ends_streams_and_turns_not_ready(tiny_model_dir: Path) -> None:
+    build = engine_factory(str(tiny_model_dir))
+    with InProcessServer(
+        lambda: WrappedEngine(build(), fail_after=5), served_model_name="tiny"
+    ) as srv:
+        events = []
+        with httpx.stream(
+            "POST", srv.url + "/v1/completions", json=body(max_tokens=50, stream=True), timeout=30
+        ) as resp:
+            assert resp.status_code == 200
+            events = [line for line in resp.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        error = json.loads(events[-2][len("data: ") :])["error"]
+        assert "engine stopped" in error["message"]
+        assert httpx.get(srv.url + "/ready").status_code == 503
+        assert httpx.get(srv.url + "/health").status_code == 503
+        after = httpx.post(srv.url + "/v1/completions", json=body(max_tokens=2))
+        assert after.status_code == 503
+        assert after.json()["error"]["type"] == "service_unavailable_error"
+
+
+def test_non_streaming_client_hanging_up_aborts_its_request(tiny_model_dir: Path) -> None:
+    build = engine_factory(str(tiny_model_dir))
+    with InProcessServer(
+        lambda: WrappedEngine(build(), step_delay_s=0.02), served_model_name="tiny"
+    ) as srv:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/v1/completions", json=body(max_tokens=400), timeout=1.0)
+        front = srv.state.front
+        assert front is not None
+        deadline = time.monotonic() + 10
+        while front.num_inflight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert front.num_inflight == 0
+        while time.monotonic() < deadline:
+            stats = front.snapshot()
+            if stats is not None and stats.num_running == 0 and stats.kv_cache_usage == 0.0:
+                break
+            time.sleep(0.05)
+        metrics = httpx.get(srv.url + "/metrics").text
+        assert 'llmos_request_success_total{finished_reason="abort",model_name="tiny"} 1.0' in (
+            metrics
+        )
+        assert 'llmos_kv_cache_usage_perc{model_name="tiny"} 0.0' in metrics
+        assert httpx.get(srv.url + "/ready").status_code == 200
+
+
+def test_api_keys_guard_the_openai_routes(tiny_model_dir: Path) -> None:
+    auth = ApiKeyAuth({hash_key("secret-a"): "team-a"})
+    with InProcessServer(
+        engine_factory(str(tiny_model_dir)), served_model_name="tiny", auth=auth
+    ) as srv:
+        url = srv.url + "/v1/completions"
+        missing = httpx.post(url, json=body(max_tokens=1))
+        assert missing.status_code == 401
+        assert missing.json()["error"]["code"] == "invalid_api_key"
+        wrong = httpx.post(url, json=body(max_tokens=1), headers={"Authorization": "Bearer x"})
+        assert wrong.status_code == 401
+        ok = httpx.post(url, json=body(max_tokens=1), headers={"Authorization": "Bearer secret-a"})
+        assert ok.status_code == 200, ok.text
+        assert httpx.get(srv.url + "/ready").status_code == 200  # probes need no key
