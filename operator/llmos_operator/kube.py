@@ -17,6 +17,7 @@ import httpx
 import kopf
 
 MERGE_PATCH = "application/merge-patch+json"
+USER_AGENT = "llmos-operator/0.1.0"
 
 
 class KubeError(Exception):
@@ -83,7 +84,7 @@ def contains(actual: Any, desired: Any) -> bool:
 
 
 def _client_kwargs(info: kopf.ConnectionInfo) -> dict[str, Any]:
-    headers: dict[str, str] = {}
+    headers: dict[str, str] = {"User-Agent": USER_AGENT}
     if info.token:
         headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
     verify: ssl.SSLContext | bool = True

@@ -15,9 +15,10 @@ behaviour added here, as a real API server has it:
    server's discovery reports them, including apiextensions' CustomResourceDefinitions, which
    are loaded from the generated crds/ directory.
 
-It also records every request as (group, resource[/subresource], verb) - the evidence the RBAC
-test compares with the ClusterRole. Not added (the operator must not need them): garbage
-collection by owner references, label-selector filtering, admission, defaulting.
+It also records every request the operator makes (kopf's and the operator's own client, told
+apart from the tests' requests by User-Agent) as (group, resource[/subresource], verb) - the
+evidence the RBAC test compares with the ClusterRole. Not added (the operator must not need
+them): garbage collection by owner references, label-selector filtering, admission, defaulting.
 """
 
 from __future__ import annotations
@@ -107,7 +108,10 @@ class ApiServer(kmock.KubernetesEmulator):  # type: ignore[misc]
             method = str(
                 request.method.value if hasattr(request.method, "value") else request.method
             )
-            self.evidence.append((res.group, plural, verb_of(method, request.name, request.params)))
+            agent = str(request.headers.get("User-Agent", ""))
+            if agent.startswith(("kopf/", "llmos-operator/")):
+                verb = verb_of(method, request.name, request.params)
+                self.evidence.append((res.group, plural, verb))
             has_status = "status" in RESOURCES[res.plural][4]
             data = request.data if isinstance(request.data, dict) else None
             if data is not None and method == "POST":
@@ -177,7 +181,9 @@ class Cluster:
     def __init__(self, server: ApiServer, url: str) -> None:
         self.server = server
         self.url = url
-        self.http = httpx.AsyncClient(base_url=url, timeout=10)
+        self.http = httpx.AsyncClient(
+            base_url=url, timeout=10, headers={"User-Agent": "llmos-tests"}
+        )
 
     @staticmethod
     def path(plural: str, namespace: str | None = NS, name: str = "", sub: str = "") -> str:
@@ -238,13 +244,20 @@ class Cluster:
             await asyncio.sleep(0.05)
 
 
+@pytest.fixture(scope="session")
+def operator_evidence() -> set[tuple[str, str, str]]:
+    """(group, resource, verb) of every operator request in every operator test of the session."""
+    return set()
+
+
 @pytest.fixture
-async def cluster() -> AsyncIterator[Cluster]:
+async def cluster(operator_evidence: set[tuple[str, str, str]]) -> AsyncIterator[Cluster]:
     server = ApiServer()
     async with server, kmock.Server(server) as http_server:
         client = Cluster(server, str(http_server.url).rstrip("/"))
         yield client
         await client.http.aclose()
+    operator_evidence.update(server.evidence)
 
 
 def test_config(cluster: Cluster) -> OperatorConfig:

@@ -152,9 +152,7 @@ async def pool_child_event(
         await _recheck_pool(_state(memo), namespace, pool)
 
 
-async def loader_job_event(
-    namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any
-) -> None:
+async def loader_job_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
     model = labels.get(meta.MODEL_LABEL)
     if model:
         await _recheck_model(_state(memo), namespace, model)
