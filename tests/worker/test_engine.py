@@ -9,9 +9,10 @@ the rule applied to the true token sequence. Fast (a few seconds): no real model
 
 from __future__ import annotations
 
+import itertools
 import random
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def alt(ctx: list[int]) -> int:
 
 
 class FakeTokenizer:
-    eos_token_ids = {0}
+    eos_token_ids: ClassVar[set[int]] = {0}
     vocab_size = V
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -55,7 +56,7 @@ class FakeRunner:
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         for src, dst in pairs:
             bs = self.bs
-            self.slots[dst * bs:(dst + 1) * bs] = self.slots[src * bs:(src + 1) * bs].clone()
+            self.slots[dst * bs : (dst + 1) * bs] = self.slots[src * bs : (src + 1) * bs].clone()
 
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
         self.slots[batch.slot_mapping] = batch.input_ids
@@ -65,8 +66,9 @@ class FakeRunner:
             s = max(i for i in range(len(starts) - 1) if starts[i] <= idx)
             ctx_len = int(batch.context_lens[s])
             table = batch.block_tables[s].tolist()
-            ctx = [int(self.slots[table[p // self.bs] * self.bs + p % self.bs])
-                   for p in range(ctx_len)]
+            ctx = [
+                int(self.slots[table[p // self.bs] * self.bs + p % self.bs]) for p in range(ctx_len)
+            ]
             assert -1 not in ctx, "read a slot that was never written"
             row = torch.full((V,), -10.0)
             row[alt(ctx)] = 9.0
@@ -78,8 +80,11 @@ class FakeRunner:
 def make_engine(num_blocks: int = 64, **cfg: Any) -> LLMEngine:
     cfg.setdefault("block_size", 4)
     config = EngineConfig(**cfg)
-    loaded = SimpleNamespace(name="fake", tokenizer=FakeTokenizer(),
-                             config=SimpleNamespace(vocab_size=V, max_position_embeddings=512))
+    loaded = SimpleNamespace(
+        name="fake",
+        tokenizer=FakeTokenizer(),
+        config=SimpleNamespace(vocab_size=V, max_position_embeddings=512),
+    )
     runner = FakeRunner(num_blocks, config.block_size)
     return LLMEngine(loaded, config, runner=runner, num_blocks=num_blocks)  # type: ignore[arg-type]
 
@@ -113,26 +118,44 @@ def run_all(engine: LLMEngine, max_steps: int = 5000) -> dict[str, RequestOutput
     raise AssertionError("engine did not finish: deadlock or livelock")
 
 
-workload = st.lists(st.tuples(st.integers(0, 3), st.integers(1, 40), st.integers(1, 24),
-                              st.sampled_from([1, 1, 2, 3]), st.booleans()),
-                    min_size=1, max_size=14)
+workload = st.lists(
+    st.tuples(
+        st.integers(0, 3),
+        st.integers(1, 40),
+        st.integers(1, 24),
+        st.sampled_from([1, 1, 2, 3]),
+        st.booleans(),
+    ),
+    min_size=1,
+    max_size=14,
+)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(workload, st.sampled_from([12, 24, 200]), st.sampled_from([8, 16, 64]),
-       st.sampled_from(["fcfs", "priority"]))
+@given(
+    workload,
+    st.sampled_from([12, 24, 200]),
+    st.sampled_from([8, 16, 64]),
+    st.sampled_from(["fcfs", "priority"]),
+)
 def test_random_workloads_are_exact_and_return_every_block(
-        reqs: list[tuple[int, int, int, int, bool]], num_blocks: int, budget: int,
-        policy: str) -> None:
-    engine = make_engine(num_blocks, max_num_batched_tokens=budget, max_num_seqs=6,
-                         scheduling_policy=policy, max_model_len=48)
+    reqs: list[tuple[int, int, int, int, bool]], num_blocks: int, budget: int, policy: str
+) -> None:
+    engine = make_engine(
+        num_blocks,
+        max_num_batched_tokens=budget,
+        max_num_seqs=6,
+        scheduling_policy=policy,
+        max_model_len=48,
+    )
     stems = [[(3 * s + i) % (V - 1) + 1 for i in range(12)] for s in range(4)]
     expect = {}
     for i, (stem, extra, max_tokens, n, greedy) in enumerate(reqs):
         prompt = (stems[stem] + [(i + j) % (V - 1) + 1 for j in range(extra)])[:40]
         max_tokens = min(max_tokens, 48 - len(prompt))
-        params = SamplingParams(temperature=0.0 if greedy else 1.0, n=n, max_tokens=max_tokens,
-                                seed=i)
+        params = SamplingParams(
+            temperature=0.0 if greedy else 1.0, n=n, max_tokens=max_tokens, seed=i
+        )
         engine.add_request(f"r{i}", prompt, params, priority=i % 3)
         expect[f"r{i}"] = (prompt, params)
     final = run_all(engine)
@@ -150,8 +173,12 @@ def test_preempted_then_resumed_output_is_identical_to_uninterrupted() -> None:
     def run(num_blocks: int) -> tuple[list[list[int]], int]:
         engine = make_engine(num_blocks, max_num_batched_tokens=32)
         prompts = [[(7 * i + j) % (V - 1) + 1 for j in range(5 + 3 * i)] for i in range(8)]
-        params = [SamplingParams(temperature=0.0 if i % 2 else 0.8, seed=100 + i, max_tokens=20,
-                                 top_p=0.9) for i in range(8)]
+        params = [
+            SamplingParams(
+                temperature=0.0 if i % 2 else 0.8, seed=100 + i, max_tokens=20, top_p=0.9
+            )
+            for i in range(8)
+        ]
         outs = engine.generate(prompts, params)
         return [o.outputs[0].token_ids for o in outs], engine.stats().num_preemptions
 
@@ -164,14 +191,18 @@ def test_preempted_then_resumed_output_is_identical_to_uninterrupted() -> None:
 def test_prefix_cache_hits_across_requests_and_salt_isolates() -> None:
     engine = make_engine(64)
     system = [5] * 16
-    engine.generate([system + [1, 2]], SamplingParams(temperature=0, max_tokens=2))
+    engine.generate([[*system, 1, 2]], SamplingParams(temperature=0, max_tokens=2))
     before = engine.stats().prefix_cache_hits
-    out = engine.generate([system + [3, 4]], SamplingParams(temperature=0, max_tokens=4))[0]
+    out = engine.generate([[*system, 3, 4]], SamplingParams(temperature=0, max_tokens=4))[0]
     assert engine.stats().prefix_cache_hits - before == 16
     assert out.metrics.num_cached_prompt_tokens == 16
-    check_valid(system + [3, 4], out.outputs[0].token_ids, True)
-    engine.add_request("salted", system + [3, 4], SamplingParams(temperature=0, max_tokens=1),
-                       cache_salt="other-tenant")
+    check_valid([*system, 3, 4], out.outputs[0].token_ids, True)
+    engine.add_request(
+        "salted",
+        [*system, 3, 4],
+        SamplingParams(temperature=0, max_tokens=1),
+        cache_salt="other-tenant",
+    )
     before = engine.stats().prefix_cache_hits
     run_all(engine)
     assert engine.stats().prefix_cache_hits == before
@@ -228,8 +259,7 @@ def test_abort_frees_every_block_and_silences_the_request() -> None:
 def test_n_completions_share_the_prompt_and_diverge() -> None:
     engine = make_engine(64)
     prompt = [3] * 10  # 2.5 blocks: the partial block is shared, then copied on write
-    out = engine.generate([prompt], SamplingParams(n=4, temperature=1.0, seed=7,
-                                                   max_tokens=12))[0]
+    out = engine.generate([prompt], SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=12))[0]
     assert [c.index for c in out.outputs] == [0, 1, 2, 3]
     for c in out.outputs:
         check_valid(prompt, c.token_ids, greedy=False)
@@ -245,8 +275,13 @@ def test_stop_strings_cut_the_text_and_never_leak_a_partial_stop() -> None:
     cut = text.index(stop)
     for include in (False, True):
         engine = make_engine()
-        engine.add_request("s", prompt, SamplingParams(temperature=0, max_tokens=24, stop=[stop],
-                                                       include_stop_str_in_output=include))
+        engine.add_request(
+            "s",
+            prompt,
+            SamplingParams(
+                temperature=0, max_tokens=24, stop=[stop], include_stop_str_in_output=include
+            ),
+        )
         seen = []
         while engine.has_unfinished():
             for o in engine.step():
@@ -254,8 +289,8 @@ def test_stop_strings_cut_the_text_and_never_leak_a_partial_stop() -> None:
                 last = o
         c = last.outputs[0]
         assert c.finish_reason == "stop" and c.stop_reason == stop
-        assert c.text == (text[:cut + len(stop)] if include else text[:cut])
-        for a, b in zip(seen, seen[1:], strict=False):
+        assert c.text == (text[: cut + len(stop)] if include else text[:cut])
+        for a, b in itertools.pairwise(seen):
             assert b.startswith(a)  # streamed text only grows
         assert all(stop not in s for s in seen[:-1])
 
@@ -266,30 +301,42 @@ def test_stop_token_ids_min_tokens_and_eos() -> None:
     ids = toks.outputs[0].token_ids
     stop_id = ids[3]
     first = ids.index(stop_id)
-    out = make_engine().generate([prompt], SamplingParams(temperature=0, max_tokens=10,
-                                                          stop_token_ids=[stop_id]))[0].outputs[0]
-    assert out.token_ids == ids[:first + 1] and out.stop_reason == stop_id
+    out = (
+        make_engine()
+        .generate([prompt], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_id]))[
+            0
+        ]
+        .outputs[0]
+    )
+    assert out.token_ids == ids[: first + 1] and out.stop_reason == stop_id
     assert out.finish_reason == "stop" and len(out.text) == first  # stop token not in text
-    out = make_engine().generate([prompt], SamplingParams(
-        temperature=0, max_tokens=10, stop_token_ids=[stop_id], min_tokens=10))[0].outputs[0]
+    out = (
+        make_engine()
+        .generate(
+            [prompt],
+            SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_id], min_tokens=10),
+        )[0]
+        .outputs[0]
+    )
     assert len(out.token_ids) == 10 and stop_id not in out.token_ids
     engine = make_engine()
     engine.eos_token_ids = frozenset({ids[2]})
     out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=10))[0].outputs[0]
     assert out.token_ids[-1] == ids[2] and out.finish_reason == "stop"
     assert out.stop_reason is None
-    out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=10,
-                                                   ignore_eos=True))[0].outputs[0]
+    out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[
+        0
+    ].outputs[0]
     assert len(out.token_ids) == 10
 
 
 @pytest.mark.parametrize("policy,first", [("fcfs", "late-low"), ("priority", "high")])
 def test_scheduling_policy_order(policy: str, first: str) -> None:
     engine = make_engine(64, max_num_seqs=1, scheduling_policy=policy)
-    engine.add_request("late-low", [1, 2], SamplingParams(max_tokens=5), priority=5,
-                       arrival_time=1.0)
-    engine.add_request("high", [1, 3], SamplingParams(max_tokens=5), priority=0,
-                       arrival_time=2.0)
+    engine.add_request(
+        "late-low", [1, 2], SamplingParams(max_tokens=5), priority=5, arrival_time=1.0
+    )
+    engine.add_request("high", [1, 3], SamplingParams(max_tokens=5), priority=0, arrival_time=2.0)
     order: list[str] = []
     while engine.has_unfinished():
         order += [o.request_id for o in engine.step() if o.finished]
@@ -298,13 +345,14 @@ def test_scheduling_policy_order(policy: str, first: str) -> None:
 
 def test_logprobs_are_consistent() -> None:
     engine = make_engine()
-    out = engine.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=6,
-                                                      logprobs=3))[0].outputs[0]
+    out = engine.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=6, logprobs=3))[
+        0
+    ].outputs[0]
     assert out.logprobs is not None and len(out.logprobs) == 6
     total = 0.0
     for tok, lp in zip(out.token_ids, out.logprobs, strict=True):
         assert lp.token_id == tok and lp.logprob <= 0
-        assert list(lp.top)[0] == tok and len(lp.top) == 3
+        assert next(iter(lp.top)) == tok and len(lp.top) == 3
         assert sum(torch.tensor(list(lp.top.values())).exp().tolist()) <= 1.0 + 1e-5
         assert lp.top[tok] == pytest.approx(lp.logprob)
         total += lp.logprob
@@ -315,8 +363,12 @@ def test_random_fcfs_waiting_head_is_never_overtaken() -> None:
     rng = random.Random(0)
     engine = make_engine(20, max_num_batched_tokens=16, max_num_seqs=3)
     for i in range(12):
-        engine.add_request(f"r{i:02d}", [rng.randrange(1, V) for _ in range(rng.randrange(1, 30))],
-                           SamplingParams(max_tokens=rng.randrange(1, 15)), arrival_time=float(i))
+        engine.add_request(
+            f"r{i:02d}",
+            [rng.randrange(1, V) for _ in range(rng.randrange(1, 30))],
+            SamplingParams(max_tokens=rng.randrange(1, 15)),
+            arrival_time=float(i),
+        )
     started: list[str] = []
     while engine.has_unfinished():
         engine.step()
