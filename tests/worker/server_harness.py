@@ -26,6 +26,7 @@ from llmos_worker.engine.config import EngineConfig
 from llmos_worker.server.app import build_app
 from llmos_worker.server.async_engine import Engine
 from llmos_worker.server.auth import ApiKeyAuth
+from llmos_worker.server.ratelimit import RateLimiter
 from llmos_worker.server.state import ServerState
 
 VENV_BIN = Path(sys.executable).parent
@@ -59,10 +60,14 @@ class InProcessServer:
         max_body_bytes: int = 1024 * 1024,
         served_model_name: str | None = None,
         auth: ApiKeyAuth | None = None,
+        limiter: RateLimiter | None = None,
         ready_timeout_s: float = 120.0,
     ) -> None:
         self.state = ServerState(
-            served_model_name=served_model_name, max_body_bytes=max_body_bytes, auth=auth
+            served_model_name=served_model_name,
+            max_body_bytes=max_body_bytes,
+            auth=auth,
+            limiter=limiter,
         )
         self.app = build_app(self.state, loader=loader, max_waiting_requests=max_waiting_requests)
         config = uvicorn.Config(

@@ -1,4 +1,4 @@
-"""Failure paths on a real server: engine thread death, a non-streaming client hanging up, keys.
+"""Failure and refusal paths on a real server: engine death, a hang-up, API keys, rate limits.
 
 The tiny model's real engine is wrapped to slow it down (so a request is surely still running when
 its client leaves) or to make its step fail (as a CUDA error would), without changing the server.
@@ -16,6 +16,7 @@ import pytest
 
 from llmos_worker.engine.outputs import RequestOutput
 from llmos_worker.server.auth import ApiKeyAuth, hash_key
+from llmos_worker.server.ratelimit import RateLimiter, RateLimits
 from tests.worker.server_harness import InProcessServer, engine_factory
 
 
@@ -107,3 +108,40 @@ def test_api_keys_guard_the_openai_routes(tiny_model_dir: Path) -> None:
         ok = httpx.post(url, json=body(max_tokens=1), headers={"Authorization": "Bearer secret-a"})
         assert ok.status_code == 200, ok.text
         assert httpx.get(srv.url + "/ready").status_code == 200  # probes need no key
+
+
+def test_rate_limits_answer_429_per_key_and_refund_unused_tokens(tiny_model_dir: Path) -> None:
+    limits = RateLimits.from_document(
+        {"perApiKey": {"requestsPerMinute": 2, "tokensPerMinute": 1000}, "priority": 0}
+    )
+    limiter = RateLimiter(limits)
+    with InProcessServer(
+        engine_factory(str(tiny_model_dir)), served_model_name="tiny", limiter=limiter
+    ) as srv:
+
+        def call(key: str, **fields: Any) -> httpx.Response:
+            payload = {"model": "tiny", "prompt": "hi", "max_tokens": 2, "temperature": 0, **fields}
+            return httpx.post(
+                srv.url + "/v1/completions",
+                json=payload,
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=30,
+            )
+
+        assert call("a").status_code == 200
+        assert call("a").status_code == 200
+        third = call("a")
+        assert third.status_code == 429
+        assert third.json()["error"]["type"] == "rate_limit_error"
+        assert int(third.headers["retry-after"]) >= 1
+        assert call("b").status_code == 200  # another key has its own buckets
+
+        # a request reserves prompt + max_tokens, and gets back what it did not use: make one
+        # that reserves ~900 tokens but stops after its first token
+        first = call("probe", max_tokens=1).json()["choices"][0]["text"]
+        assert first, "the greedy first token decodes to text"
+        short = call("c", max_tokens=900, stop=[first]).json()
+        assert short["choices"][0]["finish_reason"] == "stop"
+        used = short["usage"]["total_tokens"]
+        assert used < 50
+        assert limiter.check("c", 1000 - used - 2) is None  # without the refund: ~100 left

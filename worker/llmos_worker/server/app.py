@@ -5,7 +5,9 @@ Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`, `
 draining), `GET /metrics` (Prometheus text). Request bodies must be JSON objects (content type
 `application/json`, or none) of at most `max_body_bytes`; every failure, including unknown routes
 and wrong methods, is answered in OpenAI's error shape. With an API key file, `/v1/*` requires a
-bearer key and the key's tenant salts the prefix cache. The engine is loaded by `loader` in a
+bearer key and the key's tenant salts the prefix cache; with a rate-limit file, requests are
+admitted against the key's and the namespace's token buckets (429 + Retry-After beyond them).
+The engine is loaded by `loader` in a
 thread after start-up, so probes answer while a large model is still loading.
 """
 
@@ -23,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from llmos_worker.server.admission import ANONYMOUS, Caller
 from llmos_worker.server.async_engine import AsyncEngine, Engine
 from llmos_worker.server.chat import create_chat_completion
 from llmos_worker.server.completions import create_completion
@@ -33,7 +36,7 @@ from llmos_worker.server.state import ServerState
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[ServerState, object, Request, str], Awaitable[Response]]
+Handler = Callable[[ServerState, object, Request, Caller], Awaitable[Response]]
 
 
 async def read_json(request: Request, limit: int) -> object:
@@ -66,21 +69,26 @@ async def read_json(request: Request, limit: int) -> object:
     return value
 
 
+def identify(state: ServerState, authorization: str | None) -> Caller:
+    """The caller; with an API key file, 401 unless the bearer key is known."""
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip() if scheme.lower() == "bearer" else ""
+    if state.auth is None:
+        return Caller(api_key=token or ANONYMOUS)
+    principal = state.auth.authenticate(authorization)
+    if principal is None:
+        raise HTTPError(
+            401, "a valid API key is required (Authorization: Bearer)", code="invalid_api_key"
+        )
+    return Caller(tenant=principal.tenant, api_key=token)
+
+
 def _endpoint(state: ServerState, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         try:
-            tenant = ""
-            if state.auth is not None:
-                principal = state.auth.authenticate(request.headers.get("authorization"))
-                if principal is None:
-                    raise HTTPError(
-                        401,
-                        "a valid API key is required (Authorization: Bearer)",
-                        code="invalid_api_key",
-                    )
-                tenant = principal.tenant
+            caller = identify(state, request.headers.get("authorization"))
             body = await read_json(request, state.max_body_bytes)
-            return await handler(state, body, request, tenant)
+            return await handler(state, body, request, caller)
         except Exception as exc:
             return error_response(exc)
 

@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 
 from llmos_worker.engine.outputs import TokenLogprob
 from llmos_worker.errors import InvalidRequestError, WorkerError
+from llmos_worker.server.admission import Caller, admit
 from llmos_worker.server.errors import HTTPError, to_http_error
 from llmos_worker.server.generation import (
     SSE_DONE,
@@ -83,7 +84,7 @@ def chat_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
 
 
 async def create_chat_completion(
-    state: ServerState, body: object, request: Request, cache_salt: str = ""
+    state: ServerState, body: object, request: Request, caller: Caller
 ) -> Response:
     req = ChatCompletionRequest.model_validate(body)
     front = state.serving_front()
@@ -93,10 +94,16 @@ async def create_chat_completion(
         )
     params = req.to_sampling_params()
     prompt = chat_prompt(state, req)
-    response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    generation = Generation(
-        front, response_id, [prompt], params, priority=req.priority, cache_salt=cache_salt
+    admission = admit(
+        state.limiter,
+        caller,
+        [len(prompt)],
+        params,
+        max_model_len=front.engine.max_model_len,
+        priority=req.priority,
     )
+    response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    generation = Generation(front, response_id, [prompt], params, admission)
     await generation.start()
     created = int(time.time())
     if req.stream:

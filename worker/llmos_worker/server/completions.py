@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 
 from llmos_worker.engine.outputs import TokenLogprob
 from llmos_worker.errors import WorkerError
+from llmos_worker.server.admission import Caller, admit
 from llmos_worker.server.errors import HTTPError, to_http_error
 from llmos_worker.server.generation import (
     SSE_DONE,
@@ -56,7 +57,7 @@ def completion_logprobs(
 
 
 async def create_completion(
-    state: ServerState, body: object, request: Request, cache_salt: str = ""
+    state: ServerState, body: object, request: Request, caller: Caller
 ) -> Response:
     req = CompletionRequest.model_validate(body)
     front = state.serving_front()
@@ -66,10 +67,20 @@ async def create_completion(
         )
     params = req.to_sampling_params()
     prompts = req.prompts()
-    response_id = f"cmpl-{uuid.uuid4().hex}"
-    generation = Generation(
-        front, response_id, prompts, params, priority=req.priority, cache_salt=cache_salt
+    lengths = []
+    if state.limiter is not None:  # why: token counts only matter for the token buckets
+        encode = state.tokenizer.encode
+        lengths = [len(p) if isinstance(p, list) else len(encode(p, True)) for p in prompts]
+    admission = admit(
+        state.limiter,
+        caller,
+        lengths,
+        params,
+        max_model_len=front.engine.max_model_len,
+        priority=req.priority,
     )
+    response_id = f"cmpl-{uuid.uuid4().hex}"
+    generation = Generation(front, response_id, prompts, params, admission)
     await generation.start()
     created = int(time.time())
     if req.stream:

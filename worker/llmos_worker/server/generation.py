@@ -1,11 +1,13 @@
 """One HTTP request's generation: its engine requests, its sink, and stream deltas.
 
 A `Generation` submits every prompt of one HTTP request to the `AsyncEngine` under ids
-`<response id>-<prompt index>`, then yields coalesced updates (the newest cumulative output of
-each engine request that moved). Closing it aborts whatever has not finished, which is how a
-client disconnect frees KV blocks. `DeltaTracker` turns cumulative text into stream deltas and
-holds back the tail that could still become a stop string or is an incomplete UTF-8 character
-(`U+FFFD`), so a stream never shows text that the final response would not contain.
+`<response id>-<prompt index>`, with the caller's admission (priority, prefix-cache salt, and the
+rate-limit reservation it settles when it ends), then yields coalesced updates: the newest
+cumulative output of each engine request that moved. Closing it aborts whatever has not
+finished, which is how a client disconnect frees KV blocks. `DeltaTracker` turns cumulative text
+into stream deltas and holds back the tail that could still become a stop string or is an
+incomplete UTF-8 character (`U+FFFD`), so a stream never shows text that the final response
+would not contain.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from llmos_worker.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from llmos_worker.engine.params import SamplingParams
+from llmos_worker.server.admission import Admission
 from llmos_worker.server.async_engine import AsyncEngine, Sink
 from llmos_worker.server.protocol import EnginePrompt
 from llmos_worker.server.response import Usage
@@ -40,28 +43,32 @@ class Generation:
         response_id: str,
         prompts: list[EnginePrompt],
         params: SamplingParams,
-        *,
-        priority: int = 0,
-        cache_salt: str = "",
+        admission: Admission,
     ) -> None:
         self.front = front
+        self.admission = admission
         self.params = params
         self.prompts = prompts
-        self.priority = priority
-        self.cache_salt = cache_salt
         self.request_ids = [f"{response_id}-{i}" for i in range(len(prompts))]
         self.sink: Sink = asyncio.Queue()
         self.latest: dict[str, RequestOutput] = {}
         self._unfinished = set(self.request_ids)
 
     async def start(self) -> None:
+        try:
+            await self._add()
+        except BaseException:
+            self.admission.settle(0)  # nothing was processed
+            raise
+
+    async def _add(self) -> None:
         await self.front.add(
             self.request_ids,
             self.prompts,
             self.params,
             self.sink,
-            priority=self.priority,
-            cache_salt=self.cache_salt,
+            priority=self.admission.priority,
+            cache_salt=self.admission.caller.tenant,
         )
 
     async def updates(self) -> AsyncIterator[list[tuple[int, RequestOutput]]]:
@@ -92,6 +99,7 @@ class Generation:
         self.front.abort(sorted(self._unfinished))
         self.front.release(self.request_ids)
         self._unfinished.clear()
+        self.admission.settle(self.usage().total_tokens)
 
     def usage(self) -> Usage:
         prompt = sum(len(o.prompt_token_ids) for o in self.latest.values())

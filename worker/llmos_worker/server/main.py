@@ -105,6 +105,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=e("api_keys_file"),
         help='JSON {"keys": [{"tenant", "sha256"}]}; when set, /v1/* requires a bearer key',
     )
+    a(
+        "--rate-limits-file",
+        default=e("rate_limits_file"),
+        help="JSON rate limits per API key and namespace (re-read when it changes)",
+    )
     a("--log-level", default=e("log_level", "info"), choices=["debug", "info", "warning", "error"])
     a("--log-format", default=e("log_format", "text"), choices=["text", "json"])
     a(
@@ -160,17 +165,22 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 def run(args: argparse.Namespace) -> int:
     from llmos_worker.server.app import build_app
     from llmos_worker.server.auth import ApiKeyAuth
+    from llmos_worker.server.ratelimit import RateLimiter
     from llmos_worker.server.state import ServerState
 
     configure_logging(args.log_level, args.log_format)
     try:
         config = engine_config(args)
         auth = ApiKeyAuth.from_file(args.api_keys_file) if args.api_keys_file else None
+        limiter = RateLimiter.from_file(args.rate_limits_file) if args.rate_limits_file else None
     except WorkerError as exc:
         log.error("invalid settings: %s", exc)
         return 2
     state = ServerState(
-        served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes, auth=auth
+        served_model_name=args.served_model_name,
+        max_body_bytes=args.max_body_bytes,
+        auth=auth,
+        limiter=limiter,
     )
 
     def loader() -> Engine:

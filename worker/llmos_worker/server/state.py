@@ -16,6 +16,7 @@ from llmos_worker.errors import EngineDeadError
 from llmos_worker.server.async_engine import AsyncEngine
 from llmos_worker.server.auth import ApiKeyAuth
 from llmos_worker.server.generation import TokenText, token_text_fn
+from llmos_worker.server.ratelimit import RateLimiter
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -25,6 +26,7 @@ class ServerState:
     served_model_name: str | None = None  # None: the engine's model name
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     auth: ApiKeyAuth | None = None
+    limiter: RateLimiter | None = None
     front: AsyncEngine | None = None
     draining: bool = False
     load_error: str | None = None
