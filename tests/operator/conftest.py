@@ -231,7 +231,7 @@ class Cluster:
         return sorted(out)
 
     async def wait_for(
-        self, check: Callable[[], Awaitable[Any]], timeout: float = 10.0, what: str = ""
+        self, check: Callable[[], Awaitable[Any]], timeout: float = 30.0, what: str = ""
     ) -> Any:
         """Poll `check` until it returns something truthy."""
         deadline = asyncio.get_running_loop().time() + timeout

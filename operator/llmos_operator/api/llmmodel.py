@@ -29,6 +29,11 @@ SOURCE_PATTERN = (
 )
 _SOURCE_RE = re.compile(SOURCE_PATTERN)
 Phase = Literal["Pending", "Loading", "Ready", "Failed"]
+AccessMode = Literal["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]
+
+
+def _default_access_modes() -> list[AccessMode]:
+    return ["ReadWriteOnce"]
 
 
 class ModelStorage(ApiModel):
@@ -42,9 +47,8 @@ class ModelStorage(ApiModel):
         max_length=253,
         description="StorageClass of the volume; the cluster default when unset.",
     )
-    access_modes: list[Literal["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany",
-                               "ReadWriteOncePod"]] = Field(
-        default_factory=lambda: ["ReadWriteOnce"],
+    access_modes: list[AccessMode] = Field(
+        default_factory=_default_access_modes,
         min_length=1,
         max_length=4,
         description="Access modes of the volume; ReadWriteMany or ReadOnlyMany lets worker pods "

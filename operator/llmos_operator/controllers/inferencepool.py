@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from llmos_operator.api import llmmodel
-from llmos_operator.api.common import set_condition
+from llmos_operator.api.common import ConditionStatus, set_condition
 from llmos_operator.api.inferencepool import KIND, InferencePoolSpec
 from llmos_operator.builders import meta
 from llmos_operator.builders.pool import (
@@ -39,7 +39,7 @@ Conditions = list[dict[str, Any]]
 
 def deployment_conditions(
     deployment: dict[str, Any], desired: int
-) -> list[tuple[str, str, str, str]]:
+) -> list[tuple[str, ConditionStatus, str, str]]:
     """(type, status, reason, message) for Ready, Progressing, Degraded from a Deployment."""
     status = deployment.get("status") or {}
     generation = (deployment.get("metadata") or {}).get("generation") or 0
@@ -49,6 +49,9 @@ def deployment_conditions(
     observed = int(status.get("observedGeneration") or 0)
     dep_conds = {c.get("type"): c for c in status.get("conditions") or []}
 
+    ready_c: tuple[str, ConditionStatus, str, str]
+    degraded_c: tuple[str, ConditionStatus, str, str]
+    progressing_c: tuple[str, ConditionStatus, str, str]
     if desired == 0:
         ready_c = ("Ready", "False", "ScaledToZero", "the pool has 0 replicas")
     elif ready >= desired:
@@ -101,7 +104,7 @@ async def reconcile_pool(
     now = rfc3339(clock())
     conditions: Conditions = list(status.get("conditions") or [])
 
-    def condition(type_: str, value: str, reason: str, message: str) -> None:
+    def condition(type_: str, value: ConditionStatus, reason: str, message: str) -> None:
         nonlocal conditions
         conditions = set_condition(
             conditions,
@@ -110,7 +113,7 @@ async def reconcile_pool(
             reason,
             message,
             now=now,
-            generation=generation,  # type: ignore[arg-type]
+            generation=generation,
         )
 
     async def write() -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from llmos_operator.api.common import set_condition
+from llmos_operator.api.common import ConditionStatus, set_condition
 from llmos_operator.api.llmmodel import HISTORY_LIMIT, KIND, LLMModelSpec
 from llmos_operator.builders import meta
 from llmos_operator.builders.model import (
@@ -87,7 +87,7 @@ async def reconcile_model(
 
     async def write(phase: str, reason: str, message: str) -> dict[str, Any]:
         status["phase"] = phase
-        ready = "True" if phase == "Ready" else "False"
+        ready: ConditionStatus = "True" if phase == "Ready" else "False"
         status["conditions"] = set_condition(
             conditions, "Ready", ready, reason, message, now=now, generation=generation
         )

@@ -37,13 +37,15 @@ STATE = "llmos"  # memo key of the OperatorState
 CONFIG = "config"  # memo key of an injected OperatorConfig
 
 
-def connection(config: OperatorConfig) -> kopf.ConnectionInfo:
+def connection(config: OperatorConfig, settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
     """The API server to talk to: explicit config, else in-cluster, else kubeconfig."""
     if config.api_server:
         return kopf.ConnectionInfo(
             server=config.api_server, token=config.api_token, scheme="Bearer"
         )
-    info = kopf.login_with_service_account() or kopf.login_with_kubeconfig()
+    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(
+        settings=settings
+    )
     if info is None:
         raise kopf.PermanentError("no Kubernetes credentials: not in a cluster, no kubeconfig")
     return info
@@ -52,6 +54,11 @@ def connection(config: OperatorConfig) -> kopf.ConnectionInfo:
 def _config(memo: kopf.Memo) -> OperatorConfig:
     config = memo.get(CONFIG)
     return config if isinstance(config, OperatorConfig) else OperatorConfig.from_env()
+
+
+def _ns(namespace: str | None) -> str:
+    assert namespace, "LLMModel and InferencePool are namespaced"  # why: the CRD scope says so
+    return namespace
 
 
 def _state(memo: kopf.Memo) -> OperatorState:
@@ -69,7 +76,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.reconnect_backoff = min(1.0, config.error_backoff_s)
     settings.batching.error_delays = [config.error_backoff_s] * 3 + [config.error_backoff_s * 4]
     settings.networking.request_timeout = config.http_timeout_s
-    kube = KubeClient(connection(config), timeout_s=config.http_timeout_s)
+    kube = KubeClient(connection(config, settings), timeout_s=config.http_timeout_s)
     memo[STATE] = OperatorState(config=config, kube=kube)
 
 
@@ -78,15 +85,15 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
         await _state(memo).kube.aclose()
 
 
-def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
-    return connection(_config(memo))
+def login(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+    return connection(_config(memo), settings)
 
 
 async def model_changed(
-    body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any
+    body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **_: Any
 ) -> None:
     state = _state(memo)
-    async with state.lock("LLMModel", namespace, name):
+    async with state.lock("LLMModel", _ns(namespace), name):
         try:
             await reconcile_model(state.kube, state.config, dict(body), state.clock)
         except InvalidSpec as exc:
@@ -94,7 +101,7 @@ async def model_changed(
 
 
 async def _recheck_model(state: OperatorState, namespace: str, name: str) -> None:
-    async with state.lock("LLMModel", namespace, name):
+    async with state.lock("LLMModel", _ns(namespace), name):
         # why: re-read under the lock; a timer's or child event's body may be stale or deleting
         body = await state.kube.get("LLMModel", namespace, name)
         if body is None or body.get("metadata", {}).get("deletionTimestamp"):
@@ -104,8 +111,8 @@ async def _recheck_model(state: OperatorState, namespace: str, name: str) -> Non
             await reconcile_model(state.kube, state.config, body, state.clock)
 
 
-async def model_check(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    await _recheck_model(_state(memo), namespace, name)
+async def model_check(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+    await _recheck_model(_state(memo), _ns(namespace), name)
 
 
 async def model_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -113,10 +120,10 @@ async def model_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 
 async def pool_changed(
-    body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any
+    body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **_: Any
 ) -> None:
     state = _state(memo)
-    async with state.lock("InferencePool", namespace, name):
+    async with state.lock("InferencePool", _ns(namespace), name):
         try:
             await reconcile_pool(state.kube, state.config, dict(body), state.clock)
         except InvalidSpec as exc:
@@ -126,7 +133,7 @@ async def pool_changed(
 
 
 async def _recheck_pool(state: OperatorState, namespace: str, name: str) -> None:
-    async with state.lock("InferencePool", namespace, name):
+    async with state.lock("InferencePool", _ns(namespace), name):
         # why: re-read under the lock; the event or timer body may be stale or the pool gone
         body = await state.kube.get("InferencePool", namespace, name)
         if body is None or body.get("metadata", {}).get("deletionTimestamp"):
@@ -136,8 +143,8 @@ async def _recheck_pool(state: OperatorState, namespace: str, name: str) -> None
             await reconcile_pool(state.kube, state.config, body, state.clock)
 
 
-async def pool_check(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    await _recheck_pool(_state(memo), namespace, name)
+async def pool_check(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+    await _recheck_pool(_state(memo), _ns(namespace), name)
 
 
 async def pool_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -145,17 +152,19 @@ async def pool_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 
 async def pool_child_event(
-    body: kopf.Body, namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any
+    body: kopf.Body, namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **_: Any
 ) -> None:
     pool = labels.get(meta.POOL_LABEL)
     if pool:
-        await _recheck_pool(_state(memo), namespace, pool)
+        await _recheck_pool(_state(memo), _ns(namespace), pool)
 
 
-async def loader_job_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+async def loader_job_event(
+    namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **_: Any
+) -> None:
     model = labels.get(meta.MODEL_LABEL)
     if model:
-        await _recheck_model(_state(memo), namespace, model)
+        await _recheck_model(_state(memo), _ns(namespace), model)
 
 
 def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> kopf.OperatorRegistry:
