@@ -150,6 +150,8 @@ async def _stream(
         ).model_dump()
         if not include_usage:
             del data["usage"]
+        for choice in data["choices"]:  # why: OpenAI's deltas carry only the keys that changed
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
         return sse(data)
 
     try:
