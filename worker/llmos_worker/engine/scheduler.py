@@ -110,8 +110,10 @@ class Scheduler:
                 scheduled[seq] = n
                 budget -= n
 
-        # 2. waiting, in policy order; the head is never skipped
-        while self.waiting and budget > 0 and not out.preempted:
+        # 2. waiting, in policy order; the head is never skipped. why not after a preemption
+        # above: the pool is short, a newcomer would only be preempted again
+        short_of_blocks = bool(out.preempted)
+        while self.waiting and budget > 0 and not short_of_blocks:
             seq = self.waiting[0]
             if self.seats_used() + seq.num_seats > self.max_num_seqs:
                 if self._preempt_for(seq, preempt):
