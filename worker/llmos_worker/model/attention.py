@@ -93,17 +93,24 @@ def paged_attention(
     k_cache, v_cache = cache[0], cache[1]  # (N, bs, Hkv, D) each
     k_cache.view(-1, hkv, d).index_copy_(0, plan.slot_mapping, k)
     v_cache.view(-1, hkv, d).index_copy_(0, plan.slot_mapping, v)
-    out = torch.empty_like(q)
 
     if plan.decode_rows is not None:
         assert plan.decode_blocks is not None and plan.decode_mask is not None
         sd = plan.decode_rows.shape[0]
-        # (Sd, nb, bs, Hkv, D) -> (Sd, Hkv, L, D), L = nb * bs
-        kd = k_cache[plan.decode_blocks].flatten(1, 2).transpose(1, 2)
-        vd = v_cache[plan.decode_blocks].flatten(1, 2).transpose(1, 2)
-        qd = q[plan.decode_rows].view(sd, hkv, group, d)  # GQA group on the query axis
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=plan.decode_mask, scale=scale)
+        # one gather for K and V: (2, Sd, nb, bs, Hkv, D) -> (2, Sd, Hkv, L, D), L = nb * bs
+        kv = cache[:, plan.decode_blocks].flatten(2, 3).transpose(2, 3)
+        if sd == t:  # why: a pure decode step needs no row shuffling at all
+            qd = q.view(sd, hkv, group, d)  # GQA group rides on the query axis
+            od = F.scaled_dot_product_attention(qd, kv[0], kv[1], attn_mask=plan.decode_mask,
+                                                scale=scale)
+            return od.reshape(t, h * d)
+        qd = q[plan.decode_rows].view(sd, hkv, group, d)
+        od = F.scaled_dot_product_attention(qd, kv[0], kv[1], attn_mask=plan.decode_mask,
+                                            scale=scale)
+        out = torch.empty_like(q)
         out[plan.decode_rows] = od.reshape(sd, h, d)
+    else:
+        out = torch.empty_like(q)
 
     for chunk in plan.prefills:
         qp = q[chunk.start:chunk.end].transpose(0, 1)  # (H, q, D)

@@ -29,9 +29,8 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Paramete
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF's RMSNorm: statistics in float32, result cast back before the weight multiply."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)  # fused kernel, fp32 statistics
+    return weight * normed.to(x.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -41,6 +40,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.cfg = cfg
         qkv_rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        self.k_end = (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim  # end of K in qkv rows
         self.input_norm = _param(cfg.hidden_size, dtype=dtype, device=device)
         self.qkv = _param(qkv_rows, cfg.hidden_size, dtype=dtype, device=device)
         self.o_proj = _param(cfg.hidden_size, cfg.num_heads * cfg.head_dim, dtype=dtype,
@@ -56,13 +56,11 @@ class DecoderLayer(nn.Module):
         t = x.shape[0]
         h = rms_norm(x, self.input_norm, cfg.rms_norm_eps)
         qkv = F.linear(h, self.qkv)  # (T, (H + 2 Hkv) D)
-        q_end = cfg.num_heads * cfg.head_dim
-        k_end = q_end + cfg.num_kv_heads * cfg.head_dim
-        q = qkv[:, :q_end].view(t, cfg.num_heads, cfg.head_dim)
-        k = qkv[:, q_end:k_end].view(t, cfg.num_kv_heads, cfg.head_dim)
-        v = qkv[:, k_end:].view(t, cfg.num_kv_heads, cfg.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        attn = paged_attention(q, k, v.contiguous(), cache, plan, cfg.head_dim ** -0.5)
+        # q and k are adjacent in the fused output: rotate both in one go, (T, H + Hkv, D)
+        qk = apply_rope(qkv[:, :self.k_end].view(t, -1, cfg.head_dim), cos, sin)
+        q, k = qk[:, :cfg.num_heads], qk[:, cfg.num_heads:]
+        v = qkv[:, self.k_end:].reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        attn = paged_attention(q, k, v, cache, plan, cfg.head_dim ** -0.5)
         x = x + F.linear(attn, self.o_proj)
         h = rms_norm(x, self.post_norm, cfg.rms_norm_eps)
         gate, up = F.linear(h, self.gate_up).chunk(2, dim=-1)
