@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import httpx
 
 from tests.worker.server_harness import free_port, start_worker_process, wait_ready
 
-TOKENS = 300  # long enough to still be generating when SIGTERM lands
+TOKENS = 600  # long enough to still be generating when SIGTERM lands
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_zero(
@@ -69,6 +70,13 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(
         for t in threads:
             t.start()
         assert first_chunk.wait(60)
+        # why: both requests must be in the engine before the signal, or one would be refused
+        deadline = time.monotonic() + 30
+        while (
+            'llmos_num_requests_running{model_name="tiny"} 2.0'
+            not in httpx.get(url + "/metrics").text
+        ):
+            assert time.monotonic() < deadline, "the two requests never ran together"
         proc.send_signal(signal.SIGTERM)
 
         ready = httpx.get(url + "/ready", timeout=10)
