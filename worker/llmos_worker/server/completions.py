@@ -151,11 +151,12 @@ async def _stream(
                         )
                     )
             if choices:
-                yield sse(
-                    CompletionResponse(
-                        id=response_id, created=created, model=state.model_name, choices=choices
-                    )
-                )
+                data = CompletionResponse(
+                    id=response_id, created=created, model=state.model_name, choices=choices
+                ).model_dump()
+                if not include_usage:  # why: as OpenAI, `usage` appears only when asked for
+                    del data["usage"]
+                yield sse(data)
         if include_usage:
             yield sse(
                 CompletionResponse(
