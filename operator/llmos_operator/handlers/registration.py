@@ -76,6 +76,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.reconnect_backoff = min(1.0, config.error_backoff_s)
     settings.batching.error_delays = [config.error_backoff_s] * 3 + [config.error_backoff_s * 4]
     settings.networking.request_timeout = config.http_timeout_s
+    # why: a deleted object keeps its finalizer until its timers have exited; kopf polls for
+    # that every 60 s by default, which delays every deletion that races a running timer
+    settings.background.cancellation_polling = min(2.0, config.error_backoff_s)
     kube = KubeClient(connection(config, settings), timeout_s=config.http_timeout_s)
     memo[STATE] = OperatorState(config=config, kube=kube)
 
