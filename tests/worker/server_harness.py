@@ -23,9 +23,11 @@ import httpx
 import uvicorn
 
 from llmos_worker.engine.config import EngineConfig
+from llmos_worker.engine.outputs import RequestOutput
 from llmos_worker.server.app import build_app
 from llmos_worker.server.async_engine import Engine
 from llmos_worker.server.auth import ApiKeyAuth
+from llmos_worker.server.main import DrainingServer
 from llmos_worker.server.ratelimit import RateLimiter
 from llmos_worker.server.state import ServerState
 
@@ -49,6 +51,29 @@ def engine_factory(source: str, config: EngineConfig = TINY_ENGINE) -> Callable[
     return build
 
 
+class WrappedEngine:
+    """The real engine with an optional delay per step and a failure after `fail_after` steps."""
+
+    def __init__(
+        self, engine: Any, *, step_delay_s: float = 0.0, fail_after: int | None = None
+    ) -> None:
+        self._engine = engine
+        self.step_delay_s = step_delay_s
+        self.fail_after = fail_after
+        self.steps = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def step(self) -> list[RequestOutput]:
+        self.steps += 1
+        if self.fail_after is not None and self.steps > self.fail_after:
+            raise RuntimeError("simulated device failure")
+        time.sleep(self.step_delay_s)
+        outputs: list[RequestOutput] = self._engine.step()
+        return outputs
+
+
 class InProcessServer:
     """The worker app under uvicorn in a thread; `with InProcessServer(...) as srv: srv.url`."""
 
@@ -61,6 +86,7 @@ class InProcessServer:
         served_model_name: str | None = None,
         auth: ApiKeyAuth | None = None,
         limiter: RateLimiter | None = None,
+        drain_timeout_s: float | None = None,
         ready_timeout_s: float = 120.0,
     ) -> None:
         self.state = ServerState(
@@ -78,7 +104,12 @@ class InProcessServer:
             lifespan="on",
             timeout_graceful_shutdown=5,
         )
-        self.server = uvicorn.Server(config)
+        # with a drain timeout: the serve command's server, drained by `server.handle_exit(...)`
+        self.server = (
+            uvicorn.Server(config)
+            if drain_timeout_s is None
+            else DrainingServer(config, self.state, drain_timeout_s=drain_timeout_s)
+        )
         self.ready_timeout_s = ready_timeout_s
         self._thread = threading.Thread(target=self._serve, name="test-uvicorn", daemon=True)
         self.port = 0
@@ -97,6 +128,11 @@ class InProcessServer:
             time.sleep(0.02)
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
         return self
+
+    def wait_exited(self, timeout_s: float) -> bool:
+        """Whether the server stopped on its own within `timeout_s` (e.g. after draining)."""
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True

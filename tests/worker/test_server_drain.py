@@ -1,4 +1,4 @@
-"""SIGTERM on a real `llmos-worker serve` process: drain, then exit 0.
+"""SIGTERM on a real `llmos-worker serve` process: drain, then exit 0; and the drain deadline.
 
 The worker is started exactly as a pod runs it (settings from environment variables). While a
 streaming and a non-streaming request are in flight, SIGTERM arrives: `/ready` must turn 503 and
@@ -17,7 +17,14 @@ from typing import Any
 
 import httpx
 
-from tests.worker.server_harness import free_port, start_worker_process, wait_ready
+from tests.worker.server_harness import (
+    InProcessServer,
+    WrappedEngine,
+    engine_factory,
+    free_port,
+    start_worker_process,
+    wait_ready,
+)
 
 TOKENS = 600  # long enough to still be generating when SIGTERM lands
 
@@ -106,3 +113,34 @@ def test_invalid_setting_exits_non_zero_without_serving(tmp_path: Path) -> None:
     )
     assert proc.wait(timeout=60) == 2
     assert "block_size" in (tmp_path / "worker.log").read_text()
+
+
+def test_drain_deadline_aborts_requests_still_running(tiny_model_dir: Path) -> None:
+    build = engine_factory(str(tiny_model_dir))
+    slow = InProcessServer(
+        lambda: WrappedEngine(build(), step_delay_s=0.02),
+        served_model_name="tiny",
+        drain_timeout_s=0.5,
+    )
+    with slow as srv:
+        events: list[str] = []
+        payload = {
+            "model": "tiny",
+            "prompt": "hi",
+            "max_tokens": 400,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        with httpx.stream("POST", srv.url + "/v1/completions", json=payload, timeout=60) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line)
+                    if len(events) == 1:
+                        signalled = time.monotonic()
+                        srv.server.handle_exit(signal.SIGTERM, None)
+        elapsed = time.monotonic() - signalled
+        assert srv.wait_exited(15), "the server did not exit after the drain deadline"
+    # 400 tokens at >= 20 ms a step would take 8 s; the deadline cut it after 0.5 s
+    assert elapsed < 5
+    assert events[-1] == "data: [DONE]"
+    assert "shutting down" in json.loads(events[-2][len("data: ") :])["error"]["message"]

@@ -14,33 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from llmos_worker.engine.outputs import RequestOutput
 from llmos_worker.server.auth import ApiKeyAuth, hash_key
 from llmos_worker.server.ratelimit import RateLimiter, RateLimits
-from tests.worker.server_harness import InProcessServer, engine_factory
-
-
-class WrappedEngine:
-    """The real engine with an optional delay per step and a failure after `fail_after` steps."""
-
-    def __init__(
-        self, engine: Any, *, step_delay_s: float = 0.0, fail_after: int | None = None
-    ) -> None:
-        self._engine = engine
-        self.step_delay_s = step_delay_s
-        self.fail_after = fail_after
-        self.steps = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-    def step(self) -> list[RequestOutput]:
-        self.steps += 1
-        if self.fail_after is not None and self.steps > self.fail_after:
-            raise RuntimeError("simulated device failure")
-        time.sleep(self.step_delay_s)
-        outputs: list[RequestOutput] = self._engine.step()
-        return outputs
+from tests.worker.server_harness import InProcessServer, WrappedEngine, engine_factory
 
 
 def body(**fields: Any) -> dict[str, Any]:
