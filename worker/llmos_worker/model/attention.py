@@ -26,7 +26,7 @@ class PrefillChunk:
     end: int
     context_len: int
     blocks: torch.Tensor | None  # (nb,) physical blocks to read; None: no cached prefix
-    mask: torch.Tensor | None  # (q, context_len) bool, True = may attend; None: plain causal
+    mask: torch.Tensor | None  # (q, context_len) additive: 0 or -inf; None: plain causal
 
 
 @dataclass
@@ -36,12 +36,12 @@ class AttentionPlan:
     slot_mapping: torch.Tensor  # (T,) flat KV slot of each new token
     decode_rows: torch.Tensor | None  # (Sd,) rows of the flat batch that are single-token decodes
     decode_blocks: torch.Tensor | None  # (Sd, nb) physical blocks of each decode sequence
-    decode_mask: torch.Tensor | None  # (Sd, 1, 1, nb * block_size) bool, True = valid key
+    decode_mask: torch.Tensor | None  # (Sd, 1, 1, nb * block_size) additive: 0 or -inf
     prefills: list[PrefillChunk]
 
     @classmethod
     def from_batch(
-        cls, batch: ForwardBatch, block_size: int, device: torch.device
+        cls, batch: ForwardBatch, block_size: int, device: torch.device, dtype: torch.dtype
     ) -> AttentionPlan:
         starts = batch.query_start_loc.tolist()
         ctx = batch.context_lens.tolist()
@@ -62,7 +62,9 @@ class AttentionPlan:
                 offset = c - q  # tokens already cached before this chunk
                 key_pos = torch.arange(c, device=device)
                 query_pos = torch.arange(offset, c, device=device)
-                mask = key_pos[None, :] <= query_pos[:, None]  # (q, c)
+                hidden = key_pos[None, :] > query_pos[:, None]  # (q, c): future keys
+                mask = torch.zeros(hidden.shape, dtype=dtype, device=device)
+                mask.masked_fill_(hidden, float("-inf"))
                 prefills.append(PrefillChunk(start, end, c, tables[s, :nb], mask))
         plan = cls(batch.slot_mapping.to(device), None, None, None, prefills)
         if dec_seqs:
@@ -71,7 +73,9 @@ class AttentionPlan:
             plan.decode_rows = torch.tensor(dec_rows, dtype=torch.int64, device=device)
             plan.decode_blocks = tables[dec_seqs, :nb]
             keys = torch.arange(nb * block_size, device=device)
-            plan.decode_mask = (keys[None, :] < lens[:, None])[:, None, None, :]
+            pad = (keys[None, :] >= lens[:, None])[:, None, None, :]
+            plan.decode_mask = torch.zeros(pad.shape, dtype=dtype, device=device)
+            plan.decode_mask.masked_fill_(pad, float("-inf"))
         return plan
 
 
@@ -98,7 +102,9 @@ def paged_attention(
         assert plan.decode_blocks is not None and plan.decode_mask is not None
         sd = plan.decode_rows.shape[0]
         # one gather for K and V: (2, Sd, nb, bs, Hkv, D) -> (2, Sd, Hkv, L, D), L = nb * bs
-        kv = cache[:, plan.decode_blocks].flatten(2, 3).transpose(2, 3)
+        # why index_select on flat block rows: ~3x faster than advanced indexing of a 6-D view
+        kv = (cache.view(2, cache.shape[1], -1).index_select(1, plan.decode_blocks.view(-1))
+              .view(2, sd, -1, hkv, d).transpose(2, 3))
         if sd == t:  # why: a pure decode step needs no row shuffling at all
             qd = q.view(sd, hkv, group, d)  # GQA group rides on the query axis
             od = F.scaled_dot_product_attention(qd, kv[0], kv[1], attn_mask=plan.decode_mask,
@@ -122,8 +128,9 @@ def paged_attention(
             )
         else:
             c = chunk.context_len
-            kp = k_cache[chunk.blocks].flatten(0, 1)[:c].transpose(0, 1)  # (Hkv, c, D)
-            vp = v_cache[chunk.blocks].flatten(0, 1)[:c].transpose(0, 1)
+            kv = cache.view(2, cache.shape[1], -1).index_select(1, chunk.blocks)
+            kv = kv.view(2, -1, hkv, d)[:, :c].transpose(1, 2)  # (2, Hkv, c, D)
+            kp, vp = kv[0], kv[1]
             op = F.scaled_dot_product_attention(
                 qp, kp, vp, attn_mask=chunk.mask, scale=scale, enable_gqa=group > 1
             )

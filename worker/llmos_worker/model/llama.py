@@ -103,7 +103,7 @@ class LlamaModel(nn.Module):
                 block_size: int) -> torch.Tensor:
         """Logits (L, vocab) in the model dtype for `batch.logits_indices`."""
         device = self.device
-        plan = AttentionPlan.from_batch(batch, block_size, device)
+        plan = AttentionPlan.from_batch(batch, block_size, device, self.dtype)
         positions = batch.positions.to(device)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, 1, D)
         x = F.embedding(batch.input_ids.to(device), self.embed)  # (T, hidden)
