@@ -110,3 +110,51 @@ def test_bytes_per_block(tiny: LoadedModel) -> None:
     assert ModelRunner.bytes_per_block(cfg, 16, "bfloat16") == per // 2
     runner = ModelRunner(tiny, block_size=16, num_blocks=5)
     assert runner.kv_cache.numel() * runner.kv_cache.element_size() == 5 * per
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"tie_word_embeddings": True,
+         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+        {"rope_scaling": {"rope_type": "linear", "factor": 4.0}, "num_key_value_heads": 1},
+    ],
+    ids=["tied-llama3-rope", "linear-rope-mqa"],
+)
+def test_variants_match_hf(tmp_path: Path, smollm2_tokenizer_dir: Path,
+                           overrides: dict[str, object]) -> None:
+    """Tied embeddings, llama3 / linear RoPE scaling and MQA against HF, chunked over the cache."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from tests.worker.tiny import write_tiny_llama
+
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir, local_files_only=True)
+    path = write_tiny_llama(tmp_path / "variant", tok, seed=7, **overrides)
+    hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = load_model(str(path))
+    assert ours.config.rope_scaling is not None
+    (p,) = prompts(ours.config.vocab_size, [40], seed=9)
+    runner = ModelRunner(ours, block_size=8, num_blocks=8)
+    pb = PagedBatcher(8, 8)
+    pb.add("p", p)
+    out = torch.cat([runner.execute(pb.batch({"p": 19}, all_logits=True)),
+                     runner.execute(pb.batch({"p": 21}, all_logits=True))])
+    torch.testing.assert_close(out, hf_logits(hf, p), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(tiny_model_dir: Path, tiny: LoadedModel) -> None:
+    gpu = load_model(str(tiny_model_dir), device="cuda")
+    (p,) = prompts(tiny.config.vocab_size, [21], seed=11)
+    outs = []
+    for loaded in (tiny, gpu):
+        runner = ModelRunner(loaded, block_size=4, num_blocks=16)
+        assert runner.kv_cache.device.type == loaded.device.type
+        pb = PagedBatcher(4, 16)
+        pb.add("p", p)
+        first = runner.execute(pb.batch({"p": 13}, all_logits=True))
+        outs.append(torch.cat([first, runner.execute(pb.batch({"p": 8}, all_logits=True))]))
+    assert outs[1].device.type == "cpu"
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-3, rtol=1e-3)
