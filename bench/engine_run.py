@@ -18,6 +18,7 @@ from bench.metrics import RequestTiming, kv_waste
 from bench.workload import BenchRequest
 
 Clock = Callable[[], float]
+KV_BYTES = 2 * 2**30  # KV cache budget: all 64 offline requests at full length fit (~1.3 GB)
 
 
 @dataclass
@@ -119,7 +120,7 @@ def make_engine(
     loaded: Any,
     *,
     prefix_caching: bool = True,
-    kv_bytes: int = 2 * 2**30,
+    kv_bytes: int = KV_BYTES,
     dtype: str = "float32",
     **overrides: Any,
 ) -> Any:

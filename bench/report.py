@@ -75,6 +75,8 @@ def render(results: dict[str, Any]) -> str:
         f"- Software: {meta.get('software', '?')}",
         f"- Load average (1 min) before / after: {meta.get('load_before', '?')} / "
         f"{meta.get('load_after', '?')} (other work on the machine slows every number here)",
+        f"- Threads: {meta.get('threads', '?')} for every system; OMP_WAIT_POLICY="
+        f"{meta.get('omp_wait_policy', '?')}",
         f"- Model: {meta.get('model', '?')}; this worker runs it dequantised to "
         f"{meta.get('dtype', 'float32')}",
     ]

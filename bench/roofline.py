@@ -12,9 +12,10 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -41,6 +42,8 @@ def gguf_model_size(path: Path) -> ModelSize:
 
 def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> float | None:
     """Best sustained GFLOP/s of an n×n @ n×n matmul in `dtype`; None if unsupported."""
+    import torch  # why: imported late so that the OpenMP settings of `bench.run` apply
+
     try:
         a = torch.randn(n, n).to(dtype)
         b = torch.randn(n, n).to(dtype)
@@ -60,6 +63,8 @@ def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> fl
 
 def memory_bandwidth_gbs(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
     """Best read bandwidth in GB/s: a sum over a buffer far larger than the caches."""
+    import torch
+
     x = torch.ones(nbytes // 4, dtype=torch.float32)
     float(x.sum())  # warm-up: pages touched
     best = 0.0
@@ -72,6 +77,8 @@ def memory_bandwidth_gbs(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
 
 def measure(model: ModelSize, *, seconds: float = 1.0) -> dict[str, Any]:
     """Machine numbers plus the model's tokens/s ceilings derived from them."""
+    import torch
+
     fp32 = matmul_gflops(torch.float32, seconds=seconds)
     bf16 = matmul_gflops(torch.bfloat16, seconds=seconds)
     bw = memory_bandwidth_gbs()

