@@ -7,6 +7,7 @@ its client leaves) or to make its step fail (as a CUDA error would), without cha
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from llmos_worker.errors import ModelLoadError
 from llmos_worker.server.auth import ApiKeyAuth, hash_key
 from llmos_worker.server.ratelimit import RateLimiter, RateLimits
 from tests.worker.server_harness import InProcessServer, WrappedEngine, engine_factory
@@ -121,3 +123,42 @@ def test_rate_limits_answer_429_per_key_and_refund_unused_tokens(tiny_model_dir:
         used = short["usage"]["total_tokens"]
         assert used < 50
         assert limiter.check("c", 1000 - used - 2) is None  # without the refund: ~100 left
+
+
+def test_probes_while_the_model_loads(tiny_model_dir: Path) -> None:
+    release = threading.Event()
+    build = engine_factory(str(tiny_model_dir))
+
+    def slow_loader() -> Any:
+        assert release.wait(60)
+        return build()
+
+    with InProcessServer(slow_loader, served_model_name="tiny", wait_ready=False) as srv:
+        assert httpx.get(srv.url + "/health").status_code == 200  # alive: do not restart me
+        loading = httpx.get(srv.url + "/ready")
+        assert loading.status_code == 503 and "loading" in loading.json()["error"]["message"]
+        early = httpx.post(srv.url + "/v1/completions", json=body(max_tokens=1))
+        assert early.status_code == 503
+        release.set()
+        deadline = time.monotonic() + 60
+        while httpx.get(srv.url + "/ready").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert httpx.post(srv.url + "/v1/completions", json=body(max_tokens=1)).status_code == 200
+
+
+def test_a_failed_load_is_reported_by_the_probes() -> None:
+    def broken_loader() -> Any:
+        raise ModelLoadError("no model file at /models/missing.gguf")
+
+    with InProcessServer(broken_loader, wait_ready=False) as srv:
+        deadline = time.monotonic() + 10
+        while srv.state.load_error is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        ready = httpx.get(srv.url + "/ready")
+        assert ready.status_code == 503
+        assert "missing.gguf" in ready.json()["error"]["message"]
+        refused = httpx.post(srv.url + "/v1/completions", json=body(max_tokens=1))
+        assert refused.status_code == 503
+        assert "missing.gguf" in refused.json()["error"]["message"]
