@@ -6,6 +6,7 @@ its client leaves) or to make its step fail (as a CUDA error would), without cha
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -15,7 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
+from llmos_worker.engine.params import SamplingParams
 from llmos_worker.errors import ModelLoadError
+from llmos_worker.server.async_engine import AsyncEngine, Sink
 from llmos_worker.server.auth import ApiKeyAuth, hash_key
 from llmos_worker.server.ratelimit import RateLimiter, RateLimits
 from tests.worker.server_harness import InProcessServer, WrappedEngine, engine_factory
@@ -162,3 +165,44 @@ def test_a_failed_load_is_reported_by_the_probes() -> None:
         refused = httpx.post(srv.url + "/v1/completions", json=body(max_tokens=1))
         assert refused.status_code == 503
         assert "missing.gguf" in refused.json()["error"]["message"]
+
+
+async def test_a_caller_cancelled_while_its_request_is_queued_leaves_nothing_behind(
+    tiny_model_dir: Path,
+) -> None:
+    gate = threading.Event()
+    engine = engine_factory(str(tiny_model_dir))()
+
+    class GatedEngine(WrappedEngine):
+        def add_request(self, *args: Any, **kwargs: Any) -> None:
+            assert gate.wait(30)  # the engine thread is busy, as under load
+            self._engine.add_request(*args, **kwargs)
+
+    front = AsyncEngine(GatedEngine(engine))
+    front.start()
+    try:
+        sink: Sink = asyncio.Queue()
+        params = SamplingParams(max_tokens=50, ignore_eos=True)
+        task = asyncio.create_task(front.add(["r1"], ["hello"], params, sink))
+        await asyncio.sleep(0.05)
+        assert front.num_inflight == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert front.num_inflight == 0
+        gate.set()  # the engine now accepts the request, then processes the abort behind it
+        deadline = time.monotonic() + 10
+        while True:
+            stats = front.snapshot()
+            if (
+                stats is not None
+                and stats.num_running + stats.num_waiting == 0
+                and (stats.kv_cache_usage == 0.0)
+            ):
+                break
+            assert time.monotonic() < deadline, stats
+            await asyncio.sleep(0.02)
+        assert sink.empty()  # nothing was delivered for the cancelled request
+    finally:
+        gate.set()
+        await front.shutdown()

@@ -168,7 +168,11 @@ class AsyncEngine:
             self._pending.add(fut)
             fut.add_done_callback(self._pending.discard)
             self._inbox.put(_Add(rid, prompt, params, priority, cache_salt, fut))
-        results = await asyncio.gather(*futures, return_exceptions=True)
+        try:
+            results = await asyncio.gather(*futures, return_exceptions=True)
+        except BaseException:  # why: a caller cancelled while waiting must not leave orphans
+            self.abort(request_ids)
+            raise
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             self.abort(request_ids)
