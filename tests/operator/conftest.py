@@ -11,7 +11,8 @@ behaviour added here, as a real API server has it:
 3. a patch that changes `.spec` bumps `metadata.generation` (metadata/status changes do not).
 4. the status subresource: on kinds that have one, `status` is dropped from creates and from
    patches to the main endpoint, and a patch to `/status` changes only `status`.
-5. the served resources are declared (with kinds, namespacing, subresources, verbs) as an API
+5. `GET /api/v1/namespaces` lists and watches the stored namespaces (kmock cannot route it).
+6. the served resources are declared (with kinds, namespacing, subresources, verbs) as an API
    server's discovery reports them, including apiextensions' CustomResourceDefinitions, which
    are loaded from the generated crds/ directory.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import itertools
+import json
 import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -64,6 +66,14 @@ RESOURCES: dict[str, tuple[str, str, str, bool, set[str]]] = {
     "jobs": ("batch", "v1", "Job", True, {"status"}),
     "deployments": ("apps", "v1", "Deployment", True, {"status", "scale"}),
     "poddisruptionbudgets": ("policy", "v1", "PodDisruptionBudget", True, {"status"}),
+    # kinds the quota, autoscaling and security features read or write
+    "resourcequotas": ("", "v1", "ResourceQuota", True, {"status"}),
+    "configmaps": ("", "v1", "ConfigMap", True, set()),
+    "secrets": ("", "v1", "Secret", True, set()),
+    "networkpolicies": ("networking.k8s.io", "v1", "NetworkPolicy", True, set()),
+    "horizontalpodautoscalers": (
+        "autoscaling", "v2", "HorizontalPodAutoscaler", True, {"status"}
+    ),
 }  # fmt: skip
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
 
@@ -91,6 +101,40 @@ class ApiServer(kmock.KubernetesEmulator):  # type: ignore[misc]
             self.objects[
                 "apiextensions.k8s.io/v1/customresourcedefinitions", None, crd["metadata"]["name"]
             ] = crd
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        # why: kmock cannot parse the cluster-scoped /api/v1/namespaces URL (it takes
+        # "namespaces" for the namespace prefix); a real server lists namespaces there
+        if raw_request.path.rstrip("/") == "/api/v1/namespaces" and raw_request.method == "GET":
+            watch = raw_request.query.get("watch") == "true"
+            agent = raw_request.headers.get("User-Agent", "")
+            if agent.startswith(("kopf/", "llmos-operator/")):
+                self.evidence.append(("", "namespaces", "watch" if watch else "list"))
+            items = [
+                dict(obj.raw)
+                for (res, _, _), obj in self.objects.items()
+                if res.plural == "namespaces" and res.group == "" and not obj.deleted
+            ]
+            if not watch:
+                meta = {"resourceVersion": str(next(self._versions))}
+                body = {
+                    "apiVersion": "v1",
+                    "kind": "NamespaceList",
+                    "metadata": meta,
+                    "items": items,
+                }
+                return aiohttp.web.json_response(body)
+            stream = aiohttp.web.StreamResponse()
+            await stream.prepare(raw_request)
+            for item in items:
+                await stream.write(json.dumps({"type": "ADDED", "object": item}).encode() + b"\n")
+            async for event in self._buses[
+                kmock.resource(group="", version="v1", plural="namespaces")
+            ]:
+                await stream.write(json.dumps(event).encode() + b"\n")
+            return stream
+        response: aiohttp.web.StreamResponse = await super().__call__(raw_request)
+        return response
 
     def _now(self) -> str:
         return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
