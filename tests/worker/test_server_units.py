@@ -214,3 +214,37 @@ def test_json_log_lines_are_json() -> None:
     record = logging.LogRecord("llmos", logging.INFO, __file__, 1, "hello %s", ("world",), None)
     entry = json.loads(JsonFormatter().format(record))
     assert entry["message"] == "hello world" and entry["level"] == "info"
+
+
+def test_null_optional_fields_mean_their_defaults() -> None:
+    # as LangChain and other clients send them
+    nulls = {
+        "n": None,
+        "temperature": None,
+        "top_p": None,
+        "stop": None,
+        "seed": None,
+        "stream": None,
+        "stream_options": None,
+        "presence_penalty": None,
+        "frequency_penalty": None,
+        "user": None,
+        "logprobs": None,
+    }
+    comp = CompletionRequest.model_validate(
+        {"model": "m", "prompt": "x", "max_tokens": None, **nulls}
+    )
+    params = comp.to_sampling_params()
+    assert (params.n, params.temperature, params.max_tokens, params.stop) == (1, 1.0, 16, [])
+    chat = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "x", "name": None}],
+            "max_tokens": None,
+            "top_logprobs": None,
+            **nulls,
+        }
+    )
+    params = chat.to_sampling_params()
+    assert (params.n, params.max_tokens, params.logprobs) == (1, None, None)
+    assert not chat.stream

@@ -11,7 +11,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 from llmos_worker.engine.params import MAX_LOGPROBS, SamplingParams
 from llmos_worker.errors import InvalidRequestError
@@ -57,6 +66,14 @@ class _Sampling(_Strict):
     include_stop_str_in_output: StrictBool = False
     priority: StrictInt = 0  # vLLM: lower is served first
     user: StrictStr | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # why: OpenAI's optional fields are nullable and many clients send `null` for "not set"
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
     @field_validator("stop", mode="before")
     @classmethod
