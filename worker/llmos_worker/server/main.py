@@ -56,6 +56,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="builtin://NAME, a .gguf file, or a Hugging Face model directory",
     )
     a(
+        "--model-key-file",
+        default=e("model_key_file"),
+        help="key-encryption key of an encrypted model (decrypted in memory, never on disk)",
+    )
+    a(
+        "--model-digest",
+        default=e("model_digest"),
+        help="expected model digest (sha256); refuses a model whose files do not match it",
+    )
+    a(
         "--served-model-name",
         default=e("served_model_name"),
         help="the name clients pass as `model` (default: the model's own name)",
@@ -185,8 +195,13 @@ def run(args: argparse.Namespace) -> int:
 
     def loader() -> Engine:
         from llmos_worker.engine.engine import LLMEngine
+        from llmos_worker.storage.plaintext import open_model_source
 
-        return LLMEngine.from_source(args.model, config)
+        # why: an encrypted model is decrypted into memory for the load and released after it
+        with open_model_source(
+            args.model, key_file=args.model_key_file, expected_digest=args.model_digest
+        ) as source:
+            return LLMEngine.from_source(source, config)
 
     failures: list[BaseException] = []
 
