@@ -42,6 +42,11 @@ if TYPE_CHECKING:
 _GOLDEN = 0x9E3779B97F4A7C15  # why: spreads the seeds of a request's n completions apart
 
 
+def completion_seed(seed: int, index: int) -> int:
+    """Seed of completion `index` of a request seeded with `seed` (index 0 keeps `seed`)."""
+    return (seed + index * _GOLDEN) % 2**64 if index else seed
+
+
 class Runner(Protocol):
     """What the engine needs from a model runner (`llmos_worker.model.runner.ModelRunner`)."""
 
@@ -172,8 +177,7 @@ class LLMEngine:
     def _generator(params: SamplingParams, index: int) -> torch.Generator | None:
         if params.seed is None:
             return None
-        seed = (params.seed + index * _GOLDEN) % 2**64 if index else params.seed
-        return torch.Generator().manual_seed(seed)
+        return torch.Generator().manual_seed(completion_seed(params.seed, index))
 
     def abort(self, request_id: str) -> None:
         """Forget a request and free its blocks; idempotent, and no output follows."""
