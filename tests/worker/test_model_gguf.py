@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmos_worker.model import LoadedModel, ModelRunner, load_model
+from llmos_worker.model import (
+    LoadedModel,
+    ModelConfig,
+    ModelRunner,
+    Tokenizer,
+    load_model,
+    resolve_source,
+)
+from llmos_worker.model.gguf_file import GGUFFile
 from tests.worker.tiny import PagedBatcher
 
 pytestmark = pytest.mark.slow
@@ -78,17 +86,27 @@ def test_logits_and_greedy_match_transformers(ours: LoadedModel, hf_gguf: torch.
 
 
 def test_loads_from_memfd_path(smollm2_gguf: Path, ours: LoadedModel) -> None:
-    """Decrypted weights arrive as /proc/self/fd/N of an in-memory file: no extension, no disk."""
+    """Decrypted weights arrive as /proc/self/fd/N of an in-memory file: no extension, no disk.
+
+    Checks each piece `load_model` uses on such a path (resolution by magic, header, tensors,
+    tokenizer) without paying for a second full load.
+    """
     fd = os.memfd_create("weights")
     try:
         with open(smollm2_gguf, "rb") as f:
             while chunk := f.read(1 << 24):
                 os.write(fd, chunk)
-        loaded = load_model(f"/proc/self/fd/{fd}")
-        assert loaded.config == ours.config
-        ids = ours.tokenizer.encode("paged attention")
-        assert loaded.tokenizer.encode("paged attention") == ids
-        torch.testing.assert_close(loaded.model.embed, ours.model.embed)
-        torch.testing.assert_close(loaded.model.layers[3].qkv, ours.model.layers[3].qkv)
+        path = f"/proc/self/fd/{fd}"
+        kind, resolved, _name = resolve_source(path)
+        assert (kind, resolved) == ("gguf", path)
+        with GGUFFile(path) as gf:
+            config = ModelConfig.from_gguf_metadata(gf.metadata, set(gf.tensors), 0)
+            embed = gf.load("token_embd.weight")
+        assert config == ours.config
+        torch.testing.assert_close(embed, ours.model.embed)
+        tokenizer = Tokenizer.from_gguf(path)
+        text = "paged attention, 12345 <|im_end|>"
+        assert tokenizer.encode(text) == ours.tokenizer.encode(text)
+        assert tokenizer.hf.chat_template == ours.tokenizer.hf.chat_template
     finally:
         os.close(fd)

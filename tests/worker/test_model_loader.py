@@ -146,3 +146,9 @@ def test_rope_scaling_parsed() -> None:
     assert cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "llama3"
     with pytest.raises(ModelLoadError, match="rope scaling type 'yarn'"):
         ModelConfig.from_hf_config({**base, "rope_scaling": {"rope_type": "yarn", "factor": 2}})
+    with pytest.raises(ModelLoadError, match="attention_bias"):
+        ModelConfig.from_hf_config({**base, "attention_bias": True})
+    with pytest.raises(ModelLoadError, match="sliding_window"):
+        ModelConfig.from_hf_config({**base, "model_type": "mistral", "sliding_window": 64})
+    with pytest.raises(ModelLoadError, match="num_kv_heads"):
+        ModelConfig.from_hf_config({**base, "num_key_value_heads": 3})

@@ -70,6 +70,12 @@ class ModelConfig:
                 f"unsupported model architecture {arch!r}; supported: "
                 f"{sorted(SUPPORTED_ARCHITECTURES)}"
             )
+        for flag in ("attention_bias", "mlp_bias"):
+            if cfg.get(flag):
+                raise ModelLoadError(f"unsupported model: config.json sets {flag}")
+        window, max_pos = cfg.get("sliding_window"), cfg.get("max_position_embeddings", 2048)
+        if window is not None and int(window) < int(max_pos):
+            raise ModelLoadError(f"unsupported model: sliding_window={window} attention")
         try:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
