@@ -158,3 +158,15 @@ def test_cuda_matches_cpu(tiny_model_dir: Path, tiny: LoadedModel) -> None:
         outs.append(torch.cat([first, runner.execute(pb.batch({"p": 8}, all_logits=True))]))
     assert outs[1].device.type == "cpu"
     torch.testing.assert_close(outs[1], outs[0], atol=1e-3, rtol=1e-3)
+
+
+def test_runner_refuses_bad_sizes_and_reports_memory(tiny: LoadedModel) -> None:
+    from llmos_worker.errors import ModelLoadError
+    from llmos_worker.model import available_memory_bytes
+
+    with pytest.raises(ModelLoadError, match="num_blocks"):
+        ModelRunner(tiny, block_size=16, num_blocks=0)
+    with pytest.raises(ModelLoadError, match="unsupported dtype"):
+        ModelRunner.bytes_per_block(tiny.config, 16, "int4")
+    free = available_memory_bytes("cpu")
+    assert 0 < free < 1 << 50
