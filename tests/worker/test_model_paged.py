@@ -170,3 +170,28 @@ def test_runner_refuses_bad_sizes_and_reports_memory(tiny: LoadedModel) -> None:
         ModelRunner.bytes_per_block(tiny.config, 16, "int4")
     free = available_memory_bytes("cpu")
     assert 0 < free < 1 << 50
+
+
+def test_decodes_grouped_by_length() -> None:
+    """Decodes of very different lengths go to separate SDPA groups (bounded padding)."""
+    import torch as t
+
+    from llmos_worker.model.attention import AttentionPlan
+    from llmos_worker.model.batch import ForwardBatch
+
+    lens = [100, 9, 40, 12, 300]  # -> groups {9, 12}, {40}, {100}, {300}
+    n = len(lens)
+    batch = ForwardBatch(
+        input_ids=t.zeros(n, dtype=t.int64), positions=t.tensor(lens) - 1,
+        slot_mapping=t.arange(n), query_start_loc=t.arange(n + 1), context_lens=t.tensor(lens),
+        block_tables=t.zeros(n, 19, dtype=t.int64), logits_indices=t.arange(n),
+    )
+    plan = AttentionPlan.from_batch(batch, 16, t.device("cpu"), t.float32)
+    assert [g.rows.tolist() for g in plan.decodes] == [[1, 3], [2], [0], [4]]
+    assert [g.mask.shape[-1] for g in plan.decodes] == [16, 48, 112, 304]
+    assert not plan.decode_only and not plan.prefills
+    same = AttentionPlan.from_batch(
+        ForwardBatch(batch.input_ids, batch.positions, batch.slot_mapping, batch.query_start_loc,
+                     t.tensor([20, 30, 25, 39, 21]), batch.block_tables, batch.logits_indices),
+        16, t.device("cpu"), t.float32)
+    assert same.decode_only and len(same.decodes) == 1

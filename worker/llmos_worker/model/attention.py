@@ -1,11 +1,13 @@
 """Paged attention over a block-structured KV cache, for one flat batch of mixed sequences.
 
 `AttentionPlan.from_batch` turns a `ForwardBatch` into gather indices and masks ONCE per step;
-every layer then reuses them. Single-token decodes are attended together: their K/V are gathered
-block-wise by block table into a padded (S, Hkv, L, D) tensor with a length mask, and the GQA
-query heads of one K/V head ride along the query axis, so one SDPA call serves all decodes
-without repeating K/V. Prefill chunks (several tokens) are attended one sequence at a time with
-a causal mask offset by the number of tokens already in the cache.
+every layer then reuses them. Single-token decodes are attended in groups of similar context
+length: a group's K/V are gathered block-wise by block table into a padded (S, Hkv, L, D) tensor
+with an additive length mask, and the GQA query heads of one K/V head ride along the query
+axis, so one SDPA call serves the whole group without repeating K/V. Grouping by length bounds
+the padding (at most ~2x the shortest context in a group) at the price of a few more calls.
+Prefill chunks (several tokens) are attended one sequence at a time with a causal mask offset by
+the number of tokens already in the cache.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from llmos_worker.model.batch import ForwardBatch
+
+MAX_DECODE_GROUPS = 4  # why: each group costs one gather + one SDPA call per layer
 
 
 @dataclass
@@ -30,14 +34,22 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodeGroup:
+    """Single-token decodes attended together, padded to the group's longest context."""
+
+    rows: torch.Tensor  # (Sd,) rows of the flat batch
+    blocks: torch.Tensor  # (Sd * nb,) physical blocks, sequence after sequence
+    mask: torch.Tensor  # (Sd, 1, 1, nb * block_size) additive: 0 or -inf past each length
+
+
+@dataclass
 class AttentionPlan:
     """Per-step indices shared by all layers."""
 
     slot_mapping: torch.Tensor  # (T,) flat KV slot of each new token
-    decode_rows: torch.Tensor | None  # (Sd,) rows of the flat batch that are single-token decodes
-    decode_blocks: torch.Tensor | None  # (Sd, nb) physical blocks of each decode sequence
-    decode_mask: torch.Tensor | None  # (Sd, 1, 1, nb * block_size) additive: 0 or -inf
+    decodes: list[DecodeGroup]
     prefills: list[PrefillChunk]
+    decode_only: bool  # every row is a decode and there is one group in batch order
 
     @classmethod
     def from_batch(
@@ -45,38 +57,58 @@ class AttentionPlan:
     ) -> AttentionPlan:
         starts = batch.query_start_loc.tolist()
         ctx = batch.context_lens.tolist()
-        dec_seqs: list[int] = []
-        dec_rows: list[int] = []
+        decodes: list[int] = []  # sequence indices
         prefills: list[PrefillChunk] = []
         tables = batch.block_tables.to(device)
         for s, c in enumerate(ctx):
             start, end = starts[s], starts[s + 1]
             q = end - start
             if q == 1 and c > 1:
-                dec_seqs.append(s)
-                dec_rows.append(start)
+                decodes.append(s)
             elif q == c:  # why: whole prompt in this chunk -> K/V come straight from the step
                 prefills.append(PrefillChunk(start, end, c, None, None))
             else:
                 nb = -(-c // block_size)
-                offset = c - q  # tokens already cached before this chunk
                 key_pos = torch.arange(c, device=device)
-                query_pos = torch.arange(offset, c, device=device)
-                hidden = key_pos[None, :] > query_pos[:, None]  # (q, c): future keys
-                mask = torch.zeros(hidden.shape, dtype=dtype, device=device)
-                mask.masked_fill_(hidden, float("-inf"))
-                prefills.append(PrefillChunk(start, end, c, tables[s, :nb], mask))
-        plan = cls(batch.slot_mapping.to(device), None, None, None, prefills)
-        if dec_seqs:
-            lens = batch.context_lens[dec_seqs].to(device)
-            nb = -(-max(ctx[s] for s in dec_seqs) // block_size)
-            plan.decode_rows = torch.tensor(dec_rows, dtype=torch.int64, device=device)
-            plan.decode_blocks = tables[dec_seqs, :nb]
-            keys = torch.arange(nb * block_size, device=device)
-            pad = (keys[None, :] >= lens[:, None])[:, None, None, :]
-            plan.decode_mask = torch.zeros(pad.shape, dtype=dtype, device=device)
-            plan.decode_mask.masked_fill_(pad, float("-inf"))
-        return plan
+                query_pos = torch.arange(c - q, c, device=device)  # c - q tokens were cached
+                future = key_pos[None, :] > query_pos[:, None]  # (q, c)
+                mask = torch.zeros(future.shape, dtype=dtype, device=device)
+                prefills.append(PrefillChunk(start, end, c, tables[s, :nb],
+                                             mask.masked_fill_(future, float("-inf"))))
+        groups = [
+            _decode_group(g, starts, ctx, tables, block_size, device, dtype)
+            for g in _split_by_length(decodes, ctx)
+        ]
+        decode_only = len(groups) == 1 and len(decodes) == len(ctx) and decodes == sorted(decodes)
+        return cls(batch.slot_mapping.to(device), groups, prefills, decode_only)
+
+
+def _split_by_length(seqs: list[int], ctx: list[int]) -> list[list[int]]:
+    """Sort decodes by context length and cut where a group would pad past 2x its shortest."""
+    if not seqs:
+        return []
+    order = sorted(seqs, key=lambda s: ctx[s])
+    groups: list[list[int]] = [[order[0]]]
+    for s in order[1:]:
+        if ctx[s] > 2 * ctx[groups[-1][0]] and len(groups) < MAX_DECODE_GROUPS:
+            groups.append([s])
+        else:
+            groups[-1].append(s)
+    if len(groups) == 1:
+        return [sorted(seqs)]  # why: batch order lets a pure-decode step skip the row scatter
+    return groups
+
+
+def _decode_group(seqs: list[int], starts: list[int], ctx: list[int], tables: torch.Tensor,
+                  block_size: int, device: torch.device, dtype: torch.dtype) -> DecodeGroup:
+    nb = -(-max(ctx[s] for s in seqs) // block_size)
+    index = torch.tensor(seqs, dtype=torch.int64, device=device)
+    lens = torch.tensor([ctx[s] for s in seqs], dtype=torch.int64, device=device)
+    keys = torch.arange(nb * block_size, device=device)
+    pad = (keys[None, :] >= lens[:, None])[:, None, None, :]
+    mask = torch.zeros(pad.shape, dtype=dtype, device=device).masked_fill_(pad, float("-inf"))
+    rows = torch.tensor([starts[s] for s in seqs], dtype=torch.int64, device=device)
+    return DecodeGroup(rows, tables[index, :nb].reshape(-1), mask)
 
 
 def paged_attention(
@@ -94,29 +126,23 @@ def paged_attention(
     t, h, d = q.shape
     hkv = k.shape[1]
     group = h // hkv
-    k_cache, v_cache = cache[0], cache[1]  # (N, bs, Hkv, D) each
-    k_cache.view(-1, hkv, d).index_copy_(0, plan.slot_mapping, k)
-    v_cache.view(-1, hkv, d).index_copy_(0, plan.slot_mapping, v)
+    n_blocks = cache.shape[1]
+    cache.view(2, -1, hkv, d)[0].index_copy_(0, plan.slot_mapping, k)
+    cache.view(2, -1, hkv, d)[1].index_copy_(0, plan.slot_mapping, v)
+    blocks_flat = cache.view(2, n_blocks, -1)  # (2, N, bs * Hkv * D): one row per block
+    out = None if plan.decode_only else torch.empty_like(q)
 
-    if plan.decode_rows is not None:
-        assert plan.decode_blocks is not None and plan.decode_mask is not None
-        sd = plan.decode_rows.shape[0]
-        # one gather for K and V: (2, Sd, nb, bs, Hkv, D) -> (2, Sd, Hkv, L, D), L = nb * bs
+    for dg in plan.decodes:
+        sd = dg.rows.shape[0]
         # why index_select on flat block rows: ~3x faster than advanced indexing of a 6-D view
-        kv = (cache.view(2, cache.shape[1], -1).index_select(1, plan.decode_blocks.view(-1))
-              .view(2, sd, -1, hkv, d).transpose(2, 3))
-        if sd == t:  # why: a pure decode step needs no row shuffling at all
-            qd = q.view(sd, hkv, group, d)  # GQA group rides on the query axis
-            od = F.scaled_dot_product_attention(qd, kv[0], kv[1], attn_mask=plan.decode_mask,
-                                                scale=scale)
+        # (2, Sd * nb, bs*Hkv*D) -> (2, Sd, Hkv, L, D), L = nb * bs
+        kv = blocks_flat.index_select(1, dg.blocks).view(2, sd, -1, hkv, d).transpose(2, 3)
+        qd = (q if out is None else q[dg.rows]).view(sd, hkv, group, d)  # GQA on query axis
+        od = F.scaled_dot_product_attention(qd, kv[0], kv[1], attn_mask=dg.mask, scale=scale)
+        if out is None:  # pure decode step in batch order: no scatter needed
             return od.reshape(t, h * d)
-        qd = q[plan.decode_rows].view(sd, hkv, group, d)
-        od = F.scaled_dot_product_attention(qd, kv[0], kv[1], attn_mask=plan.decode_mask,
-                                            scale=scale)
-        out = torch.empty_like(q)
-        out[plan.decode_rows] = od.reshape(sd, h, d)
-    else:
-        out = torch.empty_like(q)
+        out[dg.rows] = od.reshape(sd, h, d)
+    assert out is not None
 
     for chunk in plan.prefills:
         qp = q[chunk.start:chunk.end].transpose(0, 1)  # (H, q, D)
@@ -128,11 +154,10 @@ def paged_attention(
             )
         else:
             c = chunk.context_len
-            kv = cache.view(2, cache.shape[1], -1).index_select(1, chunk.blocks)
+            kv = blocks_flat.index_select(1, chunk.blocks)
             kv = kv.view(2, -1, hkv, d)[:, :c].transpose(1, 2)  # (2, Hkv, c, D)
-            kp, vp = kv[0], kv[1]
             op = F.scaled_dot_product_attention(
-                qp, kp, vp, attn_mask=chunk.mask, scale=scale, enable_gqa=group > 1
+                qp, kv[0], kv[1], attn_mask=chunk.mask, scale=scale, enable_gqa=group > 1
             )
         out[chunk.start:chunk.end] = op.transpose(0, 1)
     return out.view(t, h * d)
