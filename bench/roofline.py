@@ -48,9 +48,13 @@ def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> fl
         a = torch.randn(n, n).to(dtype)
         b = torch.randn(n, n).to(dtype)
         c = torch.empty(n, n, dtype=dtype)
+        t0 = time.perf_counter()
         torch.mm(a, b, out=c)  # warm-up (packing, thread pool start)
+        first = time.perf_counter() - t0
     except (RuntimeError, TypeError):
         return None
+    if first > seconds:  # why: a dtype without hardware support (bf16 on AVX2) is very slow
+        return 2.0 * n**3 / first / 1e9
     best = 0.0
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:

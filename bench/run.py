@@ -126,6 +126,17 @@ def truncate(
 
 
 # ---------------------------------------------------------------- parts
+def write(results: dict[str, Any], out: Path) -> None:
+    """results.json, chart.png and benchmarks.md from what has been measured so far."""
+    results["meta"]["load_after"] = round(os.getloadavg()[0], 2)
+    results["targets"] = [t.as_dict() for t in report.evaluate(results)]
+    out_json = out / "bench" / "results.json"
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(results, indent=1) + "\n")
+    chart.draw(results, out / "bench" / "chart.png")
+    (out / "benchmarks.md").write_text(report.render(results))
+
+
 def guarded(results: dict[str, Any], notes: list[str], name: str, fn: Callable[[], None]) -> None:
     """Run one part; on failure record the error and go on (the report must still be written)."""
     t0 = time.perf_counter()
@@ -199,9 +210,18 @@ def llamacpp_parts(results: dict[str, Any], wl_paths: dict[str, Path], threads: 
 
 
 def online_parts(
-    results: dict[str, Any], wl: dict[str, list[BenchRequest]], out: Path, server_args: list[str]
+    results: dict[str, Any], wl: dict[str, list[BenchRequest]], args: argparse.Namespace
 ) -> None:
-    with serving.worker_server(BUILTIN, server_args, out / "bench" / "server.log") as base:
+    server_args = [
+        "--kv-cache-memory-bytes",
+        str(engine_run.KV_BYTES),
+        "--dtype",
+        args.dtype,
+        *args.server_arg,
+    ]
+    env = {"OMP_NUM_THREADS": str(args.threads)}
+    log_path = args.out / "bench" / "server.log"
+    with serving.worker_server(BUILTIN, server_args, log_path, env) as base:
         for rate in workload.ONLINE_RATES:
             timings, duration = serving.run_online(base, wl[workload.online_name(rate)])
             m = metrics.serving_metrics(timings, duration)
@@ -304,28 +324,21 @@ def main(argv: list[str] | None = None) -> int:
 
     budget = args.hf_budget if args.hf_budget is not None else (20.0 if args.quick else 150.0)
     sizes = (1, 8) if args.quick else hf_baseline.BATCH_SIZES
-    if "engine" not in args.skip:
-        guarded(results, notes, "engine", lambda: engine_parts(results, wl, args.dtype))
-    if "hf" not in args.skip:
-        guarded(results, notes, "hf", lambda: hf_parts(results, wl, budget, sizes))
-    if "llamacpp" not in args.skip:
-        guarded(results, notes, "llamacpp", lambda: llamacpp_parts(results, wl_paths, args.threads))
-    if "online" not in args.skip:
-        guarded(
-            results, notes, "online", lambda: online_parts(results, wl, args.out, args.server_arg)
-        )
+    parts: dict[str, Callable[[], None]] = {
+        "engine": lambda: engine_parts(results, wl, args.dtype),
+        "hf": lambda: hf_parts(results, wl, budget, sizes),
+        "llamacpp": lambda: llamacpp_parts(results, wl_paths, args.threads),
+        "online": lambda: online_parts(results, wl, args),
+    }
+    for name, part in parts.items():
+        if name not in args.skip:
+            guarded(results, notes, name, part)
+            write(results, args.out)  # why: an interrupted run still leaves a report
     for path in wl_paths.values():
         path.unlink(missing_ok=True)
     tmp.rmdir()
-
-    results["meta"]["load_after"] = round(os.getloadavg()[0], 2)
-    results["targets"] = [t.as_dict() for t in report.evaluate(results)]
-    out_json = args.out / "bench" / "results.json"
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(results, indent=1) + "\n")
-    chart.draw(results, args.out / "bench" / "chart.png")
-    (args.out / "benchmarks.md").write_text(report.render(results))
-    log.info("wrote %s, %s", out_json, args.out / "benchmarks.md")
+    write(results, args.out)
+    log.info("wrote %s", args.out / "benchmarks.md")
     return 0
 
 
