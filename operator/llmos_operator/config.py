@@ -32,6 +32,10 @@ class OperatorConfig:
     api_server: str | None = None
     api_token: str | None = None
     finalizer: str = "llmos.dev/cleanup"
+    # where the operator's pods run (NetworkPolicies let them scrape and probe workers)
+    operator_namespace: str = "llmos-system"
+    # namespace of Prometheus, allowed to scrape workers; "" allows none
+    monitoring_namespace: str = "monitoring"
     http_timeout_s: float = 10.0
 
     @classmethod

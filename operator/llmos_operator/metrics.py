@@ -27,6 +27,8 @@ from prometheus_client import (
     start_http_server,
 )
 
+from llmos_operator.controllers.errors import InvalidSpec, WaitingForDependency
+
 MODEL_PHASES = ("Pending", "Loading", "Ready", "Failed")
 
 
@@ -46,12 +48,13 @@ class DecisionLike(Protocol):
 
 
 def outcome_of(exc: BaseException | None) -> str:
-    """success | retry (kopf.TemporaryError) | failed (kopf.PermanentError) | error (anything)."""
+    """success | retry (kopf.TemporaryError, waiting for a dependency) | failed
+    (kopf.PermanentError, an invalid spec) | error (anything else)."""
     if exc is None:
         return "success"
-    if isinstance(exc, kopf.TemporaryError):
+    if isinstance(exc, kopf.TemporaryError | WaitingForDependency):
         return "retry"
-    if isinstance(exc, kopf.PermanentError):
+    if isinstance(exc, kopf.PermanentError | InvalidSpec):
         return "failed"
     return "error"
 

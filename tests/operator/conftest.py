@@ -11,8 +11,11 @@ behaviour added here, as a real API server has it:
 3. a patch that changes `.spec` bumps `metadata.generation` (metadata/status changes do not).
 4. the status subresource: on kinds that have one, `status` is dropped from creates and from
    patches to the main endpoint, and a patch to `/status` changes only `status`.
-5. `GET /api/v1/namespaces` lists and watches the stored namespaces (kmock cannot route it).
-6. the served resources are declared (with kinds, namespacing, subresources, verbs) as an API
+5. `GET /api/v1/namespaces` lists and watches the stored namespaces, and
+   `GET /api/v1/namespaces/<name>` reads one (kmock cannot route either URL).
+6. create with `metadata.generateName` and no name: the name is the prefix + 5 random characters
+   (kopf names the Events it posts that way).
+7. the served resources are declared (with kinds, namespacing, subresources, verbs) as an API
    server's discovery reports them, including apiextensions' CustomResourceDefinitions, which
    are loaded from the generated crds/ directory.
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import io
 import itertools
 import json
 import threading
@@ -42,9 +46,13 @@ import kopf
 import pytest
 import yaml
 
+from llmos_operator.app import build_registry
 from llmos_operator.config import OperatorConfig
-from llmos_operator.handlers import register
+from llmos_operator.handlers.autoscaling import AutoscalerSettings
+from llmos_operator.handlers.quota import WEBHOOK
 from llmos_operator.handlers.registration import CONFIG
+from llmos_operator.metrics import OperatorMetrics
+from llmos_operator.quota.webhook import WebhookConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 NS = "team-a"
@@ -96,6 +104,13 @@ class ApiServer(kmock.KubernetesEmulator):  # type: ignore[misc]
             self.resources[key] = kmock.ResourceInfo(
                 kind=kind, namespaced=namespaced, subresources=subs, verbs=VERBS
             )
+        # why: a real cluster has the namespace the tests work in (with the label it sets)
+        namespace = {"name": NS, "labels": {"kubernetes.io/metadata.name": NS}}
+        self.objects["v1/namespaces", None, NS] = {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": namespace,
+        }
         for path in sorted((ROOT / "crds").glob("*.llmos.dev.yaml")):
             crd = yaml.safe_load(path.read_text())
             self.objects[
@@ -105,6 +120,13 @@ class ApiServer(kmock.KubernetesEmulator):  # type: ignore[misc]
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         # why: kmock cannot parse the cluster-scoped /api/v1/namespaces URL (it takes
         # "namespaces" for the namespace prefix); a real server lists namespaces there
+        parts = raw_request.path.strip("/").split("/")
+        if (
+            parts[:3] == ["api", "v1", "namespaces"]
+            and len(parts) == 4
+            and raw_request.method == "GET"
+        ):
+            return self._namespace(raw_request, parts[3])
         if raw_request.path.rstrip("/") == "/api/v1/namespaces" and raw_request.method == "GET":
             watch = raw_request.query.get("watch") == "true"
             agent = raw_request.headers.get("User-Agent", "")
@@ -136,6 +158,18 @@ class ApiServer(kmock.KubernetesEmulator):  # type: ignore[misc]
         response: aiohttp.web.StreamResponse = await super().__call__(raw_request)
         return response
 
+    def _namespace(self, raw_request: aiohttp.web.BaseRequest, name: str) -> aiohttp.web.Response:
+        agent = raw_request.headers.get("User-Agent", "")
+        if agent.startswith(("kopf/", "llmos-operator/")):
+            self.evidence.append(("", "namespaces", "get"))
+        for (res, _, obj_name), obj in self.objects.items():
+            found = res.plural == "namespaces" and res.group == "" and obj_name == name
+            if found and not obj.deleted:
+                return aiohttp.web.json_response(dict(obj.raw))
+        status = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404}
+        status |= {"reason": "NotFound", "message": f'namespaces "{name}" not found'}
+        return aiohttp.web.json_response(status, status=404)
+
     def _now(self) -> str:
         return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -160,6 +194,8 @@ class ApiServer(kmock.KubernetesEmulator):  # type: ignore[misc]
             data = request.data if isinstance(request.data, dict) else None
             if data is not None and method == "POST":
                 meta = data.setdefault("metadata", {})
+                if meta.get("generateName") and not meta.get("name"):
+                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
                 meta.setdefault("namespace", request.namespace) if request.namespace else None
                 meta["uid"] = str(uuid.uuid4())
                 meta["creationTimestamp"] = self._now()
@@ -316,34 +352,61 @@ def test_config(cluster: Cluster) -> OperatorConfig:
     )
 
 
+# the autoscaler of the tests: quick ticks, no metrics port of its own
+AUTOSCALER = AutoscalerSettings(interval_s=0.2, scrape_timeout_s=1.0, metrics_port=None)
+
+
 class OperatorProcess:
-    """The real kopf operator in a thread of its own; stop() + start() is a restart.
+    """The real kopf operator (the whole `build_registry`) in a thread of its own; stop() +
+    start() is a restart. The webhook listens on loopback (a free port unless given).
 
     why a thread: kopf cancels every asyncio task created after it started when it stops, which
     would include pytest's own fixture tasks if it shared their event loop.
     """
 
-    def __init__(self, config: OperatorConfig) -> None:
+    def __init__(
+        self,
+        config: OperatorConfig,
+        *,
+        webhook: WebhookConfig | None = None,
+        autoscaler: AutoscalerSettings = AUTOSCALER,
+        metrics: OperatorMetrics | None = None,
+    ) -> None:
         self.config = config
+        self.webhook = webhook or WebhookConfig()
+        self.autoscaler = autoscaler
+        self.metrics = metrics or OperatorMetrics()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.errors: list[BaseException] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _main(self, ready: threading.Event) -> None:
-        registry = register(kopf.OperatorRegistry(), self.config)
-        try:
-            asyncio.run(
-                kopf.operator(
-                    registry=registry,
-                    clusterwide=True,
-                    standalone=True,
-                    memo=kopf.Memo({CONFIG: self.config}),
-                    stop_flag=self._stop,
-                    ready_flag=ready,
-                )
+        registry = build_registry(self.config, autoscaler=self.autoscaler, metrics=self.metrics)
+
+        async def operate() -> None:
+            self._loop = asyncio.get_running_loop()
+            await kopf.operator(
+                registry=registry,
+                clusterwide=True,
+                standalone=True,
+                memo=kopf.Memo({CONFIG: self.config, WEBHOOK: self.webhook}),
+                stop_flag=self._stop,
+                ready_flag=ready,
             )
+
+        try:
+            asyncio.run(operate())
         except BaseException as exc:  # why: surfaced by stop(), not lost in the thread
             self.errors.append(exc)
+
+    def _pending(self) -> str:
+        """The operator's unfinished tasks with their stacks (why it did not stop)."""
+        loop, out = self._loop, io.StringIO()
+        for task in asyncio.all_tasks(loop) if loop is not None else ():
+            out.write(f"--- {task.get_name()}\n")
+            task.print_stack(limit=6, file=out)
+        return out.getvalue()[-6000:]
 
     async def start(self) -> None:
         self._stop = threading.Event()
@@ -358,7 +421,7 @@ class OperatorProcess:
             return
         self._stop.set()
         await asyncio.to_thread(self._thread.join, 15)
-        assert not self._thread.is_alive(), "the operator did not stop"
+        assert not self._thread.is_alive(), f"the operator did not stop:\n{self._pending()}"
         self._thread = None
         assert not self.errors, f"the operator crashed: {self.errors}"
 

@@ -10,24 +10,18 @@ Windows and the timer interval are shortened through the injected `AutoscalerSet
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp.web
-import kmock
-import kopf
 import pytest
 
 from llmos_operator.builders.pool import selector_labels
-from llmos_operator.config import OperatorConfig
-from llmos_operator.handlers import autoscaling, register
-from llmos_operator.handlers.registration import CONFIG
+from llmos_operator.handlers import autoscaling
 from llmos_operator.metrics import OperatorMetrics
 from tests.operator import conftest
-from tests.operator.conftest import NS, VERBS, Cluster
+from tests.operator.conftest import NS, Cluster
 
 SETTINGS = autoscaling.AutoscalerSettings(interval_s=0.2, scrape_timeout_s=1.0, metrics_port=None)
 
@@ -105,63 +99,17 @@ def pool_body(name: str, replicas: int, **autoscaling_spec: Any) -> dict[str, An
     }
 
 
-class GeneratingApiServer(conftest.ApiServer):
-    """The fixture's API server plus `metadata.generateName` (kopf names its events that way)."""
-
-    async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
-        data = request.data if isinstance(request.data, dict) else None
-        meta = (data or {}).get("metadata") or {}
-        if request.method == "POST" and meta.get("generateName") and not meta.get("name"):
-            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
-        return await super()._handle(request)
-
-
-@pytest.fixture
-async def cluster() -> AsyncIterator[Cluster]:
-    server = GeneratingApiServer()
-    async with server, kmock.Server(server) as http_server:
-        client = Cluster(server, str(http_server.url).rstrip("/"))
-        yield client
-        await client.http.aclose()
-
-
 @pytest.fixture
 async def metrics() -> OperatorMetrics:
     return OperatorMetrics()
 
 
-class ScalingOperator(conftest.OperatorProcess):
-    """The fixture's in-thread operator with the autoscaling handlers registered as well."""
-
-    def __init__(self, config: OperatorConfig, metrics: OperatorMetrics) -> None:
-        super().__init__(config)
-        self.metrics = metrics
-
-    def _main(self, ready: threading.Event) -> None:
-        registry = register(kopf.OperatorRegistry(), self.config)
-        autoscaling.register(registry, self.config, SETTINGS, metrics=self.metrics)
-        try:
-            asyncio.run(
-                kopf.operator(
-                    registry=registry,
-                    clusterwide=True,
-                    standalone=True,
-                    memo=kopf.Memo({CONFIG: self.config}),
-                    stop_flag=self._stop,
-                    ready_flag=ready,
-                )
-            )
-        except BaseException as exc:  # why: surfaced by stop(), not lost in the thread
-            self.errors.append(exc)
-
-
 @pytest.fixture
 async def scaling_operator(cluster: Cluster, metrics: OperatorMetrics) -> AsyncIterator[None]:
-    """The operator's handlers plus the autoscaling ones, against the emulator."""
-    cluster.server.resources["autoscaling/v2/horizontalpodautoscalers"] = kmock.ResourceInfo(
-        kind="HorizontalPodAutoscaler", namespaced=True, subresources={"status"}, verbs=VERBS
+    """The whole operator (its autoscaler ticking every 0.2 s), against the emulator."""
+    process = conftest.OperatorProcess(
+        conftest.test_config(cluster), autoscaler=SETTINGS, metrics=metrics
     )
-    process = ScalingOperator(conftest.test_config(cluster), metrics)
     await process.start()
     yield
     await process.stop()

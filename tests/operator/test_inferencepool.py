@@ -74,7 +74,9 @@ async def test_pool_lifecycle(cluster: Cluster, operator: OperatorProcess) -> No
     status = await cluster.wait_for(ready, what="pool Ready")
     assert status["readyReplicas"] == 2 and status["replicas"] == 2
     assert status["endpoint"] == "http://chat.team-a.svc.cluster.local:8000/v1"
-    assert status["selector"] == "app.kubernetes.io/instance=chat,app.kubernetes.io/name=llmos-worker"
+    assert (
+        status["selector"] == "app.kubernetes.io/instance=chat,app.kubernetes.io/name=llmos-worker"
+    )
     conds = {c["type"]: c for c in status["conditions"]}
     assert conds["Progressing"]["status"] == "False" and conds["Degraded"]["status"] == "False"
 

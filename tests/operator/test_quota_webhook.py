@@ -1,6 +1,6 @@
 """QuotaPolicy end to end against kmock: admission over real HTTPS, ResourceQuotas, QuotaExceeded.
 
-The real kopf operator runs with the core handlers plus `register_quota`; its admission server
+The real kopf operator (the whole registry) runs against the emulator; its admission server
 listens on loopback with its self-signed certificate, and the tests post AdmissionReview v1
 payloads to it over TLS, verifying the certificate against the CA bundle the server dumps.
 """
@@ -10,28 +10,16 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import kmock
-import kopf
 import pytest
 
-from llmos_operator.handlers import register
-from llmos_operator.handlers.quota import WEBHOOK, register_quota
-from llmos_operator.handlers.registration import CONFIG
 from llmos_operator.quota.webhook import WebhookConfig
 from tests.operator import conftest as core
 from tests.operator.conftest import NS, Cluster, OperatorProcess
-
-EXTRA = {
-    "v1/namespaces": ("Namespace", False),
-    "v1/resourcequotas": ("ResourceQuota", True),
-    "v1/configmaps": ("ConfigMap", True),
-}
 
 
 def free_port() -> int:
@@ -40,38 +28,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class QuotaOperator(OperatorProcess):
-    """The core operator plus the quota handlers and an HTTPS admission server."""
-
-    def __init__(self, cluster: Cluster, port: int) -> None:
-        super().__init__(core.test_config(cluster))
-        self.webhook = WebhookConfig(addr="127.0.0.1", port=port)
-
-    def _main(self, ready: threading.Event) -> None:
-        registry = register_quota(register(kopf.OperatorRegistry(), self.config), interval_s=0.5)
-        try:
-            asyncio.run(
-                kopf.operator(
-                    registry=registry,
-                    clusterwide=True,
-                    standalone=True,
-                    memo=kopf.Memo({CONFIG: self.config, WEBHOOK: self.webhook}),
-                    stop_flag=self._stop,
-                    ready_flag=ready,
-                )
-            )
-        except BaseException as exc:
-            self.errors.append(exc)
-
-
 @pytest.fixture
-async def quota_operator(cluster: Cluster) -> AsyncIterator[tuple[QuotaOperator, int]]:
-    for key, (kind, namespaced) in EXTRA.items():
-        cluster.server.resources[key] = kmock.ResourceInfo(
-            kind=kind,
-            namespaced=namespaced,
-            verbs={"get", "list", "watch", "create", "patch", "delete"},
-        )
+async def quota_operator(cluster: Cluster) -> AsyncIterator[tuple[OperatorProcess, int]]:
+    """The whole operator, its admission server on a known loopback port; team-a is tier=gpu."""
     ns = {
         "apiVersion": "v1",
         "kind": "Namespace",
@@ -79,7 +38,9 @@ async def quota_operator(cluster: Cluster) -> AsyncIterator[tuple[QuotaOperator,
     }
     cluster.server.objects["v1/namespaces", None, NS] = ns  # why: kmock's POST path is ambiguous
     port = free_port()
-    process = QuotaOperator(cluster, port)
+    process = OperatorProcess(
+        core.test_config(cluster), webhook=WebhookConfig(addr="127.0.0.1", port=port)
+    )
     await process.start()
     yield process, port
     await process.stop()

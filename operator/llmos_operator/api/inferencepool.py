@@ -104,7 +104,9 @@ class PoolAccess(ApiModel):
         default=None, max_length=16, description="Pods (in allowed namespaces) that may call."
     )
     api_key_secret_ref: SecretKeyRef | None = Field(
-        default=None, description="Secret key holding the accepted API keys, one per line."
+        default=None,
+        description='Secret key holding the accepted API keys as JSON: {"keys": [{"tenant": '
+        '"team-a", "sha256": "<hex sha256 of the key>"}]}; callers then need a bearer key.',
     )
 
 
@@ -162,6 +164,9 @@ class AutoscalingStatus(ApiModel):
 
     current_metric: float | None = Field(default=None, description="Last metric per replica.")
     desired_replicas: int | None = Field(default=None, ge=0, description="Last decision.")
+    reason: str | None = Field(
+        default=None, max_length=128, description="Short reason of the last decision."
+    )
     last_decision: str | None = Field(default=None, max_length=1024, description="Why.")
     last_scale_time: str | None = Field(default=None, description="When it last scaled.")
 

@@ -137,6 +137,14 @@ class LLMModelStatus(ApiModel):
     load_key: str | None = Field(
         default=None, description="Hash of source+version+format of the current load."
     )
+    key_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Key the stored data key is wrapped with now (encrypted models); it follows "
+        "spec.encryption.keySecretRef once a rotation Job has re-wrapped the data key.",
+    )
+    rotation_job: str | None = Field(
+        default=None, description="Name of the key rotation Job in progress or last run."
+    )
     history: list[ModelVersionRecord] = Field(
         default_factory=list,
         max_length=HISTORY_LIMIT,

@@ -3,8 +3,11 @@
 The loader runs the worker image's `llmos-worker fetch-model`, which downloads and verifies the
 weights into `<mount>/<load dir>` and writes its manifest JSON ({digest, sizeBytes, files,
 version, ...}) to the container's termination message, where the operator reads it back.
-Each distinct (source, version, format) gets its own load key, Job name and directory, so a new
-version loads beside the old one and retries of the same load find the same Job.
+Each distinct (source, version, format, encrypted or not) gets its own load key, Job name and
+directory, so a new version loads beside the old one and retries of the same load find the same
+Job. An encrypted model's loader gets the key Secret as a file (`--encrypt-key-file`); a key
+rotation Job (`llmos-worker rewrap-key`) gets the old and the new key and re-wraps the data key
+in place. A NetworkPolicy per model lets its loader and rotation pods reach DNS and 443 only.
 """
 
 from __future__ import annotations
@@ -12,12 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from llmos_operator.api.common import SecretKeyRef
 from llmos_operator.api.llmmodel import KIND, LLMModelSpec
 from llmos_operator.builders import meta, security
+from llmos_operator.builders.networkpolicy import build_loader_network_policy
 from llmos_operator.config import OperatorConfig
 
 TERMINATION_LOG = "/dev/termination-log"
 SOURCES_MOUNT = "/sources"
+ENCRYPTION_KEY_DIR = "/etc/llmos/encryption-key"
+OLD_KEY_DIR = "/etc/llmos/old-key"
+NEW_KEY_DIR = "/etc/llmos/new-key"
 
 
 @dataclass(frozen=True)
@@ -31,7 +39,30 @@ class ModelRef:
 
 def load_key(spec: LLMModelSpec) -> str:
     """Hash of what a load produces: a change of source, version, format or digest is a new load."""
-    return meta.short_hash(spec.source, spec.version, spec.format, spec.sha256 or "")
+    parts = [spec.source, spec.version, spec.format, spec.sha256 or ""]
+    if encryption_key(spec) is not None:
+        parts.append("encrypted")  # why: plain and encrypted copies never share a directory
+    return meta.short_hash(*parts)
+
+
+def encryption_key(spec: LLMModelSpec) -> SecretKeyRef | None:
+    """The key-encryption key the spec asks for; None when the model is stored in plaintext."""
+    if spec.encryption is None or not spec.encryption.enabled:
+        return None
+    return spec.encryption.key_secret_ref
+
+
+def network_policy_name(model: str) -> str:
+    return meta.child_name(model, "loader")
+
+
+def rotation_key(path: str, old: SecretKeyRef, new: SecretKeyRef) -> str:
+    """Hash naming one re-wrap of one load directory from `old` to `new`."""
+    return meta.short_hash(path, old.name, old.key, new.name, new.key)
+
+
+def rotation_job_name(model: str, key: str) -> str:
+    return meta.child_name(model, f"rekey-{key}")
 
 
 def claim_name(model: str) -> str:
@@ -88,6 +119,14 @@ def build_loader_job(ref: ModelRef, spec: LLMModelSpec, config: OperatorConfig) 
     if spec.sha256:
         args += ["--sha256", spec.sha256]
     args += ["--format", spec.format]
+    kek = encryption_key(spec)
+    if kek is not None:
+        volume, mount, path = security.secret_file(
+            "encryption-key", kek.name, kek.key, ENCRYPTION_KEY_DIR, "kek"
+        )
+        extra_volumes.append(volume)
+        extra_mounts.append(mount)
+        args += ["--encrypt-key-file", path]
     tmp_volume, tmp_mount = security.scratch_volume("4Gi")
     extra = {meta.MODEL_LABEL: ref.name, meta.LOAD_LABEL: key}
     pod_labels = meta.labels("loader", ref.name, **extra)
@@ -142,3 +181,87 @@ def build_loader_job(ref: ModelRef, spec: LLMModelSpec, config: OperatorConfig) 
             },
         },
     }
+
+
+def build_rotation_job(
+    ref: ModelRef, path: str, old: SecretKeyRef, new: SecretKeyRef, config: OperatorConfig
+) -> dict[str, Any]:
+    """The Job re-wrapping the data key of the load directory `path` from `old` to `new`.
+
+    Only the small wrapped-key headers change; the weights are not re-encrypted.
+    """
+    key = rotation_key(path, old, new)
+    old_volume, old_mount, old_file = security.secret_file(
+        "old-key", old.name, old.key, OLD_KEY_DIR, "kek"
+    )
+    new_volume, new_mount, new_file = security.secret_file(
+        "new-key", new.name, new.key, NEW_KEY_DIR, "kek"
+    )
+    tmp_volume, tmp_mount = security.scratch_volume("64Mi")
+    container = {
+        "name": "rewrap",
+        "image": config.worker_image,
+        "imagePullPolicy": config.worker_image_pull_policy,
+        "command": ["llmos-worker", "rewrap-key"],
+        "args": [
+            f"{config.models_mount_path}/{path}",
+            "--old-key-file",
+            old_file,
+            "--new-key-file",
+            new_file,
+        ],
+        "env": [{"name": "HOME", "value": "/tmp"}],
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "128Mi"},
+            "limits": {"cpu": "1", "memory": "512Mi"},
+        },
+        "volumeMounts": [
+            {"name": "models", "mountPath": config.models_mount_path},
+            tmp_mount,
+            old_mount,
+            new_mount,
+        ],
+        "securityContext": security.container_security_context(),
+    }
+    labels = meta.labels("loader", ref.name, **{meta.MODEL_LABEL: ref.name})
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(ref, rotation_job_name(ref.name, key)),
+        "spec": {
+            "backoffLimit": 2,
+            "activeDeadlineSeconds": 3600,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": security.pod_security_context(),
+                    "containers": [container],
+                    "volumes": [
+                        {
+                            "name": "models",
+                            "persistentVolumeClaim": {"claimName": claim_name(ref.name)},
+                        },
+                        tmp_volume,
+                        old_volume,
+                        new_volume,
+                    ],
+                },
+            },
+        },
+    }
+
+
+def build_network_policy(ref: ModelRef) -> dict[str, Any]:
+    """Loader and rotation pods of this model: no ingress; egress to DNS and 443 only."""
+    return build_loader_network_policy(
+        name=network_policy_name(ref.name),
+        namespace=ref.namespace,
+        metadata=_metadata(ref, network_policy_name(ref.name)),
+        pod_selector={
+            "app.kubernetes.io/component": "loader",
+            meta.MODEL_LABEL: ref.name,
+        },
+    )

@@ -1,10 +1,13 @@
-"""Children of an InferencePool: ServiceAccount, worker Deployment, Service, PodDisruptionBudget.
+"""Children of an InferencePool: ServiceAccount, worker Deployment, Service, PDB, NetworkPolicy.
 
 The worker container runs `llmos-worker serve --model <dir> --host 0.0.0.0 --port <port>` with
 its engine settings as the `LLMOS_*` environment variables the worker's CLI reads as flag
-defaults. The model volume is mounted read-only at the path the LLMModel's loader wrote to.
-A change to any engine setting or to the served model version changes the pod template, which
-makes the Deployment roll.
+defaults. The model volume is mounted read-only at the path the LLMModel's loader wrote to; an
+encrypted model adds its key file (`--model-key-file`) and digest (`--model-digest`), an
+`access.apiKeySecretRef` adds the API key digests (`--api-keys-file`), and the pool's rate-limit
+ConfigMap is mounted as a directory (env LLMOS_RATE_LIMITS_FILE). A change to any engine
+setting, to the served model version or to its key changes the pod template, which makes the
+Deployment roll.
 """
 
 from __future__ import annotations
@@ -12,9 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from llmos_operator.api.common import SecretKeyRef
 from llmos_operator.api.inferencepool import KIND, InferencePoolSpec
 from llmos_operator.builders import meta, security
+from llmos_operator.builders.networkpolicy import ClusterPeers, build_worker_network_policy
 from llmos_operator.config import OperatorConfig
+from llmos_operator.quota import ratelimits
+
+MODEL_KEY_DIR = "/etc/llmos/model-key"
+API_KEYS_DIR = "/etc/llmos/api-keys"
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,8 @@ class ServedModel:
     path: str
     version: str
     digest: str
+    # the key the model's data key is wrapped with (LLMModel status.keySecretRef); None: plain
+    key_ref: SecretKeyRef | None = None
 
 
 def service_account_name(pool: str) -> str:
@@ -51,6 +62,10 @@ def service_name(pool: str) -> str:
 
 def pdb_name(pool: str) -> str:
     return meta.child_name(pool)
+
+
+def network_policy_name(pool: str) -> str:
+    return meta.child_name(pool, "worker")
 
 
 def selector_labels(pool: str) -> dict[str, str]:
@@ -97,6 +112,7 @@ def worker_env(spec: InferencePoolSpec, model: ServedModel) -> list[dict[str, st
     if engine.max_model_len is not None:
         values["LLMOS_MAX_MODEL_LEN"] = str(engine.max_model_len)
     env = [{"name": k, "value": v} for k, v in values.items()]
+    env.append(ratelimits.worker_env())
     env += [
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": "/tmp/hf"},
@@ -119,13 +135,32 @@ def build_deployment(
     port = config.worker_port
     model_dir = f"{config.models_mount_path}/{model.path}"
     tmp_volume, tmp_mount = security.scratch_volume("2Gi")
+    args = ["--model", model_dir, "--host", "0.0.0.0", "--port", str(port)]
+    volumes: list[dict[str, Any]] = [ratelimits.worker_volume(ref.name)]
+    mounts: list[dict[str, Any]] = [ratelimits.worker_volume_mount()]
+    if model.key_ref is not None:
+        # why: an encrypted model is decrypted in memory with this key, bound to this digest
+        volume, mount, path = security.secret_file(
+            "model-key", model.key_ref.name, model.key_ref.key, MODEL_KEY_DIR, "kek"
+        )
+        volumes.append(volume)
+        mounts.append(mount)
+        args += ["--model-key-file", path, "--model-digest", model.digest]
+    api_keys = spec.access.api_key_secret_ref if spec.access else None
+    if api_keys is not None:
+        volume, mount, path = security.secret_file(
+            "api-keys", api_keys.name, api_keys.key, API_KEYS_DIR, "keys.json"
+        )
+        volumes.append(volume)
+        mounts.append(mount)
+        args += ["--api-keys-file", path]
     http_get = {"port": "http"}
     container: dict[str, Any] = {
         "name": "worker",
         "image": config.worker_image,
         "imagePullPolicy": config.worker_image_pull_policy,
         "command": ["llmos-worker", "serve"],
-        "args": ["--model", model_dir, "--host", "0.0.0.0", "--port", str(port)],
+        "args": args,
         "env": worker_env(spec, model),
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
         "startupProbe": {
@@ -148,6 +183,7 @@ def build_deployment(
             {"name": "model", "mountPath": config.models_mount_path, "readOnly": True},
             tmp_mount,
             {"name": "dshm", "mountPath": "/dev/shm"},
+            *mounts,
         ],
         "securityContext": security.container_security_context(),
     }
@@ -165,6 +201,7 @@ def build_deployment(
             },
             tmp_volume,
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
+            *volumes,
         ],
     }
     if spec.resources.node_selector:
@@ -235,3 +272,26 @@ def build_pdb(ref: PoolRef) -> dict[str, Any]:
             "selector": {"matchLabels": selector_labels(ref.name)},
         },
     }
+
+
+def cluster_peers(config: OperatorConfig) -> ClusterPeers:
+    """Where the operator and Prometheus run, as the NetworkPolicies name them."""
+    return ClusterPeers(
+        operator_namespace=config.operator_namespace,
+        monitoring_namespace=config.monitoring_namespace or None,
+    )
+
+
+def build_network_policy(
+    ref: PoolRef, spec: InferencePoolSpec, config: OperatorConfig
+) -> dict[str, Any]:
+    """Ingress to the workers from `spec.access`, the operator and monitoring; egress DNS only."""
+    return build_worker_network_policy(
+        name=network_policy_name(ref.name),
+        namespace=ref.namespace,
+        metadata=_metadata(ref, network_policy_name(ref.name)),
+        pod_selector=selector_labels(ref.name),
+        port=config.worker_port,
+        access=spec.access,
+        peers=cluster_peers(config),
+    )

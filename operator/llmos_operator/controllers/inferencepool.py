@@ -1,29 +1,38 @@
-"""InferencePool reconciler: wait for the model, then SA, Deployment, Service, PDB, and status.
+"""InferencePool reconciler: wait for the model, then SA, Deployment, Service, PDB, NetworkPolicy.
 
 Nothing is created before the spec validates and the referenced LLMModel is Ready, so an invalid
 or premature pool never leaves half its children behind. Every pass re-applies the desired
-children (drift is undone) and derives the status from the Deployment's real status.
+children (drift is undone) and derives the status from the Deployment's real status. The
+Deployment's replicas pass through an injected quota gate first (the QuotaPolicy handlers'
+`replicas_within_quota`), so the operator never grows a pool past its quota.
+
+Status has several writers (this reconcile, the quota reconcile's QuotaExceeded condition and
+`status.quota`, the autoscaler's `status.autoscaling`): each re-reads the pool and patches only
+the keys and condition types it owns, so none drops another's (conditions are merged by type).
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import ValidationError
 
 from llmos_operator.api import llmmodel
-from llmos_operator.api.common import ConditionStatus, set_condition
+from llmos_operator.api.common import ConditionStatus, SecretKeyRef, set_condition
 from llmos_operator.api.inferencepool import KIND, InferencePoolSpec
 from llmos_operator.builders import meta
 from llmos_operator.builders.pool import (
     PoolRef,
     ServedModel,
     build_deployment,
+    build_network_policy,
     build_pdb,
     build_service,
     build_service_account,
     deployment_name,
     endpoint,
+    network_policy_name,
     pdb_name,
     selector_labels,
     service_account_name,
@@ -32,9 +41,28 @@ from llmos_operator.builders.pool import (
 from llmos_operator.config import OperatorConfig
 from llmos_operator.controllers.errors import InvalidSpec, WaitingForDependency
 from llmos_operator.kube import KubeClient
-from llmos_operator.status import Clock, invalid_spec_message, rfc3339, status_patch
+from llmos_operator.quota.ratelimits import configmap_name
+from llmos_operator.status import Clock, invalid_spec_message, rfc3339
 
 Conditions = list[dict[str, Any]]
+# (replicas the pool may run now, why fewer than spec.replicas or None) for a pool body
+ReplicaGate = Callable[[dict[str, Any]], Awaitable[tuple[int, str | None]]]
+# the status keys this reconcile writes; other writers own the rest
+OWNED_KEYS = (
+    "replicas",
+    "readyReplicas",
+    "selector",
+    "endpoint",
+    "modelVersion",
+    "observedGeneration",
+)
+
+
+def merge_conditions(current: Conditions, ours: Conditions, types: set[str]) -> Conditions:
+    """`current` with the condition types in `types` taken from `ours` (merge by type)."""
+    kept = [c for c in current if c.get("type") not in types]
+    mine = [c for c in ours if c.get("type") in types]
+    return sorted(kept + mine, key=lambda c: str(c.get("type")))
 
 
 def deployment_conditions(
@@ -91,7 +119,11 @@ def deployment_conditions(
 
 
 async def reconcile_pool(
-    kube: KubeClient, config: OperatorConfig, body: dict[str, Any], clock: Clock
+    kube: KubeClient,
+    config: OperatorConfig,
+    body: dict[str, Any],
+    clock: Clock,
+    gate: ReplicaGate | None = None,
 ) -> dict[str, Any]:
     """Bring one InferencePool's children and status up to date; returns the new status."""
     metadata = body["metadata"]
@@ -103,9 +135,11 @@ async def reconcile_pool(
     status = {k: v for k, v in old_status.items() if k != "kopf"}
     now = rfc3339(clock())
     conditions: Conditions = list(status.get("conditions") or [])
+    owned_types: set[str] = set()
 
     def condition(type_: str, value: ConditionStatus, reason: str, message: str) -> None:
         nonlocal conditions
+        owned_types.add(type_)
         conditions = set_condition(
             conditions,
             type_,
@@ -117,10 +151,21 @@ async def reconcile_pool(
         )
 
     async def write() -> dict[str, Any]:
-        status["conditions"] = conditions
         status["observedGeneration"] = generation
-        patch = status_patch(old_status, status)
-        if patch is not None:
+        # why: the event's body may predate another writer's status change; merge onto now
+        fresh = await kube.get(KIND, namespace, name)
+        if fresh is None or (fresh.get("metadata") or {}).get("deletionTimestamp"):
+            return status
+        current: dict[str, Any] = fresh.get("status") or {}
+        status["conditions"] = merge_conditions(
+            list(current.get("conditions") or []), conditions, owned_types
+        )
+        patch = {
+            key: status.get(key)
+            for key in (*OWNED_KEYS, "conditions")
+            if current.get(key) != status.get(key)
+        }
+        if patch:
             await kube.patch(KIND, namespace, name, {"status": patch}, sub="status")
         return status
 
@@ -154,13 +199,21 @@ async def reconcile_pool(
         path=str(model_status["path"]),
         version=str(model_status.get("servedVersion") or ""),
         digest=str(model_status.get("digest") or ""),
+        key_ref=_key_ref(model_status.get("keySecretRef")),
     )
+    replicas, over_quota = spec.replicas, None
+    if gate is not None:
+        replicas, over_quota = await gate(body)
+    running = spec.model_copy(update={"replicas": replicas})
     await kube.apply(build_service_account(ref))
-    deployment, _ = await kube.apply(build_deployment(ref, spec, served, config))
+    await kube.apply(build_network_policy(ref, spec, config))
+    deployment, _ = await kube.apply(build_deployment(ref, running, served, config))
     await kube.apply(build_service(ref, config))
     await kube.apply(build_pdb(ref))
 
-    for type_, value, reason, message in deployment_conditions(deployment, spec.replicas):
+    for type_, value, reason, message in deployment_conditions(deployment, replicas):
+        if over_quota and type_ == "Ready":
+            message = f"{message}; {spec.replicas} asked: {over_quota}"
         condition(type_, value, reason, message)
     dep_status = deployment.get("status") or {}
     status.update(
@@ -173,6 +226,11 @@ async def reconcile_pool(
     return await write()
 
 
+def _key_ref(value: Any) -> SecretKeyRef | None:
+    """The model's status.keySecretRef as a SecretKeyRef (None: a plaintext model)."""
+    return SecretKeyRef.model_validate(value) if isinstance(value, dict) else None
+
+
 async def cleanup_pool(kube: KubeClient, body: dict[str, Any]) -> None:
     """Delete the pool's children (what garbage collection would do, done eagerly)."""
     metadata = body["metadata"]
@@ -181,3 +239,5 @@ async def cleanup_pool(kube: KubeClient, body: dict[str, Any]) -> None:
     await kube.delete("PodDisruptionBudget", namespace, pdb_name(name))
     await kube.delete("Service", namespace, service_name(name))
     await kube.delete("ServiceAccount", namespace, service_account_name(name))
+    await kube.delete("NetworkPolicy", namespace, network_policy_name(name))
+    await kube.delete("ConfigMap", namespace, configmap_name(name))

@@ -4,6 +4,9 @@ The loader Job for the current (source, version, format, sha256) is found by its
 name; its outcome is read from the Job's conditions and, on success, from the manifest JSON the
 loader wrote as its pod's termination message (digest, sizeBytes). A new spec gets a new Job and
 a new directory, while the previous version keeps being served until the new one is Ready.
+An encrypted model records the key its data key is wrapped with in `status.keySecretRef`; when
+`spec.encryption.keySecretRef` later names another key, a rotation Job re-wraps the data key
+and only its success moves `status.keySecretRef` (condition KeyRotated), which the pools follow.
 """
 
 from __future__ import annotations
@@ -13,17 +16,21 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from llmos_operator.api.common import ConditionStatus, set_condition
+from llmos_operator.api.common import ConditionStatus, SecretKeyRef, set_condition
 from llmos_operator.api.llmmodel import HISTORY_LIMIT, KIND, LLMModelSpec
 from llmos_operator.builders import meta
 from llmos_operator.builders.model import (
     ModelRef,
     build_loader_job,
+    build_network_policy,
     build_pvc,
+    build_rotation_job,
     claim_name,
+    encryption_key,
     job_name,
     load_dir,
     load_key,
+    network_policy_name,
 )
 from llmos_operator.config import OperatorConfig
 from llmos_operator.controllers.errors import InvalidSpec
@@ -85,12 +92,16 @@ async def reconcile_model(
     now = rfc3339(clock())
     conditions: list[dict[str, Any]] = list(status.get("conditions") or [])
 
+    def condition(type_: str, value: ConditionStatus, reason: str, message: str) -> None:
+        nonlocal conditions
+        conditions = set_condition(
+            conditions, type_, value, reason, message, now=now, generation=generation
+        )
+
     async def write(phase: str, reason: str, message: str) -> dict[str, Any]:
         status["phase"] = phase
-        ready: ConditionStatus = "True" if phase == "Ready" else "False"
-        status["conditions"] = set_condition(
-            conditions, "Ready", ready, reason, message, now=now, generation=generation
-        )
+        condition("Ready", "True" if phase == "Ready" else "False", reason, message)
+        status["conditions"] = conditions
         status["observedGeneration"] = generation
         patch = status_patch(old_status, status)
         if patch is not None:
@@ -107,11 +118,16 @@ async def reconcile_model(
     ref = ModelRef(name=name, namespace=namespace, uid=metadata["uid"])
     key = load_key(spec)
     await kube.apply(build_pvc(ref, spec))
+    await kube.apply(build_network_policy(ref))
     status["claimName"] = claim_name(name)
     if status.get("loadKey") == key and status.get("phase") in ("Ready", "Failed"):
         # why: this load is settled; its Job may since have been cleaned up, never redo it
         phase = str(status["phase"])
         cond = next((c for c in conditions if c.get("type") == "Ready"), {})
+        if phase == "Ready":
+            rotation = await _follow_key(kube, config, ref, spec, status)
+            if rotation is not None:
+                condition("KeyRotated", *rotation)
         return await write(phase, str(cond.get("reason", phase)), str(cond.get("message", "")))
 
     status["loadKey"] = key
@@ -141,14 +157,58 @@ async def reconcile_model(
         "loadedAt": now,
     }
     history = [h for h in status.get("history") or [] if h.get("path") != record["path"]]
+    kek = _job_key(job)
     status.update(
         digest=record["digest"],
         sizeBytes=record["sizeBytes"],
         servedVersion=spec.version,
         path=record["path"],
         history=[record, *history][:HISTORY_LIMIT],
+        keySecretRef=kek,
+        rotationJob=None,
     )
     return await write("Ready", "Loaded", f"version {spec.version} loaded ({record['digest']})")
+
+
+def _job_key(job: dict[str, Any]) -> dict[str, str] | None:
+    """{name, key} of the Secret the loader Job encrypted with (what it really used: the spec
+    may have named another key since the Job was made); None for a plaintext load."""
+    for volume in ((job.get("spec") or {}).get("template") or {}).get("spec", {}).get(
+        "volumes"
+    ) or []:
+        secret = volume.get("secret") or {}
+        if volume.get("name") == "encryption-key" and secret.get("items"):
+            return {"name": str(secret["secretName"]), "key": str(secret["items"][0]["key"])}
+    return None
+
+
+async def _follow_key(
+    kube: KubeClient,
+    config: OperatorConfig,
+    ref: ModelRef,
+    spec: LLMModelSpec,
+    status: dict[str, Any],
+) -> tuple[ConditionStatus, str, str] | None:
+    """Drive a key rotation of the served load; the KeyRotated condition (None: plaintext)."""
+    wanted = encryption_key(spec)
+    current = status.get("keySecretRef")
+    if wanted is None or not isinstance(current, dict):
+        return None  # why: switching encryption on or off is a new load, not a rotation
+    if current == wanted.to_api():
+        return "True", "KeyCurrent", f"data key wrapped with Secret {wanted.name}/{wanted.key}"
+    old = SecretKeyRef.model_validate(current)
+    body = build_rotation_job(ref, str(status["path"]), old, wanted, config)
+    status["rotationJob"] = body["metadata"]["name"]
+    job, _ = await kube.apply(body)
+    outcome, reason, message = _job_outcome(job)
+    if outcome == "running":
+        return "False", "Rotating", f"rotation Job {status['rotationJob']} is re-wrapping the key"
+    if outcome == "failed":
+        # why: the old key still opens the data; pools keep serving with it
+        detail = f"rotation Job {status['rotationJob']} failed ({reason}): {message}"
+        return "False", "RotationFailed", detail
+    status["keySecretRef"] = wanted.to_api()
+    return "True", "Rotated", f"data key re-wrapped with Secret {wanted.name}/{wanted.key}"
 
 
 async def cleanup_model(kube: KubeClient, body: dict[str, Any]) -> None:
@@ -157,4 +217,5 @@ async def cleanup_model(kube: KubeClient, body: dict[str, Any]) -> None:
     name, namespace = metadata["name"], metadata["namespace"]
     for job in await kube.list("Job", namespace, {meta.MODEL_LABEL: name}):
         await kube.delete("Job", namespace, job["metadata"]["name"])
+    await kube.delete("NetworkPolicy", namespace, network_policy_name(name))
     await kube.delete("PersistentVolumeClaim", namespace, claim_name(name))

@@ -12,8 +12,8 @@ One timer per InferencePool, every `AutoscalerSettings.interval_s`:
 - mode `hpa`: ensure the `autoscaling/v2` HPA child (`autoscaling.build_hpa`) and do nothing else;
 - otherwise: remove an HPA left by an earlier `hpa` mode.
 Per-pool decision history lives in kopf's per-object memo (lost on restart, which `decide`
-handles by not scaling down before a full window). Kinds the shared `KubeClient` has no entry for
-(Namespace, HorizontalPodAutoscaler) are reached by REST path through `_rest`.
+handles by not scaling down before a full window). Every API call goes through the shared
+`KubeClient` (its kind table has Namespace and HorizontalPodAutoscaler).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from llmos_operator.builders.pool import selector_labels
 from llmos_operator.config import OperatorConfig
 from llmos_operator.handlers.registration import STATE
 from llmos_operator.handlers.state import OperatorState
-from llmos_operator.kube import KubeClient, KubeError, Resource, contains
+from llmos_operator.kube import KubeClient
 from llmos_operator.logging import log_context
 from llmos_operator.metrics import OPERATOR_METRICS, OperatorMetrics
 from llmos_operator.quota import Policy, PolicyError, PoolDemand, allowed_replicas, effective_for
@@ -57,8 +57,6 @@ from llmos_operator.status import rfc3339
 
 logger = logging.getLogger(__name__)
 
-NAMESPACES = Resource("", "v1", "namespaces", namespaced=False)
-HPAS = Resource("autoscaling", "v2", "horizontalpodautoscalers")
 MEMO_SCALER = "autoscaler"  # per-object memo key of the pool's Autoscaler
 MEMO_HTTP = "autoscaler_http"  # operator memo key of the shared scrape client
 MEMO_HPA_GONE = "autoscaler_hpa_gone"  # per-object: no stale HPA left (checked once)
@@ -129,11 +127,6 @@ def is_ready(pod: Mapping[str, Any]) -> bool:
     )
 
 
-async def _rest(kube: KubeClient, method: str, path: str, **kwargs: Any) -> dict[str, Any] | None:
-    # why: KubeClient's kind table lacks Namespace and HPA; same client, auth and error rules
-    return await kube._request(method, path, ok_missing=True, **kwargs)
-
-
 async def quota_cap(kube: KubeClient, body: Mapping[str, Any], max_replicas: int) -> int | None:
     """The most replicas the namespace's QuotaPolicies let this pool have (None: no limit)."""
     policies = []
@@ -145,7 +138,7 @@ async def quota_cap(kube: KubeClient, body: Mapping[str, Any], max_replicas: int
     if not policies:
         return None
     namespace = body["metadata"]["namespace"]
-    ns = await _rest(kube, "GET", NAMESPACES.path(None, namespace)) or {}
+    ns = await kube.get("Namespace", None, namespace) or {}
     effective = effective_for(policies, ns.get("metadata", {}).get("labels") or {})
     if not effective.limits:
         return None
@@ -174,25 +167,12 @@ async def ensure_hpa(kube: KubeClient, body: Mapping[str, Any], spec: Autoscalin
         scale_down_window_s=spec.scale_down_stabilization_seconds,
         owner_uid=meta["uid"],
     )
-    path = HPAS.path(meta["namespace"], hpa_name(meta["name"]))
-    existing = await _rest(kube, "GET", path)
-    if existing is None:
-        try:
-            await kube._request("POST", HPAS.path(meta["namespace"]), json=desired)
-        except KubeError as exc:
-            if exc.status != 409:
-                raise
-        return "created"
-    owned = {k: desired[k] for k in ("metadata", "spec")}
-    if contains(existing, owned):
-        return "unchanged"
-    headers = {"Content-Type": "application/merge-patch+json"}
-    await _rest(kube, "PATCH", path, json=owned, headers=headers)
-    return "patched"
+    _, done = await kube.apply(desired)
+    return done
 
 
 async def remove_hpa(kube: KubeClient, namespace: str, name: str) -> None:
-    await _rest(kube, "DELETE", HPAS.path(namespace, hpa_name(name)))
+    await kube.delete("HorizontalPodAutoscaler", namespace, hpa_name(name))
 
 
 def autoscaling_status(decision: Decision, previous: Mapping[str, Any], now: str) -> dict[str, Any]:
@@ -201,6 +181,7 @@ def autoscaling_status(decision: Decision, previous: Mapping[str, Any], now: str
     return {
         "currentMetric": None if metric is None else float(f"{metric:.4g}"),
         "desiredReplicas": decision.desired_replicas,
+        "reason": decision.reason,
         "lastDecision": decision.message[:1024],
         "lastScaleTime": now if decision.direction != "hold" else previous.get("lastScaleTime"),
     }

@@ -23,14 +23,17 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import httpx
 import kopf
 
 from llmos_operator.api.common import GROUP, VERSION, set_condition
 from llmos_operator.builders.meta import MANAGED_BY
-from llmos_operator.kube import RESOURCES, KubeClient, Resource
+from llmos_operator.kube import KubeClient, KubeError
+from llmos_operator.metrics import OPERATOR_METRICS
 from llmos_operator.quota.evaluation import (
     allowed_replicas,
     check_model,
@@ -52,14 +55,8 @@ QUOTA = "llmos_quota"  # memo key of the QuotaState
 CORE = "llmos"  # memo key of the core OperatorState (its .kube is the API client)
 WEBHOOK = "webhook"  # memo key of an injected WebhookConfig
 CONDITION = "QuotaExceeded"
-
-# why: the core client knows only the kinds it owns; these are the ones quota adds
-for _kind, _resource in {
-    "Namespace": Resource("", "v1", "namespaces", namespaced=False),
-    "ResourceQuota": Resource("", "v1", "resourcequotas"),
-    "ConfigMap": Resource("", "v1", "configmaps"),
-}.items():
-    RESOURCES.setdefault(_kind, _resource)
+# (kind, namespace, name) -> the core reconcile's per-object lock (OperatorState.lock)
+ObjectLocks = Callable[[str, str, str], asyncio.Lock]
 
 
 @dataclass
@@ -69,6 +66,9 @@ class QuotaState:
     locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     grants: dict[tuple[str, str], int] = field(default_factory=dict)
     reconcile_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # set by pool/model/namespace events; one background task reconciles and clears it
+    dirty: asyncio.Event = field(default_factory=asyncio.Event)
+    runner: asyncio.Task[None] | None = None
 
 
 def _kube(memo: kopf.Memo) -> KubeClient:
@@ -89,7 +89,30 @@ async def configure_quota(settings: kopf.OperatorSettings, memo: kopf.Memo, **_:
     config = config if isinstance(config, WebhookConfig) else WebhookConfig.from_env()
     settings.admission.server = AdmissionServer(config)
     settings.admission.managed = config.managed
-    memo[QUOTA] = QuotaState()
+    state = memo[QUOTA] = QuotaState()
+    state.runner = asyncio.create_task(_reconcile_when_dirty(memo, state))
+
+
+async def stop_quota(memo: kopf.Memo, **_: Any) -> None:
+    state = memo.get(QUOTA)
+    if isinstance(state, QuotaState) and state.runner is not None:
+        state.runner.cancel()  # why: not awaited; it may be mid-request on a closing client
+
+
+async def _reconcile_when_dirty(memo: kopf.Memo, state: QuotaState) -> None:
+    """Coalesce bursts of events into one reconcile_quotas at a time.
+
+    why: kopf runs an object's event handlers in that object's own worker; reconciling every
+    quota inline there would hold a deleting pool's worker behind other objects' reconciles.
+    """
+    while True:
+        await state.dirty.wait()
+        state.dirty.clear()
+        try:
+            await reconcile_quotas(_kube(memo), state, _locks(memo))
+        except (KubeError, httpx.HTTPError, kopf.TemporaryError) as exc:
+            # why: the next event or the policy timer tries again; the loop must live on
+            logger.warning("quota reconcile failed: %s", exc)
 
 
 async def _policies(kube: KubeClient) -> list[Policy]:
@@ -117,7 +140,13 @@ async def _model_size(kube: KubeClient, namespace: str, model: str) -> int | Non
 # --- admission ---------------------------------------------------------------------------------
 
 
-async def validate_pool(body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+def _admitted(kind: str, operation: str | None, allowed: bool) -> None:
+    OPERATOR_METRICS.record_admission(kind, operation or "", allowed=allowed)
+
+
+async def validate_pool(
+    body: kopf.Body, namespace: str | None, memo: kopf.Memo, operation: str | None, **_: Any
+) -> None:
     kube, ns = _kube(memo), namespace or body.get("metadata", {}).get("namespace", "")
     async with _state(memo).locks[ns]:
         effective = await _effective(kube, ns)
@@ -127,13 +156,17 @@ async def validate_pool(body: kopf.Body, namespace: str | None, memo: kopf.Memo,
         demand = PoolDemand.from_body(body)
         size = await _model_size(kube, ns, demand.model)
         verdict = check_pool(dict(body), effective, others, model_size_bytes=size)
+    _admitted("InferencePool", operation, verdict.allowed)
     if not verdict.allowed:
         raise kopf.AdmissionError(verdict.message, code=403)
 
 
-async def validate_model(body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+async def validate_model(
+    body: kopf.Body, namespace: str | None, memo: kopf.Memo, operation: str | None, **_: Any
+) -> None:
     kube, ns = _kube(memo), namespace or body.get("metadata", {}).get("namespace", "")
     verdict = check_model(dict(body), await _effective(kube, ns))
+    _admitted("LLMModel", operation, verdict.allowed)
     if not verdict.allowed:
         raise kopf.AdmissionError(verdict.message, code=403)
 
@@ -169,8 +202,12 @@ async def replicas_within_quota(memo: kopf.Memo, body: dict[str, Any]) -> tuple[
 # --- reconcile ---------------------------------------------------------------------------------
 
 
-async def reconcile_quotas(kube: KubeClient, state: QuotaState) -> None:
-    """Bring every policy's status, every ResourceQuota and every pool's quota view up to date."""
+async def reconcile_quotas(
+    kube: KubeClient, state: QuotaState, locks: ObjectLocks | None = None
+) -> None:
+    """Bring every policy's status, every ResourceQuota and every pool's quota view up to date.
+
+    `locks` serialises each pool's status write with the pool reconcile's (same lock)."""
     async with state.reconcile_lock:
         policy_bodies = await kube.list("QuotaPolicy", None)
         policies = {p.name: p for p in await _policies(kube)}
@@ -205,10 +242,31 @@ async def reconcile_quotas(kube: KubeClient, state: QuotaState) -> None:
             ):
                 await kube.delete("ResourceQuota", meta["namespace"], meta["name"])
 
+        for ns, labels in namespaces.items():
+            _record_usage(
+                ns,
+                namespace_usage(by_ns.get(ns, [])).to_status(ns),
+                effective_for(policies.values(), labels),
+            )
         for pool in pools:
             ns = pool["metadata"]["namespace"]
             effective = effective_for(policies.values(), namespaces.get(ns, {}))
-            await _write_pool_quota(kube, pool, effective, by_ns[ns])
+            await _write_pool_quota(kube, pool, effective, by_ns[ns], locks)
+
+
+def _record_usage(namespace: str, usage: dict[str, Any], effective: Effective) -> None:
+    """Quota usage and limit gauges of one selected namespace (the quota-exhausted alert)."""
+    if not effective.policies:
+        return
+    for resource in ("gpus", "inferencePools", "totalReplicas"):
+        bound = effective.limits.get(resource)
+        OPERATOR_METRICS.record_quota(
+            namespace,
+            resource,
+            used=float(usage[resource]),
+            limit=None if bound is None else float(bound.value),
+            policy="" if bound is None else bound.policy,
+        )
 
 
 async def _write_policy_status(
@@ -246,12 +304,30 @@ async def _write_policy_status(
 
 
 async def _write_pool_quota(
-    kube: KubeClient, pool: dict[str, Any], effective: Effective, demands: list[PoolDemand]
+    kube: KubeClient,
+    pool: dict[str, Any],
+    effective: Effective,
+    demands: list[PoolDemand],
+    locks: ObjectLocks | None = None,
 ) -> None:
     meta = pool["metadata"]
     if meta.get("deletionTimestamp"):
         return
     await kube.apply(build_rate_limits_configmap(pool, effective))
+    lock = locks("InferencePool", meta["namespace"], meta["name"]) if locks else asyncio.Lock()
+    async with lock:
+        # why: the listed body may be stale; conditions are read-modify-written under the
+        # lock the pool reconcile holds for its own status writes, so neither drops the other's
+        fresh = await kube.get("InferencePool", meta["namespace"], meta["name"])
+        if fresh is None or fresh["metadata"].get("deletionTimestamp"):
+            return
+        await _write_pool_condition(kube, fresh, effective, demands)
+
+
+async def _write_pool_condition(
+    kube: KubeClient, pool: dict[str, Any], effective: Effective, demands: list[PoolDemand]
+) -> None:
+    meta = pool["metadata"]
     demand = PoolDemand.from_body(pool)
     usage = namespace_usage(demands)
     size = await _model_size(kube, meta["namespace"], demand.model)
@@ -296,8 +372,13 @@ def _same_status(current: dict[str, Any], new: dict[str, Any]) -> bool:
     return True
 
 
+def _locks(memo: kopf.Memo) -> ObjectLocks | None:
+    lock = getattr(memo.get(CORE), "lock", None)
+    return lock if callable(lock) else None
+
+
 async def quota_changed(memo: kopf.Memo, **_: Any) -> None:
-    await reconcile_quotas(_kube(memo), _state(memo))
+    await reconcile_quotas(_kube(memo), _state(memo), _locks(memo))
 
 
 async def pool_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
@@ -307,8 +388,7 @@ async def pool_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     if event.get("type") == "DELETED":
         meta = obj.get("metadata") or {}
         _state(memo).grants.pop((meta.get("namespace", ""), meta.get("name", "")), None)
-    with contextlib.suppress(kopf.TemporaryError):
-        await reconcile_quotas(_kube(memo), _state(memo))
+    _state(memo).dirty.set()
 
 
 def register_quota(
@@ -317,6 +397,7 @@ def register_quota(
     """Wire the quota handlers into `registry` (after the core `register`, whose startup
     handler puts the API client into memo)."""
     kopf.on.startup(registry=registry)(configure_quota)
+    kopf.on.cleanup(registry=registry)(stop_quota)
     policies = (GROUP, VERSION, "quotapolicies")
     for decorate in (kopf.on.resume, kopf.on.create, kopf.on.update):
         decorate(*policies, registry=registry, id="quota")(quota_changed)

@@ -6,12 +6,16 @@
   waiting, PermanentError for invalid specs), a timer re-checks reality (drift, status),
   delete -> cleanup of children (kopf's finalizer path);
 - children (Jobs, Deployments, Services, ServiceAccounts, PDBs) -> reconcile their owner, so
-  hand edits and deletions are undone at once and pool status follows the Deployment.
+  hand edits and deletions are undone at once and pool status follows the Deployment
+  (NetworkPolicies and ConfigMaps are put back by the timer's reconcile);
+- every reconcile is timed and counted in the operator's metrics, model phases too; pools pass
+  through the QuotaPolicy replica gate when the quota handlers are registered.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from typing import Any
 
@@ -30,8 +34,11 @@ from llmos_operator.controllers import (
     reconcile_model,
     reconcile_pool,
 )
+from llmos_operator.controllers.inferencepool import ReplicaGate
+from llmos_operator.handlers.quota import QUOTA, replicas_within_quota
 from llmos_operator.handlers.state import OperatorState
 from llmos_operator.kube import KubeClient
+from llmos_operator.metrics import OPERATOR_METRICS
 
 STATE = "llmos"  # memo key of the OperatorState
 CONFIG = "config"  # memo key of an injected OperatorConfig
@@ -92,15 +99,29 @@ def login(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> kopf.Co
     return connection(_config(memo), settings)
 
 
+def _gate(memo: kopf.Memo) -> ReplicaGate | None:
+    """The QuotaPolicy replica gate when the quota handlers are registered (they are in
+    `llmos_operator.app`); None runs pools at spec.replicas."""
+    return functools.partial(replicas_within_quota, memo) if QUOTA in memo else None
+
+
+def _model_phase(namespace: str, name: str, status: dict[str, Any]) -> None:
+    if status.get("phase"):
+        OPERATOR_METRICS.record_model_phase(namespace, name, str(status["phase"]))
+
+
 async def model_changed(
     body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **_: Any
 ) -> None:
     state = _state(memo)
     async with state.lock("LLMModel", _ns(namespace), name):
-        try:
-            await reconcile_model(state.kube, state.config, dict(body), state.clock)
-        except InvalidSpec as exc:
-            raise kopf.PermanentError(str(exc)) from exc
+        with OPERATOR_METRICS.reconcile("LLMModel"):
+            try:
+                status = await reconcile_model(state.kube, state.config, dict(body), state.clock)
+            except InvalidSpec as exc:
+                _model_phase(_ns(namespace), name, {"phase": "Failed"})
+                raise kopf.PermanentError(str(exc)) from exc
+        _model_phase(_ns(namespace), name, status)
 
 
 async def _recheck_model(state: OperatorState, namespace: str, name: str) -> None:
@@ -110,16 +131,21 @@ async def _recheck_model(state: OperatorState, namespace: str, name: str) -> Non
         if body is None or body.get("metadata", {}).get("deletionTimestamp"):
             return
         # why: an invalid spec is in the status already; the handler path reported it once
-        with contextlib.suppress(InvalidSpec):
-            await reconcile_model(state.kube, state.config, body, state.clock)
+        with contextlib.suppress(InvalidSpec), OPERATOR_METRICS.reconcile("LLMModel"):
+            _model_phase(
+                namespace, name, await reconcile_model(state.kube, state.config, body, state.clock)
+            )
 
 
 async def model_check(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
     await _recheck_model(_state(memo), _ns(namespace), name)
 
 
-async def model_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def model_deleted(
+    body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **_: Any
+) -> None:
     await cleanup_model(_state(memo).kube, dict(body))
+    OPERATOR_METRICS.forget_model(_ns(namespace), name)
 
 
 async def pool_changed(
@@ -127,27 +153,34 @@ async def pool_changed(
 ) -> None:
     state = _state(memo)
     async with state.lock("InferencePool", _ns(namespace), name):
-        try:
-            await reconcile_pool(state.kube, state.config, dict(body), state.clock)
-        except InvalidSpec as exc:
-            raise kopf.PermanentError(str(exc)) from exc
-        except WaitingForDependency as exc:
-            raise kopf.TemporaryError(str(exc), delay=state.config.model_wait_delay_s) from exc
+        with OPERATOR_METRICS.reconcile("InferencePool"):
+            try:
+                await reconcile_pool(state.kube, state.config, dict(body), state.clock, _gate(memo))
+            except InvalidSpec as exc:
+                raise kopf.PermanentError(str(exc)) from exc
+            except WaitingForDependency as exc:
+                delay = state.config.model_wait_delay_s
+                raise kopf.TemporaryError(str(exc), delay=delay) from exc
 
 
-async def _recheck_pool(state: OperatorState, namespace: str, name: str) -> None:
+async def _recheck_pool(
+    state: OperatorState, namespace: str, name: str, gate: ReplicaGate | None
+) -> None:
     async with state.lock("InferencePool", _ns(namespace), name):
         # why: re-read under the lock; the event or timer body may be stale or the pool gone
         body = await state.kube.get("InferencePool", namespace, name)
         if body is None or body.get("metadata", {}).get("deletionTimestamp"):
             return
         # why: the status says why it stopped; the create/update handler owns the retries
-        with contextlib.suppress(InvalidSpec, WaitingForDependency):
-            await reconcile_pool(state.kube, state.config, body, state.clock)
+        with (
+            contextlib.suppress(InvalidSpec, WaitingForDependency),
+            OPERATOR_METRICS.reconcile("InferencePool"),
+        ):
+            await reconcile_pool(state.kube, state.config, body, state.clock, gate)
 
 
 async def pool_check(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
-    await _recheck_pool(_state(memo), _ns(namespace), name)
+    await _recheck_pool(_state(memo), _ns(namespace), name, _gate(memo))
 
 
 async def pool_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -159,7 +192,7 @@ async def pool_child_event(
 ) -> None:
     pool = labels.get(meta.POOL_LABEL)
     if pool:
-        await _recheck_pool(_state(memo), _ns(namespace), pool)
+        await _recheck_pool(_state(memo), _ns(namespace), pool, _gate(memo))
 
 
 async def loader_job_event(
