@@ -244,6 +244,16 @@ async def test_hpa_mode_renders_the_hpa_and_leaves_replicas_alone(
     await asyncio.sleep(0.6)
     assert await replicas_of(cluster, "ext") == 2
 
+    # a new target reaches the HPA (patched in place)
+    await cluster.patch("inferencepools", "ext", {"spec": {"autoscaling": {"target": 3}}})
+
+    async def retargeted() -> bool:
+        got = await hpa() or {}
+        [metric] = got.get("spec", {}).get("metrics") or [{}]
+        return bool(metric.get("pods", {}).get("target", {}).get("averageValue") == "3")
+
+    await cluster.wait_for(retargeted, timeout=10, what="the HPA patched")
+
     await cluster.patch("inferencepools", "ext", {"spec": {"autoscaling": {"enabled": False}}})
 
     async def gone() -> bool:
