@@ -20,7 +20,6 @@ also configures kopf's admission server (`AdmissionServer`, settings from an inj
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable
@@ -145,8 +144,9 @@ def _admitted(kind: str, operation: str | None, allowed: bool) -> None:
 
 
 async def validate_pool(
-    body: kopf.Body, namespace: str | None, memo: kopf.Memo, operation: str | None, **_: Any
+    body: kopf.Body, namespace: str | None, memo: kopf.Memo, **kwargs: Any
 ) -> None:
+    operation = kwargs.get("operation")  # why: kopf passes it, its WebhookFn type omits it
     kube, ns = _kube(memo), namespace or body.get("metadata", {}).get("namespace", "")
     async with _state(memo).locks[ns]:
         effective = await _effective(kube, ns)
@@ -162,8 +162,9 @@ async def validate_pool(
 
 
 async def validate_model(
-    body: kopf.Body, namespace: str | None, memo: kopf.Memo, operation: str | None, **_: Any
+    body: kopf.Body, namespace: str | None, memo: kopf.Memo, **kwargs: Any
 ) -> None:
+    operation = kwargs.get("operation")  # why: kopf passes it, its WebhookFn type omits it
     kube, ns = _kube(memo), namespace or body.get("metadata", {}).get("namespace", "")
     verdict = check_model(dict(body), await _effective(kube, ns))
     _admitted("LLMModel", operation, verdict.allowed)
