@@ -72,7 +72,7 @@ def render(results: dict[str, Any]) -> str:
         f"- Command: `{meta.get('command', '?')}`",
         f"- Date: {meta.get('date', '?')}",
         f"- Machine: {meta.get('machine', '?')}",
-        f"- Software: {meta.get('software', '?')}",
+        f"- Software: {meta.get('software', '?')}; code at commit {meta.get('git', '?')}",
         f"- Load average (1 min) before / after: {meta.get('load_before', '?')} / "
         f"{meta.get('load_after', '?')} (other work on the machine slows every number here)",
         f"- Threads: {meta.get('threads', '?')} for every system; OMP_WAIT_POLICY="

@@ -67,6 +67,23 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores ({isa}), {mem:.0f} GiB RAM, {platform.platform()}"
 
 
+def git_revision() -> str:
+    """Short commit of the checkout, marked `+dirty` when tracked files differ from it."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=Path(__file__).resolve().parents[1],
+        ).stdout.strip()
+
+    rev = git("rev-parse", "--short", "HEAD") or "unknown"
+    return rev + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def software() -> str:
     import torch
     import transformers
@@ -292,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine(),
             "software": software(),
+            "git": git_revision(),
             "quick": args.quick or bool(args.limit or args.max_output),
             "threads": args.threads,
             "omp_wait_policy": args.omp_wait_policy,
