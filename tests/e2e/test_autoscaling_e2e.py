@@ -22,11 +22,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.operator.conftest import Cluster
+from tests.operator.conftest import Cluster, cluster, operator_evidence  # noqa: F401
 from tests.operator.test_autoscaling import (  # noqa: F401  (fixtures)
-    ScalingOperator,
     add_pod,
-    cluster,
     metrics,
     pool_body,
     replicas_of,

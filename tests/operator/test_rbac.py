@@ -68,6 +68,7 @@ async def test_cluster_role_matches_what_the_operator_does(
             ("deployments", "chat"),
             ("services", "chat"),
             ("poddisruptionbudgets", "chat"),
+            ("networkpolicies", "chat-worker"),
         ],
     )
     await cluster.delete("services", "chat")
