@@ -237,7 +237,7 @@ def online_parts(
         *args.server_arg,
     ]
     env = {"OMP_NUM_THREADS": str(args.threads)}
-    log_path = args.out / "bench" / "server.log"
+    log_path = Path(__file__).resolve().parent / "results" / "tmp" / "server.log"  # git-ignored
     with serving.worker_server(BUILTIN, server_args, log_path, env) as base:
         for rate in workload.ONLINE_RATES:
             timings, duration = serving.run_online(base, wl[workload.online_name(rate)])
