@@ -15,8 +15,14 @@ BS = 4
 
 
 def seq(tokens: list[int], salt: str = "") -> Sequence:
-    return Sequence(request_id="r", index=0, token_ids=list(tokens),
-                    num_prompt_tokens=len(tokens), params=SamplingParams(), cache_salt=salt)
+    return Sequence(
+        request_id="r",
+        index=0,
+        token_ids=list(tokens),
+        num_prompt_tokens=len(tokens),
+        params=SamplingParams(),
+        cache_salt=salt,
+    )
 
 
 def admit(bm: BlockManager, s: Sequence) -> list[tuple[int, int]]:
@@ -44,7 +50,7 @@ def check_invariants(bm: BlockManager, live: list[Sequence]) -> None:
     owners: dict[int, list[tuple[int, list[int]]]] = {}
     for s in live:
         for i, b in enumerate(s.block_table):
-            filled = s.token_ids[i * BS:min((i + 1) * BS, s.num_computed_tokens)]
+            filled = s.token_ids[i * BS : min((i + 1) * BS, s.num_computed_tokens)]
             owners.setdefault(b, []).append((i, filled))
     for shared in owners.values():
         if len(shared) > 1:
@@ -132,14 +138,20 @@ def test_fork_copies_shared_partial_block_on_write() -> None:
     assert parent.block_table[0] == child.block_table[0]  # full block stays shared
 
 
-ops = st.lists(st.tuples(st.sampled_from(["add", "grow", "fork", "free"]),
-                         st.integers(0, 50), st.integers(1, 12)), min_size=1, max_size=60)
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "grow", "fork", "free"]), st.integers(0, 50), st.integers(1, 12)
+    ),
+    min_size=1,
+    max_size=60,
+)
 
 
 @settings(max_examples=150, deadline=None)
 @given(ops, st.booleans())
-def test_random_programs_keep_the_pool_consistent(program: list[tuple[str, int, int]],
-                                                  caching: bool) -> None:
+def test_random_programs_keep_the_pool_consistent(
+    program: list[tuple[str, int, int]], caching: bool
+) -> None:
     bm = BlockManager(12, BS, enable_prefix_caching=caching)
     live: list[Sequence] = []
     for op, pick, size in program:
@@ -167,7 +179,7 @@ def test_random_programs_keep_the_pool_consistent(program: list[tuple[str, int, 
                 s.num_computed_tokens += n
                 bm.cache_full_blocks(s)
             else:
-                s.token_ids = s.token_ids[:s.num_computed_tokens]
+                s.token_ids = s.token_ids[: s.num_computed_tokens]
         elif op == "fork" and live:
             parent = live[pick % len(live)]
             child = parent.fork(1)

@@ -39,13 +39,19 @@ def prompt_ids(i: int, length: int) -> list[int]:
     return [(977 * i + 31 * j) % 40000 + 100 for j in range(length)]
 
 
-@settings(max_examples=6, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=6,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @example(reqs=HEAVY, budget=32)
-@given(st.lists(st.tuples(st.integers(2, 40), st.integers(1, 24)), min_size=2, max_size=8),
-       st.sampled_from([8, 32]))
+@given(
+    st.lists(st.tuples(st.integers(2, 40), st.integers(1, 24)), min_size=2, max_size=8),
+    st.sampled_from([8, 32]),
+)
 def test_preempted_then_resumed_greedy_equals_uninterrupted(
-        tiny: Any, reqs: list[tuple[int, int]], budget: int) -> None:
+    tiny: Any, reqs: list[tuple[int, int]], budget: int
+) -> None:
     prompts = [prompt_ids(i, n) for i, (n, _) in enumerate(reqs)]
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for _, m in reqs]
     roomy = engine_for(tiny)
@@ -53,8 +59,9 @@ def test_preempted_then_resumed_greedy_equals_uninterrupted(
     assert roomy.stats().num_preemptions == 0
     # 17 blocks of 4 slots: each request alone fits (<= 64 tokens), all of them together do not
     per_block = roomy.runner.bytes_per_block(tiny.config, 4, "float32")  # type: ignore[attr-defined]
-    tight = engine_for(tiny, kv_cache_memory_bytes=17 * per_block, max_num_batched_tokens=budget,
-                       max_model_len=68)
+    tight = engine_for(
+        tiny, kv_cache_memory_bytes=17 * per_block, max_num_batched_tokens=budget, max_model_len=68
+    )
     got = [o.outputs[0].token_ids for o in tight.generate(prompts, params)]
     assert got == expect
     if reqs == HEAVY:
@@ -65,12 +72,19 @@ def test_preempted_then_resumed_greedy_equals_uninterrupted(
 def test_n_completions_share_blocks_and_equal_independent_seeded_runs(tiny: Any) -> None:
     prompt = prompt_ids(3, 10)  # 2.5 blocks: the partial block is shared, then copied on write
     engine = engine_for(tiny)
-    forked = engine.generate([prompt], SamplingParams(n=3, temperature=1.0, seed=42,
-                                                      max_tokens=12, ignore_eos=True))[0]
+    forked = engine.generate(
+        [prompt], SamplingParams(n=3, temperature=1.0, seed=42, max_tokens=12, ignore_eos=True)
+    )[0]
     assert engine.stats().prompt_tokens == 10  # prefilled once
     single = engine_for(tiny, enable_prefix_caching=False).generate(
-        [prompt] * 3, [SamplingParams(temperature=1.0, seed=completion_seed(42, i),
-                                      max_tokens=12, ignore_eos=True) for i in range(3)])
+        [prompt] * 3,
+        [
+            SamplingParams(
+                temperature=1.0, seed=completion_seed(42, i), max_tokens=12, ignore_eos=True
+            )
+            for i in range(3)
+        ],
+    )
     assert [c.token_ids for c in forked.outputs] == [o.outputs[0].token_ids for o in single]
     assert len({tuple(c.token_ids) for c in forked.outputs}) == 3
 
@@ -80,21 +94,24 @@ def test_seeded_sampling_is_independent_of_batch_composition(tiny: Any) -> None:
     alone = engine_for(tiny).generate([prompt_ids(1, 12)], mine)[0].outputs[0].token_ids
     engine = engine_for(tiny, max_num_batched_tokens=16)
     others = [prompt_ids(i, 5 + 7 * i) for i in range(2, 6)]
-    outs = engine.generate([*others, prompt_ids(1, 12)],
-                           [*[SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
-                              for _ in others], mine])
+    outs = engine.generate(
+        [*others, prompt_ids(1, 12)],
+        [*[SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True) for _ in others], mine],
+    )
     assert outs[-1].outputs[0].token_ids == alone
 
 
 def test_chat_prompt_text_and_stop_string_with_real_tokenizer(tiny: Any) -> None:
     engine = engine_for(tiny)
     chat = tiny.tokenizer.apply_chat_template([{"role": "user", "content": "Hello!"}])
-    base = engine.generate([chat], SamplingParams(temperature=0.0, max_tokens=24,
-                                                  ignore_eos=True))[0].outputs[0]
+    base = engine.generate([chat], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))[
+        0
+    ].outputs[0]
     assert base.text == tiny.tokenizer.decode(base.token_ids)
-    stop = base.text[len(base.text) // 2:len(base.text) // 2 + 3]
-    out = engine.generate([chat], SamplingParams(temperature=0.0, max_tokens=24, stop=[stop],
-                                                 ignore_eos=True))[0].outputs[0]
+    stop = base.text[len(base.text) // 2 : len(base.text) // 2 + 3]
+    out = engine.generate(
+        [chat], SamplingParams(temperature=0.0, max_tokens=24, stop=[stop], ignore_eos=True)
+    )[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
-    assert out.text == base.text[:base.text.index(stop)]
+    assert out.text == base.text[: base.text.index(stop)]
     assert engine.stats().prefix_cache_hits > 0  # the second run reused the chat prompt

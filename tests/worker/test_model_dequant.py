@@ -11,8 +11,9 @@ from gguf.quants import dequantize, quantize
 from llmos_worker.model.dequant import FAST_TYPES, dequantize_fast
 
 
-@pytest.mark.parametrize("qtype", [GGMLQuantizationType(t) for t in sorted(FAST_TYPES)],
-                         ids=lambda t: t.name)
+@pytest.mark.parametrize(
+    "qtype", [GGMLQuantizationType(t) for t in sorted(FAST_TYPES)], ids=lambda t: t.name
+)
 def test_matches_gguf_reference(qtype: GGMLQuantizationType) -> None:
     rng = np.random.default_rng(0)
     values = (rng.standard_normal((6, 128)) * 0.5).astype(np.float32)

@@ -30,8 +30,10 @@ pytestmark = pytest.mark.slow
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "You are terse."},
-     {"role": "user", "content": "Write a haiku about paged memory and GPUs."}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Write a haiku about paged memory and GPUs."},
+    ],
 ]
 
 
@@ -83,7 +85,7 @@ def test_logits_and_greedy_match_transformers(ours: LoadedModel, hf_gguf: torch.
     for i, p in enumerate(prompts):
         with torch.no_grad():
             ref = hf_gguf(torch.tensor([p + generated[i]])).logits[0].float()
-        hf_choice = ref[len(p) - 1:-1].argmax(-1).tolist()
+        hf_choice = ref[len(p) - 1 : -1].argmax(-1).tolist()
         assert generated[i] == hf_choice, ours.tokenizer.decode(generated[i])
 
 

@@ -134,15 +134,30 @@ def test_hf_directory_load(tiny_model_dir: Path) -> None:
     assert loaded.tokenizer.eos_token_ids == {2}
     ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     assert loaded.tokenizer.decode(ids, skip_special_tokens=False).endswith(
-        "<|im_start|>assistant\n")
+        "<|im_start|>assistant\n"
+    )
     assert loaded.model.embed.dtype == torch.float32
 
 
 def test_rope_scaling_parsed() -> None:
-    base = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
-            "num_hidden_layers": 1, "num_attention_heads": 2}
-    cfg = ModelConfig.from_hf_config({**base, "rope_scaling": {
-        "rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}})
+    base = {
+        "model_type": "llama",
+        "vocab_size": 10,
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    }
+    cfg = ModelConfig.from_hf_config(
+        {
+            **base,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "original_max_position_embeddings": 8192,
+            },
+        }
+    )
     assert cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "llama3"
     with pytest.raises(ModelLoadError, match="rope scaling type 'yarn'"):
         ModelConfig.from_hf_config({**base, "rope_scaling": {"rope_type": "yarn", "factor": 2}})

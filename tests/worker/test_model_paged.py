@@ -115,15 +115,23 @@ def test_bytes_per_block(tiny: LoadedModel) -> None:
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"tie_word_embeddings": True,
-         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+        {
+            "tie_word_embeddings": True,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        },
         {"rope_scaling": {"rope_type": "linear", "factor": 4.0}, "num_key_value_heads": 1},
     ],
     ids=["tied-llama3-rope", "linear-rope-mqa"],
 )
-def test_variants_match_hf(tmp_path: Path, smollm2_tokenizer_dir: Path,
-                           overrides: dict[str, object]) -> None:
+def test_variants_match_hf(
+    tmp_path: Path, smollm2_tokenizer_dir: Path, overrides: dict[str, object]
+) -> None:
     """Tied embeddings, llama3 / linear RoPE scaling and MQA against HF, chunked over the cache."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -138,8 +146,12 @@ def test_variants_match_hf(tmp_path: Path, smollm2_tokenizer_dir: Path,
     runner = ModelRunner(ours, block_size=8, num_blocks=8)
     pb = PagedBatcher(8, 8)
     pb.add("p", p)
-    out = torch.cat([runner.execute(pb.batch({"p": 19}, all_logits=True)),
-                     runner.execute(pb.batch({"p": 21}, all_logits=True))])
+    out = torch.cat(
+        [
+            runner.execute(pb.batch({"p": 19}, all_logits=True)),
+            runner.execute(pb.batch({"p": 21}, all_logits=True)),
+        ]
+    )
     torch.testing.assert_close(out, hf_logits(hf, p), atol=1e-4, rtol=1e-4)
 
 
@@ -182,16 +194,30 @@ def test_decodes_grouped_by_length() -> None:
     lens = [100, 9, 40, 12, 300]  # -> groups {9, 12}, {40}, {100}, {300}
     n = len(lens)
     batch = ForwardBatch(
-        input_ids=t.zeros(n, dtype=t.int64), positions=t.tensor(lens) - 1,
-        slot_mapping=t.arange(n), query_start_loc=t.arange(n + 1), context_lens=t.tensor(lens),
-        block_tables=t.zeros(n, 19, dtype=t.int64), logits_indices=t.arange(n),
+        input_ids=t.zeros(n, dtype=t.int64),
+        positions=t.tensor(lens) - 1,
+        slot_mapping=t.arange(n),
+        query_start_loc=t.arange(n + 1),
+        context_lens=t.tensor(lens),
+        block_tables=t.zeros(n, 19, dtype=t.int64),
+        logits_indices=t.arange(n),
     )
     plan = AttentionPlan.from_batch(batch, 16, t.device("cpu"), t.float32)
     assert [g.rows.tolist() for g in plan.decodes] == [[1, 3], [2], [0], [4]]
     assert [g.mask.shape[-1] for g in plan.decodes] == [16, 48, 112, 304]
     assert not plan.decode_only and not plan.prefills
     same = AttentionPlan.from_batch(
-        ForwardBatch(batch.input_ids, batch.positions, batch.slot_mapping, batch.query_start_loc,
-                     t.tensor([20, 30, 25, 39, 21]), batch.block_tables, batch.logits_indices),
-        16, t.device("cpu"), t.float32)
+        ForwardBatch(
+            batch.input_ids,
+            batch.positions,
+            batch.slot_mapping,
+            batch.query_start_loc,
+            t.tensor([20, 30, 25, 39, 21]),
+            batch.block_tables,
+            batch.logits_indices,
+        ),
+        16,
+        t.device("cpu"),
+        t.float32,
+    )
     assert same.decode_only and len(same.decodes) == 1

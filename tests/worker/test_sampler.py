@@ -21,8 +21,12 @@ LOGITS = torch.log(torch.tensor([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.015, 0.005]
 
 def row(seed: int | None = None, **kw: float | int) -> SamplingRow:
     gen = None if seed is None else torch.Generator().manual_seed(seed)
-    return SamplingRow(params=SamplingParams(**kw), prompt_token_ids=[], output_token_ids=[],  # type: ignore[arg-type]
-                       generator=gen)
+    return SamplingRow(
+        params=SamplingParams(**kw),
+        prompt_token_ids=[],
+        output_token_ids=[],  # type: ignore[arg-type]
+        generator=gen,
+    )
 
 
 def draw(params: dict[str, float | int], n: int = 4000) -> Counter[int]:
@@ -81,23 +85,38 @@ def test_seeded_rows_do_not_depend_on_batch_composition() -> None:
 
 def test_penalties() -> None:
     logits = torch.tensor([[2.0, -1.0, 1.0, 0.5]])
-    r = SamplingRow(params=SamplingParams(repetition_penalty=2.0), prompt_token_ids=[0],
-                    output_token_ids=[1])
+    r = SamplingRow(
+        params=SamplingParams(repetition_penalty=2.0), prompt_token_ids=[0], output_token_ids=[1]
+    )
     assert apply_penalties(logits, [r]).tolist() == [[1.0, -2.0, 1.0, 0.5]]
-    r = SamplingRow(params=SamplingParams(frequency_penalty=0.5, presence_penalty=0.25),
-                    prompt_token_ids=[3], output_token_ids=[2, 2, 0])
+    r = SamplingRow(
+        params=SamplingParams(frequency_penalty=0.5, presence_penalty=0.25),
+        prompt_token_ids=[3],
+        output_token_ids=[2, 2, 0],
+    )
     # token 2 seen twice: -2*0.5 - 0.25; token 0 once: -0.5 - 0.25; prompt-only token 3 untouched
     assert apply_penalties(logits, [r]).tolist() == [[1.25, -1.0, -0.25, 0.5]]
     # through the sampler: a repeated greedy token loses its place
-    out = Sampler().sample(torch.tensor([[1.0, 0.9]]), [SamplingRow(
-        params=SamplingParams(temperature=0.0, frequency_penalty=1.0),
-        prompt_token_ids=[], output_token_ids=[0])])
+    out = Sampler().sample(
+        torch.tensor([[1.0, 0.9]]),
+        [
+            SamplingRow(
+                params=SamplingParams(temperature=0.0, frequency_penalty=1.0),
+                prompt_token_ids=[],
+                output_token_ids=[0],
+            )
+        ],
+    )
     assert out[0].token_id == 1
 
 
 def test_banned_tokens_and_logprobs() -> None:
-    r = SamplingRow(params=SamplingParams(temperature=0.0, logprobs=2), prompt_token_ids=[],
-                    output_token_ids=[], banned_token_ids=[0])
+    r = SamplingRow(
+        params=SamplingParams(temperature=0.0, logprobs=2),
+        prompt_token_ids=[],
+        output_token_ids=[],
+        banned_token_ids=[0],
+    )
     out = Sampler().sample(LOGITS.unsqueeze(0).clone(), [r])[0]
     assert out.token_id == 1
     assert out.logprob is not None

@@ -16,26 +16,53 @@ from llmos_worker.engine import BlockManager, SamplingParams, Scheduler, Sequenc
 
 BS = 4
 
-requests = st.lists(st.tuples(st.integers(0, 2), st.integers(1, 30), st.integers(1, 20),
-                              st.integers(0, 3), st.integers(0, 6)), min_size=1, max_size=16)
+requests = st.lists(
+    st.tuples(
+        st.integers(0, 2),
+        st.integers(1, 30),
+        st.integers(1, 20),
+        st.integers(0, 3),
+        st.integers(0, 6),
+    ),
+    min_size=1,
+    max_size=16,
+)
 
 
 @settings(max_examples=120, deadline=None)
-@given(requests, st.integers(10, 40), st.sampled_from([4, 8, 32]), st.integers(1, 5),
-       st.sampled_from(["fcfs", "priority"]), st.booleans())
-def test_scheduler_invariants(reqs: list[tuple[int, int, int, int, int]], num_blocks: int,
-                              budget: int, max_seqs: int, policy: str, caching: bool) -> None:
+@given(
+    requests,
+    st.integers(10, 40),
+    st.sampled_from([4, 8, 32]),
+    st.integers(1, 5),
+    st.sampled_from(["fcfs", "priority"]),
+    st.booleans(),
+)
+def test_scheduler_invariants(
+    reqs: list[tuple[int, int, int, int, int]],
+    num_blocks: int,
+    budget: int,
+    max_seqs: int,
+    policy: str,
+    caching: bool,
+) -> None:
     bm = BlockManager(num_blocks, BS, enable_prefix_caching=caching)
-    sched = Scheduler(bm, max_num_seqs=max_seqs, max_num_batched_tokens=budget,
-                      policy=policy)  # type: ignore[arg-type]
+    sched = Scheduler(bm, max_num_seqs=max_seqs, max_num_batched_tokens=budget, policy=policy)  # type: ignore[arg-type]
     pending: list[tuple[int, Sequence, int]] = []
     for i, (stem, plen, out_len, prio, at_step) in enumerate(reqs):
         prompt = [stem + 1] * 6 + [(i * 7 + j) % 13 for j in range(plen)]
         # keep each sequence small enough to ever fit (the engine refuses the others)
-        prompt = prompt[:num_blocks * BS - out_len]
-        s = Sequence(request_id=f"r{i}", index=0, token_ids=prompt, num_prompt_tokens=len(prompt),
-                     params=SamplingParams(), max_tokens=out_len, priority=prio,
-                     arrival_time=float(at_step))
+        prompt = prompt[: num_blocks * BS - out_len]
+        s = Sequence(
+            request_id=f"r{i}",
+            index=0,
+            token_ids=prompt,
+            num_prompt_tokens=len(prompt),
+            params=SamplingParams(),
+            max_tokens=out_len,
+            priority=prio,
+            arrival_time=float(at_step),
+        )
         pending.append((at_step, s, out_len))
     finished: list[Sequence] = []
     for step in range(3000):
@@ -81,8 +108,15 @@ def test_preemption_picks_lowest_priority_latest_arrival() -> None:
     sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64, policy="priority")
     seqs = []
     for i, prio in enumerate([0, 1, 1]):
-        s = Sequence(request_id=f"r{i}", index=0, token_ids=[1] * 8, num_prompt_tokens=8,
-                     params=SamplingParams(), priority=prio, arrival_time=float(i))
+        s = Sequence(
+            request_id=f"r{i}",
+            index=0,
+            token_ids=[1] * 8,
+            num_prompt_tokens=8,
+            params=SamplingParams(),
+            priority=prio,
+            arrival_time=float(i),
+        )
         sched.add(s)
         seqs.append(s)
     out = sched.schedule()  # 3 x 2 blocks: the pool is full

@@ -70,7 +70,7 @@ class BlockManager:
         hashes = seq.block_hashes
         for i in range(len(hashes), seq.num_tokens // bs):
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, seq.token_ids[i * bs:(i + 1) * bs], seq.cache_salt))
+            hashes.append(hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs], seq.cache_salt))
 
     # ---------------------------------------------------------------- admission
     def get_computed_blocks(self, seq: Sequence) -> list[int]:
@@ -98,21 +98,26 @@ class BlockManager:
         need = max(0, self.blocks_for(computed + num_new_tokens) - have)
         # copy-on-write: the next write lands in a shared, partially filled block
         first = computed // self.block_size
-        if (computed % self.block_size and first < len(seq.block_table)
-                and self.ref_counts[seq.block_table[first]] > 1):
+        if (
+            computed % self.block_size
+            and first < len(seq.block_table)
+            and self.ref_counts[seq.block_table[first]] > 1
+        ):
             need += 1
         return need
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int,
-                     computed_blocks: Seq[int] = ()) -> bool:
+    def can_allocate(
+        self, seq: Sequence, num_new_tokens: int, computed_blocks: Seq[int] = ()
+    ) -> bool:
         """Whether `allocate(seq, num_new_tokens, computed_blocks)` would succeed."""
         need = self._blocks_needed(seq, num_new_tokens, len(computed_blocks))
         # cached blocks sitting in the free list stop being free once touched
         revived = sum(1 for b in computed_blocks if self.ref_counts[b] == 0)
         return need + revived <= len(self.free_blocks)
 
-    def allocate(self, seq: Sequence, num_new_tokens: int,
-                 computed_blocks: Seq[int] = ()) -> list[tuple[int, int]]:
+    def allocate(
+        self, seq: Sequence, num_new_tokens: int, computed_blocks: Seq[int] = ()
+    ) -> list[tuple[int, int]]:
         """Give `seq` room for `num_new_tokens` more tokens; returns copy-on-write pairs.
 
         `computed_blocks` (from `get_computed_blocks`, only for a sequence holding no blocks yet)

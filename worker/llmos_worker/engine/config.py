@@ -33,23 +33,28 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
-            raise InvalidRequestError("block_size must be a power of two up to 128",
-                                      param="block_size")
+            raise InvalidRequestError(
+                "block_size must be a power of two up to 128", param="block_size"
+            )
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
-            raise InvalidRequestError("kv_cache_memory_bytes must be positive",
-                                      param="kv_cache_memory_bytes")
+            raise InvalidRequestError(
+                "kv_cache_memory_bytes must be positive", param="kv_cache_memory_bytes"
+            )
         if not 0.0 < self.kv_cache_memory_fraction <= 0.95:
-            raise InvalidRequestError("kv_cache_memory_fraction must be in (0, 0.95]",
-                                      param="kv_cache_memory_fraction")
+            raise InvalidRequestError(
+                "kv_cache_memory_fraction must be in (0, 0.95]", param="kv_cache_memory_fraction"
+            )
         if self.max_num_seqs < 1:
             raise InvalidRequestError("max_num_seqs must be at least 1", param="max_num_seqs")
         if self.max_num_batched_tokens < self.block_size:
-            raise InvalidRequestError("max_num_batched_tokens must be at least block_size",
-                                      param="max_num_batched_tokens")
+            raise InvalidRequestError(
+                "max_num_batched_tokens must be at least block_size", param="max_num_batched_tokens"
+            )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise InvalidRequestError("max_model_len must be positive", param="max_model_len")
         if self.scheduling_policy not in ("fcfs", "priority"):
-            raise InvalidRequestError("scheduling_policy must be 'fcfs' or 'priority'",
-                                      param="scheduling_policy")
+            raise InvalidRequestError(
+                "scheduling_policy must be 'fcfs' or 'priority'", param="scheduling_policy"
+            )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise InvalidRequestError("dtype must be float32, bfloat16 or float16", param="dtype")

@@ -46,11 +46,11 @@ class Detokenizer:
             return 0
         skip = seq.params.skip_special_tokens
         ids = seq.token_ids
-        prefix_text = self.tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip)
-        full_text = self.tokenizer.decode(ids[seq.prefix_offset:end], skip)
+        prefix_text = self.tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip)
+        full_text = self.tokenizer.decode(ids[seq.prefix_offset : end], skip)
         if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
             return 0
-        new_text = full_text[len(prefix_text):]
+        new_text = full_text[len(prefix_text) :]
         seq.text += new_text
         seq.prefix_offset = seq.read_offset
         seq.read_offset = end
@@ -71,7 +71,7 @@ class Detokenizer:
         if best is None:
             return False
         idx, stop = best
-        seq.text = text[:idx + len(stop)] if seq.params.include_stop_str_in_output else text[:idx]
+        seq.text = text[: idx + len(stop)] if seq.params.include_stop_str_in_output else text[:idx]
         seq.stop_reason = stop
         return True
 
@@ -87,4 +87,4 @@ class Detokenizer:
                 if text.endswith(stop[:k]):
                     held = k
                     break
-        return text[:len(text) - held] if held else text
+        return text[: len(text) - held] if held else text

@@ -56,9 +56,15 @@ class Runner(Protocol):
 class LLMEngine:
     """Continuous-batching engine over one loaded model and one paged KV cache."""
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig, *,
-                 clock: Callable[[], float] = time.monotonic,
-                 runner: Runner | None = None, num_blocks: int | None = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        runner: Runner | None = None,
+        num_blocks: int | None = None,
+    ):
         """`runner`/`num_blocks` replace the real model runner (tests); normally both are None."""
         self.config = config
         self.clock = clock
@@ -69,7 +75,9 @@ class LLMEngine:
         if config.max_model_len is not None and config.max_model_len > max_pos:
             raise InvalidRequestError(
                 f"max_model_len {config.max_model_len} exceeds the model's context length "
-                f"{max_pos}", param="max_model_len")
+                f"{max_pos}",
+                param="max_model_len",
+            )
         bs = config.block_size
         if runner is None:
             num_blocks = self._size_cache(loaded, config, max_pos)
@@ -81,11 +89,15 @@ class LLMEngine:
         self.runner = runner
         self.num_blocks = num_blocks
         self.max_model_len: int = config.max_model_len or min(max_pos, num_blocks * bs)
-        self.block_manager = BlockManager(num_blocks, bs,
-                                          enable_prefix_caching=config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
-                                   max_num_batched_tokens=config.max_num_batched_tokens,
-                                   policy=config.scheduling_policy)
+        self.block_manager = BlockManager(
+            num_blocks, bs, enable_prefix_caching=config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            policy=config.scheduling_policy,
+        )
         self.sampler = Sampler(config.seed)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.eos_token_ids: frozenset[int] = frozenset(self.tokenizer.eos_token_ids)
@@ -114,62 +126,98 @@ class LLMEngine:
         if num_blocks < 1:
             raise InvalidRequestError(
                 f"the KV cache budget of {budget} bytes holds no block of {per_block} bytes",
-                param="kv_cache_memory_bytes")
+                param="kv_cache_memory_bytes",
+            )
         # why: more blocks than every seat at full length can use is wasted memory
         max_len = config.max_model_len or max_pos
         useful = config.max_num_seqs * -(-max_len // config.block_size) + 1
         return int(min(num_blocks, useful))
 
     # ---------------------------------------------------------------- requests
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
-                    priority: int = 0, cache_salt: str = "",
-                    arrival_time: float | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        cache_salt: str = "",
+        arrival_time: float | None = None,
+    ) -> None:
         """Queue a request; refuses (InvalidRequestError) what could never be served."""
         if request_id in self.requests:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use",
-                                      param="request_id", code="duplicate_request_id")
+            raise InvalidRequestError(
+                f"request id {request_id!r} is already in use",
+                param="request_id",
+                code="duplicate_request_id",
+            )
         if params.n > self.config.max_num_seqs:
             raise InvalidRequestError(
-                f"n ({params.n}) exceeds max_num_seqs ({self.config.max_num_seqs})", param="n")
-        ids = (self.tokenizer.encode(prompt, add_special_tokens=True)
-               if isinstance(prompt, str) else list(prompt))
+                f"n ({params.n}) exceeds max_num_seqs ({self.config.max_num_seqs})", param="n"
+            )
+        ids = (
+            self.tokenizer.encode(prompt, add_special_tokens=True)
+            if isinstance(prompt, str)
+            else list(prompt)
+        )
         if not ids:
             raise InvalidRequestError("prompt is empty", param="prompt", code="empty_prompt")
         bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
         if bad:
             raise InvalidRequestError(
-                f"prompt has token ids outside the vocabulary [0, {self.vocab_size}): "
-                f"{bad[:5]}", param="prompt", code="invalid_token_id")
+                f"prompt has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}",
+                param="prompt",
+                code="invalid_token_id",
+            )
         plen, limit = len(ids), self.max_model_len
         if plen >= limit:
             raise InvalidRequestError(
                 f"prompt has {plen} tokens but max_model_len is {limit}: no room for any "
-                "output token", param="prompt", code="context_length_exceeded")
+                "output token",
+                param="prompt",
+                code="context_length_exceeded",
+            )
         max_tokens = params.max_tokens if params.max_tokens is not None else limit - plen
         if plen + max_tokens > limit:
             raise InvalidRequestError(
                 f"prompt ({plen} tokens) + max_tokens ({max_tokens}) = {plen + max_tokens} "
-                f"exceeds max_model_len ({limit})", param="max_tokens",
-                code="context_length_exceeded")
+                f"exceeds max_model_len ({limit})",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         # the last sampled token never needs a KV slot
         need = self.block_manager.blocks_for(plen + max_tokens - 1)
         if need > self.num_blocks:
             raise InvalidRequestError(
                 f"prompt ({plen} tokens) + max_tokens ({max_tokens}) needs {need} KV blocks of "
                 f"{self.config.block_size} tokens but the cache has {self.num_blocks}; it could "
-                "never run", param="max_tokens" if plen <= self.num_blocks * self.config.block_size
-                else "prompt", code="kv_cache_too_small")
+                "never run",
+                param="max_tokens"
+                if plen <= self.num_blocks * self.config.block_size
+                else "prompt",
+                code="kv_cache_too_small",
+            )
         now = self.clock()
         arrival = now if arrival_time is None else arrival_time
-        seq = Sequence(request_id=request_id, index=0, token_ids=ids, num_prompt_tokens=plen,
-                       params=params, max_tokens=max_tokens, priority=priority,
-                       arrival_time=arrival, cache_salt=cache_salt, num_seats=params.n)
+        seq = Sequence(
+            request_id=request_id,
+            index=0,
+            token_ids=ids,
+            num_prompt_tokens=plen,
+            params=params,
+            max_tokens=max_tokens,
+            priority=priority,
+            arrival_time=arrival,
+            cache_salt=cache_salt,
+            num_seats=params.n,
+        )
         seq.generator = self._generator(params, 0)
         if params.logprobs is not None:
             seq.logprobs = []
         init_offsets(seq)
-        request = Request(request_id, list(ids), params, RequestMetrics(arrival_time=arrival),
-                          seqs=[seq])
+        request = Request(
+            request_id, list(ids), params, RequestMetrics(arrival_time=arrival), seqs=[seq]
+        )
         self.requests[request_id] = request
         self.scheduler.add(seq)
 
@@ -237,8 +285,7 @@ class LLMEngine:
                 del self.requests[r.request_id]
         return outputs
 
-    def _build_batch(self, out: SchedulerOutput, now: float) -> tuple[ForwardBatch,
-                                                                        list[Sequence]]:
+    def _build_batch(self, out: SchedulerOutput, now: float) -> tuple[ForwardBatch, list[Sequence]]:
         bs = self.config.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -256,7 +303,7 @@ class LLMEngine:
                 metrics.first_scheduled_time = now
                 metrics.num_cached_prompt_tokens = seq.num_cached_tokens
             self.prompt_tokens += max(0, min(c + n, seq.num_prompt_tokens) - c)
-            input_ids += seq.token_ids[c:c + n]
+            input_ids += seq.token_ids[c : c + n]
             positions += range(c, c + n)
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(c, c + n)]
@@ -273,8 +320,9 @@ class LLMEngine:
             slot_mapping=torch.tensor(slots, dtype=torch.long),
             query_start_loc=torch.tensor(starts, dtype=torch.long),
             context_lens=torch.tensor(context_lens, dtype=torch.long),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],
-                                      dtype=torch.long),
+            block_tables=torch.tensor(
+                [t + [0] * (width - len(t)) for t in tables], dtype=torch.long
+            ),
             logits_indices=torch.tensor(logits_indices, dtype=torch.long),
         )
         return batch, sample_seqs
@@ -300,12 +348,17 @@ class LLMEngine:
             banned = list(p.stop_token_ids)
             if not p.ignore_eos:
                 banned += self.eos_token_ids
-        return SamplingRow(params=p, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
-                           output_token_ids=seq.output_token_ids, generator=seq.generator,
-                           banned_token_ids=banned)
+        return SamplingRow(
+            params=p,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            output_token_ids=seq.output_token_ids,
+            generator=seq.generator,
+            banned_token_ids=banned,
+        )
 
-    def _append(self, request: Request, seq: Sequence, token: int, logprob: Any,
-                now: float) -> None:
+    def _append(
+        self, request: Request, seq: Sequence, token: int, logprob: Any, now: float
+    ) -> None:
         seq.token_ids.append(token)
         self.generation_tokens += 1
         if logprob is not None and seq.logprobs is not None:
@@ -325,8 +378,7 @@ class LLMEngine:
             new_chars = self.detokenizer.decode_new(seq)
             if self.detokenizer.check_stop_strings(seq, new_chars):
                 seq.finish_reason = "stop"
-            elif (seq.num_output_tokens >= seq.max_tokens
-                  or seq.num_tokens >= self.max_model_len):
+            elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
                 seq.finish_reason = "length"
         if seq.finish_reason is not None:
             self.scheduler.finish(seq)
@@ -334,18 +386,24 @@ class LLMEngine:
     def _output(self, request: Request) -> RequestOutput:
         outs = []
         for seq in sorted(request.seqs, key=lambda s: s.index):
-            outs.append(CompletionOutput(
-                index=seq.index,
-                text=self.detokenizer.visible_text(seq),
-                token_ids=seq.output_token_ids,
-                cumulative_logprob=None if seq.logprobs is None else seq.cumulative_logprob,
-                logprobs=None if seq.logprobs is None else list(seq.logprobs),
-                finish_reason=seq.finish_reason,
-                stop_reason=seq.stop_reason,
-            ))
-        return RequestOutput(request_id=request.request_id,
-                             prompt_token_ids=request.prompt_token_ids, outputs=outs,
-                             finished=request.finished, metrics=request.metrics)
+            outs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=self.detokenizer.visible_text(seq),
+                    token_ids=seq.output_token_ids,
+                    cumulative_logprob=None if seq.logprobs is None else seq.cumulative_logprob,
+                    logprobs=None if seq.logprobs is None else list(seq.logprobs),
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=outs,
+            finished=request.finished,
+            metrics=request.metrics,
+        )
 
     # ---------------------------------------------------------------- introspection
     def stats(self) -> EngineStats:
@@ -365,11 +423,11 @@ class LLMEngine:
         )
 
     # ---------------------------------------------------------------- offline use
-    def generate(self, prompts: Seq[str | list[int]],
-                 params: SamplingParams | Iterable[SamplingParams]) -> list[RequestOutput]:
+    def generate(
+        self, prompts: Seq[str | list[int]], params: SamplingParams | Iterable[SamplingParams]
+    ) -> list[RequestOutput]:
         """Run `prompts` to completion as one batch; outputs in prompt order."""
-        plist = ([params] * len(prompts) if isinstance(params, SamplingParams)
-                 else list(params))
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(plist) != len(prompts):
             raise InvalidRequestError("one SamplingParams per prompt is required", param="params")
         ids = [f"generate-{next(self._ids)}" for _ in prompts]

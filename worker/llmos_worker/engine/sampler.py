@@ -129,7 +129,8 @@ class Sampler:
             shared = [j for j, i in enumerate(rand_rows) if rows[i].generator is None]
             if shared:
                 q[shared] = torch.empty(len(shared), q.shape[1]).exponential_(
-                    generator=self.generator)
+                    generator=self.generator
+                )
             for j, i in enumerate(rand_rows):
                 gen = rows[i].generator
                 if gen is not None:

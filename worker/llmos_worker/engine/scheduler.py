@@ -45,15 +45,23 @@ class SchedulerOutput:
 class Scheduler:
     """Waiting queue, running set and the per-step scheduling decision."""
 
-    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int,
-                 max_num_batched_tokens: int, policy: SchedulingPolicy = "fcfs"):
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        policy: SchedulingPolicy = "fcfs",
+    ):
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.policy = policy
         self.key: Callable[[Sequence], SortKey] = (
-            (lambda s: (s.arrival_time, s.seq_id)) if policy == "fcfs"
-            else (lambda s: (s.priority, s.arrival_time, s.seq_id)))
+            (lambda s: (s.arrival_time, s.seq_id))
+            if policy == "fcfs"
+            else (lambda s: (s.priority, s.arrival_time, s.seq_id))
+        )
         self.waiting: list[Sequence] = []  # kept sorted by self.key
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # cumulative

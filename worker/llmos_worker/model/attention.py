@@ -73,8 +73,11 @@ class AttentionPlan:
                 query_pos = torch.arange(c - q, c, device=device)  # c - q tokens were cached
                 future = key_pos[None, :] > query_pos[:, None]  # (q, c)
                 mask = torch.zeros(future.shape, dtype=dtype, device=device)
-                prefills.append(PrefillChunk(start, end, c, tables[s, :nb],
-                                             mask.masked_fill_(future, float("-inf"))))
+                prefills.append(
+                    PrefillChunk(
+                        start, end, c, tables[s, :nb], mask.masked_fill_(future, float("-inf"))
+                    )
+                )
         groups = [
             _decode_group(g, starts, ctx, tables, block_size, device, dtype)
             for g in _split_by_length(decodes, ctx)
@@ -99,8 +102,15 @@ def _split_by_length(seqs: list[int], ctx: list[int]) -> list[list[int]]:
     return groups
 
 
-def _decode_group(seqs: list[int], starts: list[int], ctx: list[int], tables: torch.Tensor,
-                  block_size: int, device: torch.device, dtype: torch.dtype) -> DecodeGroup:
+def _decode_group(
+    seqs: list[int],
+    starts: list[int],
+    ctx: list[int],
+    tables: torch.Tensor,
+    block_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> DecodeGroup:
     nb = -(-max(ctx[s] for s in seqs) // block_size)
     index = torch.tensor(seqs, dtype=torch.int64, device=device)
     lens = torch.tensor([ctx[s] for s in seqs], dtype=torch.int64, device=device)
@@ -145,10 +155,10 @@ def paged_attention(
     assert out is not None
 
     for chunk in plan.prefills:
-        qp = q[chunk.start:chunk.end].transpose(0, 1)  # (H, q, D)
+        qp = q[chunk.start : chunk.end].transpose(0, 1)  # (H, q, D)
         if chunk.blocks is None:
-            kp = k[chunk.start:chunk.end].transpose(0, 1)  # (Hkv, q, D)
-            vp = v[chunk.start:chunk.end].transpose(0, 1)
+            kp = k[chunk.start : chunk.end].transpose(0, 1)  # (Hkv, q, D)
+            vp = v[chunk.start : chunk.end].transpose(0, 1)
             op = F.scaled_dot_product_attention(
                 qp, kp, vp, is_causal=True, scale=scale, enable_gqa=group > 1
             )
@@ -159,5 +169,5 @@ def paged_attention(
             op = F.scaled_dot_product_attention(
                 qp, kv[0], kv[1], attn_mask=chunk.mask, scale=scale, enable_gqa=group > 1
             )
-        out[chunk.start:chunk.end] = op.transpose(0, 1)
+        out[chunk.start : chunk.end] = op.transpose(0, 1)
     return out.view(t, h * d)

@@ -17,7 +17,7 @@ _QK = 32  # elements per block of the Q4/Q8 formats
 
 def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
     """(rows, nb, 1) float32 from the 2 little-endian bytes at `start` of each block."""
-    return blocks[..., start:start + 2].contiguous().view(torch.float16).float()
+    return blocks[..., start : start + 2].contiguous().view(torch.float16).float()
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:

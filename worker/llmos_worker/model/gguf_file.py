@@ -24,10 +24,32 @@ GGUF_MAGIC = b"GGUF"
 _DEFAULT_ALIGNMENT = 32
 
 # GGUF value type -> struct format of one scalar (8 = string, 9 = array are handled apart).
-_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-                   10: "<Q", 11: "<q", 12: "<d"}
-_NUMPY_TYPES = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
-                6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_SCALAR_FORMATS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_NUMPY_TYPES = {
+    0: np.uint8,
+    1: np.int8,
+    2: np.uint16,
+    3: np.int16,
+    4: np.uint32,
+    5: np.int32,
+    6: np.float32,
+    7: np.bool_,
+    10: np.uint64,
+    11: np.int64,
+    12: np.float64,
+}
 
 
 def is_gguf(path: str) -> bool:
@@ -83,7 +105,7 @@ class GGUFFile:
 
     def _string(self) -> str:
         n = self._unpack("<Q")
-        raw = self._map[self._pos:self._pos + n]
+        raw = self._map[self._pos : self._pos + n]
         self._pos += n
         return raw.decode("utf-8", errors="replace")
 

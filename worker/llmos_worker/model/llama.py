@@ -43,24 +43,32 @@ class DecoderLayer(nn.Module):
         self.k_end = (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim  # end of K in qkv rows
         self.input_norm = _param(cfg.hidden_size, dtype=dtype, device=device)
         self.qkv = _param(qkv_rows, cfg.hidden_size, dtype=dtype, device=device)
-        self.o_proj = _param(cfg.hidden_size, cfg.num_heads * cfg.head_dim, dtype=dtype,
-                             device=device)
+        self.o_proj = _param(
+            cfg.hidden_size, cfg.num_heads * cfg.head_dim, dtype=dtype, device=device
+        )
         self.post_norm = _param(cfg.hidden_size, dtype=dtype, device=device)
-        self.gate_up = _param(2 * cfg.intermediate_size, cfg.hidden_size, dtype=dtype,
-                              device=device)
+        self.gate_up = _param(
+            2 * cfg.intermediate_size, cfg.hidden_size, dtype=dtype, device=device
+        )
         self.down = _param(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: torch.Tensor,
+        plan: AttentionPlan,
+    ) -> torch.Tensor:
         cfg = self.cfg
         t = x.shape[0]
         h = rms_norm(x, self.input_norm, cfg.rms_norm_eps)
         qkv = F.linear(h, self.qkv)  # (T, (H + 2 Hkv) D)
         # q and k are adjacent in the fused output: rotate both in one go, (T, H + Hkv, D)
-        qk = apply_rope(qkv[:, :self.k_end].view(t, -1, cfg.head_dim), cos, sin)
-        q, k = qk[:, :cfg.num_heads], qk[:, cfg.num_heads:]
-        v = qkv[:, self.k_end:].reshape(t, cfg.num_kv_heads, cfg.head_dim)
-        attn = paged_attention(q, k, v, cache, plan, cfg.head_dim ** -0.5)
+        qk = apply_rope(qkv[:, : self.k_end].view(t, -1, cfg.head_dim), cos, sin)
+        q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
+        v = qkv[:, self.k_end :].reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        attn = paged_attention(q, k, v, cache, plan, cfg.head_dim**-0.5)
         x = x + F.linear(attn, self.o_proj)
         h = rms_norm(x, self.post_norm, cfg.rms_norm_eps)
         gate, up = F.linear(h, self.gate_up).chunk(2, dim=-1)
@@ -73,9 +81,14 @@ class LlamaModel(nn.Module):
     rope_cos: torch.Tensor
     rope_sin: torch.Tensor
 
-    def __init__(self, cfg: ModelConfig, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu",
-                 rope_factors: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        rope_factors: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         device = torch.device(device)
         self.cfg = cfg
@@ -84,23 +97,28 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
         self.norm = _param(cfg.hidden_size, dtype=dtype, device=device)
         self.lm_head = (
-            None if cfg.tie_word_embeddings
+            None
+            if cfg.tie_word_embeddings
             else _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         )
-        cos, sin = cos_sin_table(inverse_frequencies(cfg, rope_factors),
-                                 cfg.max_position_embeddings)
+        cos, sin = cos_sin_table(
+            inverse_frequencies(cfg, rope_factors), cfg.max_position_embeddings
+        )
         # (P, 1, D) in the compute dtype, as HF casts cos/sin to the activations' dtype
-        self.register_buffer("rope_cos", cos.to(device=device, dtype=dtype)[:, None, :],
-                             persistent=False)
-        self.register_buffer("rope_sin", sin.to(device=device, dtype=dtype)[:, None, :],
-                             persistent=False)
+        self.register_buffer(
+            "rope_cos", cos.to(device=device, dtype=dtype)[:, None, :], persistent=False
+        )
+        self.register_buffer(
+            "rope_sin", sin.to(device=device, dtype=dtype)[:, None, :], persistent=False
+        )
 
     @property
     def device(self) -> torch.device:
         return self.embed.device
 
-    def forward(self, batch: ForwardBatch, caches: list[torch.Tensor],
-                block_size: int) -> torch.Tensor:
+    def forward(
+        self, batch: ForwardBatch, caches: list[torch.Tensor], block_size: int
+    ) -> torch.Tensor:
         """Logits (L, vocab) in the model dtype for `batch.logits_indices`."""
         device = self.device
         plan = AttentionPlan.from_batch(batch, block_size, device, self.dtype)

@@ -60,7 +60,7 @@ def resolve_builtin(name: str) -> str:
 def resolve_source(source: str) -> tuple[str, str, str]:
     """(kind "gguf" | "hf", path, display name) for any accepted source string."""
     if source.startswith(BUILTIN_SCHEME):
-        name = source[len(BUILTIN_SCHEME):]
+        name = source[len(BUILTIN_SCHEME) :]
         return "gguf", resolve_builtin(name), name
     if "://" in source:
         raise ModelLoadError(
@@ -98,8 +98,9 @@ def load_model(source: str, *, dtype: str = "float32", device: str = "cpu") -> L
                 gf.metadata, set(gf.tensors), len(tokens) if isinstance(tokens, list) else 0
             )
             name = name or str(gf.metadata.get("general.name") or "model").lower().replace(" ", "-")
-            model = LlamaModel(config, dtype=torch_dtype, device=dev,
-                               rope_factors=gguf_rope_factors(gf))
+            model = LlamaModel(
+                config, dtype=torch_dtype, device=dev, rope_factors=gguf_rope_factors(gf)
+            )
             model.load_weights(gguf_weights(gf, config))
         tokenizer = Tokenizer.from_gguf(path, extra_eos_token_ids=config.eos_token_ids)
     else:

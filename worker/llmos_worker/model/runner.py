@@ -29,8 +29,9 @@ class ModelRunner:
 
     def __init__(self, loaded: LoadedModel, *, block_size: int, num_blocks: int) -> None:
         if block_size < 1 or num_blocks < 1:
-            raise ModelLoadError(f"block_size ({block_size}) and num_blocks ({num_blocks}) "
-                                 "must be positive")
+            raise ModelLoadError(
+                f"block_size ({block_size}) and num_blocks ({num_blocks}) must be positive"
+            )
         cfg = loaded.config
         self.loaded = loaded
         self.model = loaded.model
@@ -38,8 +39,14 @@ class ModelRunner:
         self.num_blocks = num_blocks
         # (layers, K/V, blocks, block_size, Hkv, D)
         self.kv_cache = torch.zeros(
-            cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
-            dtype=loaded.dtype, device=loaded.device,
+            cfg.num_layers,
+            2,
+            num_blocks,
+            block_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            dtype=loaded.dtype,
+            device=loaded.device,
         )
         self.layer_caches = list(self.kv_cache.unbind(0))
 

@@ -35,7 +35,8 @@ class Tokenizer:
         try:
             # why not AutoTokenizer: it also parses the model config with a slow reader (~10 s)
             hf = PreTrainedTokenizerFast.from_pretrained(
-                os.path.dirname(path) or ".", gguf_file=os.path.basename(path),
+                os.path.dirname(path) or ".",
+                gguf_file=os.path.basename(path),
                 local_files_only=True,
             )
         except (OSError, ValueError, KeyError) as exc:
@@ -74,17 +75,22 @@ class Tokenizer:
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return list(self.hf.convert_ids_to_tokens(list(ids)))
 
-    def apply_chat_template(self, messages: list[dict[str, str]],
-                            add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]:
         """Render the model's chat template and tokenize it (special tokens are in the text)."""
         if not self.has_chat_template:
-            raise InvalidRequestError("this model has no chat template; use /v1/completions",
-                                      param="messages", code="no_chat_template")
+            raise InvalidRequestError(
+                "this model has no chat template; use /v1/completions",
+                param="messages",
+                code="no_chat_template",
+            )
         try:
             text = self.hf.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt
             )
         except Exception as exc:  # why: jinja raises many types (TemplateError, TypeError, ...)
-            raise InvalidRequestError(f"chat template failed on these messages: {exc}",
-                                      param="messages") from exc
+            raise InvalidRequestError(
+                f"chat template failed on these messages: {exc}", param="messages"
+            ) from exc
         return self.encode(str(text), add_special_tokens=False)
