@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from llmos_worker.engine.outputs import TokenLogprob
 from llmos_worker.errors import WorkerError
 from llmos_worker.server.admission import Caller, admit
-from llmos_worker.server.errors import HTTPError, to_http_error
+from llmos_worker.server.errors import HTTPError
 from llmos_worker.server.generation import (
     SSE_DONE,
     DeltaTracker,
@@ -28,6 +28,7 @@ from llmos_worker.server.generation import (
     collect_or_abort,
     finish_reason,
     sse,
+    sse_error,
 )
 from llmos_worker.server.protocol import CompletionRequest
 from llmos_worker.server.response import (
@@ -168,17 +169,7 @@ async def _stream(
                 )
             )
     except WorkerError as exc:
-        err = to_http_error(exc)
-        yield sse(
-            {
-                "error": {
-                    "message": err.message,
-                    "type": "server_error",
-                    "param": err.param,
-                    "code": err.code,
-                }
-            }
-        )
+        yield sse_error(exc)
     finally:
         generation.close()
     yield SSE_DONE

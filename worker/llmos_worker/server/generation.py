@@ -25,8 +25,10 @@ from starlette.types import Receive, Scope, Send
 
 from llmos_worker.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from llmos_worker.engine.params import SamplingParams
+from llmos_worker.errors import WorkerError
 from llmos_worker.server.admission import Admission
 from llmos_worker.server.async_engine import AsyncEngine, Sink
+from llmos_worker.server.errors import to_http_error
 from llmos_worker.server.protocol import EnginePrompt
 from llmos_worker.server.response import Usage
 
@@ -204,6 +206,21 @@ def sse(payload: BaseModel | dict[str, Any]) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_error(exc: WorkerError) -> str:
+    """An error met after the stream began, as one SSE event in OpenAI's error shape."""
+    err = to_http_error(exc)
+    return sse(
+        {
+            "error": {
+                "message": err.message,
+                "type": "server_error",
+                "param": err.param,
+                "code": err.code,
+            }
+        }
+    )
 
 
 class GenerationStream(StreamingResponse):
