@@ -154,33 +154,13 @@ def build_loader_job(ref: ModelRef, spec: LLMModelSpec, config: OperatorConfig) 
         "terminationMessagePolicy": "File",
         "securityContext": security.container_security_context(),
     }
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": _metadata(ref, job_name(ref.name, key), **{meta.LOAD_LABEL: key}),
-        "spec": {
-            "backoffLimit": 2,
-            "activeDeadlineSeconds": 6 * 3600,
-            "template": {
-                "metadata": {"labels": pod_labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "automountServiceAccountToken": False,
-                    "enableServiceLinks": False,
-                    "securityContext": security.pod_security_context(),
-                    "containers": [container],
-                    "volumes": [
-                        {
-                            "name": "models",
-                            "persistentVolumeClaim": {"claimName": claim_name(ref.name)},
-                        },
-                        tmp_volume,
-                        *extra_volumes,
-                    ],
-                },
-            },
-        },
-    }
+    return _job(
+        _metadata(ref, job_name(ref.name, key), **{meta.LOAD_LABEL: key}),
+        pod_labels,
+        container,
+        [_models_volume(ref), tmp_volume, *extra_volumes],
+        deadline_s=6 * 3600,
+    )
 
 
 def build_rotation_job(
@@ -224,30 +204,44 @@ def build_rotation_job(
         "securityContext": security.container_security_context(),
     }
     labels = meta.labels("loader", ref.name, **{meta.MODEL_LABEL: ref.name})
+    return _job(
+        _metadata(ref, rotation_job_name(ref.name, key)),
+        labels,
+        container,
+        [_models_volume(ref), tmp_volume, old_volume, new_volume],
+        deadline_s=3600,
+    )
+
+
+def _models_volume(ref: ModelRef) -> dict[str, Any]:
+    return {"name": "models", "persistentVolumeClaim": {"claimName": claim_name(ref.name)}}
+
+
+def _job(
+    metadata: dict[str, Any],
+    pod_labels: dict[str, str],
+    container: dict[str, Any],
+    volumes: list[dict[str, Any]],
+    *,
+    deadline_s: int,
+) -> dict[str, Any]:
+    """A run-once Job of one restricted container with no API access."""
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _metadata(ref, rotation_job_name(ref.name, key)),
+        "metadata": metadata,
         "spec": {
             "backoffLimit": 2,
-            "activeDeadlineSeconds": 3600,
+            "activeDeadlineSeconds": deadline_s,
             "template": {
-                "metadata": {"labels": labels},
+                "metadata": {"labels": pod_labels},
                 "spec": {
                     "restartPolicy": "Never",
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
                     "securityContext": security.pod_security_context(),
                     "containers": [container],
-                    "volumes": [
-                        {
-                            "name": "models",
-                            "persistentVolumeClaim": {"claimName": claim_name(ref.name)},
-                        },
-                        tmp_volume,
-                        old_volume,
-                        new_volume,
-                    ],
+                    "volumes": volumes,
                 },
             },
         },
