@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -40,16 +41,30 @@ class OperatorConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
-        source = os.environ if env is None else env
-        values: dict[str, object] = {}
-        for f in fields(cls):
-            raw = source.get("LLMOS_OPERATOR_" + f.name.upper())
-            if raw is None:
-                continue
-            if f.type in ("float", "float | None"):
-                values[f.name] = float(raw)
-            elif f.type == "int":
-                values[f.name] = int(raw)
-            else:
-                values[f.name] = raw
-        return cls(**values)  # type: ignore[arg-type]
+        return cls(**settings_from_env(cls, "LLMOS_OPERATOR_", env))
+
+
+def settings_from_env(
+    cls: type[Any], prefix: str, env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Keyword arguments for the frozen dataclass `cls` from `<prefix><FIELD>` variables.
+
+    Values are converted by the field's annotation (int, float, str; `X | None` fields read an
+    empty value as None); fields without a variable keep their defaults.
+    """
+    source = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        raw = source.get(prefix + f.name.upper())
+        if raw is None:
+            continue
+        kind = str(f.type)
+        if kind.endswith("| None") and raw == "":
+            values[f.name] = None
+        elif kind.startswith("float"):
+            values[f.name] = float(raw)
+        elif kind.startswith("int"):
+            values[f.name] = int(raw)
+        else:
+            values[f.name] = raw
+    return values

@@ -19,10 +19,9 @@ handles by not scaling down before a full window). Every API call goes through t
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -45,7 +44,7 @@ from llmos_operator.autoscaling import (
     values_of,
 )
 from llmos_operator.builders.pool import selector_labels
-from llmos_operator.config import OperatorConfig
+from llmos_operator.config import OperatorConfig, settings_from_env
 from llmos_operator.handlers.registration import STATE
 from llmos_operator.handlers.state import OperatorState
 from llmos_operator.kube import KubeClient
@@ -75,21 +74,7 @@ class AutoscalerSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AutoscalerSettings:
-        source = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = source.get("LLMOS_OPERATOR_AUTOSCALE_" + f.name.upper())
-            if raw is None:
-                continue
-            if f.name == "metrics_port":
-                values[f.name] = int(raw) if raw else None
-            elif f.type in ("float",):
-                values[f.name] = float(raw)
-            elif f.type == "int":
-                values[f.name] = int(raw)
-            else:
-                values[f.name] = raw
-        return cls(**values)
+        return cls(**settings_from_env(cls, "LLMOS_OPERATOR_AUTOSCALE_", env))
 
 
 def policy_of(spec: Autoscaling) -> ScalingPolicy:
