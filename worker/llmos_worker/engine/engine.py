@@ -111,7 +111,10 @@ class LLMEngine:
         """Load `source` (see `llmos_worker.model.load_model`) and build an engine over it."""
         from llmos_worker.model import load_model
 
-        return cls(load_model(source, dtype=config.dtype, device=config.device), config)
+        loaded = load_model(
+            source, dtype=config.dtype, device=config.device, quantization=config.quantization
+        )
+        return cls(loaded, config)
 
     @staticmethod
     def _size_cache(loaded: LoadedModel, config: EngineConfig, max_pos: int) -> int:

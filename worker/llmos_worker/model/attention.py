@@ -8,6 +8,9 @@ axis, so one SDPA call serves the whole group without repeating K/V. Grouping by
 the padding (at most ~2x the shortest context in a group) at the price of a few more calls.
 Prefill chunks (several tokens) are attended one sequence at a time with a causal mask offset by
 the number of tokens already in the cache.
+
+With the native kernels (`llmos_worker.model.kernels`, CPU fp32) decodes skip the gather: one
+call per layer attends every decode row against K/V read in place through the block tables.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from llmos_worker.model.batch import ForwardBatch
+from llmos_worker.model.kernels import NativeKernels
 
 MAX_DECODE_GROUPS = 4  # why: each group costs one gather + one SDPA call per layer
 
@@ -43,6 +47,16 @@ class DecodeGroup:
 
 
 @dataclass
+class NativeDecodes:
+    """Every single-token decode of the step, for one native kernel call per layer."""
+
+    kernels: NativeKernels
+    rows: torch.Tensor  # (Sd,) int64 rows of the flat batch
+    block_tables: torch.Tensor  # (Sd, nb) int64, contiguous
+    context_lens: torch.Tensor  # (Sd,) int64
+
+
+@dataclass
 class AttentionPlan:
     """Per-step indices shared by all layers."""
 
@@ -50,11 +64,18 @@ class AttentionPlan:
     decodes: list[DecodeGroup]
     prefills: list[PrefillChunk]
     decode_only: bool  # every row is a decode and there is one group in batch order
+    native: NativeDecodes | None = None
 
     @classmethod
     def from_batch(
-        cls, batch: ForwardBatch, block_size: int, device: torch.device, dtype: torch.dtype
+        cls,
+        batch: ForwardBatch,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        kernels: NativeKernels | None = None,
     ) -> AttentionPlan:
+        """Indices for `batch`; decodes go to `kernels` when given (CPU fp32 only)."""
         starts = batch.query_start_loc.tolist()
         ctx = batch.context_lens.tolist()
         decodes: list[int] = []  # sequence indices
@@ -78,12 +99,23 @@ class AttentionPlan:
                         start, end, c, tables[s, :nb], mask.masked_fill_(future, float("-inf"))
                     )
                 )
+        slots = batch.slot_mapping.to(device)
+        if kernels is not None and decodes:
+            nb = -(-max(ctx[s] for s in decodes) // block_size)
+            index = torch.tensor(decodes, dtype=torch.int64)
+            native = NativeDecodes(
+                kernels,
+                torch.tensor([starts[s] for s in decodes], dtype=torch.int64),
+                tables[index, :nb].contiguous(),
+                torch.tensor([ctx[s] for s in decodes], dtype=torch.int64),
+            )
+            return cls(slots, [], prefills, False, native)
         groups = [
             _decode_group(g, starts, ctx, tables, block_size, device, dtype)
             for g in _split_by_length(decodes, ctx)
         ]
         decode_only = len(groups) == 1 and len(decodes) == len(ctx) and decodes == sorted(decodes)
-        return cls(batch.slot_mapping.to(device), groups, prefills, decode_only)
+        return cls(slots, groups, prefills, decode_only)
 
 
 def _split_by_length(seqs: list[int], ctx: list[int]) -> list[list[int]]:
@@ -140,7 +172,13 @@ def paged_attention(
     cache.view(2, -1, hkv, d)[0].index_copy_(0, plan.slot_mapping, k)
     cache.view(2, -1, hkv, d)[1].index_copy_(0, plan.slot_mapping, v)
     blocks_flat = cache.view(2, n_blocks, -1)  # (2, N, bs * Hkv * D): one row per block
-    out = None if plan.decode_only else torch.empty_like(q)
+    out = None if plan.decode_only else torch.empty((t, h, d), dtype=q.dtype, device=q.device)
+    if plan.native is not None:
+        assert out is not None
+        nd = plan.native
+        nd.kernels.paged_decode_attention(
+            q, cache[0], cache[1], nd.block_tables, nd.context_lens, nd.rows, out, scale
+        )
 
     for dg in plan.decodes:
         sd = dg.rows.shape[0]

@@ -20,6 +20,8 @@ from llmos_worker.errors import ModelLoadError
 from llmos_worker.model.attention import AttentionPlan, paged_attention
 from llmos_worker.model.batch import ForwardBatch
 from llmos_worker.model.config import ModelConfig
+from llmos_worker.model.kernels import NativeKernels, native_kernels
+from llmos_worker.model.quant import Linear, check_supported, make_linear
 from llmos_worker.model.rope import apply_rope, cos_sin_table, inverse_frequencies
 
 
@@ -36,6 +38,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class DecoderLayer(nn.Module):
     """One pre-norm transformer block: x + attn(norm(x)); x + mlp(norm(x))."""
 
+    qkv_mm: Linear
+    o_mm: Linear
+    gate_up_mm: Linear
+    down_mm: Linear
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.cfg = cfg
@@ -51,6 +58,18 @@ class DecoderLayer(nn.Module):
             2 * cfg.intermediate_size, cfg.hidden_size, dtype=dtype, device=device
         )
         self.down = _param(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, device=device)
+        # the matmuls read these; `quantize` swaps them for packed weights
+        self.qkv_mm, self.o_mm = Linear(self.qkv), Linear(self.o_proj)
+        self.gate_up_mm, self.down_mm = Linear(self.gate_up), Linear(self.down)
+
+    def quantize(self, mode: str) -> None:
+        """Pack the four projections in `mode` and drop their fp32 parameters."""
+        self.qkv_mm = make_linear(self.qkv, mode)
+        self.o_mm = make_linear(self.o_proj, mode)
+        self.gate_up_mm = make_linear(self.gate_up, mode)
+        self.down_mm = make_linear(self.down, mode)
+        for name in ("qkv", "o_proj", "gate_up", "down"):
+            setattr(self, name, _param(0, dtype=self.qkv.dtype, device=self.qkv.device))
 
     def forward(
         self,
@@ -63,16 +82,16 @@ class DecoderLayer(nn.Module):
         cfg = self.cfg
         t = x.shape[0]
         h = rms_norm(x, self.input_norm, cfg.rms_norm_eps)
-        qkv = F.linear(h, self.qkv)  # (T, (H + 2 Hkv) D)
+        qkv = self.qkv_mm(h)  # (T, (H + 2 Hkv) D)
         # q and k are adjacent in the fused output: rotate both in one go, (T, H + Hkv, D)
         qk = apply_rope(qkv[:, : self.k_end].view(t, -1, cfg.head_dim), cos, sin)
         q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
         v = qkv[:, self.k_end :].reshape(t, cfg.num_kv_heads, cfg.head_dim)
         attn = paged_attention(q, k, v, cache, plan, cfg.head_dim**-0.5)
-        x = x + F.linear(attn, self.o_proj)
+        x = x + self.o_mm(attn)
         h = rms_norm(x, self.post_norm, cfg.rms_norm_eps)
-        gate, up = F.linear(h, self.gate_up).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, self.down)
+        gate, up = self.gate_up_mm(h).chunk(2, dim=-1)
+        return x + self.down_mm(F.silu(gate) * up)
 
 
 class LlamaModel(nn.Module):
@@ -80,6 +99,8 @@ class LlamaModel(nn.Module):
 
     rope_cos: torch.Tensor
     rope_sin: torch.Tensor
+    head_mm: Linear
+    layers: nn.ModuleList
 
     def __init__(
         self,
@@ -101,6 +122,10 @@ class LlamaModel(nn.Module):
             if cfg.tie_word_embeddings
             else _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         )
+        self.head_mm = Linear(self.embed if self.lm_head is None else self.lm_head)
+        self.quantization = "none"
+        # "auto": native kernels where they apply (CPU, fp32) and build; "torch": never
+        self.attention_backend = "auto"
         cos, sin = cos_sin_table(
             inverse_frequencies(cfg, rope_factors), cfg.max_position_embeddings
         )
@@ -121,7 +146,7 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """Logits (L, vocab) in the model dtype for `batch.logits_indices`."""
         device = self.device
-        plan = AttentionPlan.from_batch(batch, block_size, device, self.dtype)
+        plan = AttentionPlan.from_batch(batch, block_size, device, self.dtype, self._kernels())
         positions = batch.positions.to(device)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, 1, D)
         x = F.embedding(batch.input_ids.to(device), self.embed)  # (T, hidden)
@@ -129,8 +154,50 @@ class LlamaModel(nn.Module):
             x = layer(x, cos, sin, cache, plan)
         x = x[batch.logits_indices.to(device)]  # why: norm + head only where logits are wanted
         x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
-        head = self.embed if self.lm_head is None else self.lm_head
-        return F.linear(x, head)
+        return self.head_mm(x)
+
+    @property
+    def decoder_layers(self) -> list[DecoderLayer]:
+        return [layer for layer in self.layers if isinstance(layer, DecoderLayer)]
+
+    def _kernels(self) -> NativeKernels | None:
+        if self.attention_backend == "torch":
+            return None
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            return None
+        kernels = native_kernels()
+        if kernels is None or self.cfg.num_heads // self.cfg.num_kv_heads > kernels.max_group:
+            return None
+        return kernels
+
+    def quantize(self, mode: str) -> None:
+        """Switch every decoder projection and the LM head to `mode` (see `quant.py`).
+
+        Call once, after `load_weights`. The embedding table stays in the model dtype (it is a
+        lookup); a tied LM head gets its own packed copy of it.
+        """
+        check_supported(mode, self.dtype, self.device)
+        if mode == "none" or mode == self.quantization:
+            return
+        if self.quantization != "none":
+            raise ModelLoadError(f"model is already quantized as {self.quantization!r}")
+        for layer in self.decoder_layers:
+            layer.quantize(mode)
+        self.head_mm = make_linear(self.embed if self.lm_head is None else self.lm_head, mode)
+        if self.lm_head is not None:
+            self.lm_head = _param(0, dtype=self.dtype, device=self.device)
+        self.quantization = mode
+
+    def weight_bytes(self) -> int:
+        """Bytes the weights take now: parameters plus packed projections."""
+        params = sum(p.numel() * p.element_size() for p in self.parameters())
+        packed = sum(
+            mm.nbytes
+            for layer in self.decoder_layers
+            for mm in (layer.qkv_mm, layer.o_mm, layer.gate_up_mm, layer.down_mm)
+            if mm.mode != "none"
+        )
+        return params + packed + (self.head_mm.nbytes if self.head_mm.mode != "none" else 0)
 
     # -- weights ------------------------------------------------------------------------------
 

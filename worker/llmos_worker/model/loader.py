@@ -20,6 +20,7 @@ from llmos_worker.errors import ModelLoadError
 from llmos_worker.model.config import ModelConfig
 from llmos_worker.model.gguf_file import GGUFFile, is_gguf
 from llmos_worker.model.llama import LlamaModel
+from llmos_worker.model.quant import check_supported
 from llmos_worker.model.tokenizer import Tokenizer
 from llmos_worker.model.weights import gguf_rope_factors, gguf_weights, safetensors_weights
 
@@ -41,6 +42,7 @@ class LoadedModel:
     source: str
     dtype: torch.dtype
     device: torch.device
+    quantization: str = "none"
 
 
 def resolve_builtin(name: str) -> str:
@@ -85,11 +87,15 @@ def resolve_source(source: str) -> tuple[str, str, str]:
     return "gguf", source, base[:-5] if base.endswith(".gguf") else ""
 
 
-def load_model(source: str, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """Load weights + tokenizer of `source` into a `LoadedModel` on `device` in `dtype`."""
+def load_model(
+    source: str, *, dtype: str = "float32", device: str = "cpu", quantization: str = "none"
+) -> LoadedModel:
+    """Load weights + tokenizer of `source` into a `LoadedModel` on `device` in `dtype`, its
+    linear layers packed in `quantization` ("none", "fp16", "int8": see `quant.py`)."""
     if dtype not in DTYPES:
         raise ModelLoadError(f"unsupported dtype {dtype!r}; use one of {sorted(DTYPES)}")
     torch_dtype, dev = DTYPES[dtype], torch.device(device)
+    check_supported(quantization, torch_dtype, dev)  # why: before minutes of loading
     kind, path, name = resolve_source(source)
     if kind == "gguf":
         with GGUFFile(path) as gf:
@@ -113,5 +119,6 @@ def load_model(source: str, *, dtype: str = "float32", device: str = "cpu") -> L
         model = LlamaModel(config, dtype=torch_dtype, device=dev)
         model.load_weights(safetensors_weights(path))
         tokenizer = Tokenizer.from_dir(path, extra_eos_token_ids=config.eos_token_ids)
+    model.quantize(quantization)
     model.eval()
-    return LoadedModel(name, config, model, tokenizer, source, torch_dtype, dev)
+    return LoadedModel(name, config, model, tokenizer, source, torch_dtype, dev, quantization)

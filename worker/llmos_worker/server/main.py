@@ -95,6 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=_bool(e("enable_prefix_caching", "true") or "true"),
     )
     a("--dtype", choices=["float32", "bfloat16", "float16"], default=e("dtype", "float32"))
+    a(
+        "--quantization",
+        choices=["none", "fp16", "int8"],
+        default=e("quantization", "none"),
+        help="pack linear-layer weights (CPU, float32 only): fp16 or per-channel int8",
+    )
     a("--device", default=e("device", "cpu"))
     a("--seed", type=int, default=e("seed", "0"))
     a(
@@ -167,6 +173,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         scheduling_policy=args.scheduling_policy,
         enable_prefix_caching=args.enable_prefix_caching,
         dtype=args.dtype,
+        quantization=args.quantization,
         device=args.device,
         seed=args.seed,
     )

@@ -1,0 +1,175 @@
+"""Native CPU kernels, compiled from C on first use and cached, with the torch path as fallback.
+
+`native_kernels()` returns the loaded library or None. It builds `paged_attention.c` with the
+system C compiler (`$CC`, else `cc`) into a cache directory (`$LLMOS_KERNEL_CACHE`, else
+`$XDG_CACHE_HOME/llmos-worker/kernels`, else `~/.cache/llmos-worker/kernels`) under a name that
+hashes the source, the flags, the compiler and this CPU (the build uses `-march=native`), so a
+cache shared between machines never serves a mismatched binary. The build takes about a second;
+concurrent builders each write a temporary file and rename it into place. Without a compiler, or
+with `LLMOS_NATIVE_KERNELS=0`, the worker logs why once and runs the pure-torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("paged_attention.c")
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
+_i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+
+
+class NativeKernels:
+    """The loaded kernel library with typed entry points."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        lib = ctypes.CDLL(str(path))
+        fn = lib.llmos_paged_decode_attention
+        fn.argtypes = [_ptr] * 7 + [_i64] * 8 + [_f32]
+        fn.restype = ctypes.c_int
+        self._decode = fn
+        self.max_group = int(lib.llmos_max_group())
+
+    def paged_decode_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        rows: torch.Tensor,
+        out: torch.Tensor,
+        scale: float,
+    ) -> None:
+        """Attend one query token per sequence against its paged K/V; writes `out[rows]`.
+
+        q (T, H, D) fp32 with unit strides inside a row; k_cache, v_cache (N, bs, Hkv, D)
+        contiguous; block_tables (S, nb), context_lens (S,), rows (S,) contiguous int64;
+        out (T, H, D) contiguous fp32.
+        """
+        _, h, d = q.shape
+        num_blocks, bs, hkv, _ = k_cache.shape
+        if not (q.stride(2) == 1 and q.stride(1) == d and out.is_contiguous()):
+            raise ValueError("q rows must be (H, D)-contiguous and out contiguous")
+        if not (
+            k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
+        ):
+            raise ValueError("K/V caches must be contiguous and of one shape")
+        if q.dtype != torch.float32 or k_cache.dtype != torch.float32 or out.dtype != torch.float32:
+            raise ValueError("native paged attention takes float32 tensors")
+        if q.device.type != "cpu" or k_cache.device.type != "cpu":
+            raise ValueError("native paged attention takes CPU tensors")
+        if rows.shape[0] != block_tables.shape[0] or rows.shape[0] != context_lens.shape[0]:
+            raise ValueError("rows, block tables and lengths disagree on the number of sequences")
+        if rows.shape[0] and (int(rows.min()) < 0 or int(rows.max()) >= q.shape[0]):
+            raise ValueError("rows outside q")
+        for t in (block_tables, context_lens, rows):
+            if t.dtype != torch.int64 or not t.is_contiguous():
+                raise ValueError("block tables, lengths and rows must be contiguous int64")
+        status = self._decode(
+            q.data_ptr(),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            block_tables.data_ptr(),
+            context_lens.data_ptr(),
+            rows.data_ptr(),
+            out.data_ptr(),
+            q.stride(0),
+            rows.shape[0],
+            h,
+            hkv,
+            d,
+            bs,
+            block_tables.shape[1],
+            num_blocks,
+            scale,
+        )
+        if status != 0:
+            raise RuntimeError(f"native paged attention refused its inputs (status {status})")
+
+
+_lock = threading.Lock()
+_loaded: NativeKernels | None = None
+_tried = False
+
+
+def cache_dir() -> Path:
+    if os.environ.get("LLMOS_KERNEL_CACHE"):
+        return Path(os.environ["LLMOS_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llmos-worker" / "kernels"
+
+
+def _cpu_identity() -> bytes:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return b""
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags", "Features"))]
+    return "\n".join(dict.fromkeys(keep)).encode()
+
+
+def build(compiler: str | None = None, directory: Path | None = None) -> Path:
+    """Compile the kernels (or find the cached build); the path of the shared library."""
+    cc = compiler or os.environ.get("CC") or "cc"
+    if shutil.which(cc) is None:
+        raise FileNotFoundError(f"no C compiler {cc!r} on PATH")
+    version = subprocess.run(
+        [cc, "--version"], capture_output=True, text=True, check=False, timeout=30
+    ).stdout
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), version.encode(), _cpu_identity()):
+        digest.update(hashlib.sha256(part).digest())
+    out_dir = directory or cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"llmos_kernels-{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        proc = subprocess.run(
+            [cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def native_kernels() -> NativeKernels | None:
+    """The native kernels, built on first call; None (logged once) when they cannot be had."""
+    global _loaded, _tried
+    with _lock:
+        if _tried:
+            return _loaded
+        _tried = True
+        if os.environ.get("LLMOS_NATIVE_KERNELS", "1").lower() in ("0", "false", "no", "off"):
+            log.info("native kernels disabled by LLMOS_NATIVE_KERNELS; using the torch path")
+            return None
+        try:
+            _loaded = NativeKernels(build())
+        except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
+            log.warning("native kernels unavailable, using the torch path: %s", exc)
+            return None
+        log.info("native kernels loaded from %s", _loaded.path)
+        return _loaded

@@ -1,0 +1,218 @@
+/* Paged decode attention for the CPU, fp32: one query token per sequence, K/V read in place.
+ *
+ * The torch path gathers every sequence's blocks into a padded copy before attending; this
+ * kernel walks each sequence's block table and reads K/V rows where they lie in the cache, once.
+ * Work items are (sequence, KV head) pairs, spread over OpenMP threads; the GQA query heads that
+ * share a KV head are scored together so each K/V row is loaded once for all of them.
+ * Softmax is exact (two passes over the scores: max, then exp-sum), as in SDPA.
+ *
+ * Layouts (all row-major, contiguous):
+ *   q             (T, H, D) with `q_stride` floats between rows (a slice of the fused QKV)
+ *   out           (T, H, D) contiguous; sequence s reads q row rows[s] and writes out row rows[s]
+ *   k_cache, v_cache  (num_blocks, block_size, Hkv, D) of one layer
+ *   block_tables  (S, max_blocks) int64, ids < num_blocks; context_lens (S,) int64 (>= 1)
+ * Returns 0, or a non-zero status (nothing computed) when the inputs are inconsistent.
+ *
+ * Built by llmos_worker/model/kernels/__init__.py with `cc -O3 -fopenmp -shared`; the OpenMP
+ * runtime it links (libgomp.so.1) is the one torch already loaded, so both share one thread pool.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_GROUP 16 /* query heads per KV head handled in one item (GQA ratio) */
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LLMOS_AVX2 1
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* exp for x <= 0 (softmax after max subtraction): Cephes' expf polynomial, ~1 ulp */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f),
+                                                _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+#endif
+
+/* out[i] = q . x[i * stride : i * stride + d] for i < n (the rows of one block) */
+static inline void row_dots(float *out, const float *q, const float *x, int64_t stride, int64_t n,
+                            int64_t d) {
+#ifdef LLMOS_AVX2
+    if (d == 64) { /* why: q stays in 8 registers across the block's rows */
+        const __m256 q0 = _mm256_loadu_ps(q), q1 = _mm256_loadu_ps(q + 8);
+        const __m256 q2 = _mm256_loadu_ps(q + 16), q3 = _mm256_loadu_ps(q + 24);
+        const __m256 q4 = _mm256_loadu_ps(q + 32), q5 = _mm256_loadu_ps(q + 40);
+        const __m256 q6 = _mm256_loadu_ps(q + 48), q7 = _mm256_loadu_ps(q + 56);
+        for (int64_t i = 0; i < n; ++i, x += stride) {
+            __m256 s0 = _mm256_mul_ps(q0, _mm256_loadu_ps(x));
+            __m256 s1 = _mm256_mul_ps(q1, _mm256_loadu_ps(x + 8));
+            s0 = _mm256_fmadd_ps(q2, _mm256_loadu_ps(x + 16), s0);
+            s1 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(x + 24), s1);
+            s0 = _mm256_fmadd_ps(q4, _mm256_loadu_ps(x + 32), s0);
+            s1 = _mm256_fmadd_ps(q5, _mm256_loadu_ps(x + 40), s1);
+            s0 = _mm256_fmadd_ps(q6, _mm256_loadu_ps(x + 48), s0);
+            s1 = _mm256_fmadd_ps(q7, _mm256_loadu_ps(x + 56), s1);
+            out[i] = hsum8(_mm256_add_ps(s0, s1));
+        }
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < n; ++i, x += stride) {
+        float s = 0.0f;
+        for (int64_t j = 0; j < d; ++j) s += q[j] * x[j];
+        out[i] = s;
+    }
+}
+
+/* y (d) += sum_i p[i] * x[i * stride : i * stride + d] for i < n (the rows of one block) */
+static inline void weighted_rows(float *y, const float *p, const float *x, int64_t stride,
+                                 int64_t n, int64_t d) {
+#ifdef LLMOS_AVX2
+    if (d == 64) { /* why: 8 accumulators stay in registers across the block's rows */
+        __m256 a0 = _mm256_loadu_ps(y), a1 = _mm256_loadu_ps(y + 8);
+        __m256 a2 = _mm256_loadu_ps(y + 16), a3 = _mm256_loadu_ps(y + 24);
+        __m256 a4 = _mm256_loadu_ps(y + 32), a5 = _mm256_loadu_ps(y + 40);
+        __m256 a6 = _mm256_loadu_ps(y + 48), a7 = _mm256_loadu_ps(y + 56);
+        for (int64_t i = 0; i < n; ++i, x += stride) {
+            const __m256 pv = _mm256_set1_ps(p[i]);
+            a0 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(x), a0);
+            a1 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + 8), a1);
+            a2 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + 16), a2);
+            a3 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + 24), a3);
+            a4 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + 32), a4);
+            a5 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + 40), a5);
+            a6 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + 48), a6);
+            a7 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + 56), a7);
+        }
+        _mm256_storeu_ps(y, a0), _mm256_storeu_ps(y + 8, a1);
+        _mm256_storeu_ps(y + 16, a2), _mm256_storeu_ps(y + 24, a3);
+        _mm256_storeu_ps(y + 32, a4), _mm256_storeu_ps(y + 40, a5);
+        _mm256_storeu_ps(y + 48, a6), _mm256_storeu_ps(y + 56, a7);
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < n; ++i, x += stride)
+        for (int64_t j = 0; j < d; ++j) y[j] += p[i] * x[j];
+}
+
+/* x[i] = exp(x[i] - m) for i < n; returns the sum */
+static inline float exp_sum(float *x, float m, int64_t n) {
+    float sum = 0.0f;
+    int64_t i = 0;
+#ifdef LLMOS_AVX2
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv));
+        _mm256_storeu_ps(x + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = hsum8(acc);
+#endif
+    for (; i < n; ++i) {
+        x[i] = expf(x[i] - m);
+        sum += x[i];
+    }
+    return sum;
+}
+
+int llmos_max_group(void) { return MAX_GROUP; }
+
+int llmos_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
+                                 const int64_t *block_tables, const int64_t *context_lens,
+                                 const int64_t *rows, float *out, int64_t q_stride,
+                                 int64_t num_seqs,
+                                 int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                 int64_t block_size, int64_t max_blocks, int64_t num_blocks,
+                                 float scale) {
+    const int64_t group = num_heads / num_kv_heads;
+    if (group < 1 || group > MAX_GROUP || group * num_kv_heads != num_heads) return 1;
+    int64_t max_len = 0;
+    for (int64_t s = 0; s < num_seqs; ++s) {
+        if (context_lens[s] < 1 || context_lens[s] > max_blocks * block_size) return 2;
+        if (context_lens[s] > max_len) max_len = context_lens[s];
+    }
+    for (int64_t s = 0; s < num_seqs; ++s) /* why: a bad block id would read outside the cache */
+        for (int64_t b = 0; b * block_size < context_lens[s]; ++b)
+            if (block_tables[s * max_blocks + b] < 0 || block_tables[s * max_blocks + b] >= num_blocks)
+                return 4;
+    const int64_t kv_row = num_kv_heads * head_dim; /* floats between consecutive tokens */
+    int failed = 0;
+
+#pragma omp parallel
+    {
+        /* per thread: scores (group, max_len) */
+        float *scores = malloc(sizeof(float) * (size_t)(group * max_len));
+        if (scores == NULL) {
+#pragma omp atomic write
+            failed = 3;
+        }
+#pragma omp for schedule(dynamic)
+        for (int64_t item = 0; item < num_seqs * num_kv_heads; ++item) {
+            if (scores == NULL) continue;
+            const int64_t s = item / num_kv_heads, kvh = item % num_kv_heads;
+            const int64_t len = context_lens[s];
+            const int64_t *table = block_tables + s * max_blocks;
+            const float *qs = q + rows[s] * q_stride + kvh * group * head_dim;
+            float *os = out + (rows[s] * num_heads + kvh * group) * head_dim;
+
+            /* pass 1: scores = q . k * scale, row maxima */
+            float maxes[MAX_GROUP];
+            for (int64_t g = 0; g < group; ++g) maxes[g] = -INFINITY;
+            /* why block by block: no integer division per token (slow on many x86 cores) */
+            for (int64_t b = 0, t0 = 0; t0 < len; ++b, t0 += block_size) {
+                const int64_t n = len - t0 < block_size ? len - t0 : block_size;
+                const float *k = k_cache + (table[b] * block_size * num_kv_heads + kvh) * head_dim;
+                for (int64_t g = 0; g < group; ++g) {
+                    float *sg = scores + g * max_len + t0;
+                    row_dots(sg, qs + g * head_dim, k, kv_row, n, head_dim);
+                    for (int64_t i = 0; i < n; ++i) {
+                        sg[i] *= scale;
+                        if (sg[i] > maxes[g]) maxes[g] = sg[i];
+                    }
+                }
+            }
+            /* softmax weights, unnormalised */
+            float sums[MAX_GROUP];
+            for (int64_t g = 0; g < group; ++g) {
+                sums[g] = exp_sum(scores + g * max_len, maxes[g], len);
+                memset(os + g * head_dim, 0, sizeof(float) * (size_t)head_dim);
+            }
+            /* pass 2: out = sum_t p_t v_t / sum_t p_t */
+            for (int64_t b = 0, t0 = 0; t0 < len; ++b, t0 += block_size) {
+                const int64_t n = len - t0 < block_size ? len - t0 : block_size;
+                const float *v = v_cache + (table[b] * block_size * num_kv_heads + kvh) * head_dim;
+                for (int64_t g = 0; g < group; ++g)
+                    weighted_rows(os + g * head_dim, scores + g * max_len + t0, v, kv_row, n,
+                                  head_dim);
+            }
+            for (int64_t g = 0; g < group; ++g) {
+                const float inv = 1.0f / sums[g];
+                float *og = os + g * head_dim;
+#pragma omp simd
+                for (int64_t d = 0; d < head_dim; ++d) og[d] *= inv;
+            }
+        }
+        free(scores);
+    }
+    return failed;
+}
