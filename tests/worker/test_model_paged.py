@@ -7,6 +7,7 @@ at shuffled physical blocks. Logits must match HF's full-sequence forward to ~1e
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,9 +40,21 @@ def prompts(n: int, lengths: list[int], seed: int = 1) -> list[list[int]]:
     return [torch.randint(3, n, (length,), generator=g).tolist() for length in lengths]
 
 
+@pytest.fixture(params=["auto", "torch"])
+def backend(request: pytest.FixtureRequest, tiny: LoadedModel) -> Iterator[str]:
+    """Decode attention by the native kernel (auto, which must build here) or the torch path."""
+    from llmos_worker.model.kernels import native_kernels
+
+    if request.param == "auto":
+        assert native_kernels() is not None, "the native kernels did not build (see the log)"
+    tiny.model.attention_backend = request.param
+    yield str(request.param)
+    tiny.model.attention_backend = "auto"
+
+
 @pytest.mark.parametrize("block_size", [4, 16])
 def test_mixed_batch_matches_hf(
-    tiny: LoadedModel, hf_tiny: torch.nn.Module, block_size: int
+    tiny: LoadedModel, hf_tiny: torch.nn.Module, block_size: int, backend: str
 ) -> None:
     a, b, c = prompts(tiny.config.vocab_size, [13, 7, 37])
     runner = ModelRunner(tiny, block_size=block_size, num_blocks=64)

@@ -202,6 +202,15 @@ def test_every_serve_flag_defaults_from_the_environment(monkeypatch: pytest.Monk
     )
     assert (config.max_model_len, config.scheduling_policy) == (256, "priority")
     assert (config.enable_prefix_caching, config.dtype) == (False, "bfloat16")
+    # quantization: fp16 from the command line; the environment's bfloat16 makes it invalid
+    args = build_parser("serve").parse_args(
+        ["serve", "--quantization", "fp16", "--dtype", "float32"]
+    )
+    assert engine_config(args).quantization == "fp16"
+    with pytest.raises(InvalidRequestError, match="quantization 'fp16' needs dtype float32"):
+        engine_config(build_parser("serve").parse_args(["serve", "--quantization", "fp16"]))
+    with pytest.raises(SystemExit):
+        build_parser("serve").parse_args(["serve", "--quantization", "int8"])
     # the command line still wins over the environment
     assert (
         build_parser("serve")

@@ -9,7 +9,7 @@ from llmos_worker.errors import InvalidRequestError
 
 SchedulingPolicy = Literal["fcfs", "priority"]
 DType = Literal["float32", "bfloat16", "float16"]
-Quantization = Literal["none", "fp16", "int8"]  # see llmos_worker.model.quant
+Quantization = Literal["none", "fp16"]  # see llmos_worker.model.quant
 
 
 @dataclass
@@ -60,10 +60,8 @@ class EngineConfig:
             )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise InvalidRequestError("dtype must be float32, bfloat16 or float16", param="dtype")
-        if self.quantization not in ("none", "fp16", "int8"):
-            raise InvalidRequestError(
-                "quantization must be 'none', 'fp16' or 'int8'", param="quantization"
-            )
+        if self.quantization not in ("none", "fp16"):
+            raise InvalidRequestError("quantization must be 'none' or 'fp16'", param="quantization")
         if self.quantization != "none" and (self.dtype != "float32" or self.device != "cpu"):
             raise InvalidRequestError(
                 f"quantization {self.quantization!r} needs dtype float32 on the cpu device",

@@ -97,9 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--dtype", choices=["float32", "bfloat16", "float16"], default=e("dtype", "float32"))
     a(
         "--quantization",
-        choices=["none", "fp16", "int8"],
+        choices=["none", "fp16"],
         default=e("quantization", "none"),
-        help="pack linear-layer weights (CPU, float32 only): fp16 or per-channel int8",
+        help="fp16: linear-layer weights packed in fp16, fp32 compute (CPU, float32 only)",
     )
     a("--device", default=e("device", "cpu"))
     a("--seed", type=int, default=e("seed", "0"))

@@ -1,0 +1,139 @@
+"""The native paged decode attention kernel against a plain-torch reference.
+
+The reference gathers each sequence's K/V by its block table and runs softmax(q k^T * scale) v
+in float64. Cases cover GQA ratios 1/3/4, head dims 64 (the AVX2 path) and 24 (the portable
+loops), block sizes 1 and 16, ragged lengths ending mid-block, decode rows scattered in a larger
+batch, and a q that is a strided slice of a fused QKV tensor. Bad inputs raise, never read
+outside the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmos_worker.model.kernels import NativeKernels, build, native_kernels
+
+
+@pytest.fixture(scope="module")
+def kernels() -> NativeKernels:
+    k = native_kernels()
+    assert k is not None, "the native kernels did not build (a C compiler is part of make install)"
+    return k
+
+
+def reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: torch.Tensor,
+    lens: torch.Tensor,
+    rows: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """(S, H, D) float64 attention of q[rows] over each sequence's first lens[s] cached rows."""
+    h, hkv = q.shape[1], k_cache.shape[2]
+    bs = k_cache.shape[1]
+    out = []
+    for s in range(rows.shape[0]):
+        n = int(lens[s])
+        blocks = tables[s, : -(-n // bs)]
+        k = k_cache[blocks].reshape(-1, hkv, k_cache.shape[3])[:n].double()  # (n, Hkv, D)
+        v = v_cache[blocks].reshape(-1, hkv, v_cache.shape[3])[:n].double()
+        k = k.repeat_interleave(h // hkv, dim=1)  # (n, H, D)
+        v = v.repeat_interleave(h // hkv, dim=1)
+        qs = q[rows[s]].double()  # (H, D)
+        p = torch.softmax(torch.einsum("hd,nhd->hn", qs, k) * scale, dim=-1)
+        out.append(torch.einsum("hn,nhd->hd", p, v))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "block_size"),
+    [(9, 3, 64, 16), (4, 4, 64, 1), (8, 2, 24, 16), (6, 3, 24, 4)],
+)
+def test_matches_reference(
+    kernels: NativeKernels, heads: int, kv_heads: int, head_dim: int, block_size: int
+) -> None:
+    g = torch.Generator().manual_seed(heads * 100 + head_dim)
+    lens = torch.tensor([1, 5, 16, 17, 40, 3], dtype=torch.int64)
+    nb = int(-(-lens.max() // block_size))
+    num_blocks = lens.shape[0] * nb + 3
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=g)
+    tables = torch.randperm(num_blocks, generator=g)[: lens.shape[0] * nb].view(-1, nb)
+    # q as the slice of a fused (T, H + 2 Hkv, D) projection, decode rows scattered in T = 11
+    qkv = torch.randn(11, heads + 2 * kv_heads, head_dim, generator=g)
+    q = qkv[:, :heads]
+    rows = torch.tensor([10, 0, 3, 7, 5, 1], dtype=torch.int64)
+    out = torch.full((11, heads, head_dim), 7.0)
+    scale = head_dim**-0.5
+    kernels.paged_decode_attention(
+        q, cache[0], cache[1], tables.contiguous(), lens, rows, out, scale
+    )
+    expected = reference(q, cache[0], cache[1], tables, lens, rows, scale)
+    torch.testing.assert_close(out[rows].double(), expected, atol=1e-5, rtol=1e-5)
+    untouched = torch.ones(11, dtype=torch.bool)
+    untouched[rows] = False
+    assert (out[untouched] == 7.0).all()  # rows that are not decodes are left alone
+
+
+def test_refuses_inconsistent_inputs(kernels: NativeKernels) -> None:
+    cache = torch.zeros(2, 4, 16, 2, 64)
+    q = torch.zeros(2, 4, 64)
+    out = torch.zeros(2, 4, 64)
+    lens = torch.tensor([20, 3])
+    rows = torch.tensor([0, 1])
+
+    def call(tables: torch.Tensor, lens: torch.Tensor = lens, rows: torch.Tensor = rows) -> None:
+        kernels.paged_decode_attention(q, cache[0], cache[1], tables, lens, rows, out, 0.1)
+
+    with pytest.raises(RuntimeError, match="status 4"):  # block id past the cache
+        call(torch.tensor([[0, 4], [1, 0]]))
+    with pytest.raises(RuntimeError, match="status 4"):
+        call(torch.tensor([[0, -1], [1, 0]]))
+    with pytest.raises(RuntimeError, match="status 2"):  # longer than the table covers
+        call(torch.tensor([[0, 2], [1, 0]]), lens=torch.tensor([40, 3]))
+    with pytest.raises(RuntimeError, match="status 2"):
+        call(torch.tensor([[0, 2], [1, 0]]), lens=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="rows outside q"):
+        call(torch.tensor([[0, 2], [1, 0]]), rows=torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="int64"):
+        call(torch.tensor([[0, 2], [1, 0]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="float32"):
+        kernels.paged_decode_attention(
+            q.double(), cache[0], cache[1], torch.tensor([[0, 2], [1, 0]]), lens, rows, out, 0.1
+        )
+
+
+def test_build_is_cached_per_directory(tmp_path: Path) -> None:
+    first = build(directory=tmp_path)
+    assert first.parent == tmp_path and first.suffix == ".so"
+    mtime = first.stat().st_mtime_ns
+    assert build(directory=tmp_path) == first and first.stat().st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+    with pytest.raises(FileNotFoundError, match="no C compiler"):
+        build(compiler="no-such-cc", directory=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [({"LLMOS_NATIVE_KERNELS": "0"}, "None"), ({"CC": "no-such-cc"}, "None"), ({}, "loaded")],
+)
+def test_fallback_when_unavailable(tmp_path: Path, env: dict[str, str], expected: str) -> None:
+    """Disabled or without a compiler, the worker carries on with the torch path."""
+    code = (
+        "from llmos_worker.model.kernels import native_kernels\n"
+        "k = native_kernels()\n"
+        "print('None' if k is None else 'loaded')\n"
+    )
+    run_env = os.environ | {"LLMOS_KERNEL_CACHE": str(tmp_path / "cache")} | env
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=run_env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == expected
