@@ -108,6 +108,7 @@ def test_deployment_runs_the_worker_with_its_settings() -> None:
     assert env["LLMOS_SCHEDULING_POLICY"] == "priority"
     assert env["LLMOS_ENABLE_PREFIX_CACHING"] == "false"
     assert env["LLMOS_DTYPE"] == "float16"
+    assert env["LLMOS_QUANTIZATION"] == "none"
     assert env["LLMOS_DEVICE"] == "cuda"
     assert env["LLMOS_SERVED_MODEL_NAME"] == "smollm2"
     assert float(env["LLMOS_KV_CACHE_MEMORY_FRACTION"]) == 0.9
@@ -139,6 +140,12 @@ def test_cpu_pool_has_no_gpu_limit_and_engine_change_changes_template() -> None:
     dep2 = build_deployment(POOL_REF, changed, SERVED, CONFIG)
     assert dep2["spec"]["template"] != dep["spec"]["template"]
     assert build_deployment(POOL_REF, base, SERVED, CONFIG) == dep  # deterministic
+    fp16 = InferencePoolSpec.model_validate(
+        {**POOL_SPECS[0], "engine": {"dtype": "float32", "quantization": "fp16"}}
+    )
+    worker = build_deployment(POOL_REF, fp16, SERVED, CONFIG)["spec"]["template"]["spec"]
+    env = _env(worker["containers"][0])
+    assert (env["LLMOS_QUANTIZATION"], env["LLMOS_DTYPE"]) == ("fp16", "float32")
 
 
 def test_loader_job_command_and_names() -> None:
