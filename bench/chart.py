@@ -21,7 +21,7 @@ def draw(results: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     roof = results.get("roofline", {})
-    systems = ("llmos", "HF generate", "llama.cpp")
+    systems = ("llmos", "llmos fp16", "HF generate", "llama.cpp")
 
     for ax, key, title, ceiling in (
         (axes[0][0], "offline_mixed", "(1) offline mixed, output tok/s", "compute_tok_s_fp32"),
@@ -29,8 +29,13 @@ def draw(results: dict[str, Any], path: Path) -> None:
     ):
         block = results.get(key, {})
         hf = block.get("hf_best") if key == "offline_mixed" else block.get("hf")
-        vals = [_tput(block.get("llmos")), _tput(hf), _tput(block.get("llamacpp"))]
-        bars = ax.bar(systems, vals, color=["tab:blue", "tab:orange", "tab:green"])
+        vals = [
+            _tput(block.get("llmos")),
+            _tput(block.get("llmos_fp16")),
+            _tput(hf),
+            _tput(block.get("llamacpp")),
+        ]
+        bars = ax.bar(systems, vals, color=["tab:blue", "tab:cyan", "tab:orange", "tab:green"])
         ax.bar_label(bars, fmt="%.0f")
         if roof.get(ceiling):
             kind = "compute" if "compute" in ceiling else "batch-1 memory"

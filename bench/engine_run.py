@@ -110,10 +110,10 @@ def warm_up(engine: Any, pool: list[int]) -> None:
     run_batch(engine, [BenchRequest("warmup", pool[:24], 4)])
 
 
-def load(source: str, dtype: str = "float32") -> Any:
+def load(source: str, dtype: str = "float32", quantization: str = "none") -> Any:
     from llmos_worker.model import load_model
 
-    return load_model(source, dtype=dtype, device="cpu")
+    return load_model(source, dtype=dtype, device="cpu", quantization=quantization)
 
 
 def make_engine(

@@ -122,6 +122,16 @@ def render(results: dict[str, Any]) -> str:
                 f"best static batch = {hf_best['batch_size']}" if hf_best else "",
             ),
             ("llama.cpp (llama-cpp-python)", off.get("llamacpp"), "one request at a time, Q4_1"),
+            (
+                "llmos worker, fp16 weights (opt-in)",
+                off.get("llmos_fp16"),
+                "`--quantization fp16`",
+            ),
+            (
+                "llmos worker, torch attention path",
+                off.get("llmos_torch_attention"),
+                "decode attention by gather + SDPA instead of the native kernel",
+            ),
         ],
         roof_tok,
     )
@@ -156,9 +166,27 @@ def render(results: dict[str, Any]) -> str:
             ("llmos worker (LLMEngine)", single.get("llmos"), ""),
             ("Hugging Face generate", single.get("hf"), "batch 1"),
             ("llama.cpp (llama-cpp-python)", single.get("llamacpp"), "Q4_1"),
+            ("llmos worker, fp16 weights (opt-in)", single.get("llmos_fp16"), ""),
         ],
         roof_tok,
     )
+
+    quality = results.get("quality")
+    if quality:
+        ppl = quality["perplexity"]
+        base = ppl.get("float32")
+        lines += [
+            "",
+            "## Quality of the opt-in fp16 weights (perplexity, same run)",
+            "",
+            f"Scored text: {quality['text']}, windows of {quality['window']} tokens.",
+            "",
+            "| weights | perplexity | vs fp32 |",
+            "|---|---:|---:|",
+        ]
+        for mode, value in ppl.items():
+            rel = "—" if not base else f"{100 * (value - base) / base:+.3f} %"
+            lines.append(f"| {mode} | {value:.4f} | {rel} |")
 
     sp = results.get("shared_prefix", {})
     lines += [

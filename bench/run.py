@@ -43,6 +43,7 @@ from bench.workload import BenchRequest
 log = logging.getLogger("bench")
 BUILTIN = "builtin://smollm2-135m-instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUALITY_TOKENS = 4096  # tokens of the corpus scored for the perplexity check
 
 
 def gguf_path() -> Path:
@@ -178,6 +179,17 @@ def engine_parts(results: dict[str, Any], wl: dict[str, list[BenchRequest]], dty
     results["single_stream"]["llmos"] = metrics.serving_metrics(timings)
     del engine
     gc.collect()
+    if dtype == "float32":
+        # the same engine with decode attention on the torch path (gather + SDPA): what the
+        # native kernel is worth, side by side
+        loaded.model.attention_backend = "torch"
+        engine = engine_run.make_engine(loaded, dtype=dtype)
+        engine_run.warm_up(engine, pool)
+        timings, _ = engine_run.run_batch(engine, wl["offline_mixed"])
+        results["offline_mixed"]["llmos_torch_attention"] = metrics.serving_metrics(timings)
+        loaded.model.attention_backend = "auto"
+        del engine
+        gc.collect()
     for key, caching in (("caching_on", True), ("caching_off", False)):
         engine = engine_run.make_engine(loaded, prefix_caching=caching, dtype=dtype)
         engine_run.warm_up(engine, pool)
@@ -191,6 +203,33 @@ def engine_parts(results: dict[str, Any], wl: dict[str, list[BenchRequest]], dty
         }
         del engine
         gc.collect()
+
+
+def quantized_parts(results: dict[str, Any], wl: dict[str, list[BenchRequest]]) -> None:
+    """The opt-in fp16 weights: offline and single stream, and perplexity against fp32."""
+    from llmos_worker.model.quality import perplexity
+
+    pool = wl["offline_mixed"][0].prompt_token_ids
+    loaded = engine_run.load(BUILTIN, "float32", quantization="fp16")
+    engine = engine_run.make_engine(loaded)
+    engine_run.warm_up(engine, pool)
+    timings, _ = engine_run.run_batch(engine, wl["offline_mixed"])
+    results["offline_mixed"]["llmos_fp16"] = metrics.serving_metrics(timings)
+    log.info(
+        "offline fp16: %.1f tok/s", results["offline_mixed"]["llmos_fp16"]["output_throughput"]
+    )
+    timings, _ = engine_run.run_batch(engine, wl["single_stream"])
+    results["single_stream"]["llmos_fp16"] = metrics.serving_metrics(timings)
+    del engine
+    gc.collect()
+    text = corpus.corpus_text()
+    ids = loaded.tokenizer.encode(text)[:QUALITY_TOKENS]
+    fp32 = engine_run.load(BUILTIN, "float32")
+    results["quality"] = {
+        "text": f"first {len(ids)} tokens of {corpus.CORPUS_NAME}",
+        "window": 256,
+        "perplexity": {"float32": perplexity(fp32, ids), "fp16": perplexity(loaded, ids)},
+    }
 
 
 def hf_parts(
@@ -259,7 +298,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--skip",
         action="append",
         default=[],
-        choices=["engine", "hf", "llamacpp", "online"],
+        choices=["engine", "quantized", "hf", "llamacpp", "online"],
         help="parts to leave out",
     )
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -344,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = (1, 8) if args.quick else hf_baseline.BATCH_SIZES
     parts: dict[str, Callable[[], None]] = {
         "engine": lambda: engine_parts(results, wl, args.dtype),
+        "quantized": lambda: quantized_parts(results, wl),
         "hf": lambda: hf_parts(results, wl, budget, sizes),
         "llamacpp": lambda: llamacpp_parts(results, wl_paths, args.threads),
         "online": lambda: online_parts(results, wl, args),

@@ -257,3 +257,24 @@ def test_chart_is_written(tmp_path: Path) -> None:
     path = tmp_path / "chart.png"
     chart.draw(results(), path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_opt_in_fp16_is_judged_separately_and_quality_reported() -> None:
+    res = results()
+    assert not [t for t in targets.evaluate(res) if "fp16" in t.name]  # not measured: no rows
+    res["offline_mixed"]["llmos_fp16"] = {"output_throughput": 660.0}
+    res["single_stream"]["llmos_fp16"] = {"output_throughput": 66.0}
+    res["quality"] = {
+        "text": "first 10 tokens of a corpus",
+        "window": 256,
+        "perplexity": {"float32": 20.0, "fp16": 20.01},
+    }
+    ts = by_name(targets.evaluate(res))
+    single = ts[("8", "single stream vs llama.cpp — fp16 weights (opt-in)")]
+    assert single.measured == pytest.approx(66.0 / 50.0) and single.met is True
+    assert ts[("8", "single stream vs llama.cpp")].met is False  # the fp32 row is unchanged
+    hf = ts[("8", "offline mixed vs Hugging Face best — fp16 weights (opt-in)")]
+    assert hf.measured == pytest.approx(6.6)
+    text = report.render(res)
+    assert "| llmos worker, fp16 weights (opt-in) | 660.0 |" in text
+    assert "| fp16 | 20.0100 | +0.050 % |" in text
