@@ -137,3 +137,53 @@ def test_fallback_when_unavailable(tmp_path: Path, env: dict[str, str], expected
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == expected
+
+
+@pytest.mark.parametrize("rows", [1, 3, 70])  # 70: the OpenMP-parallel branch
+def test_per_layer_ops_match_torch(kernels: NativeKernels, rows: int) -> None:
+    import torch.nn.functional as F
+
+    from llmos_worker.model.llama import rms_norm
+    from llmos_worker.model.rope import apply_rope, cos_sin_table
+
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 40, generator=g)
+    delta = torch.randn(rows, 40, generator=g)
+    w = torch.randn(40, generator=g)
+    stream = x.clone()
+    out = kernels.add_rms_norm(stream, delta, w, 1e-5)
+    torch.testing.assert_close(stream, x + delta)  # residual updated in place
+    torch.testing.assert_close(out, rms_norm(x + delta, w, 1e-5), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(kernels.add_rms_norm(x, None, w, 1e-5), rms_norm(x, w, 1e-5))
+
+    # RoPE on the first 5 of 7 heads of a (T, 7 * 16) row; the last 2 heads stay as they were
+    cos, sin = cos_sin_table(1.0 / (10000 ** (torch.arange(0, 16, 2) / 16)), 512)
+    qkv = torch.randn(rows, 7 * 16, generator=g)
+    positions = torch.randint(0, 512, (rows,), generator=g)
+    expected = qkv.clone().view(rows, 7, 16)
+    expected[:, :5] = apply_rope(expected[:, :5], cos[positions][:, None], sin[positions][:, None])
+    kernels.rope_(qkv, 5, 16, positions, cos, sin)
+    torch.testing.assert_close(qkv.view(rows, 7, 16), expected, atol=1e-6, rtol=1e-5)
+
+    # SiLU(gate) * up with an intermediate size that is not a multiple of 8 and extreme gates
+    gate_up = torch.randn(rows, 2 * 37, generator=g) * 30
+    gate_up[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -88.5])
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_mul(gate_up), F.silu(gate) * up, atol=1e-5, rtol=1e-5)
+
+
+def test_per_layer_ops_refuse_bad_inputs(kernels: NativeKernels) -> None:
+    x = torch.zeros(2, 8)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        kernels.add_rms_norm(x.double(), None, torch.zeros(8), 1e-5)
+    with pytest.raises(ValueError, match="does not match"):
+        kernels.add_rms_norm(x, torch.zeros(3, 8), torch.zeros(8), 1e-5)
+    with pytest.raises(ValueError, match="weight"):
+        kernels.add_rms_norm(x, None, torch.zeros(7), 1e-5)
+    table = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="outside the RoPE table"):
+        kernels.rope_(x, 1, 8, torch.tensor([0, 4]), table, table)
+    with pytest.raises(ValueError, match="heads"):
+        kernels.rope_(x, 2, 8, torch.tensor([0, 1]), table, table)
+    with pytest.raises(ValueError, match="gate_up"):
+        kernels.silu_mul(torch.zeros(2, 7))

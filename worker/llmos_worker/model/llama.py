@@ -93,6 +93,34 @@ class DecoderLayer(nn.Module):
         gate, up = self.gate_up_mm(h).chunk(2, dim=-1)
         return x + self.down_mm(F.silu(gate) * up)
 
+    def forward_native(
+        self,
+        x: torch.Tensor,
+        delta: torch.Tensor | None,
+        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: torch.Tensor,
+        plan: AttentionPlan,
+        kernels: NativeKernels,
+    ) -> torch.Tensor:
+        """The same block with the native per-layer ops (CPU fp32), fewer dispatches per step.
+
+        x (T, hidden) is the residual stream, updated in place: `delta` (the previous block's MLP
+        output, not yet added) is folded into this block's first norm. Returns this block's MLP
+        output, for the next block (or the final norm) to add.
+        """
+        cfg = self.cfg
+        t, hd = x.shape[0], cfg.head_dim
+        h = kernels.add_rms_norm(x, delta, self.input_norm, cfg.rms_norm_eps)
+        qkv = self.qkv_mm(h)  # (T, (H + 2 Hkv) D), fresh and contiguous
+        kernels.rope_(qkv, cfg.num_heads + cfg.num_kv_heads, hd, positions, *rope)
+        heads = qkv.view(t, -1, hd)
+        q, k = heads[:, : cfg.num_heads], heads[:, cfg.num_heads : cfg.num_heads + cfg.num_kv_heads]
+        v = heads[:, cfg.num_heads + cfg.num_kv_heads :]
+        attn = paged_attention(q, k, v, cache, plan, hd**-0.5)
+        h = kernels.add_rms_norm(x, self.o_mm(attn), self.post_norm, cfg.rms_norm_eps)
+        return self.down_mm(kernels.silu_mul(self.gate_up_mm(h)))
+
 
 class LlamaModel(nn.Module):
     """Embedding, decoder layers, final norm and LM head (tied to the embedding if configured)."""
@@ -146,11 +174,20 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """Logits (L, vocab) in the model dtype for `batch.logits_indices`."""
         device = self.device
-        plan = AttentionPlan.from_batch(batch, block_size, device, self.dtype, self._kernels())
+        kernels = self._kernels()
+        plan = AttentionPlan.from_batch(batch, block_size, device, self.dtype, kernels)
         positions = batch.positions.to(device)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, 1, D)
         x = F.embedding(batch.input_ids.to(device), self.embed)  # (T, hidden)
-        for layer, cache in zip(self.layers, caches, strict=True):
+        if kernels is not None:
+            rope = (self.rope_cos[:, 0], self.rope_sin[:, 0])  # (P, D) each
+            delta: torch.Tensor | None = None
+            for layer, cache in zip(self.decoder_layers, caches, strict=True):
+                delta = layer.forward_native(x, delta, positions, rope, cache, plan, kernels)
+            rows = batch.logits_indices.to(device)
+            x, delta = x[rows], None if delta is None else delta[rows]
+            return self.head_mm(kernels.add_rms_norm(x, delta, self.norm, self.cfg.rms_norm_eps))
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, 1, D)
+        for layer, cache in zip(self.decoder_layers, caches, strict=True):
             x = layer(x, cos, sin, cache, plan)
         x = x[batch.logits_indices.to(device)]  # why: norm + head only where logits are wanted
         x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
@@ -161,6 +198,7 @@ class LlamaModel(nn.Module):
         return [layer for layer in self.layers if isinstance(layer, DecoderLayer)]
 
     def _kernels(self) -> NativeKernels | None:
+        """The native kernels when this model can use them: CPU, fp32, a supported GQA ratio."""
         if self.attention_backend == "torch":
             return None
         if self.device.type != "cpu" or self.dtype != torch.float32:

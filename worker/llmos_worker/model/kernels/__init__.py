@@ -1,6 +1,8 @@
 """Native CPU kernels, compiled from C on first use and cached, with the torch path as fallback.
 
-`native_kernels()` returns the loaded library or None. It builds `paged_attention.c` with the
+The kernels (cpu_kernels.c): paged decode attention reading K/V in place, residual add + RMSNorm,
+rotary embedding in place, SiLU(gate) * up. `native_kernels()` returns the loaded library or
+None. It builds `cpu_kernels.c` with the
 system C compiler (`$CC`, else `cc`) into a cache directory (`$LLMOS_KERNEL_CACHE`, else
 `$XDG_CACHE_HOME/llmos-worker/kernels`, else `~/.cache/llmos-worker/kernels`) under a name that
 hashes the source, the flags, the compiler and this CPU (the build uses `-march=native`), so a
@@ -25,7 +27,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("paged_attention.c")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
 _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
@@ -41,6 +43,83 @@ class NativeKernels:
         fn.restype = ctypes.c_int
         self._decode = fn
         self.max_group = int(lib.llmos_max_group())
+        self._norm = lib.llmos_add_rms_norm
+        self._norm.argtypes = [_ptr] * 4 + [_i64] * 2 + [_f32]
+        self._norm.restype = None
+        self._rope = lib.llmos_rope
+        self._rope.argtypes = [_ptr] + [_i64] * 4 + [_ptr] * 3
+        self._rope.restype = None
+        self._silu_mul = lib.llmos_silu_mul
+        self._silu_mul.argtypes = [_ptr] * 2 + [_i64] * 2
+        self._silu_mul.restype = None
+
+    # The per-layer ops take fp32 CPU tensors laid out as the decoder makes them; the shapes
+    # are checked (cheap) so a wrong call raises instead of reading out of bounds.
+
+    def add_rms_norm(
+        self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """x += delta in place (when given); returns rms_norm(x) * weight. x, delta (T, dim)."""
+        _check_f32(x, weight, *(() if delta is None else (delta,)))
+        if delta is not None and delta.shape != x.shape:
+            raise ValueError(f"delta {tuple(delta.shape)} does not match x {tuple(x.shape)}")
+        if x.dim() != 2 or weight.shape != (x.shape[1],):
+            raise ValueError("x must be (T, dim) and weight (dim,)")
+        out = torch.empty_like(x)
+        self._norm(
+            x.data_ptr(),
+            None if delta is None else delta.data_ptr(),
+            weight.data_ptr(),
+            out.data_ptr(),
+            x.shape[0],
+            x.shape[1],
+            eps,
+        )
+        return out
+
+    def rope_(
+        self,
+        x: torch.Tensor,
+        heads: int,
+        head_dim: int,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> None:
+        """Rotate the first `heads` heads of every row of x (T, width) in place.
+
+        cos, sin (P, head_dim) tables; positions (T,) int64 rows of them, each < P.
+        """
+        _check_f32(x, cos, sin)
+        if x.dim() != 2 or heads * head_dim > x.shape[1] or head_dim % 2:
+            raise ValueError("x must be (T, width) holding `heads` heads of even head_dim")
+        if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != head_dim:
+            raise ValueError("cos and sin must be (P, head_dim)")
+        if positions.dtype != torch.int64 or positions.shape != (x.shape[0],):
+            raise ValueError("positions must be (T,) int64")
+        if x.shape[0] and (int(positions.min()) < 0 or int(positions.max()) >= cos.shape[0]):
+            raise ValueError("position outside the RoPE table")
+        positions = positions.contiguous()
+        self._rope(
+            x.data_ptr(),
+            x.shape[0],
+            x.shape[1],
+            heads,
+            head_dim,
+            positions.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+        )
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """(T, I) silu(gate) * up of gate_up (T, 2I) = [gate | up]."""
+        _check_f32(gate_up)
+        if gate_up.dim() != 2 or gate_up.shape[1] % 2:
+            raise ValueError("gate_up must be (T, 2 * intermediate)")
+        inter = gate_up.shape[1] // 2
+        out = torch.empty((gate_up.shape[0], inter), dtype=torch.float32)
+        self._silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.shape[0], inter)
+        return out
 
     def paged_decode_attention(
         self,
@@ -98,6 +177,12 @@ class NativeKernels:
         )
         if status != 0:
             raise RuntimeError(f"native paged attention refused its inputs (status {status})")
+
+
+def _check_f32(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError("native kernels take contiguous float32 CPU tensors")
 
 
 _lock = threading.Lock()

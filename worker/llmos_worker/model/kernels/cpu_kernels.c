@@ -1,4 +1,9 @@
-/* Paged decode attention for the CPU, fp32: one query token per sequence, K/V read in place.
+/* CPU kernels of the worker, fp32: paged decode attention and the small per-layer ops.
+ *
+ * The per-layer ops (residual add + RMSNorm, rotary embedding in place, SiLU(gate) * up) each
+ * replace several torch ops whose dispatch cost dominates a small decode step.
+ *
+ * Paged decode attention: one query token per sequence, K/V read in place.
  *
  * The torch path gathers every sequence's blocks into a padded copy before attending; this
  * kernel walks each sequence's block table and reads K/V rows where they lie in the cache, once.
@@ -34,9 +39,9 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* exp for x <= 0 (softmax after max subtraction): Cephes' expf polynomial, ~1 ulp */
+/* exp for x in [-87, 88] (clamped outside): Cephes' expf polynomial, ~1 ulp */
 static inline __m256 exp8(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
     __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f),
                                                 _mm256_set1_ps(0.5f)));
     x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
@@ -215,4 +220,67 @@ int llmos_paged_decode_attention(const float *q, const float *k_cache, const flo
         free(scores);
     }
     return failed;
+}
+
+/* ---------------------------------------------------------------- per-layer ops */
+
+/* If delta: x += delta (the residual stream, in place). Then out = x / rms(x) * w, as HF's
+ * RMSNorm in fp32: rsqrt(mean(x^2) + eps). x, delta, out (rows, dim); w (dim,). */
+void llmos_add_rms_norm(float *x, const float *delta, const float *w, float *out, int64_t rows,
+                        int64_t dim, float eps) {
+#pragma omp parallel for if (rows >= 64)
+    for (int64_t r = 0; r < rows; ++r) {
+        float *xr = x + r * dim;
+        float *orow = out + r * dim;
+        if (delta != NULL) {
+            const float *dr = delta + r * dim;
+            for (int64_t j = 0; j < dim; ++j) xr[j] += dr[j];
+        }
+        float ss = 0.0f;
+        for (int64_t j = 0; j < dim; ++j) ss += xr[j] * xr[j];
+        const float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+        for (int64_t j = 0; j < dim; ++j) orow[j] = w[j] * (xr[j] * inv);
+    }
+}
+
+/* Rotate-half RoPE in place on the first `heads` heads of each row of x (rows, row_stride):
+ * for i < D/2: (a, b) = (x[i], x[i + D/2]) -> (a cos_i - b sin_i, b cos_{i+D/2} + a sin_{i+D/2}).
+ * cos, sin (P, D) tables; positions (rows,) index them. */
+void llmos_rope(float *x, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_dim,
+                const int64_t *positions, const float *cos_t, const float *sin_t) {
+    const int64_t half = head_dim / 2;
+#pragma omp parallel for if (rows >= 64)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *c = cos_t + positions[r] * head_dim;
+        const float *s = sin_t + positions[r] * head_dim;
+        for (int64_t h = 0; h < heads; ++h) {
+            float *v = x + r * row_stride + h * head_dim;
+            for (int64_t i = 0; i < half; ++i) {
+                const float a = v[i], b = v[i + half];
+                v[i] = a * c[i] - b * s[i];
+                v[i + half] = b * c[i + half] + a * s[i + half];
+            }
+        }
+    }
+}
+
+/* out (rows, inter) = silu(gate) * up, with gate_up (rows, 2 * inter) = [gate | up]. */
+void llmos_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inter) {
+#pragma omp parallel for if (rows >= 16)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *g = gate_up + r * 2 * inter;
+        const float *u = g + inter;
+        float *o = out + r * inter;
+        int64_t j = 0;
+#ifdef LLMOS_AVX2
+        const __m256 one = _mm256_set1_ps(1.0f);
+        for (; j + 8 <= inter; j += 8) {
+            const __m256 gv = _mm256_loadu_ps(g + j);
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)); /* exp(-g) */
+            const __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(o + j, _mm256_mul_ps(silu, _mm256_loadu_ps(u + j)));
+        }
+#endif
+        for (; j < inter; ++j) o[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+    }
 }
