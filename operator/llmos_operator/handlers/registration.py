@@ -144,7 +144,11 @@ async def model_check(namespace: str | None, name: str, memo: kopf.Memo, **_: An
 async def model_deleted(
     body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **_: Any
 ) -> None:
-    await cleanup_model(_state(memo).kube, dict(body))
+    state = _state(memo)
+    # why the lock: a recheck from a child event may be mid-reconcile with a body read before
+    # the deletion; cleaning up under it would let that reconcile re-create the loader Job
+    async with state.lock("LLMModel", _ns(namespace), name):
+        await cleanup_model(state.kube, dict(body))
     OPERATOR_METRICS.forget_model(_ns(namespace), name)
 
 
@@ -183,8 +187,12 @@ async def pool_check(namespace: str | None, name: str, memo: kopf.Memo, **_: Any
     await _recheck_pool(_state(memo), _ns(namespace), name, _gate(memo))
 
 
-async def pool_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await cleanup_pool(_state(memo).kube, dict(body))
+async def pool_deleted(
+    body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **_: Any
+) -> None:
+    state = _state(memo)
+    async with state.lock("InferencePool", _ns(namespace), name):  # why: as model_deleted
+        await cleanup_pool(state.kube, dict(body))
 
 
 async def pool_child_event(
