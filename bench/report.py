@@ -128,9 +128,9 @@ def render(results: dict[str, Any]) -> str:
                 "`--quantization fp16`",
             ),
             (
-                "llmos worker, torch attention path",
+                "llmos worker, pure-torch path",
                 off.get("llmos_torch_attention"),
-                "decode attention by gather + SDPA instead of the native kernel",
+                "no native kernels: attention by gather + SDPA, norm/RoPE/SiLU as torch ops",
             ),
         ],
         roof_tok,

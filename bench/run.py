@@ -180,8 +180,8 @@ def engine_parts(results: dict[str, Any], wl: dict[str, list[BenchRequest]], dty
     del engine
     gc.collect()
     if dtype == "float32":
-        # the same engine with decode attention on the torch path (gather + SDPA): what the
-        # native kernel is worth, side by side
+        # the same engine on the pure-torch path (no native kernels): what they are worth,
+        # side by side
         loaded.model.attention_backend = "torch"
         engine = engine_run.make_engine(loaded, dtype=dtype)
         engine_run.warm_up(engine, pool)

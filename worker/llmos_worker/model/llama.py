@@ -152,7 +152,8 @@ class LlamaModel(nn.Module):
         )
         self.head_mm = Linear(self.embed if self.lm_head is None else self.lm_head)
         self.quantization = "none"
-        # "auto": native kernels where they apply (CPU, fp32) and build; "torch": never
+        # "auto": the native CPU kernels (decode attention and the per-layer ops) where they
+        # apply (CPU, fp32) and build; "torch": the pure-torch path everywhere
         self.attention_backend = "auto"
         cos, sin = cos_sin_table(
             inverse_frequencies(cfg, rope_factors), cfg.max_position_embeddings
