@@ -16,6 +16,7 @@
  *   out           (T, H, D) contiguous; sequence s reads q row rows[s] and writes out row rows[s]
  *   k_cache, v_cache  (num_blocks, block_size, Hkv, D) of one layer
  *   block_tables  (S, max_blocks) int64, ids < num_blocks; context_lens (S,) int64 (>= 1)
+ *   rows          (S,) int64, each < num_rows (the T of q and out)
  * Returns 0, or a non-zero status (nothing computed) when the inputs are inconsistent.
  *
  * Built by llmos_worker/model/kernels/__init__.py with `cc -O3 -fopenmp -shared`; the OpenMP
@@ -148,7 +149,7 @@ int llmos_paged_decode_attention(const float *q, const float *k_cache, const flo
                                  int64_t num_seqs,
                                  int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                  int64_t block_size, int64_t max_blocks, int64_t num_blocks,
-                                 float scale) {
+                                 int64_t num_rows, float scale) {
     const int64_t group = num_heads / num_kv_heads;
     if (group < 1 || group > MAX_GROUP || group * num_kv_heads != num_heads) return 1;
     int64_t max_len = 0;
@@ -156,6 +157,8 @@ int llmos_paged_decode_attention(const float *q, const float *k_cache, const flo
         if (context_lens[s] < 1 || context_lens[s] > max_blocks * block_size) return 2;
         if (context_lens[s] > max_len) max_len = context_lens[s];
     }
+    for (int64_t s = 0; s < num_seqs; ++s) /* rows index q and out: (num_rows, H, D) */
+        if (rows[s] < 0 || rows[s] >= num_rows) return 5;
     for (int64_t s = 0; s < num_seqs; ++s) /* why: a bad block id would read outside the cache */
         for (int64_t b = 0; b * block_size < context_lens[s]; ++b)
             if (block_tables[s * max_blocks + b] < 0 || block_tables[s * max_blocks + b] >= num_blocks)
@@ -245,10 +248,14 @@ void llmos_add_rms_norm(float *x, const float *delta, const float *w, float *out
 
 /* Rotate-half RoPE in place on the first `heads` heads of each row of x (rows, row_stride):
  * for i < D/2: (a, b) = (x[i], x[i + D/2]) -> (a cos_i - b sin_i, b cos_{i+D/2} + a sin_{i+D/2}).
- * cos, sin (P, D) tables; positions (rows,) index them. */
-void llmos_rope(float *x, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_dim,
-                const int64_t *positions, const float *cos_t, const float *sin_t) {
+ * cos, sin (P, D) tables; positions (rows,) index them. Returns 1 (nothing rotated) when a
+ * position is outside [0, P). */
+int llmos_rope(float *x, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_dim,
+               const int64_t *positions, int64_t num_positions, const float *cos_t,
+               const float *sin_t) {
     const int64_t half = head_dim / 2;
+    for (int64_t r = 0; r < rows; ++r)
+        if (positions[r] < 0 || positions[r] >= num_positions) return 1;
 #pragma omp parallel for if (rows >= 64)
     for (int64_t r = 0; r < rows; ++r) {
         const float *c = cos_t + positions[r] * head_dim;
@@ -262,6 +269,7 @@ void llmos_rope(float *x, int64_t rows, int64_t row_stride, int64_t heads, int64
             }
         }
     }
+    return 0;
 }
 
 /* out (rows, inter) = silu(gate) * up, with gate_up (rows, 2 * inter) = [gate | up]. */
