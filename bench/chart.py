@@ -21,7 +21,7 @@ def draw(results: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     roof = results.get("roofline", {})
-    systems = ("llmos", "llmos fp16", "HF generate", "llama.cpp")
+    systems = ("llmos", "llmos fp16", "llmos int8", "HF generate", "llama.cpp")
 
     for ax, key, title, ceiling in (
         (axes[0][0], "offline_mixed", "(1) offline mixed, output tok/s", "compute_tok_s_fp32"),
@@ -32,10 +32,13 @@ def draw(results: dict[str, Any], path: Path) -> None:
         vals = [
             _tput(block.get("llmos")),
             _tput(block.get("llmos_fp16")),
+            _tput(block.get("llmos_int8")),
             _tput(hf),
             _tput(block.get("llamacpp")),
         ]
-        bars = ax.bar(systems, vals, color=["tab:blue", "tab:cyan", "tab:orange", "tab:green"])
+        bars = ax.bar(
+            systems, vals, color=["tab:blue", "tab:cyan", "tab:purple", "tab:orange", "tab:green"]
+        )
         ax.bar_label(bars, fmt="%.0f")
         if roof.get(ceiling):
             kind = "compute" if "compute" in ceiling else "batch-1 memory"

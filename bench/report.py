@@ -128,9 +128,15 @@ def render(results: dict[str, Any]) -> str:
                 "`--quantization fp16`",
             ),
             (
+                "llmos worker, int8 weights (opt-in)",
+                off.get("llmos_int8"),
+                "`--quantization int8` (weight-only, per-channel scales)",
+            ),
+            (
                 "llmos worker, pure-torch path",
                 off.get("llmos_torch_attention"),
-                "no native kernels: attention by gather + SDPA, norm/RoPE/SiLU as torch ops",
+                "no native kernels: torch matmuls, attention by gather + SDPA, "
+                "norm/RoPE/SiLU as torch ops",
             ),
         ],
         roof_tok,
@@ -167,6 +173,7 @@ def render(results: dict[str, Any]) -> str:
             ("Hugging Face generate", single.get("hf"), "batch 1"),
             ("llama.cpp (llama-cpp-python)", single.get("llamacpp"), "Q4_1"),
             ("llmos worker, fp16 weights (opt-in)", single.get("llmos_fp16"), ""),
+            ("llmos worker, int8 weights (opt-in)", single.get("llmos_int8"), ""),
         ],
         roof_tok,
     )
@@ -177,7 +184,7 @@ def render(results: dict[str, Any]) -> str:
         base = ppl.get("float32")
         lines += [
             "",
-            "## Quality of the opt-in fp16 weights (perplexity, same run)",
+            "## Quality of the opt-in fp16 and int8 weights (perplexity, same run)",
             "",
             f"Scored text: {quality['text']}, windows of {quality['window']} tokens.",
             "",

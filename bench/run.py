@@ -44,6 +44,7 @@ log = logging.getLogger("bench")
 BUILTIN = "builtin://smollm2-135m-instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUALITY_TOKENS = 4096  # tokens of the corpus scored for the perplexity check
+QUANTIZED = ("fp16", "int8")  # the opt-in weight modes measured beside fp32
 
 
 def gguf_path() -> Path:
@@ -182,12 +183,12 @@ def engine_parts(results: dict[str, Any], wl: dict[str, list[BenchRequest]], dty
     if dtype == "float32":
         # the same engine on the pure-torch path (no native kernels): what they are worth,
         # side by side
-        loaded.model.attention_backend = "torch"
+        loaded.model.set_backend("torch")
         engine = engine_run.make_engine(loaded, dtype=dtype)
         engine_run.warm_up(engine, pool)
         timings, _ = engine_run.run_batch(engine, wl["offline_mixed"])
         results["offline_mixed"]["llmos_torch_attention"] = metrics.serving_metrics(timings)
-        loaded.model.attention_backend = "auto"
+        loaded.model.set_backend("auto")
         del engine
         gc.collect()
     for key, caching in (("caching_on", True), ("caching_off", False)):
@@ -206,29 +207,35 @@ def engine_parts(results: dict[str, Any], wl: dict[str, list[BenchRequest]], dty
 
 
 def quantized_parts(results: dict[str, Any], wl: dict[str, list[BenchRequest]]) -> None:
-    """The opt-in fp16 weights: offline and single stream, and perplexity against fp32."""
+    """The opt-in fp16 and int8 weights: offline, single stream, perplexity against fp32."""
     from llmos_worker.model.quality import perplexity
 
     pool = wl["offline_mixed"][0].prompt_token_ids
-    loaded = engine_run.load(BUILTIN, "float32", quantization="fp16")
-    engine = engine_run.make_engine(loaded)
-    engine_run.warm_up(engine, pool)
-    timings, _ = engine_run.run_batch(engine, wl["offline_mixed"])
-    results["offline_mixed"]["llmos_fp16"] = metrics.serving_metrics(timings)
-    log.info(
-        "offline fp16: %.1f tok/s", results["offline_mixed"]["llmos_fp16"]["output_throughput"]
-    )
-    timings, _ = engine_run.run_batch(engine, wl["single_stream"])
-    results["single_stream"]["llmos_fp16"] = metrics.serving_metrics(timings)
-    del engine
-    gc.collect()
-    text = corpus.corpus_text()
-    ids = loaded.tokenizer.encode(text)[:QUALITY_TOKENS]
     fp32 = engine_run.load(BUILTIN, "float32")
+    ids = fp32.tokenizer.encode(corpus.corpus_text())[:QUALITY_TOKENS]
+    ppl = {"float32": perplexity(fp32, ids)}
+    del fp32
+    for mode in QUANTIZED:
+        loaded = engine_run.load(BUILTIN, "float32", quantization=mode)
+        engine = engine_run.make_engine(loaded)
+        engine_run.warm_up(engine, pool)
+        timings, _ = engine_run.run_batch(engine, wl["offline_mixed"])
+        results["offline_mixed"][f"llmos_{mode}"] = metrics.serving_metrics(timings)
+        log.info(
+            "offline %s: %.1f tok/s",
+            mode,
+            results["offline_mixed"][f"llmos_{mode}"]["output_throughput"],
+        )
+        timings, _ = engine_run.run_batch(engine, wl["single_stream"])
+        results["single_stream"][f"llmos_{mode}"] = metrics.serving_metrics(timings)
+        del engine
+        ppl[mode] = perplexity(loaded, ids)
+        del loaded
+        gc.collect()
     results["quality"] = {
         "text": f"first {len(ids)} tokens of {corpus.CORPUS_NAME}",
         "window": 256,
-        "perplexity": {"float32": perplexity(fp32, ids), "fp16": perplexity(loaded, ids)},
+        "perplexity": ppl,
     }
 
 

@@ -1,10 +1,13 @@
-"""The native paged decode attention kernel against a plain-torch reference.
+"""The native kernels against plain-torch references: paged decode attention, the linear layers.
 
-The reference gathers each sequence's K/V by its block table and runs softmax(q k^T * scale) v
-in float64. Cases cover GQA ratios 1/3/4, head dims 64 (the AVX2 path) and 24 (the portable
-loops), block sizes 1 and 16, ragged lengths ending mid-block, decode rows scattered in a larger
-batch, and a q that is a strided slice of a fused QKV tensor. Bad inputs raise, never read
-outside the cache.
+The linear kernel is checked against x @ W.T of the weights each storage mode holds (fp32, fp16,
+int8 with per-row scales), over row counts around its 6-row tiles and partial 16-row panels.
+
+The attention reference gathers each sequence's K/V by its block table and runs
+softmax(q k^T * scale) v in float64. Cases cover GQA ratios 1/3/4, head dims 64 (the AVX2 path)
+and 24 (the portable loops), block sizes 1 and 16, ragged lengths ending mid-block, decode rows
+scattered in a larger batch, and a q that is a strided slice of a fused QKV tensor. Bad inputs
+raise, never read outside the cache.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pytest
 import torch
 
 from llmos_worker.model.kernels import NativeKernels, build, native_kernels
+from llmos_worker.model.quant import make_linear, pack_panels, unpack_panels
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +191,52 @@ def test_per_layer_ops_refuse_bad_inputs(kernels: NativeKernels) -> None:
         kernels.rope_(x, 2, 8, torch.tensor([0, 1]), table, table)
     with pytest.raises(ValueError, match="gate_up"):
         kernels.silu_mul(torch.zeros(2, 7))
+
+
+# -- linear layers on packed weights -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["none", "fp16", "int8"])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 40])  # 6-row tiles, remainders, one row
+@pytest.mark.parametrize(("n", "k"), [(48, 64), (37, 19), (5, 3)])  # partial panels, odd K
+def test_linear_matches_dense(kernels: NativeKernels, mode: str, rows: int, n: int, k: int) -> None:
+    """The packed kernel computes x @ W.T of exactly the weights the layer stores."""
+    g = torch.Generator().manual_seed(rows * 100 + n)
+    weight = torch.randn(n, k, generator=g)
+    mm = make_linear(weight, mode)
+    dense = mm.dense().double()  # what the stored (fp16 / int8 * scale) weights are worth
+    mm.pack()
+    wide = torch.randn(rows, k + 5, generator=g)
+    for x in (wide[:, :k].contiguous(), wide[:, 2 : k + 2]):  # contiguous, and a strided slice
+        got = mm(x, kernels)
+        assert got.shape == (rows, n) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), x.double() @ dense.T, atol=1e-4, rtol=1e-4)
+    if mode == "int8":  # and those weights are close to the originals
+        assert (dense.float() - weight).abs().max() <= weight.abs().amax(1).max() / 254 + 1e-6
+
+
+def test_pack_roundtrip_and_zero_padding() -> None:
+    w = torch.arange(37 * 5, dtype=torch.float32).view(37, 5)
+    packed = pack_panels(w)
+    assert packed.shape == (3, 5, 16)
+    assert packed[2, :, 5:].abs().sum() == 0  # rows 37..47 do not exist: zeros
+    assert torch.equal(unpack_panels(packed, 37), w)
+
+
+def test_linear_refuses_bad_inputs(kernels: NativeKernels) -> None:
+    w = pack_panels(torch.zeros(20, 8))
+    x = torch.zeros(3, 8)
+    with pytest.raises(ValueError, match="does not hold 40 rows"):
+        kernels.linear(x, w, 40)
+    with pytest.raises(ValueError, match="columns"):
+        kernels.linear(torch.zeros(3, 9), w, 20)
+    with pytest.raises(ValueError, match="packed"):
+        kernels.linear(x, torch.zeros(20, 8), 20)
+    with pytest.raises(ValueError, match="unit column stride"):
+        kernels.linear(torch.zeros(8, 3).T, w, 20)
+    with pytest.raises(ValueError, match="need a scale"):
+        kernels.linear(x, w.to(torch.int8), 20)
+    with pytest.raises(ValueError, match="other types none"):
+        kernels.linear(x, w, 20, torch.ones(20))
+    with pytest.raises(ValueError, match=r"scale must be \(20,\)"):
+        kernels.linear(x, w.to(torch.int8), 20, torch.ones(21))

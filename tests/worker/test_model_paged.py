@@ -47,9 +47,9 @@ def backend(request: pytest.FixtureRequest, tiny: LoadedModel) -> Iterator[str]:
 
     if request.param == "auto":
         assert native_kernels() is not None, "the native kernels did not build (see the log)"
-    tiny.model.attention_backend = request.param
+    tiny.model.set_backend(request.param)
     yield str(request.param)
-    tiny.model.attention_backend = "auto"
+    tiny.model.set_backend("auto")
 
 
 @pytest.mark.parametrize("block_size", [4, 16])

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from llmos_worker.errors import InvalidRequestError
 
 SchedulingPolicy = Literal["fcfs", "priority"]
 DType = Literal["float32", "bfloat16", "float16"]
-Quantization = Literal["none", "fp16"]  # see llmos_worker.model.quant
+Quantization = Literal["none", "fp16", "int8"]  # see llmos_worker.model.quant
 
 
 @dataclass
@@ -29,7 +29,7 @@ class EngineConfig:
     scheduling_policy: SchedulingPolicy = "fcfs"
     enable_prefix_caching: bool = True
     dtype: DType = "float32"
-    quantization: Quantization = "none"  # opt-in packed weights for the CPU
+    quantization: Quantization = "none"  # opt-in narrower weights for the CPU
     device: str = "cpu"
     seed: int = 0
 
@@ -60,8 +60,10 @@ class EngineConfig:
             )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise InvalidRequestError("dtype must be float32, bfloat16 or float16", param="dtype")
-        if self.quantization not in ("none", "fp16"):
-            raise InvalidRequestError("quantization must be 'none' or 'fp16'", param="quantization")
+        if self.quantization not in get_args(Quantization):
+            raise InvalidRequestError(
+                "quantization must be 'none', 'fp16' or 'int8'", param="quantization"
+            )
         if self.quantization != "none" and (self.dtype != "float32" or self.device != "cpu"):
             raise InvalidRequestError(
                 f"quantization {self.quantization!r} needs dtype float32 on the cpu device",

@@ -29,6 +29,13 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Paramete
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
+def _adopt(mm: Linear) -> nn.Parameter:
+    """mm's stored tensor as a (frozen) parameter, shared with mm."""
+    if not isinstance(mm.weight, nn.Parameter):
+        mm.weight = nn.Parameter(mm.weight, requires_grad=False)
+    return mm.weight
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF's RMSNorm: statistics in float32, result cast back before the weight multiply."""
     normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)  # fused kernel, fp32 statistics
@@ -62,14 +69,29 @@ class DecoderLayer(nn.Module):
         self.qkv_mm, self.o_mm = Linear(self.qkv), Linear(self.o_proj)
         self.gate_up_mm, self.down_mm = Linear(self.gate_up), Linear(self.down)
 
-    def quantize(self, mode: str) -> None:
-        """Pack the four projections in `mode` and drop their fp32 parameters."""
-        self.qkv_mm = make_linear(self.qkv, mode)
-        self.o_mm = make_linear(self.o_proj, mode)
-        self.gate_up_mm = make_linear(self.gate_up, mode)
-        self.down_mm = make_linear(self.down, mode)
-        for name in ("qkv", "o_proj", "gate_up", "down"):
-            setattr(self, name, _param(0, dtype=self.qkv.dtype, device=self.qkv.device))
+    def linears(self) -> dict[str, Linear]:
+        """The projections by the name of the parameter each one stores."""
+        return {
+            "qkv": self.qkv_mm,
+            "o_proj": self.o_mm,
+            "gate_up": self.gate_up_mm,
+            "down": self.down_mm,
+        }
+
+    def quantize(self, mode: str, *, native: bool) -> None:
+        """Store the four projections in `mode` (their fp32 tensors are dropped)."""
+        self.qkv_mm = make_linear(self.qkv, mode, native=native)
+        self.o_mm = make_linear(self.o_proj, mode, native=native)
+        self.gate_up_mm = make_linear(self.gate_up, mode, native=native)
+        self.down_mm = make_linear(self.down, mode, native=native)
+        self.sync_parameters()
+
+    def sync_parameters(self) -> None:
+        """Point each projection's parameter at what its `Linear` stores now (packed, fp16,
+        int8, or empty for fbgemm's opaque packing), so parameters and state_dict show the
+        weights as held and no stale fp32 copy stays alive."""
+        for name, mm in self.linears().items():
+            setattr(self, name, _adopt(mm))
 
     def forward(
         self,
@@ -112,14 +134,14 @@ class DecoderLayer(nn.Module):
         cfg = self.cfg
         t, hd = x.shape[0], cfg.head_dim
         h = kernels.add_rms_norm(x, delta, self.input_norm, cfg.rms_norm_eps)
-        qkv = self.qkv_mm(h)  # (T, (H + 2 Hkv) D), fresh and contiguous
+        qkv = self.qkv_mm(h, kernels)  # (T, (H + 2 Hkv) D), fresh and contiguous
         kernels.rope_(qkv, cfg.num_heads + cfg.num_kv_heads, hd, positions, *rope)
         heads = qkv.view(t, -1, hd)
         q, k = heads[:, : cfg.num_heads], heads[:, cfg.num_heads : cfg.num_heads + cfg.num_kv_heads]
         v = heads[:, cfg.num_heads + cfg.num_kv_heads :]
         attn = paged_attention(q, k, v, cache, plan, hd**-0.5)
-        h = kernels.add_rms_norm(x, self.o_mm(attn), self.post_norm, cfg.rms_norm_eps)
-        return self.down_mm(kernels.silu_mul(self.gate_up_mm(h)))
+        h = kernels.add_rms_norm(x, self.o_mm(attn, kernels), self.post_norm, cfg.rms_norm_eps)
+        return self.down_mm(kernels.silu_mul(self.gate_up_mm(h, kernels)), kernels)
 
 
 class LlamaModel(nn.Module):
@@ -152,9 +174,10 @@ class LlamaModel(nn.Module):
         )
         self.head_mm = Linear(self.embed if self.lm_head is None else self.lm_head)
         self.quantization = "none"
-        # "auto": the native CPU kernels (decode attention and the per-layer ops) where they
-        # apply (CPU, fp32) and build; "torch": the pure-torch path everywhere
-        self.attention_backend = "auto"
+        # "auto": the native CPU kernels (linear layers on packed weights, decode attention,
+        # the per-layer ops) where they apply (CPU, fp32) and build; "torch": the pure-torch path
+        # everywhere. Change it with `set_backend`.
+        self.backend = "auto"
         cos, sin = cos_sin_table(
             inverse_frequencies(cfg, rope_factors), cfg.max_position_embeddings
         )
@@ -186,7 +209,8 @@ class LlamaModel(nn.Module):
                 delta = layer.forward_native(x, delta, positions, rope, cache, plan, kernels)
             rows = batch.logits_indices.to(device)
             x, delta = x[rows], None if delta is None else delta[rows]
-            return self.head_mm(kernels.add_rms_norm(x, delta, self.norm, self.cfg.rms_norm_eps))
+            h = kernels.add_rms_norm(x, delta, self.norm, self.cfg.rms_norm_eps)
+            return self.head_mm(h, kernels)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, 1, D)
         for layer, cache in zip(self.decoder_layers, caches, strict=True):
             x = layer(x, cos, sin, cache, plan)
@@ -199,9 +223,11 @@ class LlamaModel(nn.Module):
         return [layer for layer in self.layers if isinstance(layer, DecoderLayer)]
 
     def _kernels(self) -> NativeKernels | None:
+        """The native kernels when this model uses them: backend "auto" and `_native()`."""
+        return None if self.backend == "torch" else self._native()
+
+    def _native(self) -> NativeKernels | None:
         """The native kernels when this model can use them: CPU, fp32, a supported GQA ratio."""
-        if self.attention_backend == "torch":
-            return None
         if self.device.type != "cpu" or self.dtype != torch.float32:
             return None
         kernels = native_kernels()
@@ -210,33 +236,65 @@ class LlamaModel(nn.Module):
         return kernels
 
     def quantize(self, mode: str) -> None:
-        """Switch every decoder projection and the LM head to `mode` (see `quant.py`).
+        """Store every decoder projection and the LM head in `mode` (see `quant.py`).
 
         Call once, after `load_weights`. The embedding table stays in the model dtype (it is a
-        lookup); a tied LM head gets its own packed copy of it.
+        lookup); a tied LM head gets its own copy of it in `mode`.
         """
-        check_supported(mode, self.dtype, self.device)
-        if mode == "none" or mode == self.quantization:
+        kernels = self._native()
+        native = kernels is not None and kernels.has_linear
+        check_supported(mode, self.dtype, self.device, native=native)
+        if mode == self.quantization:
             return
         if self.quantization != "none":
             raise ModelLoadError(f"model is already quantized as {self.quantization!r}")
+        self._pack(False)
         for layer in self.decoder_layers:
-            layer.quantize(mode)
-        self.head_mm = make_linear(self.embed if self.lm_head is None else self.lm_head, mode)
+            layer.quantize(mode, native=native)
+        head = self.embed if self.lm_head is None else self.lm_head
+        self.head_mm = make_linear(head, mode, native=native)
         if self.lm_head is not None:
-            self.lm_head = _param(0, dtype=self.dtype, device=self.device)
+            self.lm_head = _adopt(self.head_mm)
         self.quantization = mode
+        self.set_backend(self.backend)
+
+    def set_backend(self, backend: str) -> None:
+        """Switch between the native kernels ("auto": where they apply, with every projection
+        packed for them) and the pure-torch path ("torch": weights unpacked, fp16/int8 then
+        dequantised per call)."""
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"unknown backend {backend!r}; use 'auto' or 'torch'")
+        self.backend = backend
+        kernels = self._kernels()
+        self._pack(kernels is not None and kernels.has_linear)
+
+    def _pack(self, packed: bool) -> None:
+        for mm in self.linears():
+            if packed and mm.weight is self.embed:
+                self.head_mm = mm = Linear(self.embed.detach())  # a copy: the lookup stays
+            if packed:
+                mm.pack()
+            else:
+                mm.unpack()
+        if self.lm_head is None and not packed and self.head_mm.mode == "none":
+            self.head_mm = Linear(self.embed)  # tied and dense: share the embedding again
+        for layer in self.decoder_layers:
+            layer.sync_parameters()
+        if self.lm_head is not None:
+            self.lm_head = _adopt(self.head_mm)
+
+    def linears(self) -> list[Linear]:
+        return [mm for layer in self.decoder_layers for mm in layer.linears().values()] + [
+            self.head_mm
+        ]
 
     def weight_bytes(self) -> int:
-        """Bytes the weights take now: parameters plus packed projections."""
-        params = sum(p.numel() * p.element_size() for p in self.parameters())
-        packed = sum(
-            mm.nbytes
-            for layer in self.decoder_layers
-            for mm in (layer.qkv_mm, layer.o_mm, layer.gate_up_mm, layer.down_mm)
-            if mm.mode != "none"
-        )
-        return params + packed + (self.head_mm.nbytes if self.head_mm.mode != "none" else 0)
+        """Bytes the weights take now: the embedding and norms plus every stored projection
+        (a packed copy of a tied LM head counts on its own)."""
+        linears = self.linears()
+        held = {id(mm.weight) for mm in linears}
+        params = sum(p.numel() * p.element_size() for p in self.parameters() if id(p) not in held)
+        return params + sum(mm.nbytes for mm in linears)
 
     # -- weights ------------------------------------------------------------------------------
 

@@ -91,7 +91,7 @@ def load_model(
     source: str, *, dtype: str = "float32", device: str = "cpu", quantization: str = "none"
 ) -> LoadedModel:
     """Load weights + tokenizer of `source` into a `LoadedModel` on `device` in `dtype`, its
-    linear layers packed in `quantization` ("none" or "fp16": see `quant.py`)."""
+    linear layers stored in `quantization` ("none", "fp16" or "int8": see `quant.py`)."""
     if dtype not in DTYPES:
         raise ModelLoadError(f"unsupported dtype {dtype!r}; use one of {sorted(DTYPES)}")
     torch_dtype, dev = DTYPES[dtype], torch.device(device)
@@ -120,5 +120,6 @@ def load_model(
         model.load_weights(safetensors_weights(path))
         tokenizer = Tokenizer.from_dir(path, extra_eos_token_ids=config.eos_token_ids)
     model.quantize(quantization)
+    model.set_backend("auto")  # packs the weights for the native kernels where they apply
     model.eval()
     return LoadedModel(name, config, model, tokenizer, source, torch_dtype, dev, quantization)

@@ -97,9 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--dtype", choices=["float32", "bfloat16", "float16"], default=e("dtype", "float32"))
     a(
         "--quantization",
-        choices=["none", "fp16"],
+        choices=["none", "fp16", "int8"],
         default=e("quantization", "none"),
-        help="fp16: linear-layer weights packed in fp16, fp32 compute (CPU, float32 only)",
+        help="linear-layer weights in fp16, or int8 with per-channel scales; activations and "
+        "compute stay fp32 (CPU, float32 only)",
     )
     a("--device", default=e("device", "cpu"))
     a("--seed", type=int, default=e("seed", "0"))

@@ -1,7 +1,8 @@
 """Native CPU kernels, compiled from C on first use and cached, with the torch path as fallback.
 
 The kernels (cpu_kernels.c): paged decode attention reading K/V in place, residual add + RMSNorm,
-rotary embedding in place, SiLU(gate) * up. `native_kernels()` returns the loaded library or
+rotary embedding in place, SiLU(gate) * up, and small-row-count linear layers over fp32, fp16 or
+int8 weights. `native_kernels()` returns the loaded library or
 None. It builds `cpu_kernels.c` with the
 system C compiler (`$CC`, else `cc`) into a cache directory (`$LLMOS_KERNEL_CACHE`, else
 `$XDG_CACHE_HOME/llmos-worker/kernels`, else `~/.cache/llmos-worker/kernels`) under a name that
@@ -52,6 +53,11 @@ class NativeKernels:
         self._silu_mul = lib.llmos_silu_mul
         self._silu_mul.argtypes = [_ptr] * 2 + [_i64] * 2
         self._silu_mul.restype = None
+        self._linear = lib.llmos_linear
+        self._linear.argtypes = [_ptr, _i64, _i64, _i64, _ptr, ctypes.c_int, _ptr, _i64, _ptr]
+        self._linear.restype = ctypes.c_int
+        # the linear kernel needs AVX2, FMA and F16C; without them callers keep torch's matmul
+        self.has_linear = bool(lib.llmos_linear_supported())
 
     # The per-layer ops take fp32 CPU tensors laid out as the decoder makes them; the shapes
     # are checked (cheap) so a wrong call raises instead of reading out of bounds.
@@ -124,6 +130,55 @@ class NativeKernels:
         self._silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.shape[0], inter)
         return out
 
+    def linear(
+        self,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        n: int,
+        scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(M, n) = x (M, K) @ W.T [* scale], W (n, K) packed by `quant.pack_panels`.
+
+        packed (ceil(n / 16), K, 16) contiguous float32, float16, or int8 (with `scale` (n,)
+        fp32, one per output row); x fp32 with unit column stride (rows may be a slice of a
+        wider tensor).
+        """
+        if not self.has_linear:
+            raise RuntimeError("this build of the native kernels has no linear kernel (no AVX2)")
+        wtype = _WEIGHT_TYPES.get(packed.dtype)
+        if wtype is None or not packed.is_contiguous() or packed.dim() != 3:
+            raise ValueError("weight must be packed (P, K, 16) float32, float16 or int8")
+        panels, k, width = packed.shape
+        if width != 16 or not (panels - 1) * 16 < n <= panels * 16:
+            raise ValueError(f"packed weight {tuple(packed.shape)} does not hold {n} rows")
+        if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1:
+            raise ValueError("x must be (M, K) float32 with unit column stride")
+        if x.device.type != "cpu" or packed.device.type != "cpu":
+            raise ValueError("native linear takes CPU tensors")
+        if x.shape[1] != k:
+            raise ValueError(f"x has {x.shape[1]} columns, the weight {k}")
+        if (packed.dtype == torch.int8) != (scale is not None):
+            raise ValueError("int8 weights need a scale per output row, other types none")
+        if scale is not None:
+            _check_f32(scale)
+            if scale.shape != (n,):
+                raise ValueError(f"scale must be ({n},)")
+        out = torch.empty((x.shape[0], n), dtype=torch.float32)
+        status = self._linear(
+            x.data_ptr(),
+            x.shape[0],
+            k,
+            x.stride(0),
+            packed.data_ptr(),
+            wtype,
+            None if scale is None else scale.data_ptr(),
+            n,
+            out.data_ptr(),
+        )
+        if status != 0:
+            raise RuntimeError(f"native linear refused its inputs (status {status})")
+        return out
+
     def paged_decode_attention(
         self,
         q: torch.Tensor,
@@ -181,6 +236,9 @@ class NativeKernels:
             raise ValueError("rows outside q")
         if status != 0:
             raise RuntimeError(f"native paged attention refused its inputs (status {status})")
+
+
+_WEIGHT_TYPES = {torch.float32: 0, torch.float16: 1, torch.int8: 2}  # cpu_kernels.c LLMOS_W_*
 
 
 def _check_f32(*tensors: torch.Tensor) -> None:

@@ -152,10 +152,11 @@ int llmos_paged_decode_attention(const float *q, const float *k_cache, const flo
                                  int64_t num_rows, float scale) {
     const int64_t group = num_heads / num_kv_heads;
     if (group < 1 || group > MAX_GROUP || group * num_kv_heads != num_heads) return 1;
-    int64_t max_len = 0;
+    int64_t max_len = 0, total_len = 0;
     for (int64_t s = 0; s < num_seqs; ++s) {
         if (context_lens[s] < 1 || context_lens[s] > max_blocks * block_size) return 2;
         if (context_lens[s] > max_len) max_len = context_lens[s];
+        total_len += context_lens[s];
     }
     for (int64_t s = 0; s < num_seqs; ++s) /* rows index q and out: (num_rows, H, D) */
         if (rows[s] < 0 || rows[s] >= num_rows) return 5;
@@ -165,8 +166,11 @@ int llmos_paged_decode_attention(const float *q, const float *k_cache, const flo
                 return 4;
     const int64_t kv_row = num_kv_heads * head_dim; /* floats between consecutive tokens */
     int failed = 0;
+    /* why a threshold: waking a second thread costs tens of microseconds, more than one thread
+     * needs for a single short sequence */
+    const int parallel = total_len * num_heads * head_dim >= (1 << 18);
 
-#pragma omp parallel
+#pragma omp parallel if (parallel)
     {
         /* per thread: scores (group, max_len) */
         float *scores = malloc(sizeof(float) * (size_t)(group * max_len));
@@ -291,4 +295,161 @@ void llmos_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inte
 #endif
         for (; j < inter; ++j) o[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
     }
+}
+
+/* ---------------------------------------------------------------- linear layers
+ *
+ * y (M, N) = x (M, K) @ W (N, K)^T [* scale (N,) per output column], W in its storage type:
+ *   LLMOS_W_F32  float32
+ *   LLMOS_W_F16  IEEE half (converted with F16C): half the bytes to read
+ *   LLMOS_W_I8   int8 with one fp32 scale per output row (symmetric, per channel): a quarter
+ * W is stored packed: ceil(N/16) panels, panel p holding W[16p .. 16p+15][k] at element offset
+ * (p * K + k) * 16 + j (rows past N are zero). Reading a panel is one sequential stream, and a
+ * step of k multiplies 16 weights (two vectors, converted once) by one broadcast x value for each
+ * of up to LIN_PMR rows of x: outer products, no horizontal sums, the conversion shared by all
+ * rows. Threads take contiguous ranges of panels; each panel is read from memory once per call
+ * and re-read from cache for every further LIN_PMR rows. Accumulation is fp32 along k.
+ * x rows are `x_stride` floats apart (a slice of a wider tensor is fine); y is contiguous.
+ * Returns 0; 1 when this build has no AVX2/FMA/F16C (the caller uses torch instead); 2 for an
+ * unknown weight type.
+ */
+enum { LLMOS_W_F32 = 0, LLMOS_W_F16 = 1, LLMOS_W_I8 = 2 };
+
+int llmos_linear_supported(void) {
+#if defined(LLMOS_AVX2) && defined(__F16C__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#if defined(LLMOS_AVX2) && defined(__F16C__)
+#define LIN_PNR 16
+#define LIN_PMR 6 /* 12 accumulators + 2 weight vectors + 1 broadcast = 15 ymm */
+
+static inline __attribute__((always_inline)) __m256 load_w8(const void *w, int wt, int64_t i) {
+    if (wt == LLMOS_W_F32) return _mm256_loadu_ps((const float *)w + i);
+    if (wt == LLMOS_W_F16)
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
+    return _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + i))));
+}
+
+static inline __attribute__((always_inline)) void lin_panel_store(float *y, int64_t N,
+                                                                 int64_t row, int64_t n0,
+                                                                 __m256 a0, __m256 a1,
+                                                                 const float *scale) {
+    float *dst = y + row * N + n0;
+    if (n0 + LIN_PNR <= N) {
+        if (scale != NULL) {
+            a0 = _mm256_mul_ps(a0, _mm256_loadu_ps(scale + n0));
+            a1 = _mm256_mul_ps(a1, _mm256_loadu_ps(scale + n0 + 8));
+        }
+        _mm256_storeu_ps(dst, a0);
+        _mm256_storeu_ps(dst + 8, a1);
+    } else { /* the last, partial panel: neither y nor scale extend past N */
+        float tmp[LIN_PNR];
+        _mm256_storeu_ps(tmp, a0);
+        _mm256_storeu_ps(tmp + 8, a1);
+        for (int64_t j = 0; j < N - n0; ++j) dst[j] = scale != NULL ? tmp[j] * scale[n0 + j] : tmp[j];
+    }
+}
+
+/* mt (<= LIN_PMR, a constant at each call site) rows of x from m0 against panel p. */
+static inline __attribute__((always_inline)) void lin_ptile(const float *x, int64_t x_stride,
+                                                           const void *w, int wt, int64_t p,
+                                                           int64_t K, int64_t N,
+                                                           const float *scale, float *y,
+                                                           int64_t m0, const int mt) {
+    __m256 acc[LIN_PMR][2];
+#pragma GCC unroll 8
+    for (int i = 0; i < mt; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    const int64_t base = p * K * LIN_PNR;
+    for (int64_t k = 0; k < K; ++k) {
+        const __m256 w0 = load_w8(w, wt, base + k * LIN_PNR);
+        const __m256 w1 = load_w8(w, wt, base + k * LIN_PNR + 8);
+#pragma GCC unroll 8
+        for (int i = 0; i < mt; ++i) {
+            const __m256 xb = _mm256_broadcast_ss(x + (m0 + i) * x_stride + k);
+            acc[i][0] = _mm256_fmadd_ps(xb, w0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(xb, w1, acc[i][1]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < mt; ++i)
+        lin_panel_store(y, N, m0 + i, p * LIN_PNR, acc[i][0], acc[i][1], scale);
+}
+
+/* One row of x against panel p: four k phases in separate accumulators, so eight FMA chains
+ * are in flight instead of two (a single row is otherwise bound by FMA latency). */
+static inline __attribute__((always_inline)) void lin_prow1(const float *x, const void *w, int wt,
+                                                           int64_t p, int64_t K, int64_t N,
+                                                           const float *scale, float *y) {
+    __m256 a[4][2];
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) a[u][0] = a[u][1] = _mm256_setzero_ps();
+    const int64_t base = p * K * LIN_PNR;
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) {
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) {
+            const __m256 xb = _mm256_broadcast_ss(x + k + u);
+            a[u][0] = _mm256_fmadd_ps(xb, load_w8(w, wt, base + (k + u) * LIN_PNR), a[u][0]);
+            a[u][1] = _mm256_fmadd_ps(xb, load_w8(w, wt, base + (k + u) * LIN_PNR + 8), a[u][1]);
+        }
+    }
+    for (; k < K; ++k) {
+        const __m256 xb = _mm256_broadcast_ss(x + k);
+        a[0][0] = _mm256_fmadd_ps(xb, load_w8(w, wt, base + k * LIN_PNR), a[0][0]);
+        a[0][1] = _mm256_fmadd_ps(xb, load_w8(w, wt, base + k * LIN_PNR + 8), a[0][1]);
+    }
+    const __m256 s0 = _mm256_add_ps(_mm256_add_ps(a[0][0], a[1][0]), _mm256_add_ps(a[2][0], a[3][0]));
+    const __m256 s1 = _mm256_add_ps(_mm256_add_ps(a[0][1], a[1][1]), _mm256_add_ps(a[2][1], a[3][1]));
+    lin_panel_store(y, N, 0, p * LIN_PNR, s0, s1, scale);
+}
+
+/* One function per weight type, so the type is a constant inside the OpenMP-outlined loop
+ * (GCC outlines parallel regions before inlining, which would otherwise leave `wt` a variable
+ * tested on every load). */
+#define LIN_PDEFINE(NAME, WT)                                                                   \
+    static void NAME(const float *x, int64_t x_stride, int64_t M, const void *w, int64_t K,     \
+                     int64_t N, const float *scale, float *y) {                                 \
+        const int64_t panels = (N + LIN_PNR - 1) / LIN_PNR;                                     \
+        _Pragma("omp parallel for schedule(static) if (panels > 1)")                            \
+        for (int64_t p = 0; p < panels; ++p) {                                                  \
+            if (M == 1) {                                                                       \
+                lin_prow1(x, w, WT, p, K, N, scale, y);                                         \
+                continue;                                                                       \
+            }                                                                                   \
+            int64_t m = 0;                                                                      \
+            for (; m + LIN_PMR <= M; m += LIN_PMR)                                              \
+                lin_ptile(x, x_stride, w, WT, p, K, N, scale, y, m, LIN_PMR);                   \
+            switch (M - m) {                                                                    \
+            case 5: lin_ptile(x, x_stride, w, WT, p, K, N, scale, y, m, 5); break;              \
+            case 4: lin_ptile(x, x_stride, w, WT, p, K, N, scale, y, m, 4); break;              \
+            case 3: lin_ptile(x, x_stride, w, WT, p, K, N, scale, y, m, 3); break;              \
+            case 2: lin_ptile(x, x_stride, w, WT, p, K, N, scale, y, m, 2); break;              \
+            case 1: lin_ptile(x, x_stride, w, WT, p, K, N, scale, y, m, 1); break;              \
+            default: break;                                                                     \
+            }                                                                                   \
+        }                                                                                       \
+    }
+LIN_PDEFINE(lin_f32, LLMOS_W_F32)
+LIN_PDEFINE(lin_f16, LLMOS_W_F16)
+LIN_PDEFINE(lin_i8, LLMOS_W_I8)
+#endif
+
+int llmos_linear(const float *x, int64_t M, int64_t K, int64_t x_stride, const void *w,
+                 int wtype, const float *scale, int64_t N, float *y) {
+#if defined(LLMOS_AVX2) && defined(__F16C__)
+    switch (wtype) {
+    case LLMOS_W_F32: lin_f32(x, x_stride, M, w, K, N, scale, y); return 0;
+    case LLMOS_W_F16: lin_f16(x, x_stride, M, w, K, N, scale, y); return 0;
+    case LLMOS_W_I8: lin_i8(x, x_stride, M, w, K, N, scale, y); return 0;
+    default: return 2;
+    }
+#else
+    (void)x; (void)M; (void)K; (void)x_stride; (void)w; (void)wtype; (void)scale; (void)N; (void)y;
+    return 1;
+#endif
 }
