@@ -11,6 +11,8 @@ the number of tokens already in the cache.
 
 With the native kernels (`llmos_worker.model.kernels`, CPU fp32) decodes skip the gather: one
 call per layer attends every decode row against K/V read in place through the block tables.
+Short prefill chunks over a cached prefix (a prefix-cache hit, a small chunk of a long prompt)
+ride in the same call, one row per token with its causal context length: no gather, no mask.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from llmos_worker.model.batch import ForwardBatch
 from llmos_worker.model.kernels import NativeKernels
 
 MAX_DECODE_GROUPS = 4  # why: each group costs one gather + one SDPA call per layer
+# Longest cached-prefix prefill chunk attended by the native kernel, row by row; longer chunks
+# go to SDPA, whose blocked kernel wins once many rows share the same keys.
+NATIVE_PREFILL_ROWS = 64
 
 
 @dataclass
@@ -48,12 +53,13 @@ class DecodeGroup:
 
 @dataclass
 class NativeDecodes:
-    """Every single-token decode of the step, for one native kernel call per layer."""
+    """Every single-token decode of the step, and every token of short prefill chunks over a
+    cached prefix, for one native kernel call per layer."""
 
     kernels: NativeKernels
     rows: torch.Tensor  # (Sd,) int64 rows of the flat batch
-    block_tables: torch.Tensor  # (Sd, nb) int64, contiguous
-    context_lens: torch.Tensor  # (Sd,) int64
+    block_tables: torch.Tensor  # (Sd, nb) int64, contiguous: each row's sequence's table
+    context_lens: torch.Tensor  # (Sd,) int64: K/V rows each query row attends to
 
 
 @dataclass
@@ -80,14 +86,22 @@ class AttentionPlan:
         ctx = batch.context_lens.tolist()
         decodes: list[int] = []  # sequence indices
         prefills: list[PrefillChunk] = []
+        # rows for the native kernel: (row of the flat batch, sequence, context length)
+        native_rows: list[tuple[int, int, int]] = []
         tables = batch.block_tables.to(device)
         for s, c in enumerate(ctx):
             start, end = starts[s], starts[s + 1]
             q = end - start
             if q == 1 and c > 1:
-                decodes.append(s)
+                if kernels is not None:
+                    native_rows.append((start, s, c))
+                else:
+                    decodes.append(s)
             elif q == c:  # why: whole prompt in this chunk -> K/V come straight from the step
                 prefills.append(PrefillChunk(start, end, c, None, None))
+            elif kernels is not None and q <= NATIVE_PREFILL_ROWS:
+                # token i of the chunk sees the c - q cached rows and the chunk up to itself
+                native_rows += [(start + i, s, c - q + 1 + i) for i in range(q)]
             else:
                 nb = -(-c // block_size)
                 key_pos = torch.arange(c, device=device)
@@ -100,14 +114,14 @@ class AttentionPlan:
                     )
                 )
         slots = batch.slot_mapping.to(device)
-        if kernels is not None and decodes:
-            nb = -(-max(ctx[s] for s in decodes) // block_size)
-            index = torch.tensor(decodes, dtype=torch.int64)
+        if kernels is not None and native_rows:
+            rows, seqs, lens = (list(col) for col in zip(*native_rows, strict=True))
+            nb = -(-max(lens) // block_size)
             native = NativeDecodes(
                 kernels,
-                torch.tensor([starts[s] for s in decodes], dtype=torch.int64),
-                tables[index, :nb].contiguous(),
-                torch.tensor([ctx[s] for s in decodes], dtype=torch.int64),
+                torch.tensor(rows, dtype=torch.int64),
+                tables[torch.tensor(seqs, dtype=torch.int64), :nb].contiguous(),
+                torch.tensor(lens, dtype=torch.int64),
             )
             return cls(slots, [], prefills, False, native)
         groups = [
