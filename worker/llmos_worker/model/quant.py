@@ -27,6 +27,7 @@ float32 on a CPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
@@ -72,14 +73,17 @@ class Linear:
         self.weight = weight
         self.scale: torch.Tensor | None = None
         self.packed = False
+        # the kernels and their bound call for the packed weight (checked once, not per call)
+        self._bound: tuple[NativeKernels, Callable[[torch.Tensor], torch.Tensor]] | None = None
 
     def pack(self) -> None:
         if not self.packed:
-            self.weight, self.packed = pack_panels(self.weight), True
+            self.weight, self.packed, self._bound = pack_panels(self.weight), True, None
 
     def unpack(self) -> None:
         if self.packed:
-            self.weight, self.packed = unpack_panels(self.weight, self.out_features), False
+            self.weight = unpack_panels(self.weight, self.out_features)
+            self.packed, self._bound = False, None
 
     def dense(self) -> torch.Tensor:
         w = unpack_panels(self.weight, self.out_features) if self.packed else self.weight
@@ -88,7 +92,12 @@ class Linear:
 
     def __call__(self, x: torch.Tensor, kernels: NativeKernels | None = None) -> torch.Tensor:
         if self.packed and kernels is not None:
-            return kernels.linear(x, self.weight, self.out_features, self.scale)
+            if self._bound is None or self._bound[0] is not kernels:
+                self._bound = (
+                    kernels,
+                    kernels.bind_linear(self.weight, self.out_features, self.scale),
+                )
+            return self._bound[1](x)
         if not self.packed and self.mode == "none":
             return F.linear(x, self.weight)
         return F.linear(x, self.dense().to(x.dtype))  # a stored type torch cannot multiply

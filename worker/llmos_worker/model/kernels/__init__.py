@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -143,6 +144,17 @@ class NativeKernels:
         fp32, one per output row); x fp32 with unit column stride (rows may be a slice of a
         wider tensor).
         """
+        return self.bind_linear(packed, n, scale)(x)
+
+    def bind_linear(
+        self, packed: torch.Tensor, n: int, scale: torch.Tensor | None = None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`linear` with the weight checked once: returns x -> x @ W.T [* scale].
+
+        Per call only x is checked: a decode step makes a hundred of these calls, and the
+        weight's checks would cost more than a small product. The function holds references to
+        `packed` and `scale`, so their memory stays valid while it lives.
+        """
         if not self.has_linear:
             raise RuntimeError("this build of the native kernels has no linear kernel (no AVX2)")
         wtype = _WEIGHT_TYPES.get(packed.dtype)
@@ -151,33 +163,32 @@ class NativeKernels:
         panels, k, width = packed.shape
         if width != 16 or not (panels - 1) * 16 < n <= panels * 16:
             raise ValueError(f"packed weight {tuple(packed.shape)} does not hold {n} rows")
-        if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1:
-            raise ValueError("x must be (M, K) float32 with unit column stride")
-        if x.device.type != "cpu" or packed.device.type != "cpu":
+        if not packed.is_cpu:
             raise ValueError("native linear takes CPU tensors")
-        if x.shape[1] != k:
-            raise ValueError(f"x has {x.shape[1]} columns, the weight {k}")
         if (packed.dtype == torch.int8) != (scale is not None):
             raise ValueError("int8 weights need a scale per output row, other types none")
         if scale is not None:
             _check_f32(scale)
             if scale.shape != (n,):
                 raise ValueError(f"scale must be ({n},)")
-        out = torch.empty((x.shape[0], n), dtype=torch.float32)
-        status = self._linear(
-            x.data_ptr(),
-            x.shape[0],
-            k,
-            x.stride(0),
-            packed.data_ptr(),
-            wtype,
-            None if scale is None else scale.data_ptr(),
-            n,
-            out.data_ptr(),
-        )
-        if status != 0:
-            raise RuntimeError(f"native linear refused its inputs (status {status})")
-        return out
+        fn, w_ptr = self._linear, packed.data_ptr()
+        s_ptr = None if scale is None else scale.data_ptr()
+        f32 = torch.float32
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            _ = packed, scale  # why: keeps both alive as long as the pointers are used
+            if x.dtype is not f32 or not x.is_cpu or x.dim() != 2 or x.stride(1) != 1:
+                raise ValueError("x must be (M, K) float32 on the CPU with unit column stride")
+            if x.shape[1] != k:
+                raise ValueError(f"x has {x.shape[1]} columns, the weight {k}")
+            m = x.shape[0]
+            out = torch.empty((m, n), dtype=f32)
+            status = fn(x.data_ptr(), m, k, x.stride(0), w_ptr, wtype, s_ptr, n, out.data_ptr())
+            if status != 0:
+                raise RuntimeError(f"native linear refused its inputs (status {status})")
+            return out
+
+        return call
 
     def paged_decode_attention(
         self,
@@ -206,7 +217,7 @@ class NativeKernels:
             raise ValueError("K/V caches must be contiguous and of one shape")
         if q.dtype != torch.float32 or k_cache.dtype != torch.float32 or out.dtype != torch.float32:
             raise ValueError("native paged attention takes float32 tensors")
-        if q.device.type != "cpu" or k_cache.device.type != "cpu":
+        if not (q.is_cpu and k_cache.is_cpu):
             raise ValueError("native paged attention takes CPU tensors")
         if rows.shape[0] != block_tables.shape[0] or rows.shape[0] != context_lens.shape[0]:
             raise ValueError("rows, block tables and lengths disagree on the number of sequences")
@@ -242,8 +253,8 @@ _WEIGHT_TYPES = {torch.float32: 0, torch.float16: 1, torch.int8: 2}  # cpu_kerne
 
 
 def _check_f32(*tensors: torch.Tensor) -> None:
-    for t in tensors:
-        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+    for t in tensors:  # why is_cpu, not device.type: no device object built per check
+        if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous():
             raise ValueError("native kernels take contiguous float32 CPU tensors")
 
 
