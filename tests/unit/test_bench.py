@@ -259,7 +259,7 @@ def test_chart_is_written(tmp_path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_opt_in_fp16_is_judged_separately_and_quality_reported() -> None:
+def test_opt_in_modes_are_judged_separately_and_quality_reported() -> None:
     res = results()
     assert not [t for t in targets.evaluate(res) if "fp16" in t.name]  # not measured: no rows
     res["offline_mixed"]["llmos_fp16"] = {"output_throughput": 660.0}
@@ -275,6 +275,15 @@ def test_opt_in_fp16_is_judged_separately_and_quality_reported() -> None:
     assert ts[("8", "single stream vs llama.cpp")].met is False  # the fp32 row is unchanged
     hf = ts[("8", "offline mixed vs Hugging Face best — fp16 weights (opt-in)")]
     assert hf.measured == pytest.approx(6.6)
+    assert not [t for t in ts if "int8" in t[1]]  # int8 not measured here
+    res["single_stream"]["llmos_int8"] = {"output_throughput": 55.0}
+    res["quality"]["perplexity"]["int8"] = 20.1
+    ts = by_name(targets.evaluate(res))
+    single8 = ts[("8", "single stream vs llama.cpp — int8 weights (opt-in)")]
+    assert single8.measured == pytest.approx(55.0 / 50.0) and single8.met is False
+    assert ts[("8", "offline mixed output throughput — int8 weights (opt-in)")].measured is None
     text = report.render(res)
     assert "| llmos worker, fp16 weights (opt-in) | 660.0 |" in text
+    assert "| llmos worker, int8 weights (opt-in) | 55.0 |" in text
     assert "| fp16 | 20.0100 | +0.050 % |" in text
+    assert "| int8 | 20.1000 | +0.500 % |" in text
