@@ -198,7 +198,10 @@ def test_per_layer_ops_refuse_bad_inputs(kernels: NativeKernels) -> None:
 
 @pytest.mark.parametrize("mode", ["none", "fp16", "int8"])
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 40])  # 6-row tiles, remainders, one row
-@pytest.mark.parametrize(("n", "k"), [(48, 64), (37, 19), (5, 3)])  # partial panels, odd K
+@pytest.mark.parametrize(
+    ("n", "k"),
+    [(48, 64), (37, 19), (5, 3), (33, 3000)],  # partial panels, odd K; 3000: 12-row passes
+)
 def test_linear_matches_dense(kernels: NativeKernels, mode: str, rows: int, n: int, k: int) -> None:
     """The packed kernel computes x @ W.T of exactly the weights the layer stores."""
     g = torch.Generator().manual_seed(rows * 100 + n)

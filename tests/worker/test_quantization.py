@@ -160,3 +160,17 @@ def test_native_and_torch_paths_agree(tiny_model_dir: Path, mode: str) -> None:
     if mode == "int8":  # weights off by <= half a step of 1/127 of each row's range
         base = logits(load_model(str(tiny_model_dir)))
         assert (native - base).abs().max() <= 0.05 * base.abs().max(), (native - base).abs().max()
+
+
+def test_fp16_without_the_native_kernel_runs_on_fbgemm() -> None:
+    """Where the native kernels cannot be built, fp16 weights are packed for fbgemm instead."""
+    from llmos_worker.model.quant import Fp16PackedLinear, make_linear
+
+    g = torch.Generator().manual_seed(7)
+    weight, x = torch.randn(40, 24, generator=g), torch.randn(3, 24, generator=g)
+    mm = make_linear(weight, "fp16", native=False)
+    assert isinstance(mm, Fp16PackedLinear) and mm.nbytes == 40 * 24 * 2
+    mm.pack()  # already packed its own way: a no-op
+    expected = x @ weight.half().float().T
+    torch.testing.assert_close(mm(x), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mm.dense(), weight.half().float())

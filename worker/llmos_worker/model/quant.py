@@ -136,7 +136,7 @@ class Fp16PackedLinear(Linear):
     mode = "fp16"
 
     def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__(torch.empty(0))
+        super().__init__(torch.empty(0, 0))  # no tensor: fbgemm keeps its own copy
         self.out_features, self.in_features = weight.shape
         self.fbgemm: Any = torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
         # why the overload: calling the packet re-checks its arguments in Python on every call

@@ -307,8 +307,9 @@ void llmos_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inte
  * (p * K + k) * 16 + j (rows past N are zero). Reading a panel is one sequential stream, and a
  * step of k multiplies 16 weights (two vectors, converted once) by one broadcast x value for each
  * of up to LIN_PMR rows of x: outer products, no horizontal sums, the conversion shared by all
- * rows. Threads take contiguous ranges of panels; each panel is read from memory once per call
- * and re-read from cache for every further LIN_PMR rows. Accumulation is fp32 along k.
+ * rows. Threads take contiguous ranges of panels. Rows of x go in passes of ~192 KB (all of a
+ * decode batch in one): each panel is read once per pass and from cache for every further LIN_PMR
+ * rows, while the pass's x rows stay in L2. Accumulation is fp32 along k.
  * x rows are `x_stride` floats apart (a slice of a wider tensor is fine); y is contiguous.
  * Returns 0; 1 when this build has no AVX2/FMA/F16C (the caller uses torch instead); 2 for an
  * unknown weight type.
@@ -408,29 +409,42 @@ static inline __attribute__((always_inline)) void lin_prow1(const float *x, cons
     lin_panel_store(y, N, 0, p * LIN_PNR, s0, s1, scale);
 }
 
+/* Rows of x per pass over the panels: a pass keeps its x rows (MB * K floats) in L2 while every
+ * panel streams by once, instead of re-reading all of a tall x from L3 for each panel. */
+static inline int64_t lin_row_block(int64_t K) {
+    int64_t mb = (192 * 1024 / 4) / (K > 0 ? K : 1); /* ~192 KB of x */
+    mb -= mb % LIN_PMR;
+    return mb < LIN_PMR ? LIN_PMR : mb;
+}
+
 /* One function per weight type, so the type is a constant inside the OpenMP-outlined loop
  * (GCC outlines parallel regions before inlining, which would otherwise leave `wt` a variable
- * tested on every load). */
+ * tested on every load). Each thread keeps the same panels in every row pass (static schedule),
+ * and passes write disjoint rows, so no barrier separates them. */
 #define LIN_PDEFINE(NAME, WT)                                                                   \
     static void NAME(const float *x, int64_t x_stride, int64_t M, const void *w, int64_t K,     \
                      int64_t N, const float *scale, float *y) {                                 \
-        const int64_t panels = (N + LIN_PNR - 1) / LIN_PNR;                                     \
-        _Pragma("omp parallel for schedule(static) if (panels > 1)")                            \
-        for (int64_t p = 0; p < panels; ++p) {                                                  \
-            if (M == 1) {                                                                       \
-                lin_prow1(x, w, WT, p, K, N, scale, y);                                         \
-                continue;                                                                       \
-            }                                                                                   \
-            int64_t m = 0;                                                                      \
-            for (; m + LIN_PMR <= M; m += LIN_PMR)                                              \
-                lin_ptile(x, x_stride, w, WT, p, K, N, scale, y, m, LIN_PMR);                   \
-            switch (M - m) {                                                                    \
-            case 5: lin_ptile(x, x_stride, w, WT, p, K, N, scale, y, m, 5); break;              \
-            case 4: lin_ptile(x, x_stride, w, WT, p, K, N, scale, y, m, 4); break;              \
-            case 3: lin_ptile(x, x_stride, w, WT, p, K, N, scale, y, m, 3); break;              \
-            case 2: lin_ptile(x, x_stride, w, WT, p, K, N, scale, y, m, 2); break;              \
-            case 1: lin_ptile(x, x_stride, w, WT, p, K, N, scale, y, m, 1); break;              \
-            default: break;                                                                     \
+        const int64_t panels = (N + LIN_PNR - 1) / LIN_PNR, mb = lin_row_block(K);              \
+        _Pragma("omp parallel if (panels > 1)")                                                 \
+        for (int64_t m0 = 0; m0 < M; m0 += mb) {                                                \
+            const int64_t m1 = m0 + mb < M ? m0 + mb : M;                                       \
+            _Pragma("omp for schedule(static) nowait")                                          \
+            for (int64_t p = 0; p < panels; ++p) {                                              \
+                if (M == 1) {                                                                   \
+                    lin_prow1(x, w, WT, p, K, N, scale, y);                                     \
+                    continue;                                                                   \
+                }                                                                               \
+                int64_t m = m0;                                                                 \
+                for (; m + LIN_PMR <= m1; m += LIN_PMR)                                         \
+                    lin_ptile(x, x_stride, w, WT, p, K, N, scale, y, m, LIN_PMR);               \
+                switch (m1 - m) {                                                               \
+                case 5: lin_ptile(x, x_stride, w, WT, p, K, N, scale, y, m, 5); break;          \
+                case 4: lin_ptile(x, x_stride, w, WT, p, K, N, scale, y, m, 4); break;          \
+                case 3: lin_ptile(x, x_stride, w, WT, p, K, N, scale, y, m, 3); break;          \
+                case 2: lin_ptile(x, x_stride, w, WT, p, K, N, scale, y, m, 2); break;          \
+                case 1: lin_ptile(x, x_stride, w, WT, p, K, N, scale, y, m, 1); break;          \
+                default: break;                                                                 \
+                }                                                                               \
             }                                                                                   \
         }                                                                                       \
     }
