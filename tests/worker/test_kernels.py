@@ -12,10 +12,12 @@ raise, never read outside the cache.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -243,3 +245,162 @@ def test_linear_refuses_bad_inputs(kernels: NativeKernels) -> None:
         kernels.linear(x, w, 20, torch.ones(20))
     with pytest.raises(ValueError, match=r"scale must be \(20,\)"):
         kernels.linear(x, w.to(torch.int8), 20, torch.ones(21))
+
+
+# -- the whole decoder stack in one call -------------------------------------------------------
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, LAYERS, BS, NBLOCKS = 40, 6, 2, 8, 44, 3, 4, 16
+
+
+def _stack_case(mode: str, seed: int = 0) -> dict[str, Any]:
+    """Random layers in `mode`, caches holding a cached prefix, and a step of 6 rows: three
+    decodes (contexts 5, 9 and 1) and a 3-token chunk over a 6-token cached prefix, the rows in
+    a scrambled order."""
+    from llmos_worker.model.kernels import StackLayer, StackSpec
+    from llmos_worker.model.rope import cos_sin_table
+
+    g = torch.Generator().manual_seed(seed)
+    cos, sin = cos_sin_table(1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2) / HEAD_DIM)), 64)
+    spec = StackSpec(HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, 1e-5, HEAD_DIM**-0.5, cos, sin)
+    shapes = {
+        "qkv": ((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN),
+        "o": (HIDDEN, HEADS * HEAD_DIM),
+        "gate_up": (2 * INTER, HIDDEN),
+        "down": (HIDDEN, INTER),
+    }
+    layers, dense = [], []
+    for _ in range(LAYERS):
+        mms = {
+            name: make_linear(torch.randn(*s, generator=g) * 0.3, mode)
+            for name, s in shapes.items()
+        }
+        dense.append({name: mm.dense().double() for name, mm in mms.items()})
+        for mm in mms.values():
+            mm.pack()
+        norms = (
+            1 + 0.1 * torch.randn(HIDDEN, generator=g),
+            1 + 0.1 * torch.randn(HIDDEN, generator=g),
+        )
+        dense[-1] |= {"in": norms[0].double(), "post": norms[1].double()}
+        layers.append(StackLayer(*norms, *((mm.weight, mm.scale) for mm in mms.values())))
+    caches = [torch.randn(2, NBLOCKS, BS, KV_HEADS, HEAD_DIM, generator=g) for _ in range(LAYERS)]
+    # sequences: (block table, context after this step, tokens this step)
+    tables = torch.tensor([[3, 7, 0], [12, 1, 9], [5, 0, 0], [14, 2, 6]])
+    seq_of_entry = [0, 1, 2, 3, 3, 3]
+    lens = torch.tensor([5, 9, 1, 7, 8, 9])
+    positions = lens - 1
+    rows = torch.tensor([4, 0, 5, 1, 3, 2])  # x row of each attention entry
+    slots = torch.empty(6, dtype=torch.int64)
+    for e, s in enumerate(seq_of_entry):
+        p = int(positions[e])
+        slots[rows[e]] = tables[s, p // BS] * BS + p % BS
+    return {
+        "spec": spec,
+        "layers": layers,
+        "dense": dense,
+        "caches": caches,
+        "x": torch.randn(6, HIDDEN, generator=g),
+        "positions": positions[torch.argsort(rows)].contiguous(),  # by x row
+        "slots": slots,
+        "rows": rows,
+        "tables": tables[torch.tensor(seq_of_entry)].contiguous(),
+        "lens": lens,
+    }
+
+
+def _stack_reference(case: dict[str, Any]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The same step in float64 torch ops: x after every layer, and the caches."""
+    import torch.nn.functional as F
+
+    from llmos_worker.model.rope import apply_rope
+
+    def norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+
+    spec = case["spec"]
+    x = case["x"].double()
+    caches = [c.double().clone() for c in case["caches"]]
+    pos = case["positions"]
+    cos, sin = spec.cos.double()[pos][:, None], spec.sin.double()[pos][:, None]
+    t = x.shape[0]
+    for w, cache in zip(case["dense"], caches, strict=True):
+        qkv = (norm(x, w["in"]) @ w["qkv"].T).view(t, HEADS + 2 * KV_HEADS, HEAD_DIM)
+        qk = apply_rope(qkv[:, : HEADS + KV_HEADS], cos, sin)
+        cache.view(2, -1, KV_HEADS, HEAD_DIM)[0][case["slots"]] = qk[:, HEADS:]
+        cache.view(2, -1, KV_HEADS, HEAD_DIM)[1][case["slots"]] = qkv[:, HEADS + KV_HEADS :]
+        att = torch.empty(t, HEADS, HEAD_DIM, dtype=torch.float64)
+        rows = case["rows"]
+        att[rows] = reference(
+            qk[:, :HEADS], cache[0], cache[1], case["tables"], case["lens"], rows, spec.attn_scale
+        )
+        x = x + att.view(t, -1) @ w["o"].T
+        gate, up = (norm(x, w["post"]) @ w["gate_up"].T).chunk(2, dim=-1)
+        x = x + (F.silu(gate) * up) @ w["down"].T
+    return x, caches
+
+
+@pytest.mark.parametrize("mode", ["none", "fp16", "int8"])
+def test_decoder_stack_matches_reference(kernels: NativeKernels, mode: str) -> None:
+    """All layers in one call: RoPE, K/V written at their slots, decodes and a chunk whose rows
+    read each other's new K/V, the projections in each storage mode."""
+    case = _stack_case(mode)
+    stack = kernels.bind_stack(case["spec"], case["layers"])
+    x = case["x"].clone()
+    stack(
+        x,
+        case["caches"],
+        case["positions"],
+        case["slots"],
+        case["rows"],
+        case["tables"],
+        case["lens"],
+    )
+    want_x, want_caches = _stack_reference(case)
+    torch.testing.assert_close(x.double(), want_x, atol=1e-4, rtol=1e-4)
+    for got, want in zip(case["caches"], want_caches, strict=True):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_stack_refuses_bad_inputs(kernels: NativeKernels) -> None:
+    case = _stack_case("none")
+    stack = kernels.bind_stack(case["spec"], case["layers"])
+    before = [c.clone() for c in case["caches"]]
+
+    def call(**changes: torch.Tensor | list[torch.Tensor]) -> None:
+        args = {
+            "x": case["x"].clone(),
+            "caches": case["caches"],
+            "positions": case["positions"],
+            "slots": case["slots"],
+            "rows": case["rows"],
+            "block_tables": case["tables"],
+            "context_lens": case["lens"],
+        } | changes
+        stack(**args)  # type: ignore[arg-type]
+
+    with pytest.raises(ValueError, match="position outside the RoPE table"):
+        call(positions=case["positions"] + 64)
+    with pytest.raises(ValueError, match="slot outside the cache"):
+        call(slots=case["slots"] + NBLOCKS * BS)
+    with pytest.raises(ValueError, match="not covering x once"):
+        call(rows=torch.tensor([4, 0, 5, 1, 3, 3]))
+    with pytest.raises(ValueError, match="block id outside the cache"):
+        call(block_tables=case["tables"] + NBLOCKS)
+    with pytest.raises(ValueError, match="context length outside"):
+        call(context_lens=case["lens"] * 10)
+    with pytest.raises(ValueError, match="2 caches for 3 layers"):
+        call(caches=case["caches"][:2])
+    with pytest.raises(ValueError, match=r"is not \(2, N, bs, 2, 8\)"):
+        call(caches=[torch.zeros(2, 4, 4, 2, 4)] * LAYERS)
+    with pytest.raises(ValueError, match="must be \\(T, 40\\)"):
+        call(x=torch.zeros(6, 41))
+    with pytest.raises(ValueError, match="contiguous int64"):
+        call(positions=case["positions"].int())
+    for got, want in zip(case["caches"], before, strict=True):
+        assert torch.equal(got, want)  # nothing was written by a refused call
+    layer = dataclasses.replace(case["layers"][0], input_norm=torch.ones(3))
+    with pytest.raises(ValueError, match="layer 0: norm weights"):
+        kernels.bind_stack(case["spec"], [layer])
+    layer = dataclasses.replace(case["layers"][0], o=(case["layers"][0].o[0].half(), None))
+    with pytest.raises(ValueError, match="layer 0 o: weights of mixed types"):
+        kernels.bind_stack(case["spec"], [layer])

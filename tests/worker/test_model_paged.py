@@ -40,12 +40,13 @@ def prompts(n: int, lengths: list[int], seed: int = 1) -> list[list[int]]:
     return [torch.randint(3, n, (length,), generator=g).tolist() for length in lengths]
 
 
-@pytest.fixture(params=["auto", "torch"])
+@pytest.fixture(params=["auto", "ops", "torch"])
 def backend(request: pytest.FixtureRequest, tiny: LoadedModel) -> Iterator[str]:
-    """Decode attention by the native kernel (auto, which must build here) or the torch path."""
+    """The native kernels (which must build here) with steps of decodes run through the whole
+    stack in one call (auto) or op by op (ops), or the torch path."""
     from llmos_worker.model.kernels import native_kernels
 
-    if request.param == "auto":
+    if request.param != "torch":
         assert native_kernels() is not None, "the native kernels did not build (see the log)"
     tiny.model.set_backend(request.param)
     yield str(request.param)

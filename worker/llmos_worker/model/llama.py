@@ -20,7 +20,13 @@ from llmos_worker.errors import ModelLoadError
 from llmos_worker.model.attention import AttentionPlan, paged_attention
 from llmos_worker.model.batch import ForwardBatch
 from llmos_worker.model.config import ModelConfig
-from llmos_worker.model.kernels import NativeKernels, native_kernels
+from llmos_worker.model.kernels import (
+    DecoderStack,
+    NativeKernels,
+    StackLayer,
+    StackSpec,
+    native_kernels,
+)
 from llmos_worker.model.quant import Linear, check_supported, make_linear
 from llmos_worker.model.rope import apply_rope, cos_sin_table, inverse_frequencies
 
@@ -144,6 +150,20 @@ class DecoderLayer(nn.Module):
         return self.down_mm(kernels.silu_mul(self.gate_up_mm(h, kernels)), kernels)
 
 
+def _stack_layer(layer: DecoderLayer) -> StackLayer:
+    def held(mm: Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return mm.weight.detach(), mm.scale
+
+    return StackLayer(
+        input_norm=layer.input_norm.detach(),
+        post_norm=layer.post_norm.detach(),
+        qkv=held(layer.qkv_mm),
+        o=held(layer.o_mm),
+        gate_up=held(layer.gate_up_mm),
+        down=held(layer.down_mm),
+    )
+
+
 class LlamaModel(nn.Module):
     """Embedding, decoder layers, final norm and LM head (tied to the embedding if configured)."""
 
@@ -175,9 +195,14 @@ class LlamaModel(nn.Module):
         self.head_mm = Linear(self.embed if self.lm_head is None else self.lm_head)
         self.quantization = "none"
         # "auto": the native CPU kernels (linear layers on packed weights, decode attention,
-        # the per-layer ops) where they apply (CPU, fp32) and build; "torch": the pure-torch path
-        # everywhere. Change it with `set_backend`.
+        # the per-layer ops) where they apply (CPU, fp32) and build, with steps of decodes and
+        # short cached-prefix chunks run through all layers in one native call; "ops": the
+        # same kernels called op by op; "torch": the pure-torch path everywhere. Change it with
+        # `set_backend`.
         self.backend = "auto"
+        # the whole-stack call: bound on first use, dropped (or refused) when the weights move
+        self._stack: DecoderStack | None = None
+        self._stack_refused = False
         cos, sin = cos_sin_table(
             inverse_frequencies(cfg, rope_factors), cfg.max_position_embeddings
         )
@@ -203,10 +228,24 @@ class LlamaModel(nn.Module):
         positions = batch.positions.to(device)
         x = F.embedding(batch.input_ids.to(device), self.embed)  # (T, hidden)
         if kernels is not None:
-            rope = (self.rope_cos[:, 0], self.rope_sin[:, 0])  # (P, D) each
             delta: torch.Tensor | None = None
-            for layer, cache in zip(self.decoder_layers, caches, strict=True):
-                delta = layer.forward_native(x, delta, positions, rope, cache, plan, kernels)
+            stack = self._decoder_stack(kernels)
+            nd = plan.native
+            if stack is not None and nd is not None and nd.rows.shape[0] == x.shape[0]:
+                # every row is a native attention row (so no SDPA prefill): one call for all
+                stack(
+                    x,
+                    caches,
+                    positions,
+                    plan.slot_mapping,
+                    nd.rows,
+                    nd.block_tables,
+                    nd.context_lens,
+                )
+            else:
+                rope = (self.rope_cos[:, 0], self.rope_sin[:, 0])  # (P, D) each
+                for layer, cache in zip(self.decoder_layers, caches, strict=True):
+                    delta = layer.forward_native(x, delta, positions, rope, cache, plan, kernels)
             rows = batch.logits_indices.to(device)
             x, delta = x[rows], None if delta is None else delta[rows]
             h = kernels.add_rms_norm(x, delta, self.norm, self.cfg.rms_norm_eps)
@@ -225,6 +264,30 @@ class LlamaModel(nn.Module):
     def _kernels(self) -> NativeKernels | None:
         """The native kernels when this model uses them: backend "auto" and `_native()`."""
         return None if self.backend == "torch" else self._native()
+
+    def _decoder_stack(self, kernels: NativeKernels) -> DecoderStack | None:
+        """The whole-stack native call, when backend "auto" and every projection is packed."""
+        if self.backend != "auto":
+            return None
+        if self._stack is None and not self._stack_refused:
+            layers = self.decoder_layers
+            if not all(mm.packed for layer in layers for mm in layer.linears().values()):
+                self._stack_refused = True  # until the weights move again
+                return None
+            cfg = self.cfg
+            spec = StackSpec(
+                hidden=cfg.hidden_size,
+                heads=cfg.num_heads,
+                kv_heads=cfg.num_kv_heads,
+                head_dim=cfg.head_dim,
+                intermediate=cfg.intermediate_size,
+                eps=cfg.rms_norm_eps,
+                attn_scale=cfg.head_dim**-0.5,
+                cos=self.rope_cos[:, 0].contiguous(),
+                sin=self.rope_sin[:, 0].contiguous(),
+            )
+            self._stack = kernels.bind_stack(spec, [_stack_layer(layer) for layer in layers])
+        return self._stack
 
     def _native(self) -> NativeKernels | None:
         """The native kernels when this model can use them: CPU, fp32, a supported GQA ratio."""
@@ -260,15 +323,16 @@ class LlamaModel(nn.Module):
 
     def set_backend(self, backend: str) -> None:
         """Switch between the native kernels ("auto": where they apply, with every projection
-        packed for them) and the pure-torch path ("torch": weights unpacked, fp16/int8 then
-        dequantised per call)."""
-        if backend not in ("auto", "torch"):
-            raise ValueError(f"unknown backend {backend!r}; use 'auto' or 'torch'")
+        packed for them; "ops": the same, never the whole-stack call) and the pure-torch path
+        ("torch": weights unpacked, fp16/int8 then dequantised per call)."""
+        if backend not in ("auto", "ops", "torch"):
+            raise ValueError(f"unknown backend {backend!r}; use 'auto', 'ops' or 'torch'")
         self.backend = backend
         kernels = self._kernels()
         self._pack(kernels is not None and kernels.has_linear)
 
     def _pack(self, packed: bool) -> None:
+        self._stack, self._stack_refused = None, False
         for mm in self.linears():
             if packed and mm.weight is self.embed:
                 self.head_mm = mm = Linear(self.embed.detach())  # a copy: the lookup stays

@@ -12,9 +12,10 @@ Modes (`QUANTIZATIONS`):
 On a CPU with the native kernels every mode's weights are stored packed (panels of 16 output
 rows, K-major) and multiplied by the native linear kernel (kernels/cpu_kernels.c) at every row
 count: measured with SmolLM2-135M's shapes (all 30 layers, so weights come from memory) on a
-2-core AVX2 CPU, fp32 weights run 2x faster than torch's matmul at 1 row, 2.4x at 32 and 0.9-1.5x
-from 64 to 1024 rows; fp16 and int8 read proportionally fewer bytes (int8 at 1 row: 2.5x fp32). Without the native kernel, fp32 runs through `F.linear`, fp16 through fbgemm's packed
-fp16 GEMM, and int8 through torch on the dequantised matrix (correct, but slow).
+2-core AVX2 CPU, fp32 weights run 2x faster than torch's matmul at 1 row, 2.4x at 32 and
+0.9-1.5x from 64 to 1024 rows; fp16 and int8 read proportionally fewer bytes (int8 at 1 row:
+2.5x fp32). Without the native kernel, fp32 runs through `F.linear`, fp16 through fbgemm's
+packed fp16 GEMM, and int8 through torch on the dequantised matrix (correct, but slow).
 
 Measured and not offered: fbgemm's dynamic int8 (activations quantised per call too, with one
 7-bit scale for the whole input) raises SmolLM2-135M's perplexity from 17.5 to 48.6 (outlier

@@ -1,9 +1,9 @@
 """Native CPU kernels, compiled from C on first use and cached, with the torch path as fallback.
 
 The kernels (cpu_kernels.c): paged decode attention reading K/V in place, residual add + RMSNorm,
-rotary embedding in place, SiLU(gate) * up, and small-row-count linear layers over fp32, fp16 or
-int8 weights. `native_kernels()` returns the loaded library or
-None. It builds `cpu_kernels.c` with the
+rotary embedding in place, SiLU(gate) * up, linear layers over packed fp32, fp16 or int8
+weights, and all of that for every decoder layer of a step in one call (`DecoderStack`).
+`native_kernels()` returns the loaded library or None. It builds `cpu_kernels.c` with the
 system C compiler (`$CC`, else `cc`) into a cache directory (`$LLMOS_KERNEL_CACHE`, else
 `$XDG_CACHE_HOME/llmos-worker/kernels`, else `~/.cache/llmos-worker/kernels`) under a name that
 hashes the source, the flags, the compiler and this CPU (the build uses `-march=native`), so a
@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,6 +60,14 @@ class NativeKernels:
         self._linear.restype = ctypes.c_int
         # the linear kernel needs AVX2, FMA and F16C; without them callers keep torch's matmul
         self.has_linear = bool(lib.llmos_linear_supported())
+        self._stack = lib.llmos_decoder_stack
+        # dims, layer table, weight type, eps, attention scale, cos, sin, x, T, positions,
+        # slots, rows, block tables, context lengths, S, max blocks
+        self._stack.argtypes = [_ptr, _ptr, ctypes.c_int, _f32, _f32, _ptr, _ptr, _ptr, _i64]
+        self._stack.argtypes += [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64]
+        self._stack.restype = ctypes.c_int
+        if (lib.llmos_stack_dims(), lib.llmos_stack_fields()) != (_STACK_DIMS, _STACK_FIELDS):
+            raise RuntimeError("cpu_kernels.c and this module disagree on the stack layout")
 
     # The per-layer ops take fp32 CPU tensors laid out as the decoder makes them; the shapes
     # are checked (cheap) so a wrong call raises instead of reading out of bounds.
@@ -157,20 +166,8 @@ class NativeKernels:
         """
         if not self.has_linear:
             raise RuntimeError("this build of the native kernels has no linear kernel (no AVX2)")
-        wtype = _WEIGHT_TYPES.get(packed.dtype)
-        if wtype is None or not packed.is_contiguous() or packed.dim() != 3:
-            raise ValueError("weight must be packed (P, K, 16) float32, float16 or int8")
-        panels, k, width = packed.shape
-        if width != 16 or not (panels - 1) * 16 < n <= panels * 16:
-            raise ValueError(f"packed weight {tuple(packed.shape)} does not hold {n} rows")
-        if not packed.is_cpu:
-            raise ValueError("native linear takes CPU tensors")
-        if (packed.dtype == torch.int8) != (scale is not None):
-            raise ValueError("int8 weights need a scale per output row, other types none")
-        if scale is not None:
-            _check_f32(scale)
-            if scale.shape != (n,):
-                raise ValueError(f"scale must be ({n},)")
+        self._check_packed(packed, n, scale)
+        wtype, k = _WEIGHT_TYPES[packed.dtype], packed.shape[1]
         fn, w_ptr = self._linear, packed.data_ptr()
         s_ptr = None if scale is None else scale.data_ptr()
         f32 = torch.float32
@@ -248,7 +245,198 @@ class NativeKernels:
         if status != 0:
             raise RuntimeError(f"native paged attention refused its inputs (status {status})")
 
+    def bind_stack(self, spec: StackSpec, layers: list[StackLayer]) -> DecoderStack:
+        """All of `layers` as one native call per step (see `DecoderStack`); the weights are
+        checked here, once."""
+        if not self.has_linear:
+            raise RuntimeError("this build of the native kernels has no linear kernel (no AVX2)")
+        if spec.heads % spec.kv_heads or spec.heads // spec.kv_heads > self.max_group:
+            raise ValueError(f"{spec.heads} query heads over {spec.kv_heads} KV heads")
+        if spec.head_dim % 2:
+            raise ValueError("head_dim must be even")
+        _check_f32(spec.cos, spec.sin)
+        if spec.cos.shape != spec.sin.shape or spec.cos.shape[1:] != (spec.head_dim,):
+            raise ValueError("cos and sin must be (P, head_dim)")
+        hd = spec.head_dim
+        shapes = {  # (out rows, in features) of each projection
+            "qkv": ((spec.heads + 2 * spec.kv_heads) * hd, spec.hidden),
+            "o": (spec.hidden, spec.heads * hd),
+            "gate_up": (2 * spec.intermediate, spec.hidden),
+            "down": (spec.hidden, spec.intermediate),
+        }
+        wdtype = layers[0].qkv[0].dtype if layers else torch.float32
+        table = torch.zeros((len(layers), _STACK_FIELDS), dtype=torch.int64)
+        for i, layer in enumerate(layers):
+            _check_f32(layer.input_norm, layer.post_norm)
+            if layer.input_norm.shape != (spec.hidden,) or layer.post_norm.shape != (spec.hidden,):
+                raise ValueError(f"layer {i}: norm weights must be ({spec.hidden},)")
+            row = [layer.input_norm.data_ptr(), layer.post_norm.data_ptr()]
+            for name, (packed, scale) in zip(
+                shapes, (layer.qkv, layer.o, layer.gate_up, layer.down), strict=True
+            ):
+                n, k = shapes[name]
+                if packed.dtype != wdtype:
+                    raise ValueError(f"layer {i} {name}: weights of mixed types")
+                self._check_packed(packed, n, scale)
+                if packed.shape[1] != k:
+                    raise ValueError(f"layer {i} {name}: packed {tuple(packed.shape)}, K != {k}")
+                row += [packed.data_ptr(), 0 if scale is None else scale.data_ptr()]
+            table[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
+        dims = [spec.hidden, spec.heads, spec.kv_heads, hd, spec.intermediate, len(layers)]
+        dims += [1, 0, spec.cos.shape[0]]  # block size and count: set with the caches
+        return DecoderStack(
+            self, spec, layers, torch.tensor(dims, dtype=torch.int64), table, _WEIGHT_TYPES[wdtype]
+        )
 
+    def _check_packed(self, packed: torch.Tensor, n: int, scale: torch.Tensor | None) -> None:
+        wtype = _WEIGHT_TYPES.get(packed.dtype)
+        if wtype is None or not packed.is_contiguous() or packed.dim() != 3:
+            raise ValueError("weight must be packed (P, K, 16) float32, float16 or int8")
+        panels, _, width = packed.shape
+        if width != 16 or not (panels - 1) * 16 < n <= panels * 16:
+            raise ValueError(f"packed weight {tuple(packed.shape)} does not hold {n} rows")
+        if not packed.is_cpu:
+            raise ValueError("native linear takes CPU tensors")
+        if (packed.dtype == torch.int8) != (scale is not None):
+            raise ValueError("int8 weights need a scale per output row, other types none")
+        if scale is not None:
+            _check_f32(scale)
+            if scale.shape != (n,):
+                raise ValueError(f"scale must be ({n},)")
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    """The shapes of a decoder stack and what all its layers share."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    eps: float  # RMSNorm epsilon
+    attn_scale: float
+    cos: torch.Tensor  # (P, head_dim) RoPE tables, fp32
+    sin: torch.Tensor
+
+
+@dataclass(frozen=True)
+class StackLayer:
+    """One decoder layer's weights: norms (hidden,) and projections packed by
+    `quant.pack_panels`, each as (packed, its int8 scale or None)."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: tuple[torch.Tensor, torch.Tensor | None]
+    o: tuple[torch.Tensor, torch.Tensor | None]
+    gate_up: tuple[torch.Tensor, torch.Tensor | None]
+    down: tuple[torch.Tensor, torch.Tensor | None]
+
+
+class DecoderStack:
+    """Every decoder layer of a step in one native call (`llmos_decoder_stack`).
+
+    For steps whose every row the native paged attention serves (one row per decode, one per
+    token of a short chunk over a cached prefix): the residual stream x is updated in place
+    through all layers, and each layer's new K/V land in its cache. Holds the weights it points
+    at; the caches are the caller's, passed with every step (their addresses are re-read when
+    they change).
+    """
+
+    def __init__(
+        self,
+        kernels: NativeKernels,
+        spec: StackSpec,
+        layers: list[StackLayer],
+        dims: torch.Tensor,
+        table: torch.Tensor,
+        wtype: int,
+    ) -> None:
+        self.spec, self.layers, self.dims, self.table = spec, layers, dims, table
+        self._fn, self._wtype = kernels._stack, wtype
+        self._caches: list[tuple[int, torch.Size]] = []
+
+    def _set_caches(self, caches: list[torch.Tensor], key: list[tuple[int, torch.Size]]) -> None:
+        spec = self.spec
+        if len(caches) != len(self.layers):
+            raise ValueError(f"{len(caches)} caches for {len(self.layers)} layers")
+        shape = caches[0].shape if caches else torch.Size((2, 0, 1, spec.kv_heads, spec.head_dim))
+        if len(shape) != 5 or shape[0] != 2 or shape[3:] != (spec.kv_heads, spec.head_dim):
+            raise ValueError(
+                f"cache {tuple(shape)} is not (2, N, bs, {spec.kv_heads}, {spec.head_dim})"
+            )
+        for i, cache in enumerate(caches):
+            _check_f32(cache)
+            if cache.shape != shape:
+                raise ValueError(f"layer {i}: cache {tuple(cache.shape)} != {tuple(shape)}")
+            self.table[i, _STACK_FIELDS - 2] = cache[0].data_ptr()
+            self.table[i, _STACK_FIELDS - 1] = cache[1].data_ptr()
+        self.dims[6], self.dims[7] = shape[2], shape[1]
+        self._caches = key
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        caches: list[torch.Tensor],
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        rows: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+    ) -> None:
+        """x (T, hidden) fp32 in place; caches one (2, N, bs, Hkv, D) per layer; positions,
+        slots (T,); rows, context_lens (S,) and block_tables (S, nb) int64 as for
+        `paged_decode_attention`, rows covering x once."""
+        spec = self.spec
+        key = [(c.data_ptr(), c.shape) for c in caches]
+        if key != self._caches:
+            self._set_caches(caches, key)
+        _check_f32(x)
+        if x.dim() != 2 or x.shape[1] != spec.hidden:
+            raise ValueError(f"x must be (T, {spec.hidden})")
+        t = x.shape[0]
+        for v in (positions, slots, rows, context_lens, block_tables):
+            if v.dtype != torch.int64 or not v.is_contiguous() or not v.is_cpu:
+                raise ValueError("positions, slots, rows, lengths and tables: contiguous int64")
+        if positions.shape != (t,) or slots.shape != (t,):
+            raise ValueError("positions and slots must be (T,)")
+        if block_tables.dim() != 2 or not (
+            rows.shape == context_lens.shape == (block_tables.shape[0],)
+        ):
+            raise ValueError("rows, block tables and lengths disagree on the number of rows")
+        status = self._fn(
+            self.dims.data_ptr(),
+            self.table.data_ptr(),
+            self._wtype,
+            spec.eps,
+            spec.attn_scale,
+            spec.cos.data_ptr(),
+            spec.sin.data_ptr(),
+            x.data_ptr(),
+            t,
+            positions.data_ptr(),
+            slots.data_ptr(),
+            rows.data_ptr(),
+            block_tables.data_ptr(),
+            context_lens.data_ptr(),
+            rows.shape[0],
+            block_tables.shape[1],
+        )
+        if status != 0:
+            why = _STACK_ERRORS.get(status, f"status {status}")
+            raise ValueError(f"native decoder stack refused its inputs: {why}")
+
+
+_STACK_DIMS, _STACK_FIELDS = 9, 12  # cpu_kernels.c STACK_DIMS, STACK_FIELDS
+_STACK_ERRORS = {
+    1: "unsupported GQA ratio, or no AVX2/FMA/F16C in this build",
+    2: "a context length outside the block table",
+    3: "out of memory",
+    4: "a block id outside the cache",
+    5: "a row outside x",
+    6: "a position outside the RoPE table, a slot outside the cache, or rows not covering x once",
+    7: "inconsistent dimensions",
+}
 _WEIGHT_TYPES = {torch.float32: 0, torch.float16: 1, torch.int8: 2}  # cpu_kernels.c LLMOS_W_*
 
 

@@ -23,6 +23,8 @@
  * runtime it links (libgomp.so.1) is the one torch already loaded, so both share one thread pool.
  */
 #include <math.h>
+#include <omp.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -143,20 +145,65 @@ static inline float exp_sum(float *x, float m, int64_t n) {
 
 int llmos_max_group(void) { return MAX_GROUP; }
 
-int llmos_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
-                                 const int64_t *block_tables, const int64_t *context_lens,
-                                 const int64_t *rows, float *out, int64_t q_stride,
-                                 int64_t num_seqs,
-                                 int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                                 int64_t block_size, int64_t max_blocks, int64_t num_blocks,
-                                 int64_t num_rows, float scale) {
-    const int64_t group = num_heads / num_kv_heads;
+/* One (sequence, KV head) item: the `group` query heads at q (group * head_dim floats) attend to
+ * the sequence's first `len` K/V rows through `table`; results to out (group * head_dim).
+ * `scores` holds group * max_len floats of scratch. */
+static void attend_item(const float *q, float *out, const float *k_cache, const float *v_cache,
+                        const int64_t *table, int64_t len, int64_t kvh, int64_t group,
+                        int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                        float *scores, int64_t max_len, float scale) {
+    const int64_t kv_row = num_kv_heads * head_dim; /* floats between consecutive tokens */
+    /* pass 1: scores = q . k * scale, row maxima */
+    float maxes[MAX_GROUP];
+    for (int64_t g = 0; g < group; ++g) maxes[g] = -INFINITY;
+    /* why block by block: no integer division per token (slow on many x86 cores) */
+    for (int64_t b = 0, t0 = 0; t0 < len; ++b, t0 += block_size) {
+        const int64_t n = len - t0 < block_size ? len - t0 : block_size;
+        const float *k = k_cache + (table[b] * block_size * num_kv_heads + kvh) * head_dim;
+        for (int64_t g = 0; g < group; ++g) {
+            float *sg = scores + g * max_len + t0;
+            row_dots(sg, q + g * head_dim, k, kv_row, n, head_dim);
+            for (int64_t i = 0; i < n; ++i) {
+                sg[i] *= scale;
+                if (sg[i] > maxes[g]) maxes[g] = sg[i];
+            }
+        }
+    }
+    /* softmax weights, unnormalised */
+    float sums[MAX_GROUP];
+    for (int64_t g = 0; g < group; ++g) {
+        sums[g] = exp_sum(scores + g * max_len, maxes[g], len);
+        memset(out + g * head_dim, 0, sizeof(float) * (size_t)head_dim);
+    }
+    /* pass 2: out = sum_t p_t v_t / sum_t p_t */
+    for (int64_t b = 0, t0 = 0; t0 < len; ++b, t0 += block_size) {
+        const int64_t n = len - t0 < block_size ? len - t0 : block_size;
+        const float *v = v_cache + (table[b] * block_size * num_kv_heads + kvh) * head_dim;
+        for (int64_t g = 0; g < group; ++g)
+            weighted_rows(out + g * head_dim, scores + g * max_len + t0, v, kv_row, n, head_dim);
+    }
+    for (int64_t g = 0; g < group; ++g) {
+        const float inv = 1.0f / sums[g];
+        float *og = out + g * head_dim;
+#pragma omp simd
+        for (int64_t d = 0; d < head_dim; ++d) og[d] *= inv;
+    }
+}
+
+/* The checks both attention entry points make; 0 or the status to return. `max_len` gets the
+ * longest context, `total_len` their sum. */
+static int check_attention(const int64_t *block_tables, const int64_t *context_lens,
+                           const int64_t *rows, int64_t num_seqs, int64_t num_heads,
+                           int64_t num_kv_heads, int64_t block_size, int64_t max_blocks,
+                           int64_t num_blocks, int64_t num_rows, int64_t *max_len,
+                           int64_t *total_len) {
+    const int64_t group = num_kv_heads > 0 ? num_heads / num_kv_heads : 0;
     if (group < 1 || group > MAX_GROUP || group * num_kv_heads != num_heads) return 1;
-    int64_t max_len = 0, total_len = 0;
+    *max_len = 0, *total_len = 0;
     for (int64_t s = 0; s < num_seqs; ++s) {
         if (context_lens[s] < 1 || context_lens[s] > max_blocks * block_size) return 2;
-        if (context_lens[s] > max_len) max_len = context_lens[s];
-        total_len += context_lens[s];
+        if (context_lens[s] > *max_len) *max_len = context_lens[s];
+        *total_len += context_lens[s];
     }
     for (int64_t s = 0; s < num_seqs; ++s) /* rows index q and out: (num_rows, H, D) */
         if (rows[s] < 0 || rows[s] >= num_rows) return 5;
@@ -164,7 +211,22 @@ int llmos_paged_decode_attention(const float *q, const float *k_cache, const flo
         for (int64_t b = 0; b * block_size < context_lens[s]; ++b)
             if (block_tables[s * max_blocks + b] < 0 || block_tables[s * max_blocks + b] >= num_blocks)
                 return 4;
-    const int64_t kv_row = num_kv_heads * head_dim; /* floats between consecutive tokens */
+    return 0;
+}
+
+int llmos_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
+                                 const int64_t *block_tables, const int64_t *context_lens,
+                                 const int64_t *rows, float *out, int64_t q_stride,
+                                 int64_t num_seqs,
+                                 int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                 int64_t block_size, int64_t max_blocks, int64_t num_blocks,
+                                 int64_t num_rows, float scale) {
+    int64_t max_len, total_len;
+    const int status = check_attention(block_tables, context_lens, rows, num_seqs, num_heads,
+                                       num_kv_heads, block_size, max_blocks, num_blocks,
+                                       num_rows, &max_len, &total_len);
+    if (status != 0) return status;
+    const int64_t group = num_heads / num_kv_heads;
     int failed = 0;
     /* why a threshold: waking a second thread costs tens of microseconds, more than one thread
      * needs for a single short sequence */
@@ -182,47 +244,10 @@ int llmos_paged_decode_attention(const float *q, const float *k_cache, const flo
         for (int64_t item = 0; item < num_seqs * num_kv_heads; ++item) {
             if (scores == NULL) continue;
             const int64_t s = item / num_kv_heads, kvh = item % num_kv_heads;
-            const int64_t len = context_lens[s];
-            const int64_t *table = block_tables + s * max_blocks;
-            const float *qs = q + rows[s] * q_stride + kvh * group * head_dim;
-            float *os = out + (rows[s] * num_heads + kvh * group) * head_dim;
-
-            /* pass 1: scores = q . k * scale, row maxima */
-            float maxes[MAX_GROUP];
-            for (int64_t g = 0; g < group; ++g) maxes[g] = -INFINITY;
-            /* why block by block: no integer division per token (slow on many x86 cores) */
-            for (int64_t b = 0, t0 = 0; t0 < len; ++b, t0 += block_size) {
-                const int64_t n = len - t0 < block_size ? len - t0 : block_size;
-                const float *k = k_cache + (table[b] * block_size * num_kv_heads + kvh) * head_dim;
-                for (int64_t g = 0; g < group; ++g) {
-                    float *sg = scores + g * max_len + t0;
-                    row_dots(sg, qs + g * head_dim, k, kv_row, n, head_dim);
-                    for (int64_t i = 0; i < n; ++i) {
-                        sg[i] *= scale;
-                        if (sg[i] > maxes[g]) maxes[g] = sg[i];
-                    }
-                }
-            }
-            /* softmax weights, unnormalised */
-            float sums[MAX_GROUP];
-            for (int64_t g = 0; g < group; ++g) {
-                sums[g] = exp_sum(scores + g * max_len, maxes[g], len);
-                memset(os + g * head_dim, 0, sizeof(float) * (size_t)head_dim);
-            }
-            /* pass 2: out = sum_t p_t v_t / sum_t p_t */
-            for (int64_t b = 0, t0 = 0; t0 < len; ++b, t0 += block_size) {
-                const int64_t n = len - t0 < block_size ? len - t0 : block_size;
-                const float *v = v_cache + (table[b] * block_size * num_kv_heads + kvh) * head_dim;
-                for (int64_t g = 0; g < group; ++g)
-                    weighted_rows(os + g * head_dim, scores + g * max_len + t0, v, kv_row, n,
-                                  head_dim);
-            }
-            for (int64_t g = 0; g < group; ++g) {
-                const float inv = 1.0f / sums[g];
-                float *og = os + g * head_dim;
-#pragma omp simd
-                for (int64_t d = 0; d < head_dim; ++d) og[d] *= inv;
-            }
+            attend_item(q + rows[s] * q_stride + kvh * group * head_dim,
+                        out + (rows[s] * num_heads + kvh * group) * head_dim, k_cache, v_cache,
+                        block_tables + s * max_blocks, context_lens[s], kvh, group,
+                        num_kv_heads, head_dim, block_size, scores, max_len, scale);
         }
         free(scores);
     }
@@ -231,23 +256,36 @@ int llmos_paged_decode_attention(const float *q, const float *k_cache, const flo
 
 /* ---------------------------------------------------------------- per-layer ops */
 
+/* One row of llmos_add_rms_norm. */
+static inline void norm_row(float *xr, const float *dr, const float *w, float *orow, int64_t dim,
+                            float eps) {
+    if (dr != NULL)
+        for (int64_t j = 0; j < dim; ++j) xr[j] += dr[j];
+    float ss = 0.0f;
+    for (int64_t j = 0; j < dim; ++j) ss += xr[j] * xr[j];
+    const float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+    for (int64_t j = 0; j < dim; ++j) orow[j] = w[j] * (xr[j] * inv);
+}
+
 /* If delta: x += delta (the residual stream, in place). Then out = x / rms(x) * w, as HF's
  * RMSNorm in fp32: rsqrt(mean(x^2) + eps). x, delta, out (rows, dim); w (dim,). */
 void llmos_add_rms_norm(float *x, const float *delta, const float *w, float *out, int64_t rows,
                         int64_t dim, float eps) {
 #pragma omp parallel for if (rows >= 64)
-    for (int64_t r = 0; r < rows; ++r) {
-        float *xr = x + r * dim;
-        float *orow = out + r * dim;
-        if (delta != NULL) {
-            const float *dr = delta + r * dim;
-            for (int64_t j = 0; j < dim; ++j) xr[j] += dr[j];
+    for (int64_t r = 0; r < rows; ++r)
+        norm_row(x + r * dim, delta != NULL ? delta + r * dim : NULL, w, out + r * dim, dim, eps);
+}
+
+/* One row of llmos_rope: `heads` heads of head_dim at v, rotated by tables rows c and s. */
+static inline void rope_row(float *v, int64_t heads, int64_t head_dim, const float *c,
+                            const float *s) {
+    const int64_t half = head_dim / 2;
+    for (int64_t h = 0; h < heads; ++h, v += head_dim)
+        for (int64_t i = 0; i < half; ++i) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * c[i] - b * s[i];
+            v[i + half] = b * c[i + half] + a * s[i + half];
         }
-        float ss = 0.0f;
-        for (int64_t j = 0; j < dim; ++j) ss += xr[j] * xr[j];
-        const float inv = 1.0f / sqrtf(ss / (float)dim + eps);
-        for (int64_t j = 0; j < dim; ++j) orow[j] = w[j] * (xr[j] * inv);
-    }
 }
 
 /* Rotate-half RoPE in place on the first `heads` heads of each row of x (rows, row_stride):
@@ -257,44 +295,36 @@ void llmos_add_rms_norm(float *x, const float *delta, const float *w, float *out
 int llmos_rope(float *x, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_dim,
                const int64_t *positions, int64_t num_positions, const float *cos_t,
                const float *sin_t) {
-    const int64_t half = head_dim / 2;
     for (int64_t r = 0; r < rows; ++r)
         if (positions[r] < 0 || positions[r] >= num_positions) return 1;
 #pragma omp parallel for if (rows >= 64)
-    for (int64_t r = 0; r < rows; ++r) {
-        const float *c = cos_t + positions[r] * head_dim;
-        const float *s = sin_t + positions[r] * head_dim;
-        for (int64_t h = 0; h < heads; ++h) {
-            float *v = x + r * row_stride + h * head_dim;
-            for (int64_t i = 0; i < half; ++i) {
-                const float a = v[i], b = v[i + half];
-                v[i] = a * c[i] - b * s[i];
-                v[i + half] = b * c[i + half] + a * s[i + half];
-            }
-        }
-    }
+    for (int64_t r = 0; r < rows; ++r)
+        rope_row(x + r * row_stride, heads, head_dim, cos_t + positions[r] * head_dim,
+                 sin_t + positions[r] * head_dim);
     return 0;
+}
+
+/* o[j] = silu(g[j]) * u[j] for j < n. */
+static inline void silu_mul_span(const float *g, const float *u, float *o, int64_t n) {
+    int64_t j = 0;
+#ifdef LLMOS_AVX2
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; j + 8 <= n; j += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + j);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)); /* exp(-g) */
+        const __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(o + j, _mm256_mul_ps(silu, _mm256_loadu_ps(u + j)));
+    }
+#endif
+    for (; j < n; ++j) o[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
 }
 
 /* out (rows, inter) = silu(gate) * up, with gate_up (rows, 2 * inter) = [gate | up]. */
 void llmos_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inter) {
 #pragma omp parallel for if (rows >= 16)
-    for (int64_t r = 0; r < rows; ++r) {
-        const float *g = gate_up + r * 2 * inter;
-        const float *u = g + inter;
-        float *o = out + r * inter;
-        int64_t j = 0;
-#ifdef LLMOS_AVX2
-        const __m256 one = _mm256_set1_ps(1.0f);
-        for (; j + 8 <= inter; j += 8) {
-            const __m256 gv = _mm256_loadu_ps(g + j);
-            const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)); /* exp(-g) */
-            const __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(one, e));
-            _mm256_storeu_ps(o + j, _mm256_mul_ps(silu, _mm256_loadu_ps(u + j)));
-        }
-#endif
-        for (; j < inter; ++j) o[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
-    }
+    for (int64_t r = 0; r < rows; ++r)
+        silu_mul_span(gate_up + r * 2 * inter, gate_up + r * 2 * inter + inter, out + r * inter,
+                      inter);
 }
 
 /* ---------------------------------------------------------------- linear layers
@@ -419,17 +449,17 @@ static inline int64_t lin_row_block(int64_t K) {
 
 /* One function per weight type, so the type is a constant inside the OpenMP-outlined loop
  * (GCC outlines parallel regions before inlining, which would otherwise leave `wt` a variable
- * tested on every load). Each thread keeps the same panels in every row pass (static schedule),
- * and passes write disjoint rows, so no barrier separates them. */
+ * tested on every load). NAME_range computes panels [p0, p1) for every row pass; NAME gives
+ * each thread a contiguous range of panels, the same in every pass, and passes write disjoint
+ * rows, so no barrier separates them. */
 #define LIN_PDEFINE(NAME, WT)                                                                   \
-    static void NAME(const float *x, int64_t x_stride, int64_t M, const void *w, int64_t K,     \
-                     int64_t N, const float *scale, float *y) {                                 \
-        const int64_t panels = (N + LIN_PNR - 1) / LIN_PNR, mb = lin_row_block(K);              \
-        _Pragma("omp parallel if (panels > 1)")                                                 \
+    static void NAME##_range(const float *x, int64_t x_stride, int64_t M, const void *w,        \
+                             int64_t K, int64_t N, const float *scale, float *y, int64_t p0,    \
+                             int64_t p1) {                                                      \
+        const int64_t mb = lin_row_block(K);                                                    \
         for (int64_t m0 = 0; m0 < M; m0 += mb) {                                                \
             const int64_t m1 = m0 + mb < M ? m0 + mb : M;                                       \
-            _Pragma("omp for schedule(static) nowait")                                          \
-            for (int64_t p = 0; p < panels; ++p) {                                              \
+            for (int64_t p = p0; p < p1; ++p) {                                                 \
                 if (M == 1) {                                                                   \
                     lin_prow1(x, w, WT, p, K, N, scale, y);                                     \
                     continue;                                                                   \
@@ -446,6 +476,15 @@ static inline int64_t lin_row_block(int64_t K) {
                 default: break;                                                                 \
                 }                                                                               \
             }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+    static void NAME(const float *x, int64_t x_stride, int64_t M, const void *w, int64_t K,     \
+                     int64_t N, const float *scale, float *y) {                                 \
+        const int64_t panels = (N + LIN_PNR - 1) / LIN_PNR;                                     \
+        _Pragma("omp parallel if (panels > 1)") {                                               \
+            const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();               \
+            NAME##_range(x, x_stride, M, w, K, N, scale, y, panels * tid / nt,                  \
+                         panels * (tid + 1) / nt);                                              \
         }                                                                                       \
     }
 LIN_PDEFINE(lin_f32, LLMOS_W_F32)
@@ -464,6 +503,188 @@ int llmos_linear(const float *x, int64_t M, int64_t K, int64_t x_stride, const v
     }
 #else
     (void)x; (void)M; (void)K; (void)x_stride; (void)w; (void)wtype; (void)scale; (void)N; (void)y;
+    return 1;
+#endif
+}
+
+/* ---------------------------------------------------------------- the whole decoder stack
+ *
+ * Every decoder layer of one step in one call, for steps whose every row the paged attention
+ * above serves (decodes, and short chunks over a cached prefix): per layer, x += delta and
+ * RMSNorm, the QKV projection, RoPE on q and k, k and v written to the cache at their slots,
+ * attention, the output projection, x += o and RMSNorm, gate/up, SiLU(gate) * up, down.
+ * The same arithmetic as the per-op entry points, in the same order, so results match them.
+ *
+ * Why one call: a decode step of a small model is ~10 short ops per layer; called one by one,
+ * each pays a Python call, a tensor allocation and an OpenMP wake-up, which at batch 1 cost
+ * about as much as reading the weights. Here the threads enter one parallel region per step,
+ * split each op among themselves (rows, panels of a projection, or (sequence, KV head) items of
+ * attention) and meet at a spinning barrier between dependent ops.
+ *
+ * dims: STACK_DIMS int64s, below. layers (num_layers, STACK_FIELDS) int64: per layer the
+ * addresses of its norm weights (hidden,), its four packed projections (llmos_linear's layout,
+ * all of weight type `wtype`) with their scales (int8; else 0), and its K and V caches
+ * (num_blocks, block_size, Hkv, D). x (T, hidden) is the residual stream, updated in place.
+ * positions, slots (T,): RoPE row and KV slot of each row; rows, block_tables, context_lens as
+ * for llmos_paged_decode_attention, and they must name every row of x exactly once.
+ * Returns 0; the attention statuses above; 6 for a bad position, slot or row cover; 7 for
+ * inconsistent dims; 1 without AVX2/FMA/F16C (nothing is computed on a non-zero status).
+ */
+enum {
+    SD_HIDDEN, SD_HEADS, SD_KV_HEADS, SD_HEAD_DIM, SD_INTER, SD_LAYERS, SD_BLOCK_SIZE,
+    SD_NUM_BLOCKS, SD_NUM_POSITIONS, STACK_DIMS
+};
+enum {
+    SF_INPUT_NORM, SF_POST_NORM, SF_W_QKV, SF_S_QKV, SF_W_O, SF_S_O, SF_W_GATE_UP, SF_S_GATE_UP,
+    SF_W_DOWN, SF_S_DOWN, SF_K_CACHE, SF_V_CACHE, STACK_FIELDS
+};
+
+int llmos_stack_dims(void) { return STACK_DIMS; }
+int llmos_stack_fields(void) { return STACK_FIELDS; }
+
+#if defined(LLMOS_AVX2) && defined(__F16C__)
+/* A sense-reversing barrier that spins (then yields): the threads of one step meet ~8 times per
+ * layer, far more often than a sleeping barrier could wake them cheaply. */
+typedef struct {
+    int count;
+    int sense;
+} stack_barrier;
+
+static void stack_wait(stack_barrier *b, int nt, int *local_sense) {
+    if (nt == 1) return;
+    const int s = *local_sense = !*local_sense;
+    if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == nt) {
+        __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&b->sense, s, __ATOMIC_RELEASE);
+        return;
+    }
+    for (int spins = 0; __atomic_load_n(&b->sense, __ATOMIC_ACQUIRE) != s;)
+        if (++spins < (1 << 14))
+            _mm_pause();
+        else
+            sched_yield(); /* why: another process may hold the core the other thread needs */
+}
+
+/* This thread's share [p0, p1) of a projection's panels, by weight type. */
+static void stack_linear(int wtype, const float *x, int64_t M, const void *w, int64_t K,
+                         int64_t N, const float *scale, float *y, int tid, int nt) {
+    const int64_t panels = (N + LIN_PNR - 1) / LIN_PNR;
+    const int64_t p0 = panels * tid / nt, p1 = panels * (tid + 1) / nt;
+    if (p0 == p1) return;
+    switch (wtype) {
+    case LLMOS_W_F32: lin_f32_range(x, K, M, w, K, N, scale, y, p0, p1); break;
+    case LLMOS_W_F16: lin_f16_range(x, K, M, w, K, N, scale, y, p0, p1); break;
+    default: lin_i8_range(x, K, M, w, K, N, scale, y, p0, p1); break;
+    }
+}
+#endif
+
+int llmos_decoder_stack(const int64_t *dims, const int64_t *layers, int wtype, float eps,
+                        float attn_scale, const float *cos_t, const float *sin_t, float *x,
+                        int64_t T, const int64_t *positions, const int64_t *slots,
+                        const int64_t *rows, const int64_t *block_tables,
+                        const int64_t *context_lens, int64_t num_seqs, int64_t max_blocks) {
+#if defined(LLMOS_AVX2) && defined(__F16C__)
+    const int64_t hidden = dims[SD_HIDDEN], H = dims[SD_HEADS], Hkv = dims[SD_KV_HEADS];
+    const int64_t D = dims[SD_HEAD_DIM], inter = dims[SD_INTER], L = dims[SD_LAYERS];
+    const int64_t bs = dims[SD_BLOCK_SIZE], num_blocks = dims[SD_NUM_BLOCKS];
+    if (hidden < 1 || D < 2 || D % 2 || inter < 1 || L < 0 || bs < 1 || T < 1) return 7;
+    if (wtype != LLMOS_W_F32 && wtype != LLMOS_W_F16 && wtype != LLMOS_W_I8) return 7;
+    int64_t max_len, total_len;
+    const int status = check_attention(block_tables, context_lens, rows, num_seqs, H, Hkv, bs,
+                                       max_blocks, num_blocks, T, &max_len, &total_len);
+    if (status != 0) return status;
+    for (int64_t r = 0; r < T; ++r)
+        if (positions[r] < 0 || positions[r] >= dims[SD_NUM_POSITIONS] || slots[r] < 0 ||
+            slots[r] >= num_blocks * bs)
+            return 6;
+    if (num_seqs != T) return 6; /* one attention row per row of x ... */
+    unsigned char *seen = calloc((size_t)T, 1);
+    if (seen == NULL) return 3;
+    int cover = 1;
+    for (int64_t s = 0; s < num_seqs; ++s) { /* ... each row once */
+        cover &= !seen[rows[s]];
+        seen[rows[s]] = 1;
+    }
+    free(seen);
+    if (!cover) return 6;
+
+    const int64_t group = H / Hkv, qkv_n = (H + 2 * Hkv) * D, att_n = H * D, kv_row = Hkv * D;
+    const int max_threads = omp_get_max_threads();
+    /* scratch: h (T, hidden), qkv (T, qkv_n), att (T, att_n), gate_up (T, 2I), act (T, I),
+     * delta (T, hidden), then (group, max_len) scores per thread */
+    const size_t step_floats = (size_t)T * (size_t)(2 * hidden + qkv_n + att_n + 3 * inter);
+    float *scratch = malloc(sizeof(float) *
+                            (step_floats + (size_t)max_threads * (size_t)(group * max_len)));
+    if (scratch == NULL) return 3;
+    float *h = scratch, *qkv = h + T * hidden, *att = qkv + T * qkv_n;
+    float *gate_up = att + T * att_n, *act = gate_up + T * 2 * inter, *delta = act + T * inter;
+    float *scores_all = scratch + step_floats;
+    stack_barrier barrier = {0, 0};
+
+#pragma omp parallel
+    {
+        const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+        float *scores = scores_all + (size_t)tid * (size_t)(group * max_len);
+        int sense = 0;
+        /* silu_mul's columns for this thread: an 8-aligned share of each row */
+        const int64_t c0 = (inter * tid / nt) & ~(int64_t)7;
+        const int64_t c1 = tid == nt - 1 ? inter : (inter * (tid + 1) / nt) & ~(int64_t)7;
+        for (int64_t l = 0; l < L; ++l) {
+            const int64_t *f = layers + l * STACK_FIELDS;
+            const float *k_cache = (const float *)(intptr_t)f[SF_K_CACHE];
+            const float *v_cache = (const float *)(intptr_t)f[SF_V_CACHE];
+            for (int64_t r = tid; r < T; r += nt) /* x += delta (the previous MLP); h = norm */
+                norm_row(x + r * hidden, l > 0 ? delta + r * hidden : NULL,
+                         (const float *)(intptr_t)f[SF_INPUT_NORM], h + r * hidden, hidden, eps);
+            stack_wait(&barrier, nt, &sense);
+            stack_linear(wtype, h, T, (const void *)(intptr_t)f[SF_W_QKV], hidden, qkv_n,
+                         (const float *)(intptr_t)f[SF_S_QKV], qkv, tid, nt);
+            stack_wait(&barrier, nt, &sense);
+            for (int64_t r = tid; r < T; r += nt) { /* RoPE on q and k; k and v to the cache */
+                float *qr = qkv + r * qkv_n;
+                rope_row(qr, H + Hkv, D, cos_t + positions[r] * D, sin_t + positions[r] * D);
+                memcpy((float *)k_cache + slots[r] * kv_row, qr + H * D, sizeof(float) * kv_row);
+                memcpy((float *)v_cache + slots[r] * kv_row, qr + (H + Hkv) * D,
+                       sizeof(float) * kv_row);
+            }
+            stack_wait(&barrier, nt, &sense);
+            for (int64_t item = tid; item < num_seqs * Hkv; item += nt) {
+                const int64_t s = item / Hkv, kvh = item % Hkv;
+                attend_item(qkv + rows[s] * qkv_n + kvh * group * D,
+                            att + (rows[s] * H + kvh * group) * D, k_cache, v_cache,
+                            block_tables + s * max_blocks, context_lens[s], kvh, group, Hkv, D,
+                            bs, scores, max_len, attn_scale);
+            }
+            stack_wait(&barrier, nt, &sense);
+            stack_linear(wtype, att, T, (const void *)(intptr_t)f[SF_W_O], att_n, hidden,
+                         (const float *)(intptr_t)f[SF_S_O], delta, tid, nt);
+            stack_wait(&barrier, nt, &sense);
+            for (int64_t r = tid; r < T; r += nt) /* x += o; h = norm */
+                norm_row(x + r * hidden, delta + r * hidden,
+                         (const float *)(intptr_t)f[SF_POST_NORM], h + r * hidden, hidden, eps);
+            stack_wait(&barrier, nt, &sense);
+            stack_linear(wtype, h, T, (const void *)(intptr_t)f[SF_W_GATE_UP], hidden,
+                         2 * inter, (const float *)(intptr_t)f[SF_S_GATE_UP], gate_up, tid, nt);
+            stack_wait(&barrier, nt, &sense);
+            for (int64_t r = 0; r < T; ++r)
+                silu_mul_span(gate_up + r * 2 * inter + c0, gate_up + r * 2 * inter + inter + c0,
+                              act + r * inter + c0, c1 - c0);
+            stack_wait(&barrier, nt, &sense);
+            stack_linear(wtype, act, T, (const void *)(intptr_t)f[SF_W_DOWN], inter, hidden,
+                         (const float *)(intptr_t)f[SF_S_DOWN], delta, tid, nt);
+            stack_wait(&barrier, nt, &sense);
+        }
+        if (L > 0)
+            for (int64_t r = tid; r < T; r += nt) /* x += the last layer's MLP output */
+                for (int64_t j = 0; j < hidden; ++j) x[r * hidden + j] += delta[r * hidden + j];
+    }
+    free(scratch);
+    return 0;
+#else
+    (void)dims; (void)layers; (void)wtype; (void)eps; (void)attn_scale; (void)cos_t; (void)sin_t;
+    (void)x; (void)T; (void)positions; (void)slots; (void)rows; (void)block_tables;
+    (void)context_lens; (void)num_seqs; (void)max_blocks;
     return 1;
 #endif
 }
