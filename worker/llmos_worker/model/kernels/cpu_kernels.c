@@ -357,6 +357,7 @@ int llmos_linear_supported(void) {
 #if defined(LLMOS_AVX2) && defined(__F16C__)
 #define LIN_PNR 16
 #define LIN_PMR 6 /* 12 accumulators + 2 weight vectors + 1 broadcast = 15 ymm */
+#define LIN_WIDEN_ROWS 24 /* rows from which fp16/int8 panels are widened to fp32 once per pass */
 
 static inline __attribute__((always_inline)) __m256 load_w8(const void *w, int wt, int64_t i) {
     if (wt == LLMOS_W_F32) return _mm256_loadu_ps((const float *)w + i);
@@ -386,16 +387,16 @@ static inline __attribute__((always_inline)) void lin_panel_store(float *y, int6
     }
 }
 
-/* mt (<= LIN_PMR, a constant at each call site) rows of x from m0 against panel p. */
+/* mt (<= LIN_PMR, a constant at each call site) rows of x from m0 against panel p, whose
+ * weights start at element `base` of w. */
 static inline __attribute__((always_inline)) void lin_ptile(const float *x, int64_t x_stride,
-                                                           const void *w, int wt, int64_t p,
-                                                           int64_t K, int64_t N,
+                                                           const void *w, int wt, int64_t base,
+                                                           int64_t p, int64_t K, int64_t N,
                                                            const float *scale, float *y,
                                                            int64_t m0, const int mt) {
     __m256 acc[LIN_PMR][2];
 #pragma GCC unroll 8
     for (int i = 0; i < mt; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-    const int64_t base = p * K * LIN_PNR;
     for (int64_t k = 0; k < K; ++k) {
         const __m256 w0 = load_w8(w, wt, base + k * LIN_PNR);
         const __m256 w1 = load_w8(w, wt, base + k * LIN_PNR + 8);
@@ -457,6 +458,12 @@ static inline int64_t lin_row_block(int64_t K) {
                              int64_t K, int64_t N, const float *scale, float *y, int64_t p0,    \
                              int64_t p1) {                                                      \
         const int64_t mb = lin_row_block(K);                                                    \
+        /* why: with many rows, each fp16/int8 weight would be converted once per 6-row tile; \
+         * widening the panel to fp32 once per pass (into an L2-resident buffer) saves those  \
+         * conversion instructions, which otherwise crowd the FMAs */                         \
+        float *wide = WT != LLMOS_W_F32 && M >= LIN_WIDEN_ROWS                                  \
+                          ? malloc(sizeof(float) * (size_t)(K * LIN_PNR))                       \
+                          : NULL;                                                               \
         for (int64_t m0 = 0; m0 < M; m0 += mb) {                                                \
             const int64_t m1 = m0 + mb < M ? m0 + mb : M;                                       \
             for (int64_t p = p0; p < p1; ++p) {                                                 \
@@ -464,19 +471,34 @@ static inline int64_t lin_row_block(int64_t K) {
                     lin_prow1(x, w, WT, p, K, N, scale, y);                                     \
                     continue;                                                                   \
                 }                                                                               \
+                const void *pw = w;                                                             \
+                int wt = WT;                                                                    \
+                int64_t base = p * K * LIN_PNR;                                                 \
+                if (wide != NULL && m1 - m0 >= LIN_WIDEN_ROWS) {                                \
+                    for (int64_t i = 0; i < K * LIN_PNR; i += 8)                                \
+                        _mm256_storeu_ps(wide + i, load_w8(w, WT, base + i));                   \
+                    pw = wide, wt = LLMOS_W_F32, base = 0;                                      \
+                }                                                                               \
                 int64_t m = m0;                                                                 \
-                for (; m + LIN_PMR <= m1; m += LIN_PMR)                                         \
-                    lin_ptile(x, x_stride, w, WT, p, K, N, scale, y, m, LIN_PMR);               \
-                switch (m1 - m) {                                                               \
-                case 5: lin_ptile(x, x_stride, w, WT, p, K, N, scale, y, m, 5); break;          \
-                case 4: lin_ptile(x, x_stride, w, WT, p, K, N, scale, y, m, 4); break;          \
-                case 3: lin_ptile(x, x_stride, w, WT, p, K, N, scale, y, m, 3); break;          \
-                case 2: lin_ptile(x, x_stride, w, WT, p, K, N, scale, y, m, 2); break;          \
-                case 1: lin_ptile(x, x_stride, w, WT, p, K, N, scale, y, m, 1); break;          \
+                if (wt == LLMOS_W_F32) {                                                        \
+                    for (; m + LIN_PMR <= m1; m += LIN_PMR)                                     \
+                        lin_ptile(x, x_stride, pw, LLMOS_W_F32, base, p, K, N, scale, y, m,     \
+                                  LIN_PMR);                                                     \
+                } else {                                                                        \
+                    for (; m + LIN_PMR <= m1; m += LIN_PMR)                                     \
+                        lin_ptile(x, x_stride, pw, WT, base, p, K, N, scale, y, m, LIN_PMR);    \
+                }                                                                               \
+                switch (m1 - m) { /* the remainder: from the panel as stored */                 \
+                case 5: lin_ptile(x, x_stride, w, WT, p * K * LIN_PNR, p, K, N, scale, y, m, 5); break; \
+                case 4: lin_ptile(x, x_stride, w, WT, p * K * LIN_PNR, p, K, N, scale, y, m, 4); break; \
+                case 3: lin_ptile(x, x_stride, w, WT, p * K * LIN_PNR, p, K, N, scale, y, m, 3); break; \
+                case 2: lin_ptile(x, x_stride, w, WT, p * K * LIN_PNR, p, K, N, scale, y, m, 2); break; \
+                case 1: lin_ptile(x, x_stride, w, WT, p * K * LIN_PNR, p, K, N, scale, y, m, 1); break; \
                 default: break;                                                                 \
                 }                                                                               \
             }                                                                                   \
         }                                                                                       \
+        free(wide);                                                                             \
     }                                                                                           \
     static void NAME(const float *x, int64_t x_stride, int64_t M, const void *w, int64_t K,     \
                      int64_t N, const float *scale, float *y) {                                 \
