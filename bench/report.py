@@ -174,6 +174,11 @@ def render(results: dict[str, Any]) -> str:
             ("llama.cpp (llama-cpp-python)", single.get("llamacpp"), "Q4_1"),
             ("llmos worker, fp16 weights (opt-in)", single.get("llmos_fp16"), ""),
             ("llmos worker, int8 weights (opt-in)", single.get("llmos_int8"), ""),
+            (
+                "llmos worker, int8 weights, kernels op by op",
+                single.get("llmos_int8_ops"),
+                "no whole-stack call: ~10 native calls per layer",
+            ),
         ],
         roof_tok,
     )

@@ -228,6 +228,13 @@ def quantized_parts(results: dict[str, Any], wl: dict[str, list[BenchRequest]]) 
         )
         timings, _ = engine_run.run_batch(engine, wl["single_stream"])
         results["single_stream"][f"llmos_{mode}"] = metrics.serving_metrics(timings)
+        if mode == "int8":
+            # the same kernels called op by op instead of all layers in one call per step:
+            # what the whole-stack call is worth at batch 1, side by side
+            loaded.model.set_backend("ops")
+            timings, _ = engine_run.run_batch(engine, wl["single_stream"])
+            results["single_stream"]["llmos_int8_ops"] = metrics.serving_metrics(timings)
+            loaded.model.set_backend("auto")
         del engine
         ppl[mode] = perplexity(loaded, ids)
         del loaded

@@ -277,6 +277,7 @@ def test_opt_in_modes_are_judged_separately_and_quality_reported() -> None:
     assert hf.measured == pytest.approx(6.6)
     assert not [t for t in ts if "int8" in t[1]]  # int8 not measured here
     res["single_stream"]["llmos_int8"] = {"output_throughput": 55.0}
+    res["single_stream"]["llmos_int8_ops"] = {"output_throughput": 41.0}
     res["quality"]["perplexity"]["int8"] = 20.1
     ts = by_name(targets.evaluate(res))
     single8 = ts[("8", "single stream vs llama.cpp — int8 weights (opt-in)")]
@@ -285,5 +286,7 @@ def test_opt_in_modes_are_judged_separately_and_quality_reported() -> None:
     text = report.render(res)
     assert "| llmos worker, fp16 weights (opt-in) | 660.0 |" in text
     assert "| llmos worker, int8 weights (opt-in) | 55.0 |" in text
+    assert "| llmos worker, int8 weights, kernels op by op | 41.0 |" in text
+    assert not [t for t in ts if "op by op" in t[1]]  # a side-by-side row, not a target
     assert "| fp16 | 20.0100 | +0.050 % |" in text
     assert "| int8 | 20.1000 | +0.500 % |" in text
