@@ -177,7 +177,8 @@ def render(results: dict[str, Any]) -> str:
             (
                 "llmos worker, int8 weights, kernels op by op",
                 single.get("llmos_int8_ops"),
-                "no whole-stack call: ~10 native calls per layer",
+                "no whole-stack call (~10 native calls per layer); run right after the row "
+                "above, so its prompt comes from the prefix cache (TTFT not comparable)",
             ),
         ],
         roof_tok,
