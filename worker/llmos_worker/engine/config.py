@@ -62,7 +62,8 @@ class EngineConfig:
             raise InvalidRequestError("dtype must be float32, bfloat16 or float16", param="dtype")
         if self.quantization not in get_args(Quantization):
             raise InvalidRequestError(
-                "quantization must be 'none', 'fp16' or 'int8'", param="quantization"
+                f"quantization must be one of {list(get_args(Quantization))}",
+                param="quantization",
             )
         if self.quantization != "none" and (self.dtype != "float32" or self.device != "cpu"):
             raise InvalidRequestError(

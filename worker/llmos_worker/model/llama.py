@@ -200,9 +200,10 @@ class LlamaModel(nn.Module):
         # same kernels called op by op; "torch": the pure-torch path everywhere. Change it with
         # `set_backend`.
         self.backend = "auto"
-        # the whole-stack call: bound on first use, dropped (or refused) when the weights move
+        # the whole-stack call: bound on first use, dropped when the weights move; it needs
+        # every projection packed (known once they are: see `_pack`)
         self._stack: DecoderStack | None = None
-        self._stack_refused = False
+        self._stackable = False
         cos, sin = cos_sin_table(
             inverse_frequencies(cfg, rope_factors), cfg.max_position_embeddings
         )
@@ -267,13 +268,9 @@ class LlamaModel(nn.Module):
 
     def _decoder_stack(self, kernels: NativeKernels) -> DecoderStack | None:
         """The whole-stack native call, when backend "auto" and every projection is packed."""
-        if self.backend != "auto":
+        if self.backend != "auto" or not self._stackable:
             return None
-        if self._stack is None and not self._stack_refused:
-            layers = self.decoder_layers
-            if not all(mm.packed for layer in layers for mm in layer.linears().values()):
-                self._stack_refused = True  # until the weights move again
-                return None
+        if self._stack is None:
             cfg = self.cfg
             spec = StackSpec(
                 hidden=cfg.hidden_size,
@@ -286,7 +283,9 @@ class LlamaModel(nn.Module):
                 cos=self.rope_cos[:, 0].contiguous(),
                 sin=self.rope_sin[:, 0].contiguous(),
             )
-            self._stack = kernels.bind_stack(spec, [_stack_layer(layer) for layer in layers])
+            self._stack = kernels.bind_stack(
+                spec, [_stack_layer(layer) for layer in self.decoder_layers]
+            )
         return self._stack
 
     def _native(self) -> NativeKernels | None:
@@ -301,25 +300,25 @@ class LlamaModel(nn.Module):
     def quantize(self, mode: str) -> None:
         """Store every decoder projection and the LM head in `mode` (see `quant.py`).
 
-        Call once, after `load_weights`. The embedding table stays in the model dtype (it is a
-        lookup); a tied LM head gets its own copy of it in `mode`.
+        Call after `load_weights` (the loader does, with "none" too: it also packs the weights
+        for the native kernels). The embedding table stays in the model dtype (it is a lookup);
+        a tied LM head gets its own copy of it in `mode`.
         """
         kernels = self._native()
         native = kernels is not None and kernels.has_linear
         check_supported(mode, self.dtype, self.device, native=native)
-        if mode == self.quantization:
-            return
-        if self.quantization != "none":
-            raise ModelLoadError(f"model is already quantized as {self.quantization!r}")
-        self._pack(False)
-        for layer in self.decoder_layers:
-            layer.quantize(mode, native=native)
-        head = self.embed if self.lm_head is None else self.lm_head
-        self.head_mm = make_linear(head, mode, native=native)
-        if self.lm_head is not None:
-            self.lm_head = _adopt(self.head_mm)
-        self.quantization = mode
-        self.set_backend(self.backend)
+        if mode != self.quantization:
+            if self.quantization != "none":
+                raise ModelLoadError(f"model is already quantized as {self.quantization!r}")
+            self._pack(False)
+            for layer in self.decoder_layers:
+                layer.quantize(mode, native=native)
+            head = self.embed if self.lm_head is None else self.lm_head
+            self.head_mm = make_linear(head, mode, native=native)
+            if self.lm_head is not None:
+                self.lm_head = _adopt(self.head_mm)
+            self.quantization = mode
+        self.set_backend(self.backend)  # packs the weights for the native kernels where they apply
 
     def set_backend(self, backend: str) -> None:
         """Switch between the native kernels ("auto": where they apply, with every projection
@@ -332,7 +331,7 @@ class LlamaModel(nn.Module):
         self._pack(kernels is not None and kernels.has_linear)
 
     def _pack(self, packed: bool) -> None:
-        self._stack, self._stack_refused = None, False
+        self._stack = None
         for mm in self.linears():
             if packed and mm.weight is self.embed:
                 self.head_mm = mm = Linear(self.embed.detach())  # a copy: the lookup stays
@@ -346,6 +345,9 @@ class LlamaModel(nn.Module):
             layer.sync_parameters()
         if self.lm_head is not None:
             self.lm_head = _adopt(self.head_mm)
+        self._stackable = all(
+            mm.packed for layer in self.decoder_layers for mm in layer.linears().values()
+        )
 
     def linears(self) -> list[Linear]:
         return [mm for layer in self.decoder_layers for mm in layer.linears().values()] + [

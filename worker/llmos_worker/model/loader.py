@@ -119,7 +119,6 @@ def load_model(
         model = LlamaModel(config, dtype=torch_dtype, device=dev)
         model.load_weights(safetensors_weights(path))
         tokenizer = Tokenizer.from_dir(path, extra_eos_token_ids=config.eos_token_ids)
-    model.quantize(quantization)
-    model.set_backend("auto")  # packs the weights for the native kernels where they apply
+    model.quantize(quantization)  # also packs the weights for the native kernels
     model.eval()
     return LoadedModel(name, config, model, tokenizer, source, torch_dtype, dev, quantization)

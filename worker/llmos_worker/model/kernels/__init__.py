@@ -369,8 +369,8 @@ class DecoderStack:
             _check_f32(cache)
             if cache.shape != shape:
                 raise ValueError(f"layer {i}: cache {tuple(cache.shape)} != {tuple(shape)}")
-            self.table[i, _STACK_FIELDS - 2] = cache[0].data_ptr()
-            self.table[i, _STACK_FIELDS - 1] = cache[1].data_ptr()
+            self.table[i, _SF_K_CACHE] = cache[0].data_ptr()
+            self.table[i, _SF_V_CACHE] = cache[1].data_ptr()
         self.dims[6], self.dims[7] = shape[2], shape[1]
         self._caches = key
 
@@ -428,6 +428,7 @@ class DecoderStack:
 
 
 _STACK_DIMS, _STACK_FIELDS = 9, 12  # cpu_kernels.c STACK_DIMS, STACK_FIELDS
+_SF_K_CACHE, _SF_V_CACHE = 10, 11  # cpu_kernels.c SF_K_CACHE, SF_V_CACHE: set per cache
 _STACK_ERRORS = {
     1: "unsupported GQA ratio, or no AVX2/FMA/F16C in this build",
     2: "a context length outside the block table",

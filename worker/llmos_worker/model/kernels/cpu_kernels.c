@@ -471,12 +471,13 @@ static inline int64_t lin_row_block(int64_t K) {
                     lin_prow1(x, w, WT, p, K, N, scale, y);                                     \
                     continue;                                                                   \
                 }                                                                               \
+                const int64_t stored = p * K * LIN_PNR; /* the panel as stored in w */          \
                 const void *pw = w;                                                             \
                 int wt = WT;                                                                    \
-                int64_t base = p * K * LIN_PNR;                                                 \
+                int64_t base = stored;                                                          \
                 if (wide != NULL && m1 - m0 >= LIN_WIDEN_ROWS) {                                \
                     for (int64_t i = 0; i < K * LIN_PNR; i += 8)                                \
-                        _mm256_storeu_ps(wide + i, load_w8(w, WT, base + i));                   \
+                        _mm256_storeu_ps(wide + i, load_w8(w, WT, stored + i));                 \
                     pw = wide, wt = LLMOS_W_F32, base = 0;                                      \
                 }                                                                               \
                 int64_t m = m0;                                                                 \
@@ -489,11 +490,11 @@ static inline int64_t lin_row_block(int64_t K) {
                         lin_ptile(x, x_stride, pw, WT, base, p, K, N, scale, y, m, LIN_PMR);    \
                 }                                                                               \
                 switch (m1 - m) { /* the remainder: from the panel as stored */                 \
-                case 5: lin_ptile(x, x_stride, w, WT, p * K * LIN_PNR, p, K, N, scale, y, m, 5); break; \
-                case 4: lin_ptile(x, x_stride, w, WT, p * K * LIN_PNR, p, K, N, scale, y, m, 4); break; \
-                case 3: lin_ptile(x, x_stride, w, WT, p * K * LIN_PNR, p, K, N, scale, y, m, 3); break; \
-                case 2: lin_ptile(x, x_stride, w, WT, p * K * LIN_PNR, p, K, N, scale, y, m, 2); break; \
-                case 1: lin_ptile(x, x_stride, w, WT, p * K * LIN_PNR, p, K, N, scale, y, m, 1); break; \
+                case 5: lin_ptile(x, x_stride, w, WT, stored, p, K, N, scale, y, m, 5); break;   \
+                case 4: lin_ptile(x, x_stride, w, WT, stored, p, K, N, scale, y, m, 4); break;   \
+                case 3: lin_ptile(x, x_stride, w, WT, stored, p, K, N, scale, y, m, 3); break;   \
+                case 2: lin_ptile(x, x_stride, w, WT, stored, p, K, N, scale, y, m, 2); break;   \
+                case 1: lin_ptile(x, x_stride, w, WT, stored, p, K, N, scale, y, m, 1); break;   \
                 default: break;                                                                 \
                 }                                                                               \
             }                                                                                   \
