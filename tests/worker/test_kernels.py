@@ -1,4 +1,5 @@
-"""The native kernels against plain-torch references: paged decode attention, the linear layers.
+"""The native kernels against plain-torch references: paged decode and prefill attention, the
+linear layers.
 
 The linear kernel is checked against x @ W.T of the weights each storage mode holds (fp32, fp16,
 int8 with per-row scales), over row counts around its 6-row tiles and partial 16-row panels.
@@ -7,7 +8,9 @@ The attention reference gathers each sequence's K/V by its block table and runs
 softmax(q k^T * scale) v in float64. Cases cover GQA ratios 1/3/4, head dims 64 (the AVX2 path)
 and 24 (the portable loops), block sizes 1 and 16, ragged lengths ending mid-block, decode rows
 scattered in a larger batch, and a q that is a strided slice of a fused QKV tensor. Bad inputs
-raise, never read outside the cache.
+raise, never read outside the cache. Prefill attention is checked the same way, each token of a
+chunk as a query over its causal prefix: whole prompts, chunks over a cached prefix, lengths
+around its 16-token and 48-key tiles, GQA ratios up to 16.
 """
 
 from __future__ import annotations
@@ -114,6 +117,77 @@ def test_refuses_inconsistent_inputs(kernels: NativeKernels) -> None:
         kernels.paged_decode_attention(
             q.double(), cache[0], cache[1], torch.tensor([[0, 2], [1, 0]]), lens, rows, out, 0.1
         )
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "block_size"),
+    [(9, 3, 64, 16), (4, 4, 64, 1), (8, 2, 24, 16), (6, 3, 40, 4), (16, 1, 64, 16)],
+)
+def test_prefill_matches_reference(
+    kernels: NativeKernels, heads: int, kv_heads: int, head_dim: int, block_size: int
+) -> None:
+    g = torch.Generator().manual_seed(heads * 10 + head_dim)
+    # (tokens, context): whole prompts, chunks over a cached prefix; sizes around the 16-token
+    # and 48-key tiles; 70 x 100 takes the OpenMP-parallel branch
+    chunks = [(1, 1), (5, 5), (16, 16), (17, 40), (33, 33), (70, 100), (48, 49), (3, 97)]
+    qlens = torch.tensor([c[0] for c in chunks])
+    lens = torch.tensor([c[1] for c in chunks])
+    nb = int(-(-lens.max() // block_size))
+    num_blocks = len(chunks) * nb + 3
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=g)
+    tables = torch.randperm(num_blocks, generator=g)[: len(chunks) * nb].view(-1, nb).contiguous()
+    starts = torch.cumsum(qlens + 2, 0) - qlens - 1  # two rows of the batch between chunks
+    t = int(starts[-1] + qlens[-1]) + 1
+    qkv = torch.randn(t, heads + 2 * kv_heads, head_dim, generator=g)
+    q = qkv[:, :heads]  # a slice of a fused projection, as the decoder passes it
+    out = torch.full((t, heads, head_dim), 7.0)
+    scale = head_dim**-0.5
+    kernels.paged_prefill_attention(q, cache[0], cache[1], tables, starts, qlens, lens, out, scale)
+    # token i of a chunk is a query over the first context - tokens + i + 1 positions
+    rows = torch.cat([torch.arange(int(s), int(s + n)) for s, n in zip(starts, qlens, strict=True)])
+    seq = torch.repeat_interleave(torch.arange(len(chunks)), qlens)
+    causal = torch.cat([torch.arange(c - n + 1, c + 1) for n, c in chunks])
+    expected = reference(q, cache[0], cache[1], tables[seq], causal, rows, scale)
+    torch.testing.assert_close(out[rows].double(), expected, atol=1e-5, rtol=1e-5)
+    untouched = torch.ones(t, dtype=torch.bool)
+    untouched[rows] = False
+    assert (out[untouched] == 7.0).all()  # rows of other sequences are left alone
+
+
+def test_prefill_refuses_inconsistent_inputs(kernels: NativeKernels) -> None:
+    cache = torch.zeros(2, 4, 16, 2, 64)
+    q = torch.zeros(6, 4, 64)
+    good = {
+        "tables": torch.tensor([[0, 2], [1, 3]]),
+        "starts": torch.tensor([0, 3]),
+        "qlens": torch.tensor([3, 3]),
+        "lens": torch.tensor([20, 3]),
+        "out": torch.zeros(6, 4, 64),
+    }
+
+    def call(**changes: torch.Tensor) -> None:
+        a = good | changes
+        kernels.paged_prefill_attention(
+            q, cache[0], cache[1], a["tables"], a["starts"], a["qlens"], a["lens"], a["out"], 0.1
+        )
+
+    call()  # consistent
+    with pytest.raises(RuntimeError, match="status 4"):  # block id past the cache
+        call(tables=torch.tensor([[0, 4], [1, 3]]))
+    with pytest.raises(ValueError, match="chunk lengths"):  # more tokens than positions
+        call(lens=torch.tensor([20, 2]))
+    with pytest.raises(ValueError, match="chunk lengths"):
+        call(qlens=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="chunk lengths"):  # longer than the table covers
+        call(lens=torch.tensor([33, 3]))
+    with pytest.raises(ValueError, match="rows outside q"):
+        call(starts=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="rows outside q"):
+        call(starts=torch.tensor([-1, 3]))
+    with pytest.raises(ValueError, match="disagree"):
+        call(starts=torch.tensor([0]))
+    with pytest.raises(ValueError, match="does not match q"):
+        call(out=torch.zeros(5, 4, 64))
 
 
 def test_build_is_cached_per_directory(tmp_path: Path) -> None:

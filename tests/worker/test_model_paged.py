@@ -1,8 +1,9 @@
 """The paged decoder against Hugging Face's LlamaForCausalLM on a tiny random GQA Llama.
 
 Several sequences share each ForwardBatch: full prefills, a prefill split in two chunks (the
-second reads the first's K/V back from the cache), and decode steps, with block tables pointing
-at shuffled physical blocks. Logits must match HF's full-sequence forward to ~1e-4.
+second reads the first's K/V back from the cache, row by row or through the blocked prefill
+kernel), and decode steps, with block tables pointing at shuffled physical blocks. Logits must
+match HF's full-sequence forward to ~1e-4.
 """
 
 from __future__ import annotations
@@ -99,6 +100,61 @@ def test_prefix_hit_single_token_chunk(tiny: LoadedModel, hf_tiny: torch.nn.Modu
     out = runner.execute(pb.batch({"p": 1, "one": 1}))
     torch.testing.assert_close(out[0], hf_logits(hf_tiny, p)[-1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out[1], hf_logits(hf_tiny, p[:1])[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_long_chunk_over_cache_matches_hf(
+    tiny: LoadedModel, hf_tiny: torch.nn.Module, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk longer than the row-by-row limit after a cached prefix: the blocked native
+    prefill kernel with positions offset by the cache (SDPA with a mask on the torch path)."""
+    from llmos_worker.model import attention
+
+    monkeypatch.setattr(attention, "NATIVE_PREFILL_ROWS", 4)
+    a, b = prompts(tiny.config.vocab_size, [45, 23], seed=4)
+    runner = ModelRunner(tiny, block_size=4, num_blocks=32)
+    pb = PagedBatcher(4, 32)
+    pb.add("a", a)
+    pb.add("b", b)
+    first = runner.execute(pb.batch({"a": 17, "b": 3}, all_logits=True))
+    rest = runner.execute(pb.batch({"b": 20, "a": 28}, all_logits=True))
+    torch.testing.assert_close(first[:17], hf_logits(hf_tiny, a[:17]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rest[:20], hf_logits(hf_tiny, b)[3:], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rest[20:], hf_logits(hf_tiny, a)[17:], atol=1e-4, rtol=1e-4)
+
+
+def test_plan_routes_prefills_to_the_native_kernels() -> None:
+    """With the native kernels: decodes and short chunks over a cache go row by row to the
+    decode kernel; whole prompts and long chunks to the blocked prefill kernel, none to SDPA."""
+    import torch as t
+
+    from llmos_worker.model.attention import NATIVE_PREFILL_ROWS, AttentionPlan
+    from llmos_worker.model.batch import ForwardBatch
+    from llmos_worker.model.kernels import native_kernels
+
+    kernels = native_kernels()
+    assert kernels is not None
+    long = NATIVE_PREFILL_ROWS + 1
+    # (tokens this step, context after it): decode, whole prompt, short cached chunk, long one
+    seqs = [(1, 30), (12, 12), (5, 40), (long, long + 20)]
+    qlens = t.tensor([q for q, _ in seqs])
+    batch = ForwardBatch(
+        input_ids=t.zeros(int(qlens.sum()), dtype=t.int64),
+        positions=t.zeros(int(qlens.sum()), dtype=t.int64),
+        slot_mapping=t.arange(int(qlens.sum())),
+        query_start_loc=t.cat([t.zeros(1, dtype=t.int64), qlens.cumsum(0)]),
+        context_lens=t.tensor([c for _, c in seqs]),
+        block_tables=t.arange(4 * 6).view(4, 6),
+        logits_indices=t.arange(4),
+    )
+    plan = AttentionPlan.from_batch(batch, 16, t.device("cpu"), t.float32, kernels)
+    assert not plan.prefills and not plan.decodes
+    assert plan.native is not None and plan.native_prefills is not None
+    assert plan.native.rows.tolist() == [0, 13, 14, 15, 16, 17]
+    assert plan.native.context_lens.tolist() == [30, 36, 37, 38, 39, 40]
+    assert plan.native_prefills.starts.tolist() == [1, 18]
+    assert plan.native_prefills.query_lens.tolist() == [12, long]
+    assert plan.native_prefills.context_lens.tolist() == [12, long + 20]
+    assert plan.native_prefills.block_tables.tolist() == [list(range(6, 12)), list(range(18, 24))]
 
 
 def test_bfloat16_runs_and_is_close(tiny_model_dir: Path, hf_tiny: torch.nn.Module) -> None:

@@ -13,6 +13,8 @@ With the native kernels (`llmos_worker.model.kernels`, CPU fp32) decodes skip th
 call per layer attends every decode row against K/V read in place through the block tables.
 Short prefill chunks over a cached prefix (a prefix-cache hit, a small chunk of a long prompt)
 ride in the same call, one row per token with its causal context length: no gather, no mask.
+Every other prefill chunk goes to the native prefill kernel (blocked, online softmax, K/V read
+in place; the chunk's own K/V are written to the cache first), one call per layer for all.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from llmos_worker.model.batch import ForwardBatch
 from llmos_worker.model.kernels import NativeKernels
 
 MAX_DECODE_GROUPS = 4  # why: each group costs one gather + one SDPA call per layer
-# Longest cached-prefix prefill chunk attended by the native kernel, row by row; longer chunks
-# go to SDPA, whose blocked kernel wins once many rows share the same keys.
+# Longest cached-prefix prefill chunk attended by the native decode kernel, row by row (so a
+# step of such chunks and decodes can be one whole-stack call); longer chunks go to the blocked
+# prefill kernel, which wins once many rows share the same keys.
 NATIVE_PREFILL_ROWS = 64
 
 
@@ -63,6 +66,17 @@ class NativeDecodes:
 
 
 @dataclass
+class NativePrefills:
+    """Every prefill chunk of the step not attended row by row, for one native call per layer."""
+
+    kernels: NativeKernels
+    starts: torch.Tensor  # (P,) int64: first row of each chunk in the flat batch
+    query_lens: torch.Tensor  # (P,) int64: tokens of each chunk
+    context_lens: torch.Tensor  # (P,) int64: K/V rows of its sequence after this step
+    block_tables: torch.Tensor  # (P, nb) int64, contiguous
+
+
+@dataclass
 class AttentionPlan:
     """Per-step indices shared by all layers."""
 
@@ -71,6 +85,7 @@ class AttentionPlan:
     prefills: list[PrefillChunk]
     decode_only: bool  # every row is a decode and there is one group in batch order
     native: NativeDecodes | None = None
+    native_prefills: NativePrefills | None = None
 
     @classmethod
     def from_batch(
@@ -88,6 +103,8 @@ class AttentionPlan:
         prefills: list[PrefillChunk] = []
         # rows for the native kernel: (row of the flat batch, sequence, context length)
         native_rows: list[tuple[int, int, int]] = []
+        # chunks for the native prefill kernel: (sequence, first row, tokens, context length)
+        native_chunks: list[tuple[int, int, int, int]] = []
         tables = batch.block_tables.to(device)
         for s, c in enumerate(ctx):
             start, end = starts[s], starts[s + 1]
@@ -97,11 +114,13 @@ class AttentionPlan:
                     native_rows.append((start, s, c))
                 else:
                     decodes.append(s)
-            elif q == c:  # why: whole prompt in this chunk -> K/V come straight from the step
-                prefills.append(PrefillChunk(start, end, c, None, None))
-            elif kernels is not None and q <= NATIVE_PREFILL_ROWS:
+            elif kernels is not None and q < c and q <= NATIVE_PREFILL_ROWS:
                 # token i of the chunk sees the c - q cached rows and the chunk up to itself
                 native_rows += [(start + i, s, c - q + 1 + i) for i in range(q)]
+            elif kernels is not None:
+                native_chunks.append((s, start, q, c))
+            elif q == c:  # why: whole prompt in this chunk -> K/V come straight from the step
+                prefills.append(PrefillChunk(start, end, c, None, None))
             else:
                 nb = -(-c // block_size)
                 key_pos = torch.arange(c, device=device)
@@ -114,16 +133,28 @@ class AttentionPlan:
                     )
                 )
         slots = batch.slot_mapping.to(device)
-        if kernels is not None and native_rows:
-            rows, seqs, lens = (list(col) for col in zip(*native_rows, strict=True))
-            nb = -(-max(lens) // block_size)
-            native = NativeDecodes(
-                kernels,
-                torch.tensor(rows, dtype=torch.int64),
-                tables[torch.tensor(seqs, dtype=torch.int64), :nb].contiguous(),
-                torch.tensor(lens, dtype=torch.int64),
-            )
-            return cls(slots, [], prefills, False, native)
+        if kernels is not None:
+            native = native_prefills = None
+            if native_rows:
+                rows, seqs, lens = (list(col) for col in zip(*native_rows, strict=True))
+                nb = -(-max(lens) // block_size)
+                native = NativeDecodes(
+                    kernels,
+                    torch.tensor(rows, dtype=torch.int64),
+                    tables[torch.tensor(seqs, dtype=torch.int64), :nb].contiguous(),
+                    torch.tensor(lens, dtype=torch.int64),
+                )
+            if native_chunks:
+                seqs, starts_, qlens, lens = (list(col) for col in zip(*native_chunks, strict=True))
+                nb = -(-max(lens) // block_size)
+                native_prefills = NativePrefills(
+                    kernels,
+                    torch.tensor(starts_, dtype=torch.int64),
+                    torch.tensor(qlens, dtype=torch.int64),
+                    torch.tensor(lens, dtype=torch.int64),
+                    tables[torch.tensor(seqs, dtype=torch.int64), :nb].contiguous(),
+                )
+            return cls(slots, [], [], False, native, native_prefills)
         groups = [
             _decode_group(g, starts, ctx, tables, block_size, device, dtype)
             for g in _split_by_length(decodes, ctx)
@@ -192,6 +223,20 @@ def paged_attention(
         nd = plan.native
         nd.kernels.paged_decode_attention(
             q, cache[0], cache[1], nd.block_tables, nd.context_lens, nd.rows, out, scale
+        )
+    if plan.native_prefills is not None:
+        assert out is not None
+        npf = plan.native_prefills
+        npf.kernels.paged_prefill_attention(
+            q,
+            cache[0],
+            cache[1],
+            npf.block_tables,
+            npf.starts,
+            npf.query_lens,
+            npf.context_lens,
+            out,
+            scale,
         )
 
     for dg in plan.decodes:

@@ -233,7 +233,7 @@ class LlamaModel(nn.Module):
             stack = self._decoder_stack(kernels)
             nd = plan.native
             if stack is not None and nd is not None and nd.rows.shape[0] == x.shape[0]:
-                # every row is a native attention row (so no SDPA prefill): one call for all
+                # every row is a native decode-kernel row (no blocked prefill): one call for all
                 stack(
                     x,
                     caches,

@@ -1,8 +1,9 @@
 """Native CPU kernels, compiled from C on first use and cached, with the torch path as fallback.
 
-The kernels (cpu_kernels.c): paged decode attention reading K/V in place, residual add + RMSNorm,
-rotary embedding in place, SiLU(gate) * up, linear layers over packed fp32, fp16 or int8
-weights, and all of that for every decoder layer of a step in one call (`DecoderStack`).
+The kernels (cpu_kernels.c): paged decode and prefill attention reading K/V in place (the
+prefill one blocked like flash attention), residual add + RMSNorm, rotary embedding in place,
+SiLU(gate) * up, linear layers over packed fp32, fp16 or int8 weights, and all of that for every
+decoder layer of a decode step in one call (`DecoderStack`).
 `native_kernels()` returns the loaded library or None. It builds `cpu_kernels.c` with the
 system C compiler (`$CC`, else `cc`) into a cache directory (`$LLMOS_KERNEL_CACHE`, else
 `$XDG_CACHE_HOME/llmos-worker/kernels`, else `~/.cache/llmos-worker/kernels`) under a name that
@@ -45,6 +46,10 @@ class NativeKernels:
         fn.argtypes = [_ptr] * 7 + [_i64] * 9 + [_f32]
         fn.restype = ctypes.c_int
         self._decode = fn
+        fn = lib.llmos_paged_prefill_attention
+        fn.argtypes = [_ptr] * 8 + [_i64] * 9 + [_f32]
+        fn.restype = ctypes.c_int
+        self._prefill = fn
         self.max_group = int(lib.llmos_max_group())
         self._norm = lib.llmos_add_rms_norm
         self._norm.argtypes = [_ptr] * 4 + [_i64] * 2 + [_f32]
@@ -204,23 +209,9 @@ class NativeKernels:
         contiguous; block_tables (S, nb), context_lens (S,), rows (S,) contiguous int64;
         out (T, H, D) contiguous fp32.
         """
+        _check_attention(q, k_cache, v_cache, out, block_tables, context_lens, rows)
         _, h, d = q.shape
         num_blocks, bs, hkv, _ = k_cache.shape
-        if not (q.stride(2) == 1 and q.stride(1) == d and out.is_contiguous()):
-            raise ValueError("q rows must be (H, D)-contiguous and out contiguous")
-        if not (
-            k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
-        ):
-            raise ValueError("K/V caches must be contiguous and of one shape")
-        if q.dtype != torch.float32 or k_cache.dtype != torch.float32 or out.dtype != torch.float32:
-            raise ValueError("native paged attention takes float32 tensors")
-        if not (q.is_cpu and k_cache.is_cpu):
-            raise ValueError("native paged attention takes CPU tensors")
-        if rows.shape[0] != block_tables.shape[0] or rows.shape[0] != context_lens.shape[0]:
-            raise ValueError("rows, block tables and lengths disagree on the number of sequences")
-        for t in (block_tables, context_lens, rows):
-            if t.dtype != torch.int64 or not t.is_contiguous():
-                raise ValueError("block tables, lengths and rows must be contiguous int64")
         status = self._decode(
             q.data_ptr(),
             k_cache.data_ptr(),
@@ -244,6 +235,55 @@ class NativeKernels:
             raise ValueError("rows outside q")
         if status != 0:
             raise RuntimeError(f"native paged attention refused its inputs (status {status})")
+
+    def paged_prefill_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        starts: torch.Tensor,
+        query_lens: torch.Tensor,
+        context_lens: torch.Tensor,
+        out: torch.Tensor,
+        scale: float,
+    ) -> None:
+        """Causal attention of prefill chunks against their paged K/V (the chunks' own K/V
+        already written); writes their rows of `out`.
+
+        Chunk c is rows starts[c] .. starts[c] + query_lens[c] of q and out, the last
+        query_lens[c] of its context_lens[c] positions; token i of it attends to positions
+        [0, context_lens[c] - query_lens[c] + i]. Layouts as `paged_decode_attention`'s.
+        """
+        _check_attention(q, k_cache, v_cache, out, block_tables, context_lens, starts, query_lens)
+        _, h, d = q.shape
+        num_blocks, bs, hkv, _ = k_cache.shape
+        status = self._prefill(
+            q.data_ptr(),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            block_tables.data_ptr(),
+            starts.data_ptr(),
+            query_lens.data_ptr(),
+            context_lens.data_ptr(),
+            out.data_ptr(),
+            q.stride(0),
+            starts.shape[0],
+            h,
+            hkv,
+            d,
+            bs,
+            block_tables.shape[1],
+            num_blocks,
+            q.shape[0],
+            scale,
+        )
+        if status == 5:
+            raise ValueError("chunk rows outside q")
+        if status == 2:
+            raise ValueError("chunk lengths must satisfy 1 <= query_len <= context_len <= table")
+        if status != 0:
+            raise RuntimeError(f"native prefill attention refused its inputs (status {status})")
 
     def bind_stack(self, spec: StackSpec, layers: list[StackLayer]) -> DecoderStack:
         """All of `layers` as one native call per step (see `DecoderStack`); the weights are
@@ -439,6 +479,33 @@ _STACK_ERRORS = {
     7: "inconsistent dimensions",
 }
 _WEIGHT_TYPES = {torch.float32: 0, torch.float16: 1, torch.int8: 2}  # cpu_kernels.c LLMOS_W_*
+
+
+def _check_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    block_tables: torch.Tensor,
+    *per_seq: torch.Tensor,
+) -> None:
+    """What both attention kernels need of their tensors; `per_seq` are (S,) int64 each."""
+    d = q.shape[2]
+    if not (q.stride(2) == 1 and q.stride(1) == d and out.is_contiguous()):
+        raise ValueError("q rows must be (H, D)-contiguous and out contiguous")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape):
+        raise ValueError("K/V caches must be contiguous and of one shape")
+    if q.dtype != torch.float32 or k_cache.dtype != torch.float32 or out.dtype != torch.float32:
+        raise ValueError("native paged attention takes float32 tensors")
+    if not (q.is_cpu and k_cache.is_cpu):
+        raise ValueError("native paged attention takes CPU tensors")
+    if out.shape != q.shape:
+        raise ValueError(f"out {tuple(out.shape)} does not match q {tuple(q.shape)}")
+    for t in (block_tables, *per_seq):
+        if t.dtype != torch.int64 or not t.is_contiguous():
+            raise ValueError("block tables, lengths and rows must be contiguous int64")
+        if t.shape[0] != block_tables.shape[0]:
+            raise ValueError("block tables, lengths and rows disagree on the number of sequences")
 
 
 def _check_f32(*tensors: torch.Tensor) -> None:

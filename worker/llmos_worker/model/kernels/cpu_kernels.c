@@ -1,4 +1,5 @@
-/* CPU kernels of the worker, fp32: paged decode attention and the small per-layer ops.
+/* CPU kernels of the worker, fp32: paged decode and prefill attention, the per-layer ops, the
+ * linear layers and the whole decoder stack of a step.
  *
  * The per-layer ops (residual add + RMSNorm, rotary embedding in place, SiLU(gate) * up) each
  * replace several torch ops whose dispatch cost dominates a small decode step.
@@ -251,6 +252,282 @@ int llmos_paged_decode_attention(const float *q, const float *k_cache, const flo
         }
         free(scores);
     }
+    return failed;
+}
+
+/* ---------------------------------------------------------------- paged prefill attention */
+
+/* Causal attention of prefill chunks (many query tokens of one sequence) against K/V read in
+ * place through the block table: the chunk's own K/V are already in the cache. Blocked as flash
+ * attention is: a work item is (chunk, KV head, tile of PF_TOKENS query tokens), whose query
+ * vectors (tokens x the GQA heads of the KV head) are held transposed, so a 6-key x 16-query
+ * register tile of scores takes key elements as broadcasts straight from the cache rows (no
+ * copy of K). Keys go PF_KEYS at a time; the softmax runs online (a running max and sum per
+ * query vector, earlier outputs rescaled when the max grows), vectorised across query vectors,
+ * so nothing is materialised past one tile of scores. Keys past a token's position are masked. */
+
+#define PF_TOKENS 16 /* query tokens per work item */
+#define PF_KEYS 48   /* keys per tile of scores: a multiple of 6 (the register tile's keys) */
+
+/* st (6, 16), rows ld apart, = the key rows k[0..5] (d floats each) . qt (d, 16), rows ld
+ * apart: scores of 6 keys against 16 query vectors */
+static inline void key_scores(const float *const *k, const float *qt, int64_t ld, float *st,
+                              int64_t d) {
+#ifdef LLMOS_AVX2
+    const float *k0 = k[0], *k1 = k[1], *k2 = k[2], *k3 = k[3], *k4 = k[4], *k5 = k[5];
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    for (int64_t i = 0; i < d; ++i, qt += ld) {
+        const __m256 b0 = _mm256_loadu_ps(qt), b1 = _mm256_loadu_ps(qt + 8);
+        __m256 a = _mm256_broadcast_ss(k0 + i);
+        c00 = _mm256_fmadd_ps(a, b0, c00), c01 = _mm256_fmadd_ps(a, b1, c01);
+        a = _mm256_broadcast_ss(k1 + i);
+        c10 = _mm256_fmadd_ps(a, b0, c10), c11 = _mm256_fmadd_ps(a, b1, c11);
+        a = _mm256_broadcast_ss(k2 + i);
+        c20 = _mm256_fmadd_ps(a, b0, c20), c21 = _mm256_fmadd_ps(a, b1, c21);
+        a = _mm256_broadcast_ss(k3 + i);
+        c30 = _mm256_fmadd_ps(a, b0, c30), c31 = _mm256_fmadd_ps(a, b1, c31);
+        a = _mm256_broadcast_ss(k4 + i);
+        c40 = _mm256_fmadd_ps(a, b0, c40), c41 = _mm256_fmadd_ps(a, b1, c41);
+        a = _mm256_broadcast_ss(k5 + i);
+        c50 = _mm256_fmadd_ps(a, b0, c50), c51 = _mm256_fmadd_ps(a, b1, c51);
+    }
+    _mm256_storeu_ps(st, c00), _mm256_storeu_ps(st + 8, c01);
+    _mm256_storeu_ps(st + ld, c10), _mm256_storeu_ps(st + ld + 8, c11);
+    _mm256_storeu_ps(st + 2 * ld, c20), _mm256_storeu_ps(st + 2 * ld + 8, c21);
+    _mm256_storeu_ps(st + 3 * ld, c30), _mm256_storeu_ps(st + 3 * ld + 8, c31);
+    _mm256_storeu_ps(st + 4 * ld, c40), _mm256_storeu_ps(st + 4 * ld + 8, c41);
+    _mm256_storeu_ps(st + 5 * ld, c50), _mm256_storeu_ps(st + 5 * ld + 8, c51);
+#else
+    for (int64_t j = 0; j < 6; ++j)
+        for (int64_t r = 0; r < 16; ++r) {
+            float acc = 0.0f;
+            for (int64_t i = 0; i < d; ++i) acc += k[j][i] * qt[i * ld + r];
+            st[j * ld + r] = acc;
+        }
+#endif
+}
+
+/* o (nr, d) += p . v for nr <= 3 query vectors: p[j * ld + r] weighs key j's V row v[j]
+ * (j < n) for query vector r */
+static inline void weighted_tile(float *o, const float *p, int64_t ld, const float *const *v,
+                                 int64_t n, int64_t d, int64_t nr) {
+    int64_t c = 0;
+#ifdef LLMOS_AVX2
+    /* why 3 rows x 32 columns: 12 accumulators stay in registers */
+    for (; nr == 3 && c + 32 <= d; c += 32) {
+        float *o0 = o + c, *o1 = o + d + c, *o2 = o + 2 * d + c;
+        __m256 a00 = _mm256_loadu_ps(o0), a01 = _mm256_loadu_ps(o0 + 8);
+        __m256 a02 = _mm256_loadu_ps(o0 + 16), a03 = _mm256_loadu_ps(o0 + 24);
+        __m256 a10 = _mm256_loadu_ps(o1), a11 = _mm256_loadu_ps(o1 + 8);
+        __m256 a12 = _mm256_loadu_ps(o1 + 16), a13 = _mm256_loadu_ps(o1 + 24);
+        __m256 a20 = _mm256_loadu_ps(o2), a21 = _mm256_loadu_ps(o2 + 8);
+        __m256 a22 = _mm256_loadu_ps(o2 + 16), a23 = _mm256_loadu_ps(o2 + 24);
+        for (int64_t j = 0; j < n; ++j) {
+            const float *vj = v[j] + c, *pj = p + j * ld;
+            const __m256 b0 = _mm256_loadu_ps(vj), b1 = _mm256_loadu_ps(vj + 8);
+            const __m256 b2 = _mm256_loadu_ps(vj + 16), b3 = _mm256_loadu_ps(vj + 24);
+            __m256 a = _mm256_broadcast_ss(pj);
+            a00 = _mm256_fmadd_ps(a, b0, a00), a01 = _mm256_fmadd_ps(a, b1, a01);
+            a02 = _mm256_fmadd_ps(a, b2, a02), a03 = _mm256_fmadd_ps(a, b3, a03);
+            a = _mm256_broadcast_ss(pj + 1);
+            a10 = _mm256_fmadd_ps(a, b0, a10), a11 = _mm256_fmadd_ps(a, b1, a11);
+            a12 = _mm256_fmadd_ps(a, b2, a12), a13 = _mm256_fmadd_ps(a, b3, a13);
+            a = _mm256_broadcast_ss(pj + 2);
+            a20 = _mm256_fmadd_ps(a, b0, a20), a21 = _mm256_fmadd_ps(a, b1, a21);
+            a22 = _mm256_fmadd_ps(a, b2, a22), a23 = _mm256_fmadd_ps(a, b3, a23);
+        }
+        _mm256_storeu_ps(o0, a00), _mm256_storeu_ps(o0 + 8, a01);
+        _mm256_storeu_ps(o0 + 16, a02), _mm256_storeu_ps(o0 + 24, a03);
+        _mm256_storeu_ps(o1, a10), _mm256_storeu_ps(o1 + 8, a11);
+        _mm256_storeu_ps(o1 + 16, a12), _mm256_storeu_ps(o1 + 24, a13);
+        _mm256_storeu_ps(o2, a20), _mm256_storeu_ps(o2 + 8, a21);
+        _mm256_storeu_ps(o2 + 16, a22), _mm256_storeu_ps(o2 + 24, a23);
+    }
+#endif
+    for (int64_t r = 0; r < nr; ++r) /* columns past the register tiles; every column if nr < 3 */
+        for (int64_t j = 0; j < n; ++j) {
+            const float pj = p[j * ld + r];
+            const float *vj = v[j];
+            float *orow = o + r * d;
+#pragma omp simd
+            for (int64_t k = c; k < d; ++k) orow[k] += pj * vj[k];
+        }
+}
+
+/* One online-softmax step over a tile of scores st (nk, ld) for query vectors [0, rows), rows a
+ * multiple of 8: st becomes the weights exp(st - m) (masked scores, -inf, give 0), m and l the
+ * running max and sum, corr the factor each earlier output must be scaled by. */
+static inline void softmax_tile(float *st, int64_t nk, int64_t ld, int64_t rows, float *m,
+                                float *l, float *corr) {
+    int64_t r = 0;
+#ifdef LLMOS_AVX2
+    const __m256 neg_inf = _mm256_set1_ps(-INFINITY);
+    for (; r + 8 <= rows; r += 8) {
+        const __m256 m_old = _mm256_loadu_ps(m + r);
+        __m256 mx = m_old;
+        for (int64_t j = 0; j < nk; ++j) mx = _mm256_max_ps(mx, _mm256_loadu_ps(st + j * ld + r));
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t j = 0; j < nk; ++j) {
+            const __m256 s = _mm256_loadu_ps(st + j * ld + r);
+            const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(s, mx)),
+                                           _mm256_cmp_ps(s, neg_inf, _CMP_NEQ_OQ));
+            _mm256_storeu_ps(st + j * ld + r, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        /* why the blend: exp8 clamps, so exp(-inf) would come out ~1e-38, not the 0 it is */
+        const __m256 c = _mm256_and_ps(exp8(_mm256_sub_ps(m_old, mx)),
+                                       _mm256_cmp_ps(m_old, neg_inf, _CMP_NEQ_OQ));
+        _mm256_storeu_ps(corr + r, c);
+        _mm256_storeu_ps(l + r, _mm256_fmadd_ps(_mm256_loadu_ps(l + r), c, sum));
+        _mm256_storeu_ps(m + r, mx);
+    }
+#endif
+    for (; r < rows; ++r) {
+        float mx = m[r], sum = 0.0f;
+        for (int64_t j = 0; j < nk; ++j) mx = st[j * ld + r] > mx ? st[j * ld + r] : mx;
+        for (int64_t j = 0; j < nk; ++j) {
+            const float s = st[j * ld + r], e = s == -INFINITY ? 0.0f : expf(s - mx);
+            st[j * ld + r] = e, sum += e;
+        }
+        corr[r] = m[r] == -INFINITY ? 0.0f : expf(m[r] - mx);
+        l[r] = l[r] * corr[r] + sum, m[r] = mx;
+    }
+}
+
+/* One thread's buffers for llmos_paged_prefill_attention (ld: query vectors, padded to 16). */
+typedef struct {
+    float *qt;                 /* (D, ld) scaled query vectors, transposed; vector r = token
+                                * (r / group) of the tile, head r % group */
+    float *st;                 /* (PF_KEYS, ld) scores, then softmax weights */
+    float *o;                  /* (ld, D) unnormalised outputs */
+    float *m, *l, *corr;       /* (ld,) running max, running sum, this tile's rescale factor */
+    float *zero;               /* (D,) a zero key row, for padding a tile to 6-key groups */
+    const float **k, **v;      /* (PF_KEYS,) the K and V rows of the tile */
+} PrefillScratch;
+
+/* One work item: tokens [i0, i1) of a chunk whose first token sits at position `base`, the
+ * `group` query heads of KV head kvh. q rows at q (q_stride floats apart), out rows at out. */
+static void prefill_item(const float *q, float *out, const float *k_cache, const float *v_cache,
+                         const int64_t *table, int64_t base, int64_t i0, int64_t i1, int64_t kvh,
+                         int64_t group, int64_t num_kv_heads, int64_t head_dim,
+                         int64_t block_size, int64_t q_stride, int64_t out_stride, float scale,
+                         PrefillScratch *w) {
+    const int64_t d = head_dim, rows = (i1 - i0) * group, ld = (rows + 15) / 16 * 16;
+    for (int64_t r = 0; r < ld; ++r) {
+        if (r < rows) {
+            const float *src = q + (i0 + r / group) * q_stride + (kvh * group + r % group) * d;
+            for (int64_t i = 0; i < d; ++i) w->qt[i * ld + r] = src[i] * scale;
+        } else { /* padding: scored against every key, never written out */
+            for (int64_t i = 0; i < d; ++i) w->qt[i * ld + r] = 0.0f;
+        }
+        w->m[r] = -INFINITY, w->l[r] = 0.0f;
+    }
+    memset(w->o, 0, sizeof(float) * (size_t)(ld * d));
+    const int64_t n_keys = base + i1; /* the tile's last token sees keys [0, base + i1) */
+    int64_t b = 0, off = 0;           /* where key t0 lies: block table[b], offset off */
+    for (int64_t t0 = 0; t0 < n_keys; t0 += PF_KEYS) {
+        const int64_t nk = n_keys - t0 < PF_KEYS ? n_keys - t0 : PF_KEYS;
+        const int64_t padded = (nk + 5) / 6 * 6;
+        for (int64_t j = 0; j < padded; ++j) {
+            if (j < nk) {
+                const int64_t at = ((table[b] * block_size + off) * num_kv_heads + kvh) * d;
+                w->k[j] = k_cache + at, w->v[j] = v_cache + at;
+                if (++off == block_size) off = 0, ++b;
+            } else {
+                w->k[j] = w->zero;
+            }
+        }
+        for (int64_t j = 0; j < padded; j += 6)
+            for (int64_t r = 0; r < ld; r += 16)
+                key_scores(w->k + j, w->qt + r, ld, w->st + j * ld + r, d);
+        /* mask: key t0 + j is hidden from vector r iff t0 + j > base + i0 + r / group, i.e. from
+         * the first (t0 + j - base - i0) * group vectors (padding vectors see every real key) */
+        for (int64_t j = base + i0 + 1 - t0 > 0 ? base + i0 + 1 - t0 : 0; j < nk; ++j) {
+            const int64_t hidden = (t0 + j - base - i0) * group;
+            float *sj = w->st + j * ld;
+            for (int64_t r = 0; r < (hidden < rows ? hidden : rows); ++r) sj[r] = -INFINITY;
+        }
+        softmax_tile(w->st, nk, ld, ld, w->m, w->l, w->corr);
+        for (int64_t r = 0; r < ld; ++r) {
+            float *orow = w->o + r * d;
+            const float c = w->corr[r];
+            for (int64_t i = 0; i < d; ++i) orow[i] *= c;
+        }
+        for (int64_t r = 0; r < rows; r += 3) /* padding vectors need no output */
+            weighted_tile(w->o + r * d, w->st + r, ld, w->v, nk, d, rows - r < 3 ? rows - r : 3);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+        float *dst = out + (i0 + r / group) * out_stride + (kvh * group + r % group) * d;
+        const float inv = 1.0f / w->l[r], *src = w->o + r * d;
+        for (int64_t i = 0; i < d; ++i) dst[i] = src[i] * inv;
+    }
+}
+
+/* Causal attention for `num_chunks` prefill chunks: chunk c holds query_lens[c] tokens at rows
+ * starts[c] .. of q and out, the last of its context_lens[c] positions (the earlier ones are
+ * cached), and its block table row c. Token i of the chunk attends keys
+ * [0, context_lens[c] - query_lens[c] + i]. Layouts as llmos_paged_decode_attention's.
+ * Returns 0, or a non-zero status (nothing computed): 1 heads, 2 lengths, 3 out of memory,
+ * 4 block ids, 5 rows. */
+int llmos_paged_prefill_attention(const float *q, const float *k_cache, const float *v_cache,
+                                  const int64_t *block_tables, const int64_t *starts,
+                                  const int64_t *query_lens, const int64_t *context_lens,
+                                  float *out, int64_t q_stride, int64_t num_chunks,
+                                  int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                  int64_t block_size, int64_t max_blocks, int64_t num_blocks,
+                                  int64_t num_rows, float scale) {
+    const int64_t group = num_kv_heads > 0 ? num_heads / num_kv_heads : 0;
+    if (group < 1 || group > MAX_GROUP || group * num_kv_heads != num_heads) return 1;
+    int64_t items = 0, work = 0;
+    for (int64_t c = 0; c < num_chunks; ++c) {
+        const int64_t n = query_lens[c], len = context_lens[c];
+        if (n < 1 || n > len || len > max_blocks * block_size) return 2;
+        if (starts[c] < 0 || starts[c] > num_rows - n) return 5;
+        const int64_t *table = block_tables + c * max_blocks;
+        for (int64_t b = 0; b * block_size < len; ++b)
+            if (table[b] < 0 || table[b] >= num_blocks) return 4;
+        items += (n + PF_TOKENS - 1) / PF_TOKENS * num_kv_heads;
+        work += n * len;
+    }
+    /* item k -> (chunk, tile, KV head); a chunk's later (longer) tiles first */
+    int64_t *item_of = malloc(sizeof(int64_t) * (size_t)(3 * items + 1));
+    if (item_of == NULL) return 3;
+    for (int64_t c = 0, k = 0; c < num_chunks; ++c)
+        for (int64_t t = (query_lens[c] + PF_TOKENS - 1) / PF_TOKENS - 1; t >= 0; --t)
+            for (int64_t h = 0; h < num_kv_heads; ++h, ++k)
+                item_of[3 * k] = c, item_of[3 * k + 1] = t, item_of[3 * k + 2] = h;
+    const int64_t ld = (PF_TOKENS * group + 15) / 16 * 16; /* query vectors of an item */
+    int failed = 0;
+#pragma omp parallel if (work * num_heads * head_dim >= (1 << 18))
+    {
+        PrefillScratch w = {0};
+        const size_t floats = (size_t)(2 * ld * head_dim + PF_KEYS * ld + 3 * ld + head_dim);
+        float *buf = calloc(floats, sizeof(float));
+        const float **rows = malloc(sizeof(float *) * 2 * PF_KEYS);
+        if (buf == NULL || rows == NULL) {
+#pragma omp atomic write
+            failed = 3;
+        } else {
+            w.qt = buf, w.o = w.qt + ld * head_dim, w.st = w.o + ld * head_dim;
+            w.m = w.st + PF_KEYS * ld, w.l = w.m + ld, w.corr = w.l + ld, w.zero = w.corr + ld;
+            w.k = rows, w.v = rows + PF_KEYS;
+        }
+#pragma omp for schedule(dynamic)
+        for (int64_t k = 0; k < items; ++k) {
+            if (buf == NULL || rows == NULL) continue;
+            const int64_t c = item_of[3 * k], t = item_of[3 * k + 1], h = item_of[3 * k + 2];
+            const int64_t n = query_lens[c], i0 = t * PF_TOKENS;
+            const int64_t i1 = i0 + PF_TOKENS < n ? i0 + PF_TOKENS : n;
+            prefill_item(q + starts[c] * q_stride, out + starts[c] * num_heads * head_dim, k_cache,
+                         v_cache, block_tables + c * max_blocks, context_lens[c] - n, i0, i1, h,
+                         group, num_kv_heads, head_dim, block_size, q_stride,
+                         num_heads * head_dim, scale, &w);
+        }
+        free(buf);
+        free((void *)rows);
+    }
+    free(item_of);
     return failed;
 }
 
