@@ -35,6 +35,7 @@ MODEL: dict[str, Any] = {"source": "builtin://smollm2-135m-instruct"}
             {"engine": {"quantization": "fp16", "dtype": "float32"}, "resources": {"gpus": 1}},
             "resources.gpus must be 0",
         ),
+        ({"engine": {"kvCacheDtype": "fp8"}}, "spec.engine.kvCacheDtype"),
         ({"unknownField": 1}, "spec.unknownField"),
         (
             {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}},

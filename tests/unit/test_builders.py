@@ -109,6 +109,7 @@ def test_deployment_runs_the_worker_with_its_settings() -> None:
     assert env["LLMOS_ENABLE_PREFIX_CACHING"] == "false"
     assert env["LLMOS_DTYPE"] == "float16"
     assert env["LLMOS_QUANTIZATION"] == "none"
+    assert env["LLMOS_KV_CACHE_DTYPE"] == "auto"
     assert env["LLMOS_DEVICE"] == "cuda"
     assert env["LLMOS_SERVED_MODEL_NAME"] == "smollm2"
     assert float(env["LLMOS_KV_CACHE_MEMORY_FRACTION"]) == 0.9
@@ -146,6 +147,12 @@ def test_cpu_pool_has_no_gpu_limit_and_engine_change_changes_template() -> None:
     worker = build_deployment(POOL_REF, fp16, SERVED, CONFIG)["spec"]["template"]["spec"]
     env = _env(worker["containers"][0])
     assert (env["LLMOS_QUANTIZATION"], env["LLMOS_DTYPE"]) == ("fp16", "float32")
+    fp16_kv = InferencePoolSpec.model_validate(
+        {**POOL_SPECS[1], "engine": {"dtype": "bfloat16", "kvCacheDtype": "float16"}}
+    )
+    worker = build_deployment(POOL_REF, fp16_kv, SERVED, CONFIG)["spec"]["template"]["spec"]
+    env = _env(worker["containers"][0])
+    assert (env["LLMOS_KV_CACHE_DTYPE"], env["LLMOS_DEVICE"]) == ("float16", "cuda")
 
 
 def test_loader_job_command_and_names() -> None:

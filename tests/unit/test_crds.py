@@ -73,6 +73,10 @@ def test_schema_carries_constraints() -> None:
     assert engine["schedulingPolicy"]["enum"] == ["fcfs", "priority"]
     assert engine["kvCacheMemoryFraction"]["exclusiveMinimum"] is True
     assert engine["maxModelLen"]["nullable"] is True
+    assert (engine["kvCacheDtype"]["enum"], engine["kvCacheDtype"]["default"]) == (
+        ["auto", "float16"],
+        "auto",
+    )
     memory = spec["properties"]["resources"]["properties"]["memory"]
     assert memory["x-kubernetes-int-or-string"] is True and "pattern" in memory
     assert spec["properties"]["modelRef"]["maxLength"] == 253

@@ -157,6 +157,31 @@ def test_plan_routes_prefills_to_the_native_kernels() -> None:
     assert plan.native_prefills.block_tables.tolist() == [list(range(6, 12)), list(range(18, 24))]
 
 
+def test_fp16_kv_cache_close_to_hf(
+    tiny: LoadedModel, hf_tiny: torch.nn.Module, backend: str
+) -> None:
+    """An fp16 KV cache under the fp32 model: prefills, a chunk reading the cache back, and
+    decode steps stay within fp16 rounding of HF's fp32 logits, with the same greedy tokens."""
+    a, b = prompts(tiny.config.vocab_size, [21, 30], seed=6)
+    runner = ModelRunner(tiny, block_size=4, num_blocks=32, kv_dtype="float16")
+    assert runner.kv_cache.dtype == torch.float16
+    pb = PagedBatcher(4, 32)
+    pb.add("a", a)
+    pb.add("b", b)
+    first = runner.execute(pb.batch({"a": 21, "b": 10}, all_logits=True))
+    rest = runner.execute(pb.batch({"b": 20}, all_logits=True))
+    got = {"a": first[:21], "b": torch.cat([first[21:], rest])}
+    for _ in range(3):
+        for name, out in got.items():
+            pb.append(name, int(out[-1].argmax()))
+        step = runner.execute(pb.batch({"a": 1, "b": 1}))
+        got = {"a": step[:1], "b": step[1:]}
+        for name in ("a", "b"):
+            ref = hf_logits(hf_tiny, pb.seqs[name].tokens)[-1]
+            torch.testing.assert_close(got[name][0], ref, atol=2e-3, rtol=2e-3)
+            assert int(got[name][0].argmax()) == int(ref.argmax())
+
+
 def test_bfloat16_runs_and_is_close(tiny_model_dir: Path, hf_tiny: torch.nn.Module) -> None:
     bf = load_model(str(tiny_model_dir), dtype="bfloat16")
     (p,) = prompts(bf.config.vocab_size, [11], seed=5)

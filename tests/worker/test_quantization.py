@@ -91,6 +91,36 @@ def test_narrow_engines_generate(smollm2_gguf: Path) -> None:
     assert outs["int8"][:4] == outs["none"][:4]
 
 
+@pytest.mark.slow
+def test_fp16_kv_cache_generates_like_fp32(smollm2_gguf: Path) -> None:
+    """The real model with an fp16 KV cache: twice the blocks for the same budget, and the same
+    greedy tokens as the fp32 cache for three prompts served together (whole-prompt prefills,
+    then decode steps through the whole-stack call)."""
+    from llmos_worker.engine import LLMEngine
+    from llmos_worker.engine.params import SamplingParams
+    from llmos_worker.model.runner import ModelRunner
+
+    loaded = load_model(str(smollm2_gguf))
+    texts = ["The capital of France is", "def fibonacci(n):", "Photosynthesis is the process"]
+    outs: dict[str, dict[str, list[int]]] = {}
+    blocks = {}
+    for kv in ("auto", "float16"):
+        config = EngineConfig(kv_cache_memory_bytes=32 * 2**20, kv_cache_dtype=kv)  # type: ignore[arg-type]
+        engine = LLMEngine(loaded, config)
+        assert isinstance(engine.runner, ModelRunner)
+        assert engine.runner.kv_cache.dtype == (torch.float16 if kv == "float16" else torch.float32)
+        blocks[kv] = engine.num_blocks
+        for i, text in enumerate(texts):
+            prompt = engine.tokenizer.encode(text)
+            engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=24))
+        while engine.has_unfinished():
+            for out in engine.step():
+                outs.setdefault(kv, {})[out.request_id] = out.outputs[0].token_ids
+    assert blocks["float16"] // 2 == blocks["auto"]  # the same budget over half the bytes
+    assert all(len(toks) == 24 for toks in outs["float16"].values())
+    assert outs["float16"] == outs["auto"]
+
+
 def test_refused_settings(tiny_model_dir: Path) -> None:
     with pytest.raises(ModelLoadError, match="needs dtype float32"):
         load_model(str(tiny_model_dir), dtype="bfloat16", quantization="fp16")
@@ -105,6 +135,17 @@ def test_refused_settings(tiny_model_dir: Path) -> None:
     assert info.value.param == "quantization"
     with pytest.raises(InvalidRequestError, match="float32 on the cpu"):
         EngineConfig(quantization="fp16", dtype="bfloat16")
+
+
+def test_kv_cache_dtype_setting() -> None:
+    with pytest.raises(InvalidRequestError, match="kv_cache_dtype must be one of") as info:
+        EngineConfig(kv_cache_dtype="int8")  # type: ignore[arg-type]
+    assert info.value.param == "kv_cache_dtype"
+    assert EngineConfig().kv_dtype() == "float32"
+    assert EngineConfig(dtype="bfloat16").kv_dtype() == "bfloat16"
+    assert EngineConfig(dtype="bfloat16", kv_cache_dtype="float16").kv_dtype() == "float16"
+    # any model dtype, any device: unlike quantization it is not tied to fp32 on the CPU
+    assert EngineConfig(device="cuda", kv_cache_dtype="float16").kv_dtype() == "float16"
 
 
 def test_tiny_fp16_close_and_not_requantized(tiny_model_dir: Path) -> None:

@@ -211,6 +211,15 @@ def test_every_serve_flag_defaults_from_the_environment(monkeypatch: pytest.Monk
         engine_config(build_parser("serve").parse_args(["serve", "--quantization", "fp16"]))
     with pytest.raises(SystemExit):
         build_parser("serve").parse_args(["serve", "--quantization", "int4"])
+    # kv cache dtype: auto by default, float16 from the environment or the command line
+    assert engine_config(build_parser("serve").parse_args(["serve"])).kv_cache_dtype == "auto"
+    monkeypatch.setenv("LLMOS_KV_CACHE_DTYPE", "float16")
+    config = engine_config(build_parser("serve").parse_args(["serve"]))
+    assert (config.kv_cache_dtype, config.kv_dtype()) == ("float16", "float16")
+    args = build_parser("serve").parse_args(["serve", "--kv-cache-dtype", "auto"])
+    assert engine_config(args).kv_dtype() == "bfloat16"  # the environment's model dtype
+    with pytest.raises(SystemExit):
+        build_parser("serve").parse_args(["serve", "--kv-cache-dtype", "fp8"])
     # the command line still wins over the environment
     assert (
         build_parser("serve")

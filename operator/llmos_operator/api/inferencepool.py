@@ -97,6 +97,12 @@ class EngineSettings(ApiModel):
         "per-channel scales (a quarter, perplexity within 2 %); a decode step reads "
         "proportionally less. Needs dtype float32 and no GPUs.",
     )
+    kv_cache_dtype: Literal["auto", "float16"] = Field(
+        default="auto",
+        description="Data type of the KV cache: auto (the model's dtype) or float16 (twice the "
+        "blocks per byte of an fp32 cache, half the bytes decode attention reads; values "
+        "rounded to fp16 on write).",
+    )
 
     @model_validator(mode="after")
     def _quantization_dtype(self) -> EngineSettings:

@@ -107,6 +107,7 @@ def worker_env(spec: InferencePoolSpec, model: ServedModel) -> list[dict[str, st
         "LLMOS_ENABLE_PREFIX_CACHING": "true" if engine.enable_prefix_caching else "false",
         "LLMOS_DTYPE": engine.dtype,
         "LLMOS_QUANTIZATION": engine.quantization,
+        "LLMOS_KV_CACHE_DTYPE": engine.kv_cache_dtype,
         "LLMOS_DEVICE": "cuda" if spec.resources.gpus > 0 else "cpu",
         "LLMOS_SERVED_MODEL_NAME": model.name,
     }

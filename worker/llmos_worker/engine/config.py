@@ -10,6 +10,7 @@ from llmos_worker.errors import InvalidRequestError
 SchedulingPolicy = Literal["fcfs", "priority"]
 DType = Literal["float32", "bfloat16", "float16"]
 Quantization = Literal["none", "fp16", "int8"]  # see llmos_worker.model.quant
+KVCacheDType = Literal["auto", "float16"]  # auto: the model's dtype
 
 
 @dataclass
@@ -30,6 +31,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     dtype: DType = "float32"
     quantization: Quantization = "none"  # opt-in narrower weights for the CPU
+    kv_cache_dtype: KVCacheDType = "auto"  # opt-in fp16 cache, widened on read
     device: str = "cpu"
     seed: int = 0
 
@@ -70,3 +72,12 @@ class EngineConfig:
                 f"quantization {self.quantization!r} needs dtype float32 on the cpu device",
                 param="quantization",
             )
+        if self.kv_cache_dtype not in get_args(KVCacheDType):
+            raise InvalidRequestError(
+                f"kv_cache_dtype must be one of {list(get_args(KVCacheDType))}",
+                param="kv_cache_dtype",
+            )
+
+    def kv_dtype(self) -> str:
+        """The dtype name the KV cache is stored in."""
+        return self.dtype if self.kv_cache_dtype == "auto" else "float16"

@@ -83,7 +83,9 @@ class LLMEngine:
             num_blocks = self._size_cache(loaded, config, max_pos)
             from llmos_worker.model.runner import ModelRunner
 
-            runner = ModelRunner(loaded, block_size=bs, num_blocks=num_blocks)
+            runner = ModelRunner(
+                loaded, block_size=bs, num_blocks=num_blocks, kv_dtype=config.kv_dtype()
+            )
         elif num_blocks is None:
             raise ValueError("num_blocks is required with a custom runner")
         self.runner = runner
@@ -121,7 +123,7 @@ class LLMEngine:
         from llmos_worker.model.memory import available_memory_bytes
         from llmos_worker.model.runner import ModelRunner
 
-        per_block = ModelRunner.bytes_per_block(loaded.config, config.block_size, config.dtype)
+        per_block = ModelRunner.bytes_per_block(loaded.config, config.block_size, config.kv_dtype())
         budget = config.kv_cache_memory_bytes
         if budget is None:
             budget = int(available_memory_bytes(config.device) * config.kv_cache_memory_fraction)

@@ -209,13 +209,15 @@ def paged_attention(
     """Write this step's K/V into `cache`, attend every query, return (T, H * D).
 
     q (T, H, D); k, v (T, Hkv, D); cache (2, num_blocks, block_size, Hkv, D), updated in place.
+    A cache of another dtype than q (an fp16 KV cache) takes K/V rounded to its dtype; what is
+    read back is widened to q's dtype for SDPA (the native kernels widen as they read).
     """
     t, h, d = q.shape
     hkv = k.shape[1]
     group = h // hkv
     n_blocks = cache.shape[1]
-    cache.view(2, -1, hkv, d)[0].index_copy_(0, plan.slot_mapping, k)
-    cache.view(2, -1, hkv, d)[1].index_copy_(0, plan.slot_mapping, v)
+    cache.view(2, -1, hkv, d)[0].index_copy_(0, plan.slot_mapping, k.to(cache.dtype))
+    cache.view(2, -1, hkv, d)[1].index_copy_(0, plan.slot_mapping, v.to(cache.dtype))
     blocks_flat = cache.view(2, n_blocks, -1)  # (2, N, bs * Hkv * D): one row per block
     out = None if plan.decode_only else torch.empty((t, h, d), dtype=q.dtype, device=q.device)
     if plan.native is not None:
@@ -243,7 +245,8 @@ def paged_attention(
         sd = dg.rows.shape[0]
         # why index_select on flat block rows: ~3x faster than advanced indexing of a 6-D view
         # (2, Sd * nb, bs*Hkv*D) -> (2, Sd, Hkv, L, D), L = nb * bs
-        kv = blocks_flat.index_select(1, dg.blocks).view(2, sd, -1, hkv, d).transpose(2, 3)
+        kv = blocks_flat.index_select(1, dg.blocks).to(q.dtype)
+        kv = kv.view(2, sd, -1, hkv, d).transpose(2, 3)
         qd = (q if out is None else q[dg.rows]).view(sd, hkv, group, d)  # GQA on query axis
         od = F.scaled_dot_product_attention(qd, kv[0], kv[1], attn_mask=dg.mask, scale=scale)
         if out is None:  # pure decode step in batch order: no scatter needed
@@ -263,7 +266,7 @@ def paged_attention(
             )[0]
         else:
             c = chunk.context_len
-            kv = blocks_flat.index_select(1, chunk.blocks)
+            kv = blocks_flat.index_select(1, chunk.blocks).to(q.dtype)
             kv = kv.view(2, -1, hkv, d)[:, :c].transpose(1, 2)  # (2, Hkv, c, D)
             op = F.scaled_dot_product_attention(
                 qp[None],

@@ -225,6 +225,11 @@ class LlamaModel(nn.Module):
         """Logits (L, vocab) in the model dtype for `batch.logits_indices`."""
         device = self.device
         kernels = self._kernels()
+        kv = caches[0].dtype if caches else torch.float32
+        if kernels is not None and not (
+            kv is torch.float32 or (kv is torch.float16 and kernels.has_kv_half)
+        ):
+            kernels = None  # why: a cache type the attention kernels do not read (no F16C)
         plan = AttentionPlan.from_batch(batch, block_size, device, self.dtype, kernels)
         positions = batch.positions.to(device)
         x = F.embedding(batch.input_ids.to(device), self.embed)  # (T, hidden)

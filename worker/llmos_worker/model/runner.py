@@ -1,7 +1,8 @@
 """ModelRunner: owns the paged KV cache and runs one batched forward per engine step.
 
 The cache is allocated once, zeroed (so padded reads are finite), as one tensor
-(layers, 2, num_blocks, block_size, kv_heads, head_dim) in the model dtype on the model's device;
+(layers, 2, num_blocks, block_size, kv_heads, head_dim) in the model dtype (or an opt-in
+`kv_dtype`: float16 halves its bytes) on the model's device;
 the engine's block manager hands out block ids into it. `execute` returns float32 logits on CPU
 for exactly the rows the scheduler asked for.
 """
@@ -27,12 +28,20 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
 class ModelRunner:
     """Runs `LoadedModel.model` over `ForwardBatch`es against a KV cache of `num_blocks` blocks."""
 
-    def __init__(self, loaded: LoadedModel, *, block_size: int, num_blocks: int) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        block_size: int,
+        num_blocks: int,
+        kv_dtype: str | torch.dtype | None = None,
+    ) -> None:
         if block_size < 1 or num_blocks < 1:
             raise ModelLoadError(
                 f"block_size ({block_size}) and num_blocks ({num_blocks}) must be positive"
             )
         cfg = loaded.config
+        self.kv_dtype = loaded.dtype if kv_dtype is None else _torch_dtype(kv_dtype)
         self.loaded = loaded
         self.model = loaded.model
         self.block_size = block_size
@@ -45,7 +54,7 @@ class ModelRunner:
             block_size,
             cfg.num_kv_heads,
             cfg.head_dim,
-            dtype=loaded.dtype,
+            dtype=self.kv_dtype,
             device=loaded.device,
         )
         self.layer_caches = list(self.kv_cache.unbind(0))

@@ -102,6 +102,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="linear-layer weights in fp16, or int8 with per-channel scales; activations and "
         "compute stay fp32 (CPU, float32 only)",
     )
+    a(
+        "--kv-cache-dtype",
+        choices=["auto", "float16"],
+        default=e("kv_cache_dtype", "auto"),
+        help="data type of the KV cache: auto (the model's dtype) or float16 (half the bytes of "
+        "an fp32 cache; values rounded to fp16 on write, widened to the compute dtype on read)",
+    )
     a("--device", default=e("device", "cpu"))
     a("--seed", type=int, default=e("seed", "0"))
     a(
@@ -175,6 +182,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching,
         dtype=args.dtype,
         quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
         device=args.device,
         seed=args.seed,
     )

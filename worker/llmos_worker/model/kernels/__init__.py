@@ -43,13 +43,15 @@ class NativeKernels:
         self.path = path
         lib = ctypes.CDLL(str(path))
         fn = lib.llmos_paged_decode_attention
-        fn.argtypes = [_ptr] * 7 + [_i64] * 9 + [_f32]
+        fn.argtypes = [_ptr] * 7 + [_i64] * 9 + [_f32, ctypes.c_int]
         fn.restype = ctypes.c_int
         self._decode = fn
         fn = lib.llmos_paged_prefill_attention
-        fn.argtypes = [_ptr] * 8 + [_i64] * 9 + [_f32]
+        fn.argtypes = [_ptr] * 8 + [_i64] * 9 + [_f32, ctypes.c_int]
         fn.restype = ctypes.c_int
         self._prefill = fn
+        # fp16 K/V caches need F16C; without it such caches take the torch path
+        self.has_kv_half = bool(lib.llmos_kv_half_supported())
         self.max_group = int(lib.llmos_max_group())
         self._norm = lib.llmos_add_rms_norm
         self._norm.argtypes = [_ptr] * 4 + [_i64] * 2 + [_f32]
@@ -206,10 +208,10 @@ class NativeKernels:
         """Attend one query token per sequence against its paged K/V; writes `out[rows]`.
 
         q (T, H, D) fp32 with unit strides inside a row; k_cache, v_cache (N, bs, Hkv, D)
-        contiguous; block_tables (S, nb), context_lens (S,), rows (S,) contiguous int64;
-        out (T, H, D) contiguous fp32.
+        contiguous, fp32 or fp16 (`has_kv_half`); block_tables (S, nb), context_lens (S,),
+        rows (S,) contiguous int64; out (T, H, D) contiguous fp32.
         """
-        _check_attention(q, k_cache, v_cache, out, block_tables, context_lens, rows)
+        half = _check_attention(q, k_cache, v_cache, out, block_tables, context_lens, rows)
         _, h, d = q.shape
         num_blocks, bs, hkv, _ = k_cache.shape
         status = self._decode(
@@ -230,6 +232,7 @@ class NativeKernels:
             num_blocks,
             q.shape[0],
             scale,
+            half,
         )
         if status == 5:
             raise ValueError("rows outside q")
@@ -255,7 +258,9 @@ class NativeKernels:
         query_lens[c] of its context_lens[c] positions; token i of it attends to positions
         [0, context_lens[c] - query_lens[c] + i]. Layouts as `paged_decode_attention`'s.
         """
-        _check_attention(q, k_cache, v_cache, out, block_tables, context_lens, starts, query_lens)
+        half = _check_attention(
+            q, k_cache, v_cache, out, block_tables, context_lens, starts, query_lens
+        )
         _, h, d = q.shape
         num_blocks, bs, hkv, _ = k_cache.shape
         status = self._prefill(
@@ -277,6 +282,7 @@ class NativeKernels:
             num_blocks,
             q.shape[0],
             scale,
+            half,
         )
         if status == 5:
             raise ValueError("chunk rows outside q")
@@ -323,7 +329,7 @@ class NativeKernels:
                 row += [packed.data_ptr(), 0 if scale is None else scale.data_ptr()]
             table[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
         dims = [spec.hidden, spec.heads, spec.kv_heads, hd, spec.intermediate, len(layers)]
-        dims += [1, 0, spec.cos.shape[0]]  # block size and count: set with the caches
+        dims += [1, 0, spec.cos.shape[0], 0]  # block size and count, fp16 K/V: set per cache
         return DecoderStack(
             self, spec, layers, torch.tensor(dims, dtype=torch.int64), table, _WEIGHT_TYPES[wdtype]
         )
@@ -393,10 +399,12 @@ class DecoderStack:
         wtype: int,
     ) -> None:
         self.spec, self.layers, self.dims, self.table = spec, layers, dims, table
-        self._fn, self._wtype = kernels._stack, wtype
-        self._caches: list[tuple[int, torch.Size]] = []
+        self._fn, self._wtype, self._kv_half = kernels._stack, wtype, kernels.has_kv_half
+        self._caches: list[tuple[int, torch.Size, torch.dtype]] = []
 
-    def _set_caches(self, caches: list[torch.Tensor], key: list[tuple[int, torch.Size]]) -> None:
+    def _set_caches(
+        self, caches: list[torch.Tensor], key: list[tuple[int, torch.Size, torch.dtype]]
+    ) -> None:
         spec = self.spec
         if len(caches) != len(self.layers):
             raise ValueError(f"{len(caches)} caches for {len(self.layers)} layers")
@@ -405,13 +413,18 @@ class DecoderStack:
             raise ValueError(
                 f"cache {tuple(shape)} is not (2, N, bs, {spec.kv_heads}, {spec.head_dim})"
             )
+        dtype = caches[0].dtype if caches else torch.float32
+        if dtype not in _KV_DTYPES or (dtype is torch.float16 and not self._kv_half):
+            raise ValueError(f"{dtype} caches are not supported by this build of the kernels")
         for i, cache in enumerate(caches):
-            _check_f32(cache)
+            if cache.dtype is not dtype or not cache.is_cpu or not cache.is_contiguous():
+                raise ValueError(f"layer {i}: caches must be contiguous CPU {dtype} tensors")
             if cache.shape != shape:
                 raise ValueError(f"layer {i}: cache {tuple(cache.shape)} != {tuple(shape)}")
             self.table[i, _SF_K_CACHE] = cache[0].data_ptr()
             self.table[i, _SF_V_CACHE] = cache[1].data_ptr()
         self.dims[6], self.dims[7] = shape[2], shape[1]
+        self.dims[_SD_KV_HALF] = int(dtype is torch.float16)
         self._caches = key
 
     def __call__(
@@ -424,11 +437,11 @@ class DecoderStack:
         block_tables: torch.Tensor,
         context_lens: torch.Tensor,
     ) -> None:
-        """x (T, hidden) fp32 in place; caches one (2, N, bs, Hkv, D) per layer; positions,
-        slots (T,); rows, context_lens (S,) and block_tables (S, nb) int64 as for
-        `paged_decode_attention`, rows covering x once."""
+        """x (T, hidden) fp32 in place; caches one (2, N, bs, Hkv, D) per layer, all fp32 or all
+        fp16; positions, slots (T,); rows, context_lens (S,) and block_tables (S, nb) int64 as
+        for `paged_decode_attention`, rows covering x once."""
         spec = self.spec
-        key = [(c.data_ptr(), c.shape) for c in caches]
+        key = [(c.data_ptr(), c.shape, c.dtype) for c in caches]
         if key != self._caches:
             self._set_caches(caches, key)
         _check_f32(x)
@@ -467,7 +480,9 @@ class DecoderStack:
             raise ValueError(f"native decoder stack refused its inputs: {why}")
 
 
-_STACK_DIMS, _STACK_FIELDS = 9, 12  # cpu_kernels.c STACK_DIMS, STACK_FIELDS
+_STACK_DIMS, _STACK_FIELDS = 10, 12  # cpu_kernels.c STACK_DIMS, STACK_FIELDS
+_SD_KV_HALF = 9  # cpu_kernels.c SD_KV_HALF: set per cache
+_KV_DTYPES = (torch.float32, torch.float16)  # K/V cache dtypes the attention kernels read
 _SF_K_CACHE, _SF_V_CACHE = 10, 11  # cpu_kernels.c SF_K_CACHE, SF_V_CACHE: set per cache
 _STACK_ERRORS = {
     1: "unsupported GQA ratio, or no AVX2/FMA/F16C in this build",
@@ -488,15 +503,18 @@ def _check_attention(
     out: torch.Tensor,
     block_tables: torch.Tensor,
     *per_seq: torch.Tensor,
-) -> None:
-    """What both attention kernels need of their tensors; `per_seq` are (S,) int64 each."""
+) -> bool:
+    """What both attention kernels need of their tensors (`per_seq` are (S,) int64 each);
+    whether the caches are fp16."""
     d = q.shape[2]
     if not (q.stride(2) == 1 and q.stride(1) == d and out.is_contiguous()):
         raise ValueError("q rows must be (H, D)-contiguous and out contiguous")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape):
         raise ValueError("K/V caches must be contiguous and of one shape")
-    if q.dtype != torch.float32 or k_cache.dtype != torch.float32 or out.dtype != torch.float32:
-        raise ValueError("native paged attention takes float32 tensors")
+    if q.dtype != torch.float32 or out.dtype != torch.float32:
+        raise ValueError("native paged attention takes float32 queries and outputs")
+    if k_cache.dtype not in _KV_DTYPES or v_cache.dtype != k_cache.dtype:
+        raise ValueError("K/V caches must both be float32 or both float16")
     if not (q.is_cpu and k_cache.is_cpu):
         raise ValueError("native paged attention takes CPU tensors")
     if out.shape != q.shape:
@@ -506,6 +524,7 @@ def _check_attention(
             raise ValueError("block tables, lengths and rows must be contiguous int64")
         if t.shape[0] != block_tables.shape[0]:
             raise ValueError("block tables, lengths and rows disagree on the number of sequences")
+    return k_cache.dtype is torch.float16
 
 
 def _check_f32(*tensors: torch.Tensor) -> None:

@@ -15,10 +15,11 @@
  * Layouts (all row-major, contiguous):
  *   q             (T, H, D) with `q_stride` floats between rows (a slice of the fused QKV)
  *   out           (T, H, D) contiguous; sequence s reads q row rows[s] and writes out row rows[s]
- *   k_cache, v_cache  (num_blocks, block_size, Hkv, D) of one layer
+ *   k_cache, v_cache  (num_blocks, block_size, Hkv, D) of one layer, fp32 or (kv_half) fp16
  *   block_tables  (S, max_blocks) int64, ids < num_blocks; context_lens (S,) int64 (>= 1)
  *   rows          (S,) int64, each < num_rows (the T of q and out)
- * Returns 0, or a non-zero status (nothing computed) when the inputs are inconsistent.
+ * Returns 0, or a non-zero status (nothing computed) when the inputs are inconsistent (8: an
+ * fp16 cache on a build without F16C).
  *
  * Built by llmos_worker/model/kernels/__init__.py with `cc -O3 -fopenmp -shared`; the OpenMP
  * runtime it links (libgomp.so.1) is the one torch already loaded, so both share one thread pool.
@@ -61,6 +62,95 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
 }
 #endif
+
+#if defined(LLMOS_AVX2) && defined(__F16C__)
+/* fp16 KV caches (opt-in): rows are widened to fp32 as they are read, narrowed when written */
+#define LLMOS_KV_HALF 1
+static inline __m256 load_half8(const uint16_t *p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
+/* dst (n) = src (n) widened */
+static inline void widen_half(float *dst, const uint16_t *src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load_half8(src + i));
+    for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+}
+
+/* dst (n) = src (n) rounded to the nearest fp16 */
+static inline void narrow_half(uint16_t *dst, const float *src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+}
+
+/* row_dots over fp16 rows */
+static inline void row_dots_half(float *out, const float *q, const uint16_t *x, int64_t stride,
+                                 int64_t n, int64_t d) {
+    if (d == 64) {
+        const __m256 q0 = _mm256_loadu_ps(q), q1 = _mm256_loadu_ps(q + 8);
+        const __m256 q2 = _mm256_loadu_ps(q + 16), q3 = _mm256_loadu_ps(q + 24);
+        const __m256 q4 = _mm256_loadu_ps(q + 32), q5 = _mm256_loadu_ps(q + 40);
+        const __m256 q6 = _mm256_loadu_ps(q + 48), q7 = _mm256_loadu_ps(q + 56);
+        for (int64_t i = 0; i < n; ++i, x += stride) {
+            __m256 s0 = _mm256_mul_ps(q0, load_half8(x));
+            __m256 s1 = _mm256_mul_ps(q1, load_half8(x + 8));
+            s0 = _mm256_fmadd_ps(q2, load_half8(x + 16), s0);
+            s1 = _mm256_fmadd_ps(q3, load_half8(x + 24), s1);
+            s0 = _mm256_fmadd_ps(q4, load_half8(x + 32), s0);
+            s1 = _mm256_fmadd_ps(q5, load_half8(x + 40), s1);
+            s0 = _mm256_fmadd_ps(q6, load_half8(x + 48), s0);
+            s1 = _mm256_fmadd_ps(q7, load_half8(x + 56), s1);
+            out[i] = hsum8(_mm256_add_ps(s0, s1));
+        }
+        return;
+    }
+    for (int64_t i = 0; i < n; ++i, x += stride) {
+        float s = 0.0f;
+        for (int64_t j = 0; j < d; ++j) s += q[j] * _cvtsh_ss(x[j]);
+        out[i] = s;
+    }
+}
+
+/* weighted_rows over fp16 rows */
+static inline void weighted_rows_half(float *y, const float *p, const uint16_t *x, int64_t stride,
+                                      int64_t n, int64_t d) {
+    if (d == 64) {
+        __m256 a0 = _mm256_loadu_ps(y), a1 = _mm256_loadu_ps(y + 8);
+        __m256 a2 = _mm256_loadu_ps(y + 16), a3 = _mm256_loadu_ps(y + 24);
+        __m256 a4 = _mm256_loadu_ps(y + 32), a5 = _mm256_loadu_ps(y + 40);
+        __m256 a6 = _mm256_loadu_ps(y + 48), a7 = _mm256_loadu_ps(y + 56);
+        for (int64_t i = 0; i < n; ++i, x += stride) {
+            const __m256 pv = _mm256_set1_ps(p[i]);
+            a0 = _mm256_fmadd_ps(pv, load_half8(x), a0);
+            a1 = _mm256_fmadd_ps(pv, load_half8(x + 8), a1);
+            a2 = _mm256_fmadd_ps(pv, load_half8(x + 16), a2);
+            a3 = _mm256_fmadd_ps(pv, load_half8(x + 24), a3);
+            a4 = _mm256_fmadd_ps(pv, load_half8(x + 32), a4);
+            a5 = _mm256_fmadd_ps(pv, load_half8(x + 40), a5);
+            a6 = _mm256_fmadd_ps(pv, load_half8(x + 48), a6);
+            a7 = _mm256_fmadd_ps(pv, load_half8(x + 56), a7);
+        }
+        _mm256_storeu_ps(y, a0), _mm256_storeu_ps(y + 8, a1);
+        _mm256_storeu_ps(y + 16, a2), _mm256_storeu_ps(y + 24, a3);
+        _mm256_storeu_ps(y + 32, a4), _mm256_storeu_ps(y + 40, a5);
+        _mm256_storeu_ps(y + 48, a6), _mm256_storeu_ps(y + 56, a7);
+        return;
+    }
+    for (int64_t i = 0; i < n; ++i, x += stride)
+        for (int64_t j = 0; j < d; ++j) y[j] += p[i] * _cvtsh_ss(x[j]);
+}
+#endif
+
+int llmos_kv_half_supported(void) {
+#ifdef LLMOS_KV_HALF
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 /* out[i] = q . x[i * stride : i * stride + d] for i < n (the rows of one block) */
 static inline void row_dots(float *out, const float *q, const float *x, int64_t stride, int64_t n,
@@ -149,21 +239,27 @@ int llmos_max_group(void) { return MAX_GROUP; }
 /* One (sequence, KV head) item: the `group` query heads at q (group * head_dim floats) attend to
  * the sequence's first `len` K/V rows through `table`; results to out (group * head_dim).
  * `scores` holds group * max_len floats of scratch. */
-static void attend_item(const float *q, float *out, const float *k_cache, const float *v_cache,
-                        const int64_t *table, int64_t len, int64_t kvh, int64_t group,
+static void attend_item(const float *q, float *out, const void *k_cache, const void *v_cache,
+                        int half, const int64_t *table, int64_t len, int64_t kvh, int64_t group,
                         int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
                         float *scores, int64_t max_len, float scale) {
-    const int64_t kv_row = num_kv_heads * head_dim; /* floats between consecutive tokens */
+    const int64_t kv_row = num_kv_heads * head_dim; /* elements between consecutive tokens */
     /* pass 1: scores = q . k * scale, row maxima */
     float maxes[MAX_GROUP];
     for (int64_t g = 0; g < group; ++g) maxes[g] = -INFINITY;
     /* why block by block: no integer division per token (slow on many x86 cores) */
     for (int64_t b = 0, t0 = 0; t0 < len; ++b, t0 += block_size) {
         const int64_t n = len - t0 < block_size ? len - t0 : block_size;
-        const float *k = k_cache + (table[b] * block_size * num_kv_heads + kvh) * head_dim;
+        const int64_t at = (table[b] * block_size * num_kv_heads + kvh) * head_dim;
         for (int64_t g = 0; g < group; ++g) {
             float *sg = scores + g * max_len + t0;
-            row_dots(sg, q + g * head_dim, k, kv_row, n, head_dim);
+#ifdef LLMOS_KV_HALF
+            if (half)
+                row_dots_half(sg, q + g * head_dim, (const uint16_t *)k_cache + at, kv_row, n,
+                              head_dim);
+            else
+#endif
+                row_dots(sg, q + g * head_dim, (const float *)k_cache + at, kv_row, n, head_dim);
             for (int64_t i = 0; i < n; ++i) {
                 sg[i] *= scale;
                 if (sg[i] > maxes[g]) maxes[g] = sg[i];
@@ -179,9 +275,17 @@ static void attend_item(const float *q, float *out, const float *k_cache, const 
     /* pass 2: out = sum_t p_t v_t / sum_t p_t */
     for (int64_t b = 0, t0 = 0; t0 < len; ++b, t0 += block_size) {
         const int64_t n = len - t0 < block_size ? len - t0 : block_size;
-        const float *v = v_cache + (table[b] * block_size * num_kv_heads + kvh) * head_dim;
-        for (int64_t g = 0; g < group; ++g)
-            weighted_rows(out + g * head_dim, scores + g * max_len + t0, v, kv_row, n, head_dim);
+        const int64_t at = (table[b] * block_size * num_kv_heads + kvh) * head_dim;
+        for (int64_t g = 0; g < group; ++g) {
+            float *og = out + g * head_dim;
+            const float *pg = scores + g * max_len + t0;
+#ifdef LLMOS_KV_HALF
+            if (half)
+                weighted_rows_half(og, pg, (const uint16_t *)v_cache + at, kv_row, n, head_dim);
+            else
+#endif
+                weighted_rows(og, pg, (const float *)v_cache + at, kv_row, n, head_dim);
+        }
     }
     for (int64_t g = 0; g < group; ++g) {
         const float inv = 1.0f / sums[g];
@@ -215,13 +319,14 @@ static int check_attention(const int64_t *block_tables, const int64_t *context_l
     return 0;
 }
 
-int llmos_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
+int llmos_paged_decode_attention(const float *q, const void *k_cache, const void *v_cache,
                                  const int64_t *block_tables, const int64_t *context_lens,
                                  const int64_t *rows, float *out, int64_t q_stride,
                                  int64_t num_seqs,
                                  int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                  int64_t block_size, int64_t max_blocks, int64_t num_blocks,
-                                 int64_t num_rows, float scale) {
+                                 int64_t num_rows, float scale, int kv_half) {
+    if (kv_half && !llmos_kv_half_supported()) return 8;
     int64_t max_len, total_len;
     const int status = check_attention(block_tables, context_lens, rows, num_seqs, num_heads,
                                        num_kv_heads, block_size, max_blocks, num_blocks,
@@ -247,7 +352,7 @@ int llmos_paged_decode_attention(const float *q, const float *k_cache, const flo
             const int64_t s = item / num_kv_heads, kvh = item % num_kv_heads;
             attend_item(q + rows[s] * q_stride + kvh * group * head_dim,
                         out + (rows[s] * num_heads + kvh * group) * head_dim, k_cache, v_cache,
-                        block_tables + s * max_blocks, context_lens[s], kvh, group,
+                        kv_half, block_tables + s * max_blocks, context_lens[s], kvh, group,
                         num_kv_heads, head_dim, block_size, scores, max_len, scale);
         }
         free(scores);
@@ -403,14 +508,15 @@ typedef struct {
     float *o;                  /* (ld, D) unnormalised outputs */
     float *m, *l, *corr;       /* (ld,) running max, running sum, this tile's rescale factor */
     float *zero;               /* (D,) a zero key row, for padding a tile to 6-key groups */
+    float *kw, *vw;            /* (PF_KEYS, D) the tile's K and V rows widened (fp16 caches) */
     const float **k, **v;      /* (PF_KEYS,) the K and V rows of the tile */
 } PrefillScratch;
 
 /* One work item: tokens [i0, i1) of a chunk whose first token sits at position `base`, the
  * `group` query heads of KV head kvh. q rows at q (q_stride floats apart), out rows at out. */
-static void prefill_item(const float *q, float *out, const float *k_cache, const float *v_cache,
-                         const int64_t *table, int64_t base, int64_t i0, int64_t i1, int64_t kvh,
-                         int64_t group, int64_t num_kv_heads, int64_t head_dim,
+static void prefill_item(const float *q, float *out, const void *k_cache, const void *v_cache,
+                         int half, const int64_t *table, int64_t base, int64_t i0, int64_t i1,
+                         int64_t kvh, int64_t group, int64_t num_kv_heads, int64_t head_dim,
                          int64_t block_size, int64_t q_stride, int64_t out_stride, float scale,
                          PrefillScratch *w) {
     const int64_t d = head_dim, rows = (i1 - i0) * group, ld = (rows + 15) / 16 * 16;
@@ -432,7 +538,14 @@ static void prefill_item(const float *q, float *out, const float *k_cache, const
         for (int64_t j = 0; j < padded; ++j) {
             if (j < nk) {
                 const int64_t at = ((table[b] * block_size + off) * num_kv_heads + kvh) * d;
-                w->k[j] = k_cache + at, w->v[j] = v_cache + at;
+#ifdef LLMOS_KV_HALF
+                if (half) {
+                    widen_half(w->kw + j * d, (const uint16_t *)k_cache + at, d);
+                    widen_half(w->vw + j * d, (const uint16_t *)v_cache + at, d);
+                    w->k[j] = w->kw + j * d, w->v[j] = w->vw + j * d;
+                } else
+#endif
+                    w->k[j] = (const float *)k_cache + at, w->v[j] = (const float *)v_cache + at;
                 if (++off == block_size) off = 0, ++b;
             } else {
                 w->k[j] = w->zero;
@@ -469,14 +582,15 @@ static void prefill_item(const float *q, float *out, const float *k_cache, const
  * cached), and its block table row c. Token i of the chunk attends keys
  * [0, context_lens[c] - query_lens[c] + i]. Layouts as llmos_paged_decode_attention's.
  * Returns 0, or a non-zero status (nothing computed): 1 heads, 2 lengths, 3 out of memory,
- * 4 block ids, 5 rows. */
-int llmos_paged_prefill_attention(const float *q, const float *k_cache, const float *v_cache,
+ * 4 block ids, 5 rows, 8 an fp16 cache (kv_half) on a build without F16C. */
+int llmos_paged_prefill_attention(const float *q, const void *k_cache, const void *v_cache,
                                   const int64_t *block_tables, const int64_t *starts,
                                   const int64_t *query_lens, const int64_t *context_lens,
                                   float *out, int64_t q_stride, int64_t num_chunks,
                                   int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                   int64_t block_size, int64_t max_blocks, int64_t num_blocks,
-                                  int64_t num_rows, float scale) {
+                                  int64_t num_rows, float scale, int kv_half) {
+    if (kv_half && !llmos_kv_half_supported()) return 8;
     const int64_t group = num_kv_heads > 0 ? num_heads / num_kv_heads : 0;
     if (group < 1 || group > MAX_GROUP || group * num_kv_heads != num_heads) return 1;
     int64_t items = 0, work = 0;
@@ -502,7 +616,8 @@ int llmos_paged_prefill_attention(const float *q, const float *k_cache, const fl
 #pragma omp parallel if (work * num_heads * head_dim >= (1 << 18))
     {
         PrefillScratch w = {0};
-        const size_t floats = (size_t)(2 * ld * head_dim + PF_KEYS * ld + 3 * ld + head_dim);
+        const size_t floats = (size_t)(2 * ld * head_dim + PF_KEYS * ld + 3 * ld + head_dim +
+                                       (kv_half ? 2 * PF_KEYS * head_dim : 0));
         float *buf = calloc(floats, sizeof(float));
         const float **rows = malloc(sizeof(float *) * 2 * PF_KEYS);
         if (buf == NULL || rows == NULL) {
@@ -511,6 +626,7 @@ int llmos_paged_prefill_attention(const float *q, const float *k_cache, const fl
         } else {
             w.qt = buf, w.o = w.qt + ld * head_dim, w.st = w.o + ld * head_dim;
             w.m = w.st + PF_KEYS * ld, w.l = w.m + ld, w.corr = w.l + ld, w.zero = w.corr + ld;
+            w.kw = w.zero + head_dim, w.vw = w.kw + PF_KEYS * head_dim;
             w.k = rows, w.v = rows + PF_KEYS;
         }
 #pragma omp for schedule(dynamic)
@@ -520,7 +636,7 @@ int llmos_paged_prefill_attention(const float *q, const float *k_cache, const fl
             const int64_t n = query_lens[c], i0 = t * PF_TOKENS;
             const int64_t i1 = i0 + PF_TOKENS < n ? i0 + PF_TOKENS : n;
             prefill_item(q + starts[c] * q_stride, out + starts[c] * num_heads * head_dim, k_cache,
-                         v_cache, block_tables + c * max_blocks, context_lens[c] - n, i0, i1, h,
+                         v_cache, kv_half, block_tables + c * max_blocks, context_lens[c] - n, i0, i1, h,
                          group, num_kv_heads, head_dim, block_size, q_stride,
                          num_heads * head_dim, scale, &w);
         }
@@ -824,15 +940,16 @@ int llmos_linear(const float *x, int64_t M, int64_t K, int64_t x_stride, const v
  * dims: STACK_DIMS int64s, below. layers (num_layers, STACK_FIELDS) int64: per layer the
  * addresses of its norm weights (hidden,), its four packed projections (llmos_linear's layout,
  * all of weight type `wtype`) with their scales (int8; else 0), and its K and V caches
- * (num_blocks, block_size, Hkv, D). x (T, hidden) is the residual stream, updated in place.
- * positions, slots (T,): RoPE row and KV slot of each row; rows, block_tables, context_lens as
- * for llmos_paged_decode_attention, and they must name every row of x exactly once.
+ * (num_blocks, block_size, Hkv, D), fp32, or fp16 when dims' SD_KV_HALF is set. x (T, hidden)
+ * is the residual stream, updated in place. positions, slots (T,): RoPE row and KV slot of each
+ * row; rows, block_tables, context_lens as for llmos_paged_decode_attention, and they must name
+ * every row of x exactly once.
  * Returns 0; the attention statuses above; 6 for a bad position, slot or row cover; 7 for
  * inconsistent dims; 1 without AVX2/FMA/F16C (nothing is computed on a non-zero status).
  */
 enum {
     SD_HIDDEN, SD_HEADS, SD_KV_HEADS, SD_HEAD_DIM, SD_INTER, SD_LAYERS, SD_BLOCK_SIZE,
-    SD_NUM_BLOCKS, SD_NUM_POSITIONS, STACK_DIMS
+    SD_NUM_BLOCKS, SD_NUM_POSITIONS, SD_KV_HALF, STACK_DIMS
 };
 enum {
     SF_INPUT_NORM, SF_POST_NORM, SF_W_QKV, SF_S_QKV, SF_W_O, SF_S_O, SF_W_GATE_UP, SF_S_GATE_UP,
@@ -888,6 +1005,7 @@ int llmos_decoder_stack(const int64_t *dims, const int64_t *layers, int wtype, f
     const int64_t hidden = dims[SD_HIDDEN], H = dims[SD_HEADS], Hkv = dims[SD_KV_HEADS];
     const int64_t D = dims[SD_HEAD_DIM], inter = dims[SD_INTER], L = dims[SD_LAYERS];
     const int64_t bs = dims[SD_BLOCK_SIZE], num_blocks = dims[SD_NUM_BLOCKS];
+    const int kv_half = dims[SD_KV_HALF] != 0; /* fp16 K/V caches */
     if (hidden < 1 || D < 2 || D % 2 || inter < 1 || L < 0 || bs < 1 || T < 1) return 7;
     if (wtype != LLMOS_W_F32 && wtype != LLMOS_W_F16 && wtype != LLMOS_W_I8) return 7;
     int64_t max_len, total_len;
@@ -932,8 +1050,8 @@ int llmos_decoder_stack(const int64_t *dims, const int64_t *layers, int wtype, f
         const int64_t c1 = tid == nt - 1 ? inter : (inter * (tid + 1) / nt) & ~(int64_t)7;
         for (int64_t l = 0; l < L; ++l) {
             const int64_t *f = layers + l * STACK_FIELDS;
-            const float *k_cache = (const float *)(intptr_t)f[SF_K_CACHE];
-            const float *v_cache = (const float *)(intptr_t)f[SF_V_CACHE];
+            void *k_cache = (void *)(intptr_t)f[SF_K_CACHE];
+            void *v_cache = (void *)(intptr_t)f[SF_V_CACHE];
             for (int64_t r = tid; r < T; r += nt) /* x += delta (the previous MLP); h = norm */
                 norm_row(x + r * hidden, l > 0 ? delta + r * hidden : NULL,
                          (const float *)(intptr_t)f[SF_INPUT_NORM], h + r * hidden, hidden, eps);
@@ -944,15 +1062,22 @@ int llmos_decoder_stack(const int64_t *dims, const int64_t *layers, int wtype, f
             for (int64_t r = tid; r < T; r += nt) { /* RoPE on q and k; k and v to the cache */
                 float *qr = qkv + r * qkv_n;
                 rope_row(qr, H + Hkv, D, cos_t + positions[r] * D, sin_t + positions[r] * D);
-                memcpy((float *)k_cache + slots[r] * kv_row, qr + H * D, sizeof(float) * kv_row);
-                memcpy((float *)v_cache + slots[r] * kv_row, qr + (H + Hkv) * D,
-                       sizeof(float) * kv_row);
+                if (kv_half) {
+                    narrow_half((uint16_t *)k_cache + slots[r] * kv_row, qr + H * D, kv_row);
+                    narrow_half((uint16_t *)v_cache + slots[r] * kv_row, qr + (H + Hkv) * D,
+                                kv_row);
+                } else {
+                    memcpy((float *)k_cache + slots[r] * kv_row, qr + H * D,
+                           sizeof(float) * kv_row);
+                    memcpy((float *)v_cache + slots[r] * kv_row, qr + (H + Hkv) * D,
+                           sizeof(float) * kv_row);
+                }
             }
             stack_wait(&barrier, nt, &sense);
             for (int64_t item = tid; item < num_seqs * Hkv; item += nt) {
                 const int64_t s = item / Hkv, kvh = item % Hkv;
                 attend_item(qkv + rows[s] * qkv_n + kvh * group * D,
-                            att + (rows[s] * H + kvh * group) * D, k_cache, v_cache,
+                            att + (rows[s] * H + kvh * group) * D, k_cache, v_cache, kv_half,
                             block_tables + s * max_blocks, context_lens[s], kvh, group, Hkv, D,
                             bs, scores, max_len, attn_scale);
             }
