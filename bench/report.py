@@ -133,6 +133,11 @@ def render(results: dict[str, Any]) -> str:
                 "`--quantization int8` (weight-only, per-channel scales)",
             ),
             (
+                "llmos worker, int8 weights + fp16 KV cache (opt-in)",
+                off.get("llmos_int8_kvfp16"),
+                "`--quantization int8 --kv-cache-dtype float16`",
+            ),
+            (
                 "llmos worker, pure-torch path",
                 off.get("llmos_torch_attention"),
                 "no native kernels: torch matmuls, attention by gather + SDPA, "
@@ -174,6 +179,11 @@ def render(results: dict[str, Any]) -> str:
             ("llama.cpp (llama-cpp-python)", single.get("llamacpp"), "Q4_1"),
             ("llmos worker, fp16 weights (opt-in)", single.get("llmos_fp16"), ""),
             ("llmos worker, int8 weights (opt-in)", single.get("llmos_int8"), ""),
+            (
+                "llmos worker, int8 weights + fp16 KV cache (opt-in)",
+                single.get("llmos_int8_kvfp16"),
+                "",
+            ),
             (
                 "llmos worker, int8 weights, kernels op by op",
                 single.get("llmos_int8_ops"),

@@ -235,6 +235,16 @@ def quantized_parts(results: dict[str, Any], wl: dict[str, list[BenchRequest]]) 
             timings, _ = engine_run.run_batch(engine, wl["single_stream"])
             results["single_stream"]["llmos_int8_ops"] = metrics.serving_metrics(timings)
             loaded.model.set_backend("auto")
+            # the same weights over an fp16 KV cache (opt-in): half the bytes decode attention
+            # reads, side by side
+            del engine
+            gc.collect()
+            engine = engine_run.make_engine(loaded, kv_cache_dtype="float16")
+            engine_run.warm_up(engine, pool)
+            timings, _ = engine_run.run_batch(engine, wl["offline_mixed"])
+            results["offline_mixed"]["llmos_int8_kvfp16"] = metrics.serving_metrics(timings)
+            timings, _ = engine_run.run_batch(engine, wl["single_stream"])
+            results["single_stream"]["llmos_int8_kvfp16"] = metrics.serving_metrics(timings)
         del engine
         ppl[mode] = perplexity(loaded, ids)
         del loaded

@@ -71,12 +71,16 @@ def evaluate(results: dict[str, Any]) -> list[Target]:
     waste = _get(off, "llmos", "kv", "kv_waste_at_peak")
     waste_pct = waste * 100 if waste is not None else None
     opt_in: list[Target] = []
-    for mode in ("fp16", "int8"):
+    for mode, what in (
+        ("fp16", "fp16 weights"),
+        ("int8", "int8 weights"),
+        ("int8_kvfp16", "int8 weights + fp16 KV cache"),
+    ):
         narrow = _get(off, f"llmos_{mode}", "output_throughput")
         single_narrow = _get(results, "single_stream", f"llmos_{mode}", "output_throughput")
         if narrow is None and single_narrow is None:
             continue
-        label = f" — {mode} weights (opt-in)"
+        label = f" — {what} (opt-in)"
         opt_in += [
             Target("8", "offline mixed output throughput" + label, "≥ 300 tok/s", narrow, 300.0,
                    unit="tok/s"),

@@ -288,5 +288,13 @@ def test_opt_in_modes_are_judged_separately_and_quality_reported() -> None:
     assert "| llmos worker, int8 weights (opt-in) | 55.0 |" in text
     assert "| llmos worker, int8 weights, kernels op by op | 41.0 |" in text
     assert not [t for t in ts if "op by op" in t[1]]  # a side-by-side row, not a target
+    res["offline_mixed"]["llmos_int8_kvfp16"] = {"output_throughput": 140.0}
+    res["single_stream"]["llmos_int8_kvfp16"] = {"output_throughput": 70.0}
+    ts = by_name(targets.evaluate(res))
+    kv = ts[("8", "single stream vs llama.cpp — int8 weights + fp16 KV cache (opt-in)")]
+    assert kv.measured == pytest.approx(70.0 / 50.0) and kv.met is True
+    text = report.render(res)
+    assert "| llmos worker, int8 weights + fp16 KV cache (opt-in) | 140.0 |" in text
+    assert "| llmos worker, int8 weights + fp16 KV cache (opt-in) | 70.0 |" in text
     assert "| fp16 | 20.0100 | +0.050 % |" in text
     assert "| int8 | 20.1000 | +0.500 % |" in text
