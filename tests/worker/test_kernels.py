@@ -2,7 +2,9 @@
 linear layers.
 
 The linear kernel is checked against x @ W.T of the weights each storage mode holds (fp32, fp16,
-int8 with per-row scales), over row counts around its 6-row tiles and partial 16-row panels.
+int8 with per-row scales), over row counts around its 6-row tiles and partial 16-row panels;
+int8 at the row counts that multiply 16-bit quantised activations in integers within the
+error bound that quantisation promises, including the largest sums any input can make.
 
 The attention reference gathers each sequence's K/V by its block table and runs
 softmax(q k^T * scale) v in float64. Cases cover GQA ratios 1/3/4, head dims 64 (the AVX2 path)
@@ -301,9 +303,58 @@ def test_linear_matches_dense(kernels: NativeKernels, mode: str, rows: int, n: i
     for x in (wide[:, :k].contiguous(), wide[:, 2 : k + 2]):  # contiguous, and a strided slice
         got = mm(x, kernels)
         assert got.shape == (rows, n) and got.dtype == torch.float32
-        torch.testing.assert_close(got.double(), x.double() @ dense.T, atol=1e-4, rtol=1e-4)
+        want = x.double() @ dense.T
+        if mode == "int8" and rows >= kernels.int8_integer_rows:
+            assert_within_integer_bound(got, x, dense, want)
+        else:
+            torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
     if mode == "int8":  # and those weights are close to the originals
         assert (dense.float() - weight).abs().max() <= weight.abs().amax(1).max() / 254 + 1e-6
+
+
+def assert_within_integer_bound(
+    got: torch.Tensor, x: torch.Tensor, dense: torch.Tensor, want: torch.Tensor
+) -> None:
+    """The integer path's promise: each x value is rounded to the nearest multiple of its row's
+    step max|x_row| / 32767, so y[i, n] is within sum_k |W[n, k]| * step_i / 2 of x @ W.T (plus
+    fp32 rounding of the sums), and the errors, summed over many rows and columns, are as large
+    as rounding errors uniform in +-step / 2 make them (a coarser step fails this part)."""
+    step = x.abs().amax(1, keepdim=True).double() / 32767
+    bound = step / 2 * dense.abs().sum(1)[None, :]
+    err = (got.double() - want).abs()
+    assert (err <= bound * 1.001 + 1e-6 * (1 + want.abs())).all(), float((err - bound).max())
+    rounding_var = step.pow(2) / 12 * dense.pow(2).sum(1)[None, :]
+    assert float(err.pow(2).sum()) <= 2 * float(rounding_var.sum()) + 1e-12
+
+
+@pytest.mark.parametrize("k", [576, 1536, 1031])  # one int32 run; three (512, 512, 512); odd
+def test_int8_integer_path(kernels: NativeKernels, k: int) -> None:
+    """int8 weights at >= int8_integer_rows rows: 16-bit rows of x multiplied in integers.
+    Rows with an outlier channel, an all-zero row, rows of one repeated extreme value (the
+    largest int32 sums any input can make: they must not wrap), and N past a panel edge."""
+    rows, n = kernels.int8_integer_rows + 7, 37
+    g = torch.Generator().manual_seed(k)
+    mm = make_linear(torch.randn(n, k, generator=g), "int8")
+    dense = mm.dense().double()
+    mm.pack()
+    x = torch.randn(rows, k, generator=g)
+    x[:, 5] *= 300.0  # an outlier channel: every row's step is set by it
+    x[3] = 0.0
+    x[4] = -7.5  # |q| = 32767 everywhere: sums of K * 32767 * 127 per channel
+    x[5] = 1e-30  # tiny but not zero: scaled up, not flushed
+    x[6] = 1e-38  # below the floor: taken as zero (its products are below 1e-35)
+    want = x.double() @ dense.T
+    got = mm(x, kernels)
+    assert_within_integer_bound(got, x, dense, want)
+    assert torch.equal(got[3], torch.zeros(n)) and torch.equal(got[6], torch.zeros(n))
+    # a weight row whose int8 values all equal +-127 against x[4]: the extreme sum, exact
+    extreme = make_linear(torch.ones(n, k) * torch.tensor([1.0, -1.0]).repeat(n)[:n, None], "int8")
+    extreme.pack()
+    y = extreme(x, kernels)
+    torch.testing.assert_close(y[4].double(), (-7.5 * k * extreme.dense().double()[:, 0]), rtol=1e-6, atol=0)
+    # fewer rows than the integer path's threshold: fp32 products, as for the other modes
+    few = x[: kernels.int8_integer_rows - 1]
+    torch.testing.assert_close(mm(few, kernels).double(), want[: few.shape[0]], atol=1e-3, rtol=1e-5)
 
 
 def test_pack_roundtrip_and_zero_padding() -> None:
@@ -338,10 +389,13 @@ def test_linear_refuses_bad_inputs(kernels: NativeKernels) -> None:
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, LAYERS, BS, NBLOCKS = 40, 6, 2, 8, 44, 3, 4, 16
 
 
-def _stack_case(mode: str, seed: int = 0, kv: torch.dtype = torch.float32) -> dict[str, Any]:
+def _stack_case(
+    mode: str, seed: int = 0, kv: torch.dtype = torch.float32, extra: int = 0
+) -> dict[str, Any]:
     """Random layers in `mode`, `kv` caches holding a cached prefix, and a step of 6 rows: three
     decodes (contexts 5, 9 and 1) and a 3-token chunk over a 6-token cached prefix, the rows in
-    a scrambled order."""
+    a scrambled order; `extra` (<= 6) more decodes, each in a block of its own, append rows
+    (enough rows to take int8's integer path)."""
     from llmos_worker.model.kernels import StackLayer, StackSpec
     from llmos_worker.model.rope import cos_sin_table
 
@@ -373,12 +427,13 @@ def _stack_case(mode: str, seed: int = 0, kv: torch.dtype = torch.float32) -> di
         torch.randn(2, NBLOCKS, BS, KV_HEADS, HEAD_DIM, generator=g).to(kv) for _ in range(LAYERS)
     ]
     # sequences: (block table, context after this step, tokens this step)
-    tables = torch.tensor([[3, 7, 0], [12, 1, 9], [5, 0, 0], [14, 2, 6]])
-    seq_of_entry = [0, 1, 2, 3, 3, 3]
-    lens = torch.tensor([5, 9, 1, 7, 8, 9])
+    free = [4, 8, 10, 11, 13, 15][:extra]  # blocks no other sequence uses
+    tables = torch.tensor([[3, 7, 0], [12, 1, 9], [5, 0, 0], [14, 2, 6]] + [[b, 0, 0] for b in free])
+    seq_of_entry = [0, 1, 2, 3, 3, 3] + [4 + i for i in range(extra)]
+    lens = torch.tensor([5, 9, 1, 7, 8, 9] + [1 + i % BS for i in range(extra)])
     positions = lens - 1
-    rows = torch.tensor([4, 0, 5, 1, 3, 2])  # x row of each attention entry
-    slots = torch.empty(6, dtype=torch.int64)
+    rows = torch.tensor([4, 0, 5, 1, 3, 2] + [6 + i for i in range(extra)])  # x row of each entry
+    slots = torch.empty(6 + extra, dtype=torch.int64)
     for e, s in enumerate(seq_of_entry):
         p = int(positions[e])
         slots[rows[e]] = tables[s, p // BS] * BS + p % BS
@@ -387,7 +442,7 @@ def _stack_case(mode: str, seed: int = 0, kv: torch.dtype = torch.float32) -> di
         "layers": layers,
         "dense": dense,
         "caches": caches,
-        "x": torch.randn(6, HIDDEN, generator=g),
+        "x": torch.randn(6 + extra, HIDDEN, generator=g),
         "positions": positions[torch.argsort(rows)].contiguous(),  # by x row
         "slots": slots,
         "rows": rows,
@@ -396,15 +451,27 @@ def _stack_case(mode: str, seed: int = 0, kv: torch.dtype = torch.float32) -> di
     }
 
 
-def _stack_reference(case: dict[str, Any]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def quantize_rows(x: torch.Tensor) -> torch.Tensor:
+    """x with each row rounded to multiples of max|x_row| / 32767: the integer path's inputs."""
+    step = x.abs().amax(-1, keepdim=True) / 32767
+    return torch.round(x / step) * step
+
+
+def _stack_reference(
+    case: dict[str, Any], integer: bool = False
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The same step in float64 torch ops: x after every layer, and the caches (K/V rounded to
-    the caches' dtype as they are written)."""
+    the caches' dtype as they are written); `integer`: each projection's input rounded as the
+    int8 integer path rounds it."""
     import torch.nn.functional as F
 
     from llmos_worker.model.rope import apply_rope
 
     def norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+
+    def q(x: torch.Tensor) -> torch.Tensor:
+        return quantize_rows(x) if integer else x
 
     spec = case["spec"]
     x = case["x"].double()
@@ -413,7 +480,7 @@ def _stack_reference(case: dict[str, Any]) -> tuple[torch.Tensor, list[torch.Ten
     cos, sin = spec.cos.double()[pos][:, None], spec.sin.double()[pos][:, None]
     t = x.shape[0]
     for w, cache in zip(case["dense"], caches, strict=True):
-        qkv = (norm(x, w["in"]) @ w["qkv"].T).view(t, HEADS + 2 * KV_HEADS, HEAD_DIM)
+        qkv = (q(norm(x, w["in"])) @ w["qkv"].T).view(t, HEADS + 2 * KV_HEADS, HEAD_DIM)
         qk = apply_rope(qkv[:, : HEADS + KV_HEADS], cos, sin)
         kv = case["caches"][0].dtype
         k, v = qk[:, HEADS:].to(kv).double(), qkv[:, HEADS + KV_HEADS :].to(kv).double()
@@ -424,29 +491,33 @@ def _stack_reference(case: dict[str, Any]) -> tuple[torch.Tensor, list[torch.Ten
         att[rows] = reference(
             qk[:, :HEADS], cache[0], cache[1], case["tables"], case["lens"], rows, spec.attn_scale
         )
-        x = x + att.view(t, -1) @ w["o"].T
-        gate, up = (norm(x, w["post"]) @ w["gate_up"].T).chunk(2, dim=-1)
-        x = x + (F.silu(gate) * up) @ w["down"].T
+        x = x + q(att.view(t, -1)) @ w["o"].T
+        gate, up = (q(norm(x, w["post"])) @ w["gate_up"].T).chunk(2, dim=-1)
+        x = x + q(F.silu(gate) * up) @ w["down"].T
     return x, caches
 
 
 @pytest.mark.parametrize(
-    ("mode", "kv"),
+    ("mode", "kv", "extra"),
     [
-        ("none", torch.float32),
-        ("fp16", torch.float32),
-        ("int8", torch.float32),
-        ("none", torch.float16),
-        ("int8", torch.float16),
+        ("none", torch.float32, 0),
+        ("fp16", torch.float32, 0),
+        ("int8", torch.float32, 0),
+        ("none", torch.float16, 0),
+        ("int8", torch.float16, 0),
+        ("int8", torch.float32, 6),
     ],
-    ids=["none", "fp16", "int8", "none-fp16kv", "int8-fp16kv"],
+    ids=["none", "fp16", "int8", "none-fp16kv", "int8-fp16kv", "int8-integer"],
 )
 def test_decoder_stack_matches_reference(
-    kernels: NativeKernels, mode: str, kv: torch.dtype
+    kernels: NativeKernels, mode: str, kv: torch.dtype, extra: int
 ) -> None:
     """All layers in one call: RoPE, K/V written at their slots, decodes and a chunk whose rows
-    read each other's new K/V, the projections in each storage mode, fp32 and fp16 caches."""
-    case = _stack_case(mode, kv=kv)
+    read each other's new K/V, the projections in each storage mode, fp32 and fp16 caches; with
+    12 rows, int8's integer products (16-bit rows of x: within ~1e-4 of the exact result)."""
+    case = _stack_case(mode, kv=kv, extra=extra)
+    integer = mode == "int8" and case["x"].shape[0] >= kernels.int8_integer_rows
+    assert integer == (extra > 0)
     stack = kernels.bind_stack(case["spec"], case["layers"])
     x = case["x"].clone()
     stack(
@@ -458,10 +529,17 @@ def test_decoder_stack_matches_reference(
         case["tables"],
         case["lens"],
     )
-    want_x, want_caches = _stack_reference(case)
+    want_x, want_caches = _stack_reference(case, integer)
     # fp16 caches: the float64 reference rounds K/V computed in float64, the kernel K/V computed
     # in fp32, so a value near a rounding boundary may land one fp16 ulp (~1e-3) apart
     tol = 1e-4 if kv is torch.float32 else 2e-3
+    if integer:
+        # the reference rounds float64 activations, the kernel fp32 ones: a value within fp32
+        # noise of a rounding boundary lands one step (up to ~1e-3 here) apart, and the step
+        # carries through the layers; rows without such a value agree to fp32 rounding
+        tol = 5e-3
+        row_err = (x.double() - want_x).abs().amax(1)
+        assert (row_err < 1e-4).float().mean() >= 0.5, row_err
     torch.testing.assert_close(x.double(), want_x, atol=tol, rtol=tol)
     for got, want in zip(case["caches"], want_caches, strict=True):
         torch.testing.assert_close(got.double(), want, atol=tol / 10, rtol=tol / 2)

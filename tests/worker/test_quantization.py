@@ -178,7 +178,8 @@ def test_tiny_fp16_close_and_not_requantized(tiny_model_dir: Path) -> None:
 @pytest.mark.parametrize("mode", ["none", "fp16", "int8"])
 def test_native_and_torch_paths_agree(tiny_model_dir: Path, mode: str) -> None:
     """Packed weights in the native kernel and the torch path (weights unpacked, fp16/int8
-    dequantised per call) compute the same logits; int8 stays near fp32."""
+    dequantised per call) compute the same logits (int8: up to the native path's 16-bit
+    activations); int8 stays near fp32."""
     from llmos_worker.model import ModelRunner
     from tests.worker.tiny import PagedBatcher
 
@@ -195,7 +196,10 @@ def test_native_and_torch_paths_agree(tiny_model_dir: Path, mode: str) -> None:
     native = logits(lm)
     lm.model.set_backend("torch")
     assert not any(mm.packed for mm in lm.model.linears())
-    torch.testing.assert_close(logits(lm), native, atol=1e-4, rtol=1e-4)
+    # int8: the native kernel multiplies this 20-row step's activations as 16-bit integers
+    # (each within 1/65534 of its row's largest value), the torch path keeps them fp32
+    tol = 2e-3 if mode == "int8" else 1e-4
+    torch.testing.assert_close(logits(lm), native, atol=tol, rtol=tol)
     lm.model.set_backend("auto")
     torch.testing.assert_close(logits(lm), native, atol=1e-5, rtol=1e-5)
     if mode == "int8":  # weights off by <= half a step of 1/127 of each row's range

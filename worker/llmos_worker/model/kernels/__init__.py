@@ -67,6 +67,8 @@ class NativeKernels:
         self._linear.restype = ctypes.c_int
         # the linear kernel needs AVX2, FMA and F16C; without them callers keep torch's matmul
         self.has_linear = bool(lib.llmos_linear_supported())
+        # from this many rows, int8 weights multiply 16-bit quantised rows of x in integers
+        self.int8_integer_rows = int(lib.llmos_linear_int_rows())
         self._stack = lib.llmos_decoder_stack
         # dims, layer table, weight type, eps, attention scale, cos, sin, x, T, positions,
         # slots, rows, block tables, context lengths, S, max blocks
@@ -158,7 +160,9 @@ class NativeKernels:
 
         packed (ceil(n / 16), K, 16) contiguous float32, float16, or int8 (with `scale` (n,)
         fp32, one per output row); x fp32 with unit column stride (rows may be a slice of a
-        wider tensor).
+        wider tensor). With int8 weights and at least `int8_integer_rows` rows, each row of x
+        is quantised to 16 bits (symmetric, its own scale) and multiplied in integers: every
+        input is then within half of 1/32767 of its row's largest magnitude.
         """
         return self.bind_linear(packed, n, scale)(x)
 
