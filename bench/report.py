@@ -130,7 +130,7 @@ def render(results: dict[str, Any]) -> str:
             (
                 "llmos worker, int8 weights (opt-in)",
                 off.get("llmos_int8"),
-                "`--quantization int8` (weight-only, per-channel scales)",
+                "`--quantization int8` (per-channel scales; 16-bit activations from 12 rows)",
             ),
             (
                 "llmos worker, int8 weights + fp16 KV cache (opt-in)",

@@ -92,10 +92,11 @@ class EngineSettings(ApiModel):
     )
     quantization: Literal["none", "fp16", "int8"] = Field(
         default="none",
-        description="Opt-in narrower linear-layer weights for CPU pools, fp32 compute: fp16 "
-        "(half the weight bytes, perplexity within 0.5 % of fp32) or int8 weight-only with "
-        "per-channel scales (a quarter, perplexity within 2 %); a decode step reads "
-        "proportionally less. Needs dtype float32 and no GPUs.",
+        description="Opt-in narrower linear-layer weights for CPU pools: fp16 (half the "
+        "weight bytes, fp32 compute, perplexity within 0.5 % of fp32) or int8 with per-channel "
+        "scales (a quarter; steps of 12+ rows multiply 16-bit activations in integers; "
+        "perplexity within 2 %); a decode step reads proportionally less. Needs dtype float32 "
+        "and no GPUs.",
     )
     kv_cache_dtype: Literal["auto", "float16"] = Field(
         default="auto",

@@ -85,63 +85,6 @@ static inline void narrow_half(uint16_t *dst, const float *src, int64_t n) {
                          _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
     for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
 }
-
-/* row_dots over fp16 rows */
-static inline void row_dots_half(float *out, const float *q, const uint16_t *x, int64_t stride,
-                                 int64_t n, int64_t d) {
-    if (d == 64) {
-        const __m256 q0 = _mm256_loadu_ps(q), q1 = _mm256_loadu_ps(q + 8);
-        const __m256 q2 = _mm256_loadu_ps(q + 16), q3 = _mm256_loadu_ps(q + 24);
-        const __m256 q4 = _mm256_loadu_ps(q + 32), q5 = _mm256_loadu_ps(q + 40);
-        const __m256 q6 = _mm256_loadu_ps(q + 48), q7 = _mm256_loadu_ps(q + 56);
-        for (int64_t i = 0; i < n; ++i, x += stride) {
-            __m256 s0 = _mm256_mul_ps(q0, load_half8(x));
-            __m256 s1 = _mm256_mul_ps(q1, load_half8(x + 8));
-            s0 = _mm256_fmadd_ps(q2, load_half8(x + 16), s0);
-            s1 = _mm256_fmadd_ps(q3, load_half8(x + 24), s1);
-            s0 = _mm256_fmadd_ps(q4, load_half8(x + 32), s0);
-            s1 = _mm256_fmadd_ps(q5, load_half8(x + 40), s1);
-            s0 = _mm256_fmadd_ps(q6, load_half8(x + 48), s0);
-            s1 = _mm256_fmadd_ps(q7, load_half8(x + 56), s1);
-            out[i] = hsum8(_mm256_add_ps(s0, s1));
-        }
-        return;
-    }
-    for (int64_t i = 0; i < n; ++i, x += stride) {
-        float s = 0.0f;
-        for (int64_t j = 0; j < d; ++j) s += q[j] * _cvtsh_ss(x[j]);
-        out[i] = s;
-    }
-}
-
-/* weighted_rows over fp16 rows */
-static inline void weighted_rows_half(float *y, const float *p, const uint16_t *x, int64_t stride,
-                                      int64_t n, int64_t d) {
-    if (d == 64) {
-        __m256 a0 = _mm256_loadu_ps(y), a1 = _mm256_loadu_ps(y + 8);
-        __m256 a2 = _mm256_loadu_ps(y + 16), a3 = _mm256_loadu_ps(y + 24);
-        __m256 a4 = _mm256_loadu_ps(y + 32), a5 = _mm256_loadu_ps(y + 40);
-        __m256 a6 = _mm256_loadu_ps(y + 48), a7 = _mm256_loadu_ps(y + 56);
-        for (int64_t i = 0; i < n; ++i, x += stride) {
-            const __m256 pv = _mm256_set1_ps(p[i]);
-            a0 = _mm256_fmadd_ps(pv, load_half8(x), a0);
-            a1 = _mm256_fmadd_ps(pv, load_half8(x + 8), a1);
-            a2 = _mm256_fmadd_ps(pv, load_half8(x + 16), a2);
-            a3 = _mm256_fmadd_ps(pv, load_half8(x + 24), a3);
-            a4 = _mm256_fmadd_ps(pv, load_half8(x + 32), a4);
-            a5 = _mm256_fmadd_ps(pv, load_half8(x + 40), a5);
-            a6 = _mm256_fmadd_ps(pv, load_half8(x + 48), a6);
-            a7 = _mm256_fmadd_ps(pv, load_half8(x + 56), a7);
-        }
-        _mm256_storeu_ps(y, a0), _mm256_storeu_ps(y + 8, a1);
-        _mm256_storeu_ps(y + 16, a2), _mm256_storeu_ps(y + 24, a3);
-        _mm256_storeu_ps(y + 32, a4), _mm256_storeu_ps(y + 40, a5);
-        _mm256_storeu_ps(y + 48, a6), _mm256_storeu_ps(y + 56, a7);
-        return;
-    }
-    for (int64_t i = 0; i < n; ++i, x += stride)
-        for (int64_t j = 0; j < d; ++j) y[j] += p[i] * _cvtsh_ss(x[j]);
-}
 #endif
 
 int llmos_kv_half_supported(void) {
@@ -236,56 +179,89 @@ static inline float exp_sum(float *x, float m, int64_t n) {
 
 int llmos_max_group(void) { return MAX_GROUP; }
 
+/* Prefetch n rows of `bytes` bytes, `stride` bytes apart, into cache. Why: blocks lie anywhere
+ * in the cache, so the hardware prefetcher, which follows address streams, misses the first
+ * rows of every block; the next block is fetched while this one is computed. */
+static inline void prefetch_rows(const char *p, int64_t n, int64_t stride, int64_t bytes) {
+    for (int64_t i = 0; i < n; ++i, p += stride)
+        for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch(p + c, 0, 3);
+}
+
+#define ROW_BUF_FLOATS 2048 /* fp16 rows widened at a time: 8 KB, in L1 */
+
+/* Rows [t0, t0 + n) of one KV head of a paged cache as fp32 rows `*ld` floats apart: in place
+ * for an fp32 cache; for an fp16 cache widened once into buf (n * head_dim <= ROW_BUF_FLOATS),
+ * so the GQA heads that read them share one conversion. */
+static inline const float *cache_rows(const void *cache, int half, int64_t at, int64_t kv_row,
+                                      int64_t n, int64_t head_dim, float *buf, int64_t *ld) {
+#ifdef LLMOS_KV_HALF
+    if (half) {
+        for (int64_t i = 0; i < n; ++i)
+            widen_half(buf + i * head_dim, (const uint16_t *)cache + at + i * kv_row, head_dim);
+        *ld = head_dim;
+        return buf;
+    }
+#else
+    (void)half, (void)n, (void)head_dim, (void)buf;
+#endif
+    *ld = kv_row;
+    return (const float *)cache + at;
+}
+
 /* One (sequence, KV head) item: the `group` query heads at q (group * head_dim floats) attend to
  * the sequence's first `len` K/V rows through `table`; results to out (group * head_dim).
- * `scores` holds group * max_len floats of scratch. */
+ * `scores` holds group * max_len floats of scratch. K/V rows go in spans of at most one block
+ * (and at most ROW_BUF_FLOATS / head_dim rows). */
 static void attend_item(const float *q, float *out, const void *k_cache, const void *v_cache,
                         int half, const int64_t *table, int64_t len, int64_t kvh, int64_t group,
                         int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
                         float *scores, int64_t max_len, float scale) {
     const int64_t kv_row = num_kv_heads * head_dim; /* elements between consecutive tokens */
-    /* pass 1: scores = q . k * scale, row maxima */
-    float maxes[MAX_GROUP];
+    const int64_t esize = half ? 2 : 4;
+    int64_t span = ROW_BUF_FLOATS / head_dim;
+    span = span < 1 ? 1 : span > block_size ? block_size : span;
+    float buf[ROW_BUF_FLOATS];
+    const int64_t spans_per_block = (block_size + span - 1) / span;
+    /* pass 1: scores = q . k * scale, row maxima; pass 2: out = sum_t p_t v_t / sum_t p_t */
+    float maxes[MAX_GROUP], sums[MAX_GROUP];
     for (int64_t g = 0; g < group; ++g) maxes[g] = -INFINITY;
-    /* why block by block: no integer division per token (slow on many x86 cores) */
-    for (int64_t b = 0, t0 = 0; t0 < len; ++b, t0 += block_size) {
-        const int64_t n = len - t0 < block_size ? len - t0 : block_size;
-        const int64_t at = (table[b] * block_size * num_kv_heads + kvh) * head_dim;
-        for (int64_t g = 0; g < group; ++g) {
-            float *sg = scores + g * max_len + t0;
-#ifdef LLMOS_KV_HALF
-            if (half)
-                row_dots_half(sg, q + g * head_dim, (const uint16_t *)k_cache + at, kv_row, n,
-                              head_dim);
-            else
-#endif
-                row_dots(sg, q + g * head_dim, (const float *)k_cache + at, kv_row, n, head_dim);
-            for (int64_t i = 0; i < n; ++i) {
-                sg[i] *= scale;
-                if (sg[i] > maxes[g]) maxes[g] = sg[i];
+    for (int pass = 0; pass < 2; ++pass) {
+        const void *cache = pass == 0 ? k_cache : v_cache;
+        /* why block by block: no integer division per token (slow on many x86 cores) */
+        for (int64_t b = 0, t0 = 0; t0 < len; ++b, t0 += block_size) {
+            const int64_t in_block = len - t0 < block_size ? len - t0 : block_size;
+            if (t0 + block_size < len) {
+                const int64_t next = len - t0 - block_size;
+                prefetch_rows((const char *)cache +
+                                  (table[b + 1] * block_size * num_kv_heads + kvh) * head_dim *
+                                      esize,
+                              next < block_size ? next : block_size, kv_row * esize,
+                              head_dim * esize);
+            }
+            for (int64_t j = 0; j < spans_per_block && j * span < in_block; ++j) {
+                const int64_t r0 = j * span, n = in_block - r0 < span ? in_block - r0 : span;
+                const int64_t at = ((table[b] * block_size + r0) * num_kv_heads + kvh) * head_dim;
+                int64_t ld;
+                const float *rows = cache_rows(cache, half, at, kv_row, n, head_dim, buf, &ld);
+                for (int64_t g = 0; g < group; ++g) {
+                    float *sg = scores + g * max_len + t0 + r0;
+                    if (pass == 0) {
+                        row_dots(sg, q + g * head_dim, rows, ld, n, head_dim);
+                        for (int64_t i = 0; i < n; ++i) {
+                            sg[i] *= scale;
+                            if (sg[i] > maxes[g]) maxes[g] = sg[i];
+                        }
+                    } else {
+                        weighted_rows(out + g * head_dim, sg, rows, ld, n, head_dim);
+                    }
+                }
             }
         }
-    }
-    /* softmax weights, unnormalised */
-    float sums[MAX_GROUP];
-    for (int64_t g = 0; g < group; ++g) {
-        sums[g] = exp_sum(scores + g * max_len, maxes[g], len);
-        memset(out + g * head_dim, 0, sizeof(float) * (size_t)head_dim);
-    }
-    /* pass 2: out = sum_t p_t v_t / sum_t p_t */
-    for (int64_t b = 0, t0 = 0; t0 < len; ++b, t0 += block_size) {
-        const int64_t n = len - t0 < block_size ? len - t0 : block_size;
-        const int64_t at = (table[b] * block_size * num_kv_heads + kvh) * head_dim;
-        for (int64_t g = 0; g < group; ++g) {
-            float *og = out + g * head_dim;
-            const float *pg = scores + g * max_len + t0;
-#ifdef LLMOS_KV_HALF
-            if (half)
-                weighted_rows_half(og, pg, (const uint16_t *)v_cache + at, kv_row, n, head_dim);
-            else
-#endif
-                weighted_rows(og, pg, (const float *)v_cache + at, kv_row, n, head_dim);
-        }
+        if (pass == 0) /* softmax weights, unnormalised */
+            for (int64_t g = 0; g < group; ++g) {
+                sums[g] = exp_sum(scores + g * max_len, maxes[g], len);
+                memset(out + g * head_dim, 0, sizeof(float) * (size_t)head_dim);
+            }
     }
     for (int64_t g = 0; g < group; ++g) {
         const float inv = 1.0f / sums[g];
