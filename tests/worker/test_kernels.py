@@ -351,10 +351,14 @@ def test_int8_integer_path(kernels: NativeKernels, k: int) -> None:
     extreme = make_linear(torch.ones(n, k) * torch.tensor([1.0, -1.0]).repeat(n)[:n, None], "int8")
     extreme.pack()
     y = extreme(x, kernels)
-    torch.testing.assert_close(y[4].double(), (-7.5 * k * extreme.dense().double()[:, 0]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        y[4].double(), (-7.5 * k * extreme.dense().double()[:, 0]), rtol=1e-6, atol=0
+    )
     # fewer rows than the integer path's threshold: fp32 products, as for the other modes
     few = x[: kernels.int8_integer_rows - 1]
-    torch.testing.assert_close(mm(few, kernels).double(), want[: few.shape[0]], atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(
+        mm(few, kernels).double(), want[: few.shape[0]], atol=1e-3, rtol=1e-5
+    )
 
 
 def test_pack_roundtrip_and_zero_padding() -> None:
@@ -428,7 +432,9 @@ def _stack_case(
     ]
     # sequences: (block table, context after this step, tokens this step)
     free = [4, 8, 10, 11, 13, 15][:extra]  # blocks no other sequence uses
-    tables = torch.tensor([[3, 7, 0], [12, 1, 9], [5, 0, 0], [14, 2, 6]] + [[b, 0, 0] for b in free])
+    tables = torch.tensor(
+        [[3, 7, 0], [12, 1, 9], [5, 0, 0], [14, 2, 6]] + [[b, 0, 0] for b in free]
+    )
     seq_of_entry = [0, 1, 2, 3, 3, 3] + [4 + i for i in range(extra)]
     lens = torch.tensor([5, 9, 1, 7, 8, 9] + [1 + i % BS for i in range(extra)])
     positions = lens - 1

@@ -5,8 +5,8 @@ The quality check scores a fixed English passage (tests/worker/data/perplexity.t
 this test) with the bundled SmolLM2-135M-Instruct, fp32 against fp16 or int8 linear layers. The
 stated bounds: fp16 perplexity within 0.5 % of fp32 (measured: 0.01 %), int8 (per-channel
 weight scales, 16-bit activation rows) within 2 % (measured: -0.5 % on this text, +0.2 % on
-CPython's reference docs). The perplexity helper itself is checked against Hugging Face's causal-LM loss on the tiny
-model.
+CPython's reference docs). The perplexity helper itself is checked against Hugging Face's
+causal-LM loss on the tiny model.
 """
 
 from __future__ import annotations
