@@ -1,14 +1,16 @@
 """A small async Kubernetes REST client (httpx) for the objects the operator owns.
 
 kopf watches; this client reads and writes children: get, list, create, merge-patch, delete, and
-`apply` = create-or-patch-when-drifted. "Already exists" on create is success (a retried
-reconcile), "not found" on get/delete is a value, every other error status raises `KubeError`.
+`apply` = create-or-patch-when-drifted (three-way: a field the last apply wrote and the desired
+object no longer has is deleted). "Already exists" on create is success (a retried reconcile),
+"not found" on get/delete is a value, every other error status raises `KubeError`.
 The API server address and credentials come from kopf's `ConnectionInfo`, and the HTTP transport
 can be injected, so tests point it at an emulator without patching anything.
 """
 
 from __future__ import annotations
 
+import json
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +19,9 @@ import httpx
 import kopf
 
 MERGE_PATCH = "application/merge-patch+json"
+# what `apply` last wrote, so a field dropped from the desired object is removed (as kubectl's
+# last-applied-configuration does for client-side apply)
+LAST_APPLIED = "llmos.dev/last-applied"
 USER_AGENT = "llmos-operator/0.1.0"
 
 
@@ -86,6 +91,51 @@ def contains(actual: Any, desired: Any) -> bool:
         # why: quantities round-trip as int or string ("2" == 2)
         return str(desired) == str(actual)
     return bool(actual == desired)
+
+
+def removals(last: Any, desired: Any) -> dict[str, Any]:
+    """The merge patch (keys set to None) that removes what `last` had and `desired` drops.
+
+    Only mapping keys are compared: a merge patch replaces lists whole, so a list that shrank is
+    already written as it is desired.
+    """
+    if not isinstance(last, dict) or not isinstance(desired, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for key, value in last.items():
+        if key not in desired:
+            out[key] = None
+        elif sub := removals(value, desired[key]):
+            out[key] = sub
+    return out
+
+
+def holds_any(actual: Any, removal: dict[str, Any]) -> bool:
+    """Whether `actual` still has any key that `removal` deletes."""
+    if not isinstance(actual, dict):
+        return False
+    for key, value in removal.items():
+        if key not in actual:
+            continue
+        if value is None or holds_any(actual[key], value):
+            return True
+    return False
+
+
+def _merge_removals(patch: dict[str, Any], removal: dict[str, Any]) -> dict[str, Any]:
+    out = dict(patch)
+    for key, value in removal.items():
+        out[key] = None if value is None else _merge_removals(out.get(key) or {}, value)
+    return out
+
+
+def _last_applied(existing: dict[str, Any]) -> dict[str, Any]:
+    raw = (existing.get("metadata", {}).get("annotations") or {}).get(LAST_APPLIED)
+    try:
+        last = json.loads(raw) if raw else {}
+    except ValueError:  # edited by hand into something else: nothing is known to be ours
+        return {}
+    return last if isinstance(last, dict) else {}
 
 
 def _client_kwargs(info: kopf.ConnectionInfo) -> dict[str, Any]:
@@ -186,8 +236,17 @@ class KubeClient:
         return result is not None
 
     async def apply(self, desired: dict[str, Any]) -> tuple[dict[str, Any], str]:
-        """Create `desired` or patch the existing object back to it: (object, what was done)."""
-        meta = desired["metadata"]
+        """Create `desired` or patch the existing object back to it: (object, what was done).
+
+        The object carries what was applied in an annotation (`LAST_APPLIED`); a field that the
+        last apply wrote and this one drops is deleted, fields others added (server defaults,
+        other controllers) are left alone.
+        """
+        owned = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind", "status")}
+        record = json.dumps(owned, sort_keys=True, separators=(",", ":"))
+        meta = dict(desired["metadata"])
+        meta["annotations"] = {**(meta.get("annotations") or {}), LAST_APPLIED: record}
+        desired = {**desired, "metadata": meta}
         kind, namespace, name = desired["kind"], meta.get("namespace"), meta["name"]
         existing = await self.get(kind, namespace, name)
         if existing is None:
@@ -200,9 +259,10 @@ class KubeClient:
                 if existing is None:
                     raise
         owned = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind", "status")}
-        if contains(existing, owned):
+        dropped = removals(_last_applied(existing), owned)
+        if contains(existing, owned) and not holds_any(existing, dropped):
             return existing, "unchanged"
-        patched = await self.patch(kind, namespace, name, owned)
+        patched = await self.patch(kind, namespace, name, _merge_removals(owned, dropped))
         if patched is None:  # deleted between our get and patch: the next reconcile creates it
             return existing, "gone"
         return patched, "patched"

@@ -1,6 +1,7 @@
 """InferencePool against the emulated API server: waits for its model, renders its children,
-follows the Deployment's status, undoes drift, rolls on spec changes, cleans up, survives a
-restart, and reports invalid specs without creating half a pool."""
+follows the Deployment's status, undoes drift, rolls on spec changes, removes fields a spec
+change drops, cleans up, survives a restart, and reports invalid specs without creating half a
+pool."""
 
 from __future__ import annotations
 
@@ -117,6 +118,36 @@ async def test_pool_lifecycle(cluster: Cluster, operator: OperatorProcess) -> No
         return pool_gone and child_names(cluster) == {plural: [] for plural in CHILDREN}
 
     await cluster.wait_for(cleaned, what="cleanup")
+
+
+async def test_dropped_spec_fields_leave_the_children(
+    cluster: Cluster, operator: OperatorProcess
+) -> None:
+    """A field the operator wrote and the spec no longer asks for is removed from the child (a
+    merge patch alone would leave it); fields others added to the child stay."""
+    await ready_model(cluster)
+    body = sample("InferencePool")
+    body["spec"].setdefault("resources", {})["nodeSelector"] = {"pool": "gpu"}
+    await cluster.create("inferencepools", body)
+
+    async def pod_spec() -> dict[str, Any] | None:
+        dep = await cluster.get("deployments", "chat")
+        return dep["spec"]["template"]["spec"] if dep else None
+
+    first = await cluster.wait_for(pod_spec, what="Deployment")
+    assert first["nodeSelector"] == {"pool": "gpu"}
+    # another controller annotates the Deployment: not the operator's to remove
+    await cluster.patch("deployments", "chat", {"metadata": {"annotations": {"other/x": "1"}}})
+    await cluster.patch("inferencepools", "chat", {"spec": {"resources": {"nodeSelector": None}}})
+
+    async def dropped() -> dict[str, Any] | None:
+        dep = await cluster.get("deployments", "chat") or {}
+        pod = dep.get("spec", {}).get("template", {}).get("spec", {})
+        return dep if pod and "nodeSelector" not in pod else None
+
+    dep = await cluster.wait_for(dropped, what="nodeSelector removed from the Deployment")
+    assert dep["metadata"]["annotations"]["other/x"] == "1"
+    assert dep["spec"]["replicas"] == 2  # the rest is as it was
 
 
 async def test_restart_mid_way_gives_same_end_state(
