@@ -18,7 +18,8 @@ class EngineConfig:
     """Settings of one engine instance.
 
     The KV cache is sized from `kv_cache_memory_bytes` when given, otherwise from
-    `kv_cache_memory_fraction` of the device's free memory (host RAM on CPU).
+    `kv_cache_memory_fraction` of the device's free memory (host RAM on CPU, no more than
+    the headroom under the process's cgroup memory limit: a container's limit).
     """
 
     block_size: int = 16
