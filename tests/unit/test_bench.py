@@ -232,6 +232,19 @@ def test_missing_baseline_is_not_judged_never_met() -> None:
     assert ts[("2", "offline mixed vs Hugging Face best static batch")].met is None
 
 
+def test_cpu_steal_share_is_reported() -> None:
+    from bench.run import steal_percent
+
+    # user nice system idle iowait irq softirq steal: 20 of 100 ticks stolen
+    assert steal_percent([0] * 8, [50, 0, 10, 20, 0, 0, 0, 20]) == 20.0
+    assert steal_percent(None, [1] * 8) is None
+    assert steal_percent([1] * 8, [1] * 8) is None  # no time passed
+    res = results()
+    res["meta"]["steal_percent"] = 20.0
+    assert "stolen by the hypervisor during the run: 20.0 %" in report.render(res)
+    assert "stolen" not in report.render(results())  # not measured: no line
+
+
 def test_report_has_a_line_per_target_and_each_table() -> None:
     text = report.render(results(llama=None))
     assert "`python -m bench.run --out docs`" in text

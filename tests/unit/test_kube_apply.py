@@ -11,7 +11,10 @@ def test_removals_name_only_what_the_last_apply_wrote_and_this_one_drops() -> No
         "metadata": {"labels": {"a": "1", "b": "2"}},
         "spec": {"replicas": 2, "template": {"spec": {"nodeSelector": {"pool": "gpu"}}}},
     }
-    desired = {"metadata": {"labels": {"a": "1"}}, "spec": {"replicas": 3, "template": {"spec": {}}}}
+    desired = {
+        "metadata": {"labels": {"a": "1"}},
+        "spec": {"replicas": 3, "template": {"spec": {}}},
+    }
     assert removals(last, desired) == {
         "metadata": {"labels": {"b": None}},
         "spec": {"template": {"spec": {"nodeSelector": None}}},
