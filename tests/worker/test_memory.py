@@ -7,6 +7,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
+from llmos_worker.model import memory
 from llmos_worker.model.memory import available_memory_bytes, cgroup_headroom_bytes
 
 GiB = 1 << 30
@@ -79,8 +82,17 @@ def test_unreadable_or_absent_means_no_cap(tmp_path: Path) -> None:
     assert cgroup_headroom_bytes(tmp_path / "cg", tmp_path / "self") is None
 
 
-def test_host_budget_is_capped_by_this_process_cgroup() -> None:
-    free = available_memory_bytes("cpu")
-    headroom = cgroup_headroom_bytes()
-    assert free > 0
-    assert headroom is None or free <= headroom
+def test_host_budget_is_capped_by_this_process_cgroup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """available_memory_bytes("cpu") is MemAvailable, or the cgroup's headroom when smaller."""
+    uncapped = available_memory_bytes("cpu")
+    assert uncapped > 0
+    root, self_cgroup = tmp_path / "cg", tmp_path / "self"
+    self_cgroup.write_text("0::/\n")
+    write(root, {"memory.max": f"{3 << 20}\n", "memory.current": f"{1 << 20}\n"})
+    monkeypatch.setattr(memory, "CGROUP_ROOT", root)
+    monkeypatch.setattr(memory, "PROC_SELF_CGROUP", self_cgroup)
+    assert available_memory_bytes("cpu") == 2 << 20  # a 3 MiB limit, 1 MiB used
+    write(root, {"memory.max": "max\n"})
+    assert available_memory_bytes("cpu") > 2 << 20  # no limit: the host's MemAvailable

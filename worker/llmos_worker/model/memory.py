@@ -26,7 +26,7 @@ def available_memory_bytes(device: str | torch.device) -> int:
         free, _total = torch.cuda.mem_get_info(dev)
         return int(free)
     host = _meminfo_available()
-    headroom = cgroup_headroom_bytes()
+    headroom = cgroup_headroom_bytes(CGROUP_ROOT, PROC_SELF_CGROUP)
     return host if headroom is None else min(host, headroom)
 
 
