@@ -226,9 +226,7 @@ class LlamaModel(nn.Module):
         device = self.device
         kernels = self._kernels()
         kv = caches[0].dtype if caches else torch.float32
-        if kernels is not None and not (
-            kv is torch.float32 or (kv is torch.float16 and kernels.has_kv_half)
-        ):
+        if kernels is not None and not kernels.reads_kv(kv):
             kernels = None  # why: a cache type the attention kernels do not read (no F16C)
         plan = AttentionPlan.from_batch(batch, block_size, device, self.dtype, kernels)
         positions = batch.positions.to(device)

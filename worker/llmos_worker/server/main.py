@@ -17,12 +17,12 @@ import signal
 import sys
 import time
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import uvicorn
 
 from llmos_worker.cli import env_default
-from llmos_worker.engine.config import EngineConfig
+from llmos_worker.engine.config import DType, EngineConfig, KVCacheDType, Quantization
 from llmos_worker.errors import WorkerError
 
 if TYPE_CHECKING:
@@ -94,17 +94,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=_bool(e("enable_prefix_caching", "true") or "true"),
     )
-    a("--dtype", choices=["float32", "bfloat16", "float16"], default=e("dtype", "float32"))
+    a("--dtype", choices=get_args(DType), default=e("dtype", "float32"))
     a(
         "--quantization",
-        choices=["none", "fp16", "int8"],
+        choices=get_args(Quantization),
         default=e("quantization", "none"),
-        help="linear-layer weights in fp16, or int8 with per-channel scales; activations and "
-        "compute stay fp32 (CPU, float32 only)",
+        help="linear-layer weights in fp16 (fp32 compute), or int8 with per-channel scales "
+        "(fp32 compute below 12 rows; from 12 rows, activations rounded per row to 16 bits and "
+        "multiplied in integers) (CPU, float32 only)",
     )
     a(
         "--kv-cache-dtype",
-        choices=["auto", "float16"],
+        choices=get_args(KVCacheDType),
         default=e("kv_cache_dtype", "auto"),
         help="data type of the KV cache: auto (the model's dtype) or float16 (half the bytes of "
         "an fp32 cache; values rounded to fp16 on write, widened to the compute dtype on read)",

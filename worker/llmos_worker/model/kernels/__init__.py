@@ -78,6 +78,10 @@ class NativeKernels:
         if (lib.llmos_stack_dims(), lib.llmos_stack_fields()) != (_STACK_DIMS, _STACK_FIELDS):
             raise RuntimeError("cpu_kernels.c and this module disagree on the stack layout")
 
+    def reads_kv(self, dtype: torch.dtype) -> bool:
+        """Whether the attention kernels read K/V caches of `dtype` (fp16 needs F16C)."""
+        return dtype is torch.float32 or (dtype is torch.float16 and self.has_kv_half)
+
     # The per-layer ops take fp32 CPU tensors laid out as the decoder makes them; the shapes
     # are checked (cheap) so a wrong call raises instead of reading out of bounds.
 
@@ -403,7 +407,7 @@ class DecoderStack:
         wtype: int,
     ) -> None:
         self.spec, self.layers, self.dims, self.table = spec, layers, dims, table
-        self._fn, self._wtype, self._kv_half = kernels._stack, wtype, kernels.has_kv_half
+        self._fn, self._wtype, self._reads_kv = kernels._stack, wtype, kernels.reads_kv
         self._caches: list[tuple[int, torch.Size, torch.dtype]] = []
 
     def _set_caches(
@@ -418,7 +422,7 @@ class DecoderStack:
                 f"cache {tuple(shape)} is not (2, N, bs, {spec.kv_heads}, {spec.head_dim})"
             )
         dtype = caches[0].dtype if caches else torch.float32
-        if dtype not in _KV_DTYPES or (dtype is torch.float16 and not self._kv_half):
+        if not self._reads_kv(dtype):
             raise ValueError(f"{dtype} caches are not supported by this build of the kernels")
         for i, cache in enumerate(caches):
             if cache.dtype is not dtype or not cache.is_cpu or not cache.is_contiguous():
