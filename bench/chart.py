@@ -23,9 +23,24 @@ def draw(results: dict[str, Any], path: Path) -> None:
     roof = results.get("roofline", {})
     systems = ("llmos", "llmos fp16", "llmos int8", "HF generate", "llama.cpp")
 
-    for ax, key, title, ceiling in (
-        (axes[0][0], "offline_mixed", "(1) offline mixed, output tok/s", "compute_tok_s_fp32"),
-        (axes[0][1], "single_stream", "(4) single stream, output tok/s", "batch1_mem_tok_s_fp32"),
+    offline_roof = ((roof.get("workloads") or {}).get("offline_mixed") or {}).get(
+        "compute_tok_s_fp32"
+    )
+    for ax, key, title, ceiling, label in (
+        (
+            axes[0][0],
+            "offline_mixed",
+            "(1) offline mixed, output tok/s",
+            offline_roof,
+            "fp32 compute ceiling of the workload",
+        ),
+        (
+            axes[0][1],
+            "single_stream",
+            "(4) single stream, output tok/s",
+            roof.get("batch1_mem_tok_s_fp32"),
+            "batch-1 memory ceiling, fp32 weights",
+        ),
     ):
         block = results.get(key, {})
         hf = block.get("hf_best") if key == "offline_mixed" else block.get("hf")
@@ -40,10 +55,8 @@ def draw(results: dict[str, Any], path: Path) -> None:
             systems, vals, color=["tab:blue", "tab:cyan", "tab:purple", "tab:orange", "tab:green"]
         )
         ax.bar_label(bars, fmt="%.0f")
-        if roof.get(ceiling):
-            kind = "compute" if "compute" in ceiling else "batch-1 memory"
-            label = f"fp32 {kind} roofline"
-            ax.axhline(roof[ceiling], color="red", linestyle="--", label=label)
+        if ceiling:
+            ax.axhline(ceiling, color="red", linestyle="--", label=label)
             ax.legend(loc="upper right", fontsize=8)
         ax.set_title(title)
         ax.set_ylabel("tok/s")

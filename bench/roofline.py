@@ -1,10 +1,12 @@
 """This machine's limits, measured in the same run: matmul GFLOP/s, memory bandwidth, and the
 tokens/s they allow for the model.
 
-Decoding one token costs about 2 × params FLOPs (one multiply-add per weight; attention over
-the context is extra and ignored here, so the roofline is slightly optimistic). At batch 1 every
-weight is read once per token, so the memory-bound ceiling is bandwidth / weight bytes. Every
-benchmark result is also reported as a fraction of the compute roofline.
+Per token, the model costs about 2 × params FLOPs (one multiply-add per weight). A workload
+costs more per *output* token than that: every prompt token runs through the decoder layers
+too, and attention grows with the context. `workload_flops` counts both exactly for a list of
+requests, so a workload's compute ceiling (output tok/s if every FLOP ran at the measured matmul
+rate) is the honest upper bound for its throughput. At batch 1 every weight is read once per
+token, so the memory-bound ceiling is bandwidth / weight bytes.
 """
 
 from __future__ import annotations
@@ -20,24 +22,87 @@ if TYPE_CHECKING:
 
 @dataclass
 class ModelSize:
-    """Parameter count and stored size of a GGUF model (tied embeddings counted once)."""
+    """Parameter count, stored size and attention shape of a GGUF model (tied embeddings
+    counted once)."""
 
     params: int
     file_weight_bytes: int  # bytes of the tensor data as stored (quantised) in the GGUF
+    layers: int = 0
+    heads: int = 0  # query heads
+    head_dim: int = 0
+    head_params: int = 0  # the LM head (the embedding table when tied)
+    embedding_params: int = 0
+    tied: bool = True  # the LM head is the embedding table (counted once in params)
 
     @property
     def flops_per_token(self) -> int:
         return 2 * self.params
 
+    @property
+    def layer_params(self) -> int:
+        """Weights every token runs through: the decoder layers and the final norm."""
+        return self.params - self.embedding_params - (0 if self.tied else self.head_params)
+
+    @property
+    def read_per_token(self) -> int:
+        """Weights one decoded token reads: the layers and the LM head (of the embedding table,
+        one row)."""
+        return self.layer_params + self.head_params
+
+    def request_flops(self, prompt_len: int, output_len: int) -> tuple[int, int]:
+        """(linear, attention) FLOPs of one request, generated to `output_len` tokens.
+
+        The layers run on every prompt token and every generated token but the last (it is
+        never fed back); the LM head runs once per generated token. The query at position i
+        attends to i + 1 keys, and each query-key pair costs a multiply-add for the score and
+        one for the weighted value, per head dimension, per head, per layer.
+        """
+        if output_len <= 0:
+            return 2 * self.layer_params * prompt_len, 0
+        rows = prompt_len + output_len - 1
+        linear = 2 * self.layer_params * rows + 2 * self.head_params * output_len
+        pairs = rows * (rows + 1) // 2
+        attention = 4 * self.layers * self.heads * self.head_dim * pairs
+        return linear, attention
+
+    def workload_flops(self, requests: list[tuple[int, int]]) -> tuple[int, int]:
+        """(linear, attention) FLOPs of (prompt_len, output_len) requests run to the end."""
+        linear = attention = 0
+        for prompt_len, output_len in requests:
+            lin, att = self.request_flops(prompt_len, output_len)
+            linear += lin
+            attention += att
+        return linear, attention
+
 
 def gguf_model_size(path: Path) -> ModelSize:
-    """Read tensor shapes from the GGUF header; no weights are dequantised."""
+    """Read tensor shapes and the attention geometry from the GGUF header; no weights are
+    dequantised."""
     from gguf import GGUFReader  # why: the worker's dependency, imported only here
 
     reader = GGUFReader(str(path))
-    params = sum(int(t.n_elements) for t in reader.tensors)
+    elements = {t.name: int(t.n_elements) for t in reader.tensors}
     nbytes = sum(int(t.n_bytes) for t in reader.tensors)
-    return ModelSize(params=params, file_weight_bytes=nbytes)
+
+    def field(key: str) -> int:
+        f = reader.fields[key]
+        return int(f.parts[f.data[0]][0])
+
+    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+    heads = field(f"{arch}.attention.head_count")
+    key = f"{arch}.attention.key_length"
+    head_dim = field(key) if key in reader.fields else field(f"{arch}.embedding_length") // heads
+    embedding = elements.get("token_embd.weight", 0)
+    return ModelSize(
+        params=sum(elements.values()),
+        file_weight_bytes=nbytes,
+        layers=field(f"{arch}.block_count"),
+        heads=heads,
+        head_dim=head_dim,
+        head_params=elements.get("output.weight", embedding),
+        embedding_params=embedding,
+        tied="output.weight" not in elements,
+    )
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> float | None:
@@ -86,7 +151,7 @@ def measure(model: ModelSize, *, seconds: float = 1.0) -> dict[str, Any]:
     fp32 = matmul_gflops(torch.float32, seconds=seconds)
     bf16 = matmul_gflops(torch.bfloat16, seconds=seconds)
     bw = memory_bandwidth_gbs()
-    fp32_bytes = 4 * model.params
+    fp32_bytes = 4 * model.read_per_token
     return {
         "threads": torch.get_num_threads(),
         "matmul_gflops_fp32": fp32,
@@ -99,6 +164,26 @@ def measure(model: ModelSize, *, seconds: float = 1.0) -> dict[str, Any]:
         # batch-1 decode ceiling: all weights read once per token
         "batch1_mem_tok_s_fp32": bw * 1e9 / fp32_bytes,
         "batch1_mem_tok_s_gguf": bw * 1e9 / model.file_weight_bytes,
+        # the worker's opt-in weights: 2 bytes per weight (fp16), 1 byte (int8; its per-row
+        # scales are a few KiB)
+        "batch1_mem_tok_s_fp16": bw * 1e9 / (2 * model.read_per_token),
+        "batch1_mem_tok_s_int8": bw * 1e9 / model.read_per_token,
+    }
+
+
+def workload_ceiling(
+    model: ModelSize, requests: list[tuple[int, int]], gflops: float | None
+) -> dict[str, Any]:
+    """The FLOPs of a workload and the output tok/s it allows at `gflops` (every FLOP at the
+    measured matmul rate: nothing real goes faster)."""
+    linear, attention = model.workload_flops(requests)
+    output = sum(max(0, o) for _, o in requests)
+    seconds = (linear + attention) / (gflops * 1e9) if gflops else None
+    return {
+        "linear_gflop": linear / 1e9,
+        "attention_gflop": attention / 1e9,
+        "output_tokens": output,
+        "compute_tok_s_fp32": output / seconds if seconds else None,
     }
 
 

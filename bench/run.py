@@ -411,8 +411,17 @@ def main(argv: list[str] | None = None) -> int:
         "notes": notes,
     }
     log.info("== roofline")
-    results["roofline"] = roofline.measure(roofline.gguf_model_size(gguf_path()))
+    size = roofline.gguf_model_size(gguf_path())
+    results["roofline"] = roofline.measure(size)
     wl = truncate(workloads(args.regenerate_workloads), args.quick, args.limit, args.max_output)
+    results["roofline"]["workloads"] = {
+        n: roofline.workload_ceiling(
+            size,
+            [(r.prompt_len, r.max_tokens) for r in wl[n]],
+            results["roofline"]["matmul_gflops_fp32"],
+        )
+        for n in ("offline_mixed", "single_stream")
+    }
     results["workloads"] = {
         n: {
             "requests": len(r),

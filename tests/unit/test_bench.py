@@ -188,7 +188,11 @@ def results(
         off["llamacpp"] = {"output_throughput": llama, "ttft": lat, "tpot": lat}
     return {
         "meta": {"command": "python -m bench.run --out docs", "date": "today"},
-        "roofline": {"compute_tok_s_fp32": 1000.0, "matmul_gflops_fp32": 100.0},
+        "roofline": {
+            "compute_tok_s_fp32": 2000.0,
+            "matmul_gflops_fp32": 100.0,
+            "workloads": {"offline_mixed": {"compute_tok_s_fp32": 1000.0}},
+        },
         "offline_mixed": off,
         "single_stream": {
             "llmos": {"output_throughput": 30.0},
@@ -311,3 +315,78 @@ def test_opt_in_modes_are_judged_separately_and_quality_reported() -> None:
     assert "| llmos worker, int8 weights + fp16 KV cache (opt-in) | 70.0 |" in text
     assert "| fp16 | 20.0100 | +0.050 % |" in text
     assert "| int8 | 20.1000 | +0.500 % |" in text
+
+
+# ---------------------------------------------------------------- roofline
+def tiny_model() -> Any:
+    from bench.roofline import ModelSize
+
+    # 2 layers, 3 heads of 4 dims; 100 layer weights, a tied 40-weight embedding / LM head
+    return ModelSize(
+        params=140,
+        file_weight_bytes=70,
+        layers=2,
+        heads=3,
+        head_dim=4,
+        head_params=40,
+        embedding_params=40,
+    )
+
+
+def test_request_flops_count_prompt_layers_head_and_attention_by_hand() -> None:
+    m = tiny_model()
+    assert m.layer_params == 100
+    # prompt 3, 2 generated: the layers run on 3 + 1 tokens (the last generated token is never
+    # fed back), the head on 2; queries at positions 0..3 attend to 1 + 2 + 3 + 4 = 10 keys
+    linear, attention = m.request_flops(3, 2)
+    assert linear == 2 * 100 * 4 + 2 * 40 * 2
+    assert attention == 10 * 4 * 2 * 3 * 4
+    assert m.workload_flops([(3, 2), (3, 2)]) == (2 * linear, 2 * attention)
+    untied = tiny_model()
+    untied.params, untied.tied = 180, False  # a separate output matrix of the same shape
+    assert untied.layer_params == 100
+    assert untied.request_flops(3, 2) == (linear, attention)
+
+
+def test_workload_ceiling_is_output_tokens_at_the_matmul_rate() -> None:
+    from bench.roofline import workload_ceiling
+
+    m = tiny_model()
+    flops = sum(m.request_flops(3, 2))
+    ceiling = workload_ceiling(m, [(3, 2)], gflops=1e-6)  # 1000 FLOP/s
+    assert ceiling["output_tokens"] == 2
+    assert ceiling["compute_tok_s_fp32"] == pytest.approx(2 / (flops / 1000))
+    assert workload_ceiling(m, [(3, 2)], gflops=None)["compute_tok_s_fp32"] is None
+
+
+def test_bundled_model_shape_is_read_from_the_gguf_header() -> None:
+    from bench.roofline import gguf_model_size
+    from bench.run import gguf_path
+
+    m = gguf_model_size(gguf_path())
+    assert (m.layers, m.heads, m.head_dim) == (30, 9, 64)  # SmolLM2-135M
+    assert m.head_params == m.embedding_params == 49152 * 576  # tied
+    assert m.layer_params + m.embedding_params == m.params
+
+
+def test_targets_carry_the_machine_ceiling_and_say_when_it_is_out_of_reach() -> None:
+    res = results()
+    res["roofline"]["workloads"]["offline_mixed"]["compute_tok_s_fp32"] = 250.0
+    res["roofline"]["batch1_mem_tok_s_fp32"] = 40.0
+    res["roofline"]["batch1_mem_tok_s_int8"] = 160.0
+    res["single_stream"]["llmos_int8"] = {"output_throughput": 55.0}
+    ts = by_name(targets.evaluate(res))
+    tput = ts[("8", "offline mixed output throughput")]
+    assert tput.ceiling == 250.0 and tput.within_reach is False
+    llama = ts[("8", "offline mixed vs llama.cpp")]
+    assert llama.ceiling == pytest.approx(250.0 / 120.0) and llama.within_reach is False
+    single = ts[("8", "single stream vs llama.cpp")]
+    assert single.ceiling == pytest.approx(40.0 / 50.0) and single.within_reach is False
+    single8 = ts[("8", "single stream vs llama.cpp — int8 weights (opt-in)")]
+    assert single8.ceiling == pytest.approx(160.0 / 50.0) and single8.within_reach is True
+    # int8 multiplies in integers: no measured peak bounds its offline throughput
+    assert ts[("8", "offline mixed vs llama.cpp — int8 weights (opt-in)")].ceiling is None
+    assert ts[("2, 8", "KV cache waste at peak (offline mixed)")].within_reach is None
+    text = report.render(res)
+    assert "| 250.00 tok/s (target beyond this machine) |" in text
+    assert "| 3.20× |" in text
