@@ -118,6 +118,15 @@ def render(results: dict[str, Any]) -> str:
         "",
         "## Machine roofline (measured in the same run)",
         "",
+        *(
+            [
+                "Measured at the start and at the end of the run; each rate is the better of "
+                "the two (a shared host's speed drifts, and a ceiling must bound every result).",
+                "",
+            ]
+            if roof.get("measurements", 1) > 1
+            else []
+        ),
         "| quantity | value |",
         "|---|---:|",
         f"| torch threads | {_f(roof.get('threads'))} |",

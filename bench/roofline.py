@@ -130,7 +130,7 @@ def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> fl
     return best
 
 
-def memory_bandwidth_gbs(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+def memory_bandwidth_gbs(nbytes: int = 512 * 2**20, repeats: int = 10) -> float:
     """Best read bandwidth in GB/s: a sum over a buffer far larger than the caches."""
     import torch
 
@@ -144,16 +144,34 @@ def memory_bandwidth_gbs(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
     return best
 
 
-def measure(model: ModelSize, *, seconds: float = 1.0) -> dict[str, Any]:
-    """Machine numbers plus the model's tokens/s ceilings derived from them."""
+def _best(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+def measure(
+    model: ModelSize, *, seconds: float = 1.0, previous: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Machine numbers plus the model's tokens/s ceilings derived from them.
+
+    With `previous` (an earlier `measure` of the same run), each rate is the better of the two:
+    the speed of a shared host drifts during a run, and a ceiling must bound every result.
+    """
     import torch
 
-    fp32 = matmul_gflops(torch.float32, seconds=seconds)
-    bf16 = matmul_gflops(torch.bfloat16, seconds=seconds)
-    bw = memory_bandwidth_gbs()
+    prev = previous or {}
+    fp32 = _best(prev.get("matmul_gflops_fp32"), matmul_gflops(torch.float32, seconds=seconds))
+    bf16 = _best(prev.get("matmul_gflops_bf16"), matmul_gflops(torch.bfloat16, seconds=seconds))
+    bw = _best(prev.get("memory_read_gbs"), memory_bandwidth_gbs()) or 0.0
+    return derive(model, fp32, bf16, bw) | {
+        "threads": torch.get_num_threads(),
+        "measurements": prev.get("measurements", 0) + 1,
+    }
+
+
+def derive(model: ModelSize, fp32: float | None, bf16: float | None, bw: float) -> dict[str, Any]:
+    """The model's tokens/s ceilings from measured matmul rates (GFLOP/s) and bandwidth (GB/s)."""
     fp32_bytes = 4 * model.read_per_token
     return {
-        "threads": torch.get_num_threads(),
         "matmul_gflops_fp32": fp32,
         "matmul_gflops_bf16": bf16,
         "memory_read_gbs": bw,

@@ -390,3 +390,33 @@ def test_targets_carry_the_machine_ceiling_and_say_when_it_is_out_of_reach() -> 
     text = report.render(res)
     assert "| 250.00 tok/s (target beyond this machine) |" in text
     assert "| 3.20× |" in text
+
+
+def test_a_second_roofline_measurement_keeps_the_better_rates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bench import roofline
+
+    rates = iter([(100.0, 20.0), (150.0, 15.0)])  # (fp32 GFLOP/s, GB/s) at start, at end
+    now: dict[str, float] = {}
+
+    def matmul(dtype: Any, seconds: float = 1.0) -> float | None:
+        import torch
+
+        if dtype is torch.float32:
+            now["fp32"], now["bw"] = next(rates)
+            return now["fp32"]
+        return None  # bf16 unsupported
+
+    monkeypatch.setattr(roofline, "matmul_gflops", matmul)
+    monkeypatch.setattr(roofline, "memory_bandwidth_gbs", lambda: now["bw"])
+    m = tiny_model()
+    first = roofline.measure(m)
+    assert (first["matmul_gflops_fp32"], first["memory_read_gbs"]) == (100.0, 20.0)
+    second = roofline.measure(m, previous=first)
+    assert (second["matmul_gflops_fp32"], second["memory_read_gbs"]) == (150.0, 20.0)
+    assert second["matmul_gflops_bf16"] is None and second["measurements"] == 2
+    assert second["compute_tok_s_fp32"] == pytest.approx(150e9 / m.flops_per_token)
+    assert second["batch1_mem_tok_s_fp32"] == pytest.approx(20e9 / (4 * m.read_per_token))
+    text = report.render(results() | {"roofline": second})
+    assert "Measured at the start and at the end of the run" in text
