@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -141,6 +142,49 @@ def test_streaming_completion_with_n(client: openai.OpenAI, server: InProcessSer
         model=server.model, prompt="Once upon", max_tokens=6, temperature=0.8, seed=5, n=3
     )
     assert {c.index: c.text for c in whole.choices} == texts
+
+
+def test_streamed_batch_matches_whole_with_indices_and_logprob_offsets(
+    client: openai.OpenAI, server: InProcessServer
+) -> None:
+    # two prompts x n=2: choice index = prompt index * n + completion index, as OpenAI batches
+    args: dict[str, Any] = dict(
+        model=server.model, prompt=["Hello", "Once upon"], max_tokens=6, temperature=0, n=2
+    )
+    whole = client.completions.create(**args, logprobs=1)
+    texts: dict[int, str] = {}
+    tokens: dict[int, list[str]] = {}
+    offsets: dict[int, list[int]] = {}
+    for chunk in client.completions.create(**args, logprobs=1, stream=True):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            if c.logprobs is not None:
+                tokens.setdefault(c.index, []).extend(c.logprobs.tokens or [])
+                offsets.setdefault(c.index, []).extend(c.logprobs.text_offset or [])
+    assert sorted(texts) == [0, 1, 2, 3]
+    for c in whole.choices:
+        assert texts[c.index] == c.text
+        assert c.logprobs is not None
+        # offsets continue across chunks: the same as the whole response's
+        assert tokens[c.index] == c.logprobs.tokens
+        assert offsets[c.index] == c.logprobs.text_offset
+
+
+def test_streamed_chat_logprobs_match_whole(client: openai.OpenAI, server: InProcessServer) -> None:
+    args: dict[str, Any] = dict(
+        model=server.model, messages=CHAT, max_tokens=6, temperature=0, logprobs=True
+    )
+    whole = client.chat.completions.create(**args)
+    streamed = [
+        entry.token
+        for chunk in client.chat.completions.create(**args, stream=True)
+        for c in chunk.choices
+        if c.logprobs is not None and c.logprobs.content
+        for entry in c.logprobs.content
+    ]
+    content = whole.choices[0].logprobs
+    assert content is not None and content.content is not None
+    assert streamed == [e.token for e in content.content]
 
 
 def test_n_greater_than_one_chat(client: openai.OpenAI, server: InProcessServer) -> None:

@@ -18,19 +18,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from llmos_worker.engine.outputs import TokenLogprob
-from llmos_worker.errors import InvalidRequestError, WorkerError
+from llmos_worker.errors import InvalidRequestError
 from llmos_worker.server.admission import Caller, admit
 from llmos_worker.server.errors import HTTPError
 from llmos_worker.server.generation import (
-    SSE_DONE,
+    ChoiceDelta,
     Generation,
     GenerationStream,
     TokenText,
-    TrackerSet,
     collect_or_abort,
     finish_reason,
     sse,
-    sse_error,
+    stream_events,
 )
 from llmos_worker.server.protocol import ChatCompletionRequest
 from llmos_worker.server.response import (
@@ -139,11 +138,10 @@ async def create_chat_completion(
     return JSONResponse(body_out.model_dump())
 
 
-async def _stream(
+def _stream(
     state: ServerState, generation: Generation, response_id: str, created: int, include_usage: bool
 ) -> AsyncIterator[str]:
     want_logprobs = generation.params.logprobs is not None
-    trackers = TrackerSet(generation.params.stop)
 
     def chunk(choices: list[ChatChunkChoice]) -> str:
         data = ChatCompletionChunk(
@@ -155,52 +153,43 @@ async def _stream(
             choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
         return sse(data)
 
-    try:
-        yield chunk(
+    def render(deltas: list[ChoiceDelta]) -> str:
+        return chunk(
             [
-                ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
-                for i in range(generation.params.n)
+                ChatChunkChoice(
+                    index=d.index,
+                    delta=DeltaMessage(content=d.text) if d.text else DeltaMessage(),
+                    logprobs=(
+                        chat_logprobs(d.logprobs, state.token_text) if want_logprobs else None
+                    ),
+                    finish_reason=d.finish_reason,
+                    stop_reason=d.stop_reason,
+                )
+                for d in deltas
             ]
         )
-        async for updates in generation.updates():
-            choices = []
-            for _, out in updates:
-                for c in out.outputs:
-                    tracker = trackers.get(c.index)
-                    if tracker.finish_sent:
-                        continue
-                    delta, new_logprobs = tracker.advance(c)
-                    reason = finish_reason(c)
-                    if not delta and reason is None and not new_logprobs:
-                        continue
-                    tracker.finish_sent = reason is not None
-                    choices.append(
-                        ChatChunkChoice(
-                            index=c.index,
-                            delta=DeltaMessage(content=delta) if delta else DeltaMessage(),
-                            logprobs=(
-                                chat_logprobs(new_logprobs, state.token_text)
-                                if want_logprobs
-                                else None
-                            ),
-                            finish_reason=reason,
-                            stop_reason=c.stop_reason,
-                        )
-                    )
-            if choices:
-                yield chunk(choices)
-        if include_usage:
-            yield sse(
-                ChatCompletionChunk(
-                    id=response_id,
-                    created=created,
-                    model=state.model_name,
-                    choices=[],
-                    usage=generation.usage(),
-                )
+
+    def usage() -> str:
+        return sse(
+            ChatCompletionChunk(
+                id=response_id,
+                created=created,
+                model=state.model_name,
+                choices=[],
+                usage=generation.usage(),
             )
-    except WorkerError as exc:
-        yield sse_error(exc)
-    finally:
-        generation.close()
-    yield SSE_DONE
+        )
+
+    opening = chunk(
+        [
+            ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+            for i in range(generation.params.n)
+        ]
+    )
+    return stream_events(
+        generation,
+        index_of=lambda _prompt, completion: completion,  # one prompt per chat request
+        render=render,
+        opening=opening,
+        closing=usage if include_usage else None,
+    )

@@ -15,20 +15,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from llmos_worker.engine.outputs import TokenLogprob
-from llmos_worker.errors import WorkerError
 from llmos_worker.server.admission import Caller, admit
 from llmos_worker.server.errors import HTTPError
 from llmos_worker.server.generation import (
-    SSE_DONE,
+    ChoiceDelta,
     DeltaTracker,
     Generation,
     GenerationStream,
     TokenText,
-    TrackerSet,
     collect_or_abort,
     finish_reason,
     sse,
-    sse_error,
+    stream_events,
 )
 from llmos_worker.server.protocol import CompletionRequest
 from llmos_worker.server.response import (
@@ -117,59 +115,48 @@ async def create_completion(
     return JSONResponse(body_out.model_dump())
 
 
-async def _stream(
+def _stream(
     state: ServerState, generation: Generation, response_id: str, created: int, include_usage: bool
 ) -> AsyncIterator[str]:
     n = generation.params.n
-    trackers = TrackerSet(generation.params.stop)
     want_logprobs = generation.params.logprobs is not None
-    try:
-        async for updates in generation.updates():
-            choices = []
-            for p, out in updates:
-                for c in out.outputs:
-                    index = p * n + c.index
-                    tracker = trackers.get(index)
-                    if tracker.finish_sent:
-                        continue
-                    delta, new_logprobs = tracker.advance(c)
-                    reason = finish_reason(c)
-                    if not delta and reason is None and not new_logprobs:
-                        continue
-                    tracker.finish_sent = reason is not None
-                    logprobs = (
-                        completion_logprobs(new_logprobs, state.token_text, tracker)
-                        if want_logprobs
-                        else None
-                    )
-                    choices.append(
-                        CompletionChoice(
-                            index=index,
-                            text=delta,
-                            logprobs=logprobs,
-                            finish_reason=reason,
-                            stop_reason=c.stop_reason,
-                        )
-                    )
-            if choices:
-                data = CompletionResponse(
-                    id=response_id, created=created, model=state.model_name, choices=choices
-                ).model_dump()
-                if not include_usage:  # why: as OpenAI, `usage` appears only when asked for
-                    del data["usage"]
-                yield sse(data)
-        if include_usage:
-            yield sse(
-                CompletionResponse(
-                    id=response_id,
-                    created=created,
-                    model=state.model_name,
-                    choices=[],
-                    usage=generation.usage(),
-                )
+
+    def render(deltas: list[ChoiceDelta]) -> str:
+        choices = [
+            CompletionChoice(
+                index=d.index,
+                text=d.text,
+                logprobs=(
+                    completion_logprobs(d.logprobs, state.token_text, d.tracker)
+                    if want_logprobs
+                    else None
+                ),
+                finish_reason=d.finish_reason,
+                stop_reason=d.stop_reason,
             )
-    except WorkerError as exc:
-        yield sse_error(exc)
-    finally:
-        generation.close()
-    yield SSE_DONE
+            for d in deltas
+        ]
+        data = CompletionResponse(
+            id=response_id, created=created, model=state.model_name, choices=choices
+        ).model_dump()
+        if not include_usage:  # why: as OpenAI, `usage` appears only when asked for
+            del data["usage"]
+        return sse(data)
+
+    def usage() -> str:
+        return sse(
+            CompletionResponse(
+                id=response_id,
+                created=created,
+                model=state.model_name,
+                choices=[],
+                usage=generation.usage(),
+            )
+        )
+
+    return stream_events(
+        generation,
+        index_of=lambda prompt, completion: prompt * n + completion,
+        render=render,
+        closing=usage if include_usage else None,
+    )

@@ -223,6 +223,65 @@ def sse_error(exc: WorkerError) -> str:
     )
 
 
+@dataclass
+class ChoiceDelta:
+    """What one choice has new for the client in one stream chunk."""
+
+    index: int  # the choice index the response shows
+    tracker: DeltaTracker
+    text: str
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+async def stream_events(
+    generation: Generation,
+    *,
+    index_of: Callable[[int, int], int],
+    render: Callable[[list[ChoiceDelta]], str],
+    opening: str | None = None,
+    closing: Callable[[], str] | None = None,
+) -> AsyncIterator[str]:
+    """The SSE events of a streamed generation, for either endpoint's chunk schema.
+
+    `opening` goes first; then, per coalesced update, `render` gets the choices with something to
+    send — new text, new logprobs or the finish, which is sent once — with each choice's index
+    `index_of(prompt index, completion index)`; `closing()` (the usage chunk) comes after the
+    last. An engine error after the stream began becomes one in-stream error event; the
+    generation is closed however the stream ends, and `[DONE]` ends it.
+    """
+    trackers = TrackerSet(generation.params.stop)
+    try:
+        if opening is not None:
+            yield opening
+        async for updates in generation.updates():
+            deltas = []
+            for p, out in updates:
+                for c in out.outputs:
+                    index = index_of(p, c.index)
+                    tracker = trackers.get(index)
+                    if tracker.finish_sent:
+                        continue
+                    text, new_logprobs = tracker.advance(c)
+                    reason = finish_reason(c)
+                    if not text and reason is None and not new_logprobs:
+                        continue
+                    tracker.finish_sent = reason is not None
+                    deltas.append(
+                        ChoiceDelta(index, tracker, text, new_logprobs, reason, c.stop_reason)
+                    )
+            if deltas:
+                yield render(deltas)
+        if closing is not None:
+            yield closing()
+    except WorkerError as exc:
+        yield sse_error(exc)
+    finally:
+        generation.close()
+    yield SSE_DONE
+
+
 class GenerationStream(StreamingResponse):
     """An SSE response that aborts its generation however the response ends.
 
