@@ -156,42 +156,43 @@ def render(results: dict[str, Any]) -> str:
     off = results.get("offline_mixed", {})
     hf_best = off.get("hf_best")
     lines += ["", "## (1) Offline mixed: 64 requests at once, prompts 32–512, outputs 32–256", ""]
-    r = offline_roof
     lines += _system_rows(
         [
-            ("llmos worker (LLMEngine)", off.get("llmos"), "continuous batching, paged KV", r),
-            (
-                "Hugging Face generate",
-                hf_best,
-                f"best static batch = {hf_best['batch_size']}" if hf_best else "",
-                r,
-            ),
-            ("llama.cpp (llama-cpp-python)", off.get("llamacpp"), "one request at a time, Q4_1", r),
-            (
-                "llmos worker, fp16 weights (opt-in)",
-                off.get("llmos_fp16"),
-                "`--quantization fp16`",
-                r,
-            ),
-            (
-                "llmos worker, int8 weights (opt-in)",
-                off.get("llmos_int8"),
-                "`--quantization int8` (per-channel scales; 16-bit activations from 12 rows)",
-                r,
-            ),
-            (
-                "llmos worker, int8 weights + fp16 KV cache (opt-in)",
-                off.get("llmos_int8_kvfp16"),
-                "`--quantization int8 --kv-cache-dtype float16`",
-                r,
-            ),
-            (
-                "llmos worker, pure-torch path",
-                off.get("llmos_torch_attention"),
-                "no native kernels: torch matmuls, attention by gather + SDPA, "
-                "norm/RoPE/SiLU as torch ops",
-                r,
-            ),
+            (*row, offline_roof)
+            for row in (
+                ("llmos worker (LLMEngine)", off.get("llmos"), "continuous batching, paged KV"),
+                (
+                    "Hugging Face generate",
+                    hf_best,
+                    f"best static batch = {hf_best['batch_size']}" if hf_best else "",
+                ),
+                (
+                    "llama.cpp (llama-cpp-python)",
+                    off.get("llamacpp"),
+                    "one request at a time, Q4_1",
+                ),
+                (
+                    "llmos worker, fp16 weights (opt-in)",
+                    off.get("llmos_fp16"),
+                    "`--quantization fp16`",
+                ),
+                (
+                    "llmos worker, int8 weights (opt-in)",
+                    off.get("llmos_int8"),
+                    "`--quantization int8` (per-channel scales; 16-bit activations from 12 rows)",
+                ),
+                (
+                    "llmos worker, int8 weights + fp16 KV cache (opt-in)",
+                    off.get("llmos_int8_kvfp16"),
+                    "`--quantization int8 --kv-cache-dtype float16`",
+                ),
+                (
+                    "llmos worker, pure-torch path",
+                    off.get("llmos_torch_attention"),
+                    "no native kernels: torch matmuls, attention by gather + SDPA, "
+                    "norm/RoPE/SiLU as torch ops",
+                ),
+            )
         ],
         "this workload's fp32 compute ceiling",
     )
