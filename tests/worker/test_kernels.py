@@ -1,8 +1,10 @@
 """The native kernels against plain-torch references: paged decode and prefill attention, the
 linear layers.
 
-The linear kernel is checked against x @ W.T of the weights each storage mode holds (fp32, fp16,
-int8 with per-row scales), over row counts around its 6-row tiles and partial 16-row panels;
+Every test runs on the build the worker loads and, on a CPU with AVX-512, on the 256-bit variant
+too. The linear kernel is checked against x @ W.T of the weights each storage mode holds (fp32,
+fp16, int8 with per-row scales), over row counts around its 6-row (256-bit) and 12-row (512-bit)
+tiles, 16-row panels alone and in pairs, and partial panels;
 int8 at the row counts that multiply 16-bit quantised activations in integers within the
 error bound that quantisation promises, including the largest sums any input can make.
 
@@ -31,11 +33,18 @@ from llmos_worker.model.kernels import NativeKernels, build, native_kernels
 from llmos_worker.model.quant import make_linear, pack_panels, unpack_panels
 
 
-@pytest.fixture(scope="module")
-def kernels() -> NativeKernels:
+@pytest.fixture(scope="module", params=["native", "256-bit"])
+def kernels(request: pytest.FixtureRequest) -> NativeKernels:
+    """Each test runs on the build the worker loads (-march=native) and, where that build has
+    AVX-512, again on the 256-bit (AVX2) variant of the same source, which CPUs without
+    AVX-512 run: both are checked on any machine that has both."""
     k = native_kernels()
     assert k is not None, "the native kernels did not build (a C compiler is part of make install)"
-    return k
+    if request.param == "native" or k.vector_bits != 512:
+        return k
+    narrow = NativeKernels(build(extra_flags=("-mno-avx512f",)))
+    assert narrow.vector_bits == 256
+    return narrow
 
 
 def reference(
@@ -287,10 +296,13 @@ def test_per_layer_ops_refuse_bad_inputs(kernels: NativeKernels) -> None:
 
 
 @pytest.mark.parametrize("mode", ["none", "fp16", "int8"])
-@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 40])  # 6-row tiles, remainders, one row
+# 6- and 12-row tiles, remainders, one row; from 24 rows fp16/int8 panels are widened once
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 12, 13, 25, 40])
 @pytest.mark.parametrize(
     ("n", "k"),
-    [(48, 64), (37, 19), (5, 3), (33, 3000)],  # partial panels, odd K; 3000: 12-row passes
+    # partial panels, odd K, 1-5 panels (split over threads: single panels and pairs);
+    # 3000: 12-row passes
+    [(48, 64), (37, 19), (5, 3), (33, 3000), (80, 40)],
 )
 def test_linear_matches_dense(kernels: NativeKernels, mode: str, rows: int, n: int, k: int) -> None:
     """The packed kernel computes x @ W.T of exactly the weights the layer stores."""

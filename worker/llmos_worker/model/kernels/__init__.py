@@ -67,6 +67,8 @@ class NativeKernels:
         self._linear.restype = ctypes.c_int
         # the linear kernel needs AVX2, FMA and F16C; without them callers keep torch's matmul
         self.has_linear = bool(lib.llmos_linear_supported())
+        # 512 where the build (-march=native) has AVX-512, else 256 (0: no linear kernel)
+        self.vector_bits = int(lib.llmos_linear_vector_bits())
         # from this many rows, int8 weights multiply 16-bit quantised rows of x in integers
         self.int8_integer_rows = int(lib.llmos_linear_int_rows())
         self._stack = lib.llmos_decoder_stack
@@ -562,16 +564,23 @@ def _cpu_identity() -> bytes:
     return "\n".join(dict.fromkeys(keep)).encode()
 
 
-def build(compiler: str | None = None, directory: Path | None = None) -> Path:
-    """Compile the kernels (or find the cached build); the path of the shared library."""
+def build(
+    compiler: str | None = None, directory: Path | None = None, extra_flags: tuple[str, ...] = ()
+) -> Path:
+    """Compile the kernels (or find the cached build); the path of the shared library.
+
+    `extra_flags` follow CFLAGS: `("-mno-avx512f",)` builds the 256-bit variant on a CPU with
+    AVX-512, so both variants can be tested on one machine.
+    """
     cc = compiler or os.environ.get("CC") or "cc"
+    flags = (*CFLAGS, *extra_flags)
     if shutil.which(cc) is None:
         raise FileNotFoundError(f"no C compiler {cc!r} on PATH")
     version = subprocess.run(
         [cc, "--version"], capture_output=True, text=True, check=False, timeout=30
     ).stdout
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), version.encode(), _cpu_identity()):
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), version.encode(), _cpu_identity()):
         digest.update(hashlib.sha256(part).digest())
     out_dir = directory or cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -582,7 +591,7 @@ def build(compiler: str | None = None, directory: Path | None = None) -> Path:
     os.close(fd)
     try:
         proc = subprocess.run(
-            [cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"],
+            [cc, *flags, "-o", tmp, str(SOURCE), "-lm"],
             capture_output=True,
             text=True,
             check=False,

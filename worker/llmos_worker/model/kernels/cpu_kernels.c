@@ -721,6 +721,18 @@ enum { LLMOS_W_F32 = 0, LLMOS_W_F16 = 1, LLMOS_W_I8 = 2 };
 #define LIN_QROWS 12
 int llmos_linear_int_rows(void) { return LIN_QROWS; }
 
+/* The vector width of the linear kernel in this build: 512 (AVX-512), 256 (AVX2), 0 (none). */
+int llmos_linear_vector_bits(void) {
+#if defined(LLMOS_AVX2) && defined(__F16C__) && defined(__AVX512F__) && defined(__AVX512BW__) && \
+    defined(__AVX512VL__)
+    return 512;
+#elif defined(LLMOS_AVX2) && defined(__F16C__)
+    return 256;
+#else
+    return 0;
+#endif
+}
+
 int llmos_linear_supported(void) {
 #if defined(LLMOS_AVX2) && defined(__F16C__)
     return 1;
@@ -1103,9 +1115,368 @@ static inline int64_t lin_row_block(int64_t K) {
                          panels * (tid + 1) / nt);                                              \
         }                                                                                       \
     }
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+/* ---- the same products with 512-bit vectors, on CPUs with AVX-512 (the build's -march=native
+ * decides): a panel of 16 outputs is one zmm, and a tile takes two neighbouring panels (two
+ * weight streams) against up to LIN_ZMR rows: 24 accumulators, 2 weight vectors, x broadcast
+ * from memory, of 32 zmm registers. Where the core executes 512-bit FMAs at full width this
+ * doubles the multiply-adds per instruction of the 256-bit path; partial panels are masked. */
+#define LLMOS_AVX512 1
+#define LIN_ZMR 12
+
+static inline __attribute__((always_inline)) __m512 load_w16(const void *w, int wt, int64_t i) {
+    if (wt == LLMOS_W_F32) return _mm512_loadu_ps((const float *)w + i);
+    if (wt == LLMOS_W_F16)
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i)));
+    return _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)w + i))));
+}
+
+/* y[row, n0 .. n0 + 16) = a [* scale], the columns past N left alone */
+static inline __attribute__((always_inline)) void lin_zstore(float *y, int64_t N, int64_t row,
+                                                            int64_t n0, __m512 a,
+                                                            const float *scale) {
+    const __mmask16 mask =
+        n0 + LIN_PNR <= N ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n0)) - 1u);
+    if (scale != NULL) a = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(mask, scale + n0));
+    _mm512_mask_storeu_ps(y + row * N + n0, mask, a);
+}
+
+/* mt (<= LIN_ZMR) rows of x from m0 against np (1 or 2; constants at each call site)
+ * panels from p, panel j's weights at element bases[j] of w. */
+static inline __attribute__((always_inline)) void lin_ztile(const float *x, int64_t x_stride,
+                                                           const void *w, int wt,
+                                                           int64_t base0, int64_t base1,
+                                                           int64_t p, int64_t K, int64_t N,
+                                                           const float *scale, float *y,
+                                                           int64_t m0, const int np,
+                                                           const int mt) {
+    __m512 acc[LIN_ZMR][2];
+    const float *xr = x + m0 * x_stride;
+#pragma GCC unroll 12
+    for (int i = 0; i < mt; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+        const __m512 w0 = load_w16(w, wt, base0 + k * LIN_PNR);
+        const __m512 w1 = np == 2 ? load_w16(w, wt, base1 + k * LIN_PNR) : w0;
+#pragma GCC unroll 12
+        for (int i = 0; i < mt; ++i) {
+            const __m512 xb = _mm512_set1_ps(xr[i * x_stride + k]);
+            acc[i][0] = _mm512_fmadd_ps(xb, w0, acc[i][0]);
+            if (np == 2) acc[i][1] = _mm512_fmadd_ps(xb, w1, acc[i][1]);
+        }
+    }
+#pragma GCC unroll 12
+    for (int i = 0; i < mt; ++i) {
+        lin_zstore(y, N, m0 + i, p * LIN_PNR, acc[i][0], scale);
+        if (np == 2) lin_zstore(y, N, m0 + i, (p + 1) * LIN_PNR, acc[i][1], scale);
+    }
+}
+
+/* One row of x against np panels from p: four k phases in separate accumulators, so enough
+ * FMA chains are in flight for a single row. */
+static inline __attribute__((always_inline)) void lin_zrow1(const float *x, const void *w, int wt,
+                                                           int64_t p, int64_t K, int64_t N,
+                                                           const float *scale, float *y,
+                                                           const int np) {
+    __m512 a[4][2];
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) a[u][0] = a[u][1] = _mm512_setzero_ps();
+    const int64_t b0 = p * K * LIN_PNR, b1 = b0 + K * LIN_PNR;
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) {
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) {
+            const __m512 xb = _mm512_set1_ps(x[k + u]);
+            a[u][0] = _mm512_fmadd_ps(xb, load_w16(w, wt, b0 + (k + u) * LIN_PNR), a[u][0]);
+            if (np == 2)
+                a[u][1] = _mm512_fmadd_ps(xb, load_w16(w, wt, b1 + (k + u) * LIN_PNR), a[u][1]);
+        }
+    }
+    for (; k < K; ++k) {
+        const __m512 xb = _mm512_set1_ps(x[k]);
+        a[0][0] = _mm512_fmadd_ps(xb, load_w16(w, wt, b0 + k * LIN_PNR), a[0][0]);
+        if (np == 2) a[0][1] = _mm512_fmadd_ps(xb, load_w16(w, wt, b1 + k * LIN_PNR), a[0][1]);
+    }
+#pragma GCC unroll 2
+    for (int j = 0; j < np; ++j)
+        lin_zstore(y, N, 0, (p + j) * LIN_PNR,
+                   _mm512_add_ps(_mm512_add_ps(a[0][j], a[1][j]), _mm512_add_ps(a[2][j], a[3][j])),
+                   scale);
+}
+
+/* The rows m0 .. m1 against np panels from p in tiles of LIN_ZMR rows and the remainder. */
+#define LIN_ZROWS(X, XS, W, WT, B0, B1, P, NP)                                                  \
+    do {                                                                                        \
+        int64_t m = m0;                                                                         \
+        for (; m + LIN_ZMR <= m1; m += LIN_ZMR)                                                 \
+            lin_ztile(X, XS, W, WT, B0, B1, P, K, N, scale, y, m, NP, LIN_ZMR);                 \
+        switch (m1 - m) {                                                                       \
+        case 11: lin_ztile(X, XS, W, WT, B0, B1, P, K, N, scale, y, m, NP, 11); break;          \
+        case 10: lin_ztile(X, XS, W, WT, B0, B1, P, K, N, scale, y, m, NP, 10); break;          \
+        case 9: lin_ztile(X, XS, W, WT, B0, B1, P, K, N, scale, y, m, NP, 9); break;            \
+        case 8: lin_ztile(X, XS, W, WT, B0, B1, P, K, N, scale, y, m, NP, 8); break;            \
+        case 7: lin_ztile(X, XS, W, WT, B0, B1, P, K, N, scale, y, m, NP, 7); break;            \
+        case 6: lin_ztile(X, XS, W, WT, B0, B1, P, K, N, scale, y, m, NP, 6); break;            \
+        case 5: lin_ztile(X, XS, W, WT, B0, B1, P, K, N, scale, y, m, NP, 5); break;            \
+        case 4: lin_ztile(X, XS, W, WT, B0, B1, P, K, N, scale, y, m, NP, 4); break;            \
+        case 3: lin_ztile(X, XS, W, WT, B0, B1, P, K, N, scale, y, m, NP, 3); break;            \
+        case 2: lin_ztile(X, XS, W, WT, B0, B1, P, K, N, scale, y, m, NP, 2); break;            \
+        case 1: lin_ztile(X, XS, W, WT, B0, B1, P, K, N, scale, y, m, NP, 1); break;            \
+        default: break;                                                                         \
+        }                                                                                       \
+    } while (0)
+
+/* int8 weights, 16-bit activations, integer products with 512-bit vectors: a widened panel
+ * holds one k pair of all 16 outputs in one zmm, and vpdpwssd (AVX512-VNNI; else vpmaddwd +
+ * vpaddd) multiplies a broadcast pair of x against it: 32 multiply-adds per instruction, twice
+ * the 512-bit fp32 FMA's 16. Quantisation, the int32 chunks and the result are as in the
+ * 256-bit integer path above. */
+#if defined(__AVX512VNNI__)
+#define LIN_ZDP(acc, a, b) _mm512_dpwssd_epi32(acc, a, b)
+#else
+#define LIN_ZDP(acc, a, b) _mm512_add_epi32(acc, _mm512_madd_epi16(a, b))
+#endif
+
+#if defined(__AVX512VNNI__)
+/* Twelve quantised rows (xq rows from x0) against two widened panels (w0; the second `wgap`
+ * bytes further) over pairs [c0, c1) of k: int32 sums into acc (12 rows x 2 panels). Assembly
+ * for the reason of lin_qkernel6 (GCC copies the accumulators of this loop every iteration):
+ * 24 accumulators, 2 weight vectors and 1 broadcast of the 32 zmm registers. */
+static inline void lin_zqkernel12(const int16_t *x0, int64_t kp, const int16_t *w0,
+                                  int64_t wgap, int64_t c0, int64_t c1, __m512i acc[12][2]) {
+    const char *xa = (const char *)(x0 + c0), *xb = (const char *)(x0 + 3 * kp + c0);
+    const char *xc = (const char *)(x0 + 6 * kp + c0), *xd = (const char *)(x0 + 9 * kp + c0);
+    const char *w = (const char *)(w0 + c0 * LIN_PNR);
+    const int64_t stride = kp * 2;
+    int64_t n = (c1 - c0) / 2;
+#define LIN_ZQROW(ADDR, A, B)                                                                  \
+    "vpbroadcastd " ADDR ", %%zmm26\n\t"                                                       \
+    "vpdpwssd %%zmm24, %%zmm26, %%zmm" A "\n\t"                                                \
+    "vpdpwssd %%zmm25, %%zmm26, %%zmm" B "\n\t"
+#define LIN_ZQACC(OP, I, R) OP " " I "*64(%[acc]), %%zmm" R "\n\t"
+#define LIN_ZQSTORE(I, R) "vmovdqu64 %%zmm" R ", " I "*64(%[acc])\n\t"
+    __asm__ volatile(
+        LIN_ZQACC("vmovdqu64", "0", "0") LIN_ZQACC("vmovdqu64", "1", "1")
+        LIN_ZQACC("vmovdqu64", "2", "2") LIN_ZQACC("vmovdqu64", "3", "3")
+        LIN_ZQACC("vmovdqu64", "4", "4") LIN_ZQACC("vmovdqu64", "5", "5")
+        LIN_ZQACC("vmovdqu64", "6", "6") LIN_ZQACC("vmovdqu64", "7", "7")
+        LIN_ZQACC("vmovdqu64", "8", "8") LIN_ZQACC("vmovdqu64", "9", "9")
+        LIN_ZQACC("vmovdqu64", "10", "10") LIN_ZQACC("vmovdqu64", "11", "11")
+        LIN_ZQACC("vmovdqu64", "12", "12") LIN_ZQACC("vmovdqu64", "13", "13")
+        LIN_ZQACC("vmovdqu64", "14", "14") LIN_ZQACC("vmovdqu64", "15", "15")
+        LIN_ZQACC("vmovdqu64", "16", "16") LIN_ZQACC("vmovdqu64", "17", "17")
+        LIN_ZQACC("vmovdqu64", "18", "18") LIN_ZQACC("vmovdqu64", "19", "19")
+        LIN_ZQACC("vmovdqu64", "20", "20") LIN_ZQACC("vmovdqu64", "21", "21")
+        LIN_ZQACC("vmovdqu64", "22", "22") LIN_ZQACC("vmovdqu64", "23", "23")
+        "1:\n\t"
+        "vmovdqu64 (%[w]), %%zmm24\n\t"
+        "vmovdqu64 (%[w],%[gap]), %%zmm25\n\t"
+        LIN_ZQROW("(%[xa])", "0", "1")
+        LIN_ZQROW("(%[xa],%[s])", "2", "3")
+        LIN_ZQROW("(%[xa],%[s],2)", "4", "5")
+        LIN_ZQROW("(%[xb])", "6", "7")
+        LIN_ZQROW("(%[xb],%[s])", "8", "9")
+        LIN_ZQROW("(%[xb],%[s],2)", "10", "11")
+        LIN_ZQROW("(%[xc])", "12", "13")
+        LIN_ZQROW("(%[xc],%[s])", "14", "15")
+        LIN_ZQROW("(%[xc],%[s],2)", "16", "17")
+        LIN_ZQROW("(%[xd])", "18", "19")
+        LIN_ZQROW("(%[xd],%[s])", "20", "21")
+        LIN_ZQROW("(%[xd],%[s],2)", "22", "23")
+        "add $4, %[xa]\n\t"
+        "add $4, %[xb]\n\t"
+        "add $4, %[xc]\n\t"
+        "add $4, %[xd]\n\t"
+        "add $64, %[w]\n\t"
+        "dec %[n]\n\t"
+        "jnz 1b\n\t"
+        LIN_ZQSTORE("0", "0") LIN_ZQSTORE("1", "1") LIN_ZQSTORE("2", "2")
+        LIN_ZQSTORE("3", "3") LIN_ZQSTORE("4", "4") LIN_ZQSTORE("5", "5")
+        LIN_ZQSTORE("6", "6") LIN_ZQSTORE("7", "7") LIN_ZQSTORE("8", "8")
+        LIN_ZQSTORE("9", "9") LIN_ZQSTORE("10", "10") LIN_ZQSTORE("11", "11")
+        LIN_ZQSTORE("12", "12") LIN_ZQSTORE("13", "13") LIN_ZQSTORE("14", "14")
+        LIN_ZQSTORE("15", "15") LIN_ZQSTORE("16", "16") LIN_ZQSTORE("17", "17")
+        LIN_ZQSTORE("18", "18") LIN_ZQSTORE("19", "19") LIN_ZQSTORE("20", "20")
+        LIN_ZQSTORE("21", "21") LIN_ZQSTORE("22", "22") LIN_ZQSTORE("23", "23")
+        : [xa] "+r"(xa), [xb] "+r"(xb), [xc] "+r"(xc), [xd] "+r"(xd), [w] "+r"(w), [n] "+r"(n)
+        : [s] "r"(stride), [gap] "r"(wgap), [acc] "r"(acc)
+        : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
+          "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18",
+          "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm24", "xmm25", "xmm26", "cc",
+          "memory");
+#undef LIN_ZQROW
+#undef LIN_ZQACC
+#undef LIN_ZQSTORE
+}
+#endif
+
+/* mt (<= LIN_ZMR) quantised rows from xq row m against np widened panels (wq0, wq1) from p,
+ * into rows y_row.. of y. */
+static inline __attribute__((always_inline)) void lin_zqtile(const int16_t *xq, int64_t kp,
+                                                            const float *sx, const int16_t *wq0,
+                                                            const int16_t *wq1, int64_t p,
+                                                            int64_t N, const float *scale,
+                                                            float *y, int64_t y_row, int64_t m,
+                                                            const int np, const int mt) {
+    __m512 f[LIN_ZMR][2];
+#pragma GCC unroll 12
+    for (int i = 0; i < mt; ++i) f[i][0] = f[i][1] = _mm512_setzero_ps();
+    for (int64_t c0 = 0; c0 < kp; c0 += LIN_QKC) {
+        const int64_t c1 = c0 + LIN_QKC < kp ? c0 + LIN_QKC : kp;
+        __m512i acc[LIN_ZMR][2];
+#pragma GCC unroll 12
+        for (int i = 0; i < mt; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
+#if defined(__AVX512VNNI__)
+        if (np == 2 && mt == LIN_ZMR) {
+            lin_zqkernel12(xq + m * kp, kp, wq0, (wq1 - wq0) * 2, c0, c1, acc);
+        } else
+#endif
+        for (int64_t k = c0; k < c1; k += 2) {
+            const __m512i w0 = _mm512_loadu_si512((const void *)(wq0 + k * LIN_PNR));
+            const __m512i w1 =
+                np == 2 ? _mm512_loadu_si512((const void *)(wq1 + k * LIN_PNR)) : w0;
+#pragma GCC unroll 12
+            for (int i = 0; i < mt; ++i) {
+                int32_t pair;
+                memcpy(&pair, xq + (m + i) * kp + k, sizeof pair);
+                const __m512i xb = _mm512_set1_epi32(pair);
+                acc[i][0] = LIN_ZDP(acc[i][0], xb, w0);
+                if (np == 2) acc[i][1] = LIN_ZDP(acc[i][1], xb, w1);
+            }
+        }
+#pragma GCC unroll 12
+        for (int i = 0; i < mt; ++i) {
+            f[i][0] = _mm512_add_ps(f[i][0], _mm512_cvtepi32_ps(acc[i][0]));
+            if (np == 2) f[i][1] = _mm512_add_ps(f[i][1], _mm512_cvtepi32_ps(acc[i][1]));
+        }
+    }
+#pragma GCC unroll 12
+    for (int i = 0; i < mt; ++i) {
+        const __m512 s = _mm512_set1_ps(sx[m + i]);
+        lin_zstore(y, N, y_row + i, p * LIN_PNR, _mm512_mul_ps(f[i][0], s), scale);
+        if (np == 2)
+            lin_zstore(y, N, y_row + i, (p + 1) * LIN_PNR, _mm512_mul_ps(f[i][1], s), scale);
+    }
+}
+
+#define LIN_ZQROWS(NP)                                                                          \
+    do {                                                                                        \
+        int64_t m = 0;                                                                          \
+        for (; m + LIN_ZMR <= rows; m += LIN_ZMR)                                               \
+            lin_zqtile(xq, kp, sx, wq, wq1, p, N, scale, y, m0 + m, m, NP, LIN_ZMR);            \
+        switch (rows - m) {                                                                     \
+        case 11: lin_zqtile(xq, kp, sx, wq, wq1, p, N, scale, y, m0 + m, m, NP, 11); break;     \
+        case 10: lin_zqtile(xq, kp, sx, wq, wq1, p, N, scale, y, m0 + m, m, NP, 10); break;     \
+        case 9: lin_zqtile(xq, kp, sx, wq, wq1, p, N, scale, y, m0 + m, m, NP, 9); break;       \
+        case 8: lin_zqtile(xq, kp, sx, wq, wq1, p, N, scale, y, m0 + m, m, NP, 8); break;       \
+        case 7: lin_zqtile(xq, kp, sx, wq, wq1, p, N, scale, y, m0 + m, m, NP, 7); break;       \
+        case 6: lin_zqtile(xq, kp, sx, wq, wq1, p, N, scale, y, m0 + m, m, NP, 6); break;       \
+        case 5: lin_zqtile(xq, kp, sx, wq, wq1, p, N, scale, y, m0 + m, m, NP, 5); break;       \
+        case 4: lin_zqtile(xq, kp, sx, wq, wq1, p, N, scale, y, m0 + m, m, NP, 4); break;       \
+        case 3: lin_zqtile(xq, kp, sx, wq, wq1, p, N, scale, y, m0 + m, m, NP, 3); break;       \
+        case 2: lin_zqtile(xq, kp, sx, wq, wq1, p, N, scale, y, m0 + m, m, NP, 2); break;       \
+        case 1: lin_zqtile(xq, kp, sx, wq, wq1, p, N, scale, y, m0 + m, m, NP, 1); break;       \
+        default: break;                                                                         \
+        }                                                                                       \
+    } while (0)
+
+/* As lin_i8q_range, panels in pairs. Returns 0 when out of memory (nothing written). */
+static int lin_zq_range(const float *x, int64_t x_stride, int64_t M, const void *w, int64_t K,
+                        int64_t N, const float *scale, float *y, int64_t p0, int64_t p1) {
+    const int64_t kp = K + (K & 1);
+    int64_t mb = (192 * 1024 / 2) / kp;
+    mb -= mb % LIN_ZMR;
+    if (mb < LIN_ZMR) mb = LIN_ZMR;
+    if (mb > M) mb = M;
+    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(mb * kp));
+    int16_t *wq = malloc(sizeof(int16_t) * (size_t)(2 * kp * LIN_PNR));
+    float *sx = malloc(sizeof(float) * (size_t)mb);
+    if (xq == NULL || wq == NULL || sx == NULL) {
+        free(xq);
+        free(wq);
+        free(sx);
+        return 0;
+    }
+    const int16_t *wq1 = wq + kp * LIN_PNR;
+    for (int64_t m0 = 0; m0 < M; m0 += mb) {
+        const int64_t rows = m0 + mb < M ? mb : M - m0;
+        lin_quantize_rows(x + m0 * x_stride, x_stride, rows, K, kp, xq, sx);
+        for (int64_t p = p0; p < p1; p += 2) {
+            lin_widen_pairs((const int8_t *)w + p * K * LIN_PNR, K, kp, wq);
+            if (p + 2 <= p1) {
+                lin_widen_pairs((const int8_t *)w + (p + 1) * K * LIN_PNR, K, kp,
+                                wq + kp * LIN_PNR);
+                LIN_ZQROWS(2);
+            } else {
+                LIN_ZQROWS(1);
+            }
+        }
+    }
+    free(xq);
+    free(wq);
+    free(sx);
+    return 1;
+}
+
+/* As LIN_PDEFINE, with the 512-bit tiles: panels go in pairs (the last of an odd range alone);
+ * fp16/int8 panels are widened to fp32 once per pass when the pass has enough rows. */
+#define LIN_ZDEFINE(NAME, WT)                                                                   \
+    static void NAME##_range(const float *x, int64_t x_stride, int64_t M, const void *w,        \
+                             int64_t K, int64_t N, const float *scale, float *y, int64_t p0,    \
+                             int64_t p1) {                                                      \
+        if (WT == LLMOS_W_I8 && M >= LIN_QROWS &&                                               \
+            lin_zq_range(x, x_stride, M, w, K, N, scale, y, p0, p1))                            \
+            return;                                                                             \
+        if (M == 1) {                                                                           \
+            int64_t p = p0;                                                                     \
+            for (; p + 2 <= p1; p += 2) lin_zrow1(x, w, WT, p, K, N, scale, y, 2);              \
+            if (p < p1) lin_zrow1(x, w, WT, p, K, N, scale, y, 1);                              \
+            return;                                                                             \
+        }                                                                                       \
+        int64_t mb = (192 * 1024 / 4) / (K > 0 ? K : 1); /* rows per pass: ~192 KB of x */     \
+        mb -= mb % LIN_ZMR;                                                                     \
+        if (mb < LIN_ZMR) mb = LIN_ZMR;                                                         \
+        float *wide = WT != LLMOS_W_F32 && M >= LIN_WIDEN_ROWS                                  \
+                          ? malloc(sizeof(float) * (size_t)(2 * K * LIN_PNR))                   \
+                          : NULL;                                                               \
+        for (int64_t m0 = 0; m0 < M; m0 += mb) {                                                \
+            const int64_t m1 = m0 + mb < M ? m0 + mb : M;                                       \
+            for (int64_t p = p0; p < p1; p += 2) {                                              \
+                const int np = p + 2 <= p1 ? 2 : 1;                                             \
+                const int64_t stored = p * K * LIN_PNR; /* the panels as stored in w */         \
+                if (wide != NULL && m1 - m0 >= LIN_WIDEN_ROWS) {                                \
+                    for (int64_t i = 0; i < np * K * LIN_PNR; i += 16)                          \
+                        _mm512_storeu_ps(wide + i, load_w16(w, WT, stored + i));                \
+                    if (np == 2)                                                                \
+                        LIN_ZROWS(x, x_stride, wide, LLMOS_W_F32, 0, K * LIN_PNR, p, 2);        \
+                    else                                                                        \
+                        LIN_ZROWS(x, x_stride, wide, LLMOS_W_F32, 0, 0, p, 1);                  \
+                } else if (np == 2) {                                                           \
+                    LIN_ZROWS(x, x_stride, w, WT, stored, stored + K * LIN_PNR, p, 2);          \
+                } else {                                                                        \
+                    LIN_ZROWS(x, x_stride, w, WT, stored, stored, p, 1);                        \
+                }                                                                               \
+            }                                                                                   \
+        }                                                                                       \
+        free(wide);                                                                             \
+    }                                                                                           \
+    static void NAME(const float *x, int64_t x_stride, int64_t M, const void *w, int64_t K,     \
+                     int64_t N, const float *scale, float *y) {                                 \
+        const int64_t panels = (N + LIN_PNR - 1) / LIN_PNR;                                     \
+        _Pragma("omp parallel if (panels > 1)") {                                               \
+            const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();               \
+            NAME##_range(x, x_stride, M, w, K, N, scale, y, panels * tid / nt,                  \
+                         panels * (tid + 1) / nt);                                              \
+        }                                                                                       \
+    }
+LIN_ZDEFINE(lin_f32, LLMOS_W_F32)
+LIN_ZDEFINE(lin_f16, LLMOS_W_F16)
+LIN_ZDEFINE(lin_i8, LLMOS_W_I8)
+#else
 LIN_PDEFINE(lin_f32, LLMOS_W_F32)
 LIN_PDEFINE(lin_f16, LLMOS_W_F16)
 LIN_PDEFINE(lin_i8, LLMOS_W_I8)
+#endif
 #endif
 
 int llmos_linear(const float *x, int64_t M, int64_t K, int64_t x_stride, const void *w,
