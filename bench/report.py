@@ -20,6 +20,11 @@ def _f(x: Any, digits: int = 1, suffix: str = "") -> str:
     return f"{x}{suffix}"
 
 
+def _isa(results: dict[str, Any]) -> str:
+    bits = results.get("roofline", {}).get("linear_vector_bits")
+    return f"{bits}-bit vectors" if bits else "not available"
+
+
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f} %"
 
@@ -108,10 +113,10 @@ def render(results: dict[str, Any]) -> str:
         "",
         "Best possible here: the measure if the worker ran at this machine's roofline (below) — "
         "offline, every FLOP of the workload (prompt tokens and attention included) at the "
-        "measured fp32 matmul rate, for the fp32 and fp16 weights, which both multiply in fp32; "
+        "fastest fp32 matmul rate measured, for the fp32 and fp16 weights, which both multiply "
+        "in fp32, and for int8 weights at the faster of that and the measured integer product; "
         "single stream, every weight read once per token at the measured memory bandwidth; "
-        "ratios use the baseline's measured value. — where no ceiling applies (int8 weights "
-        "multiply in integers, whose peak is not measured).",
+        "ratios use the baseline's measured value. — where no ceiling applies.",
     ]
 
     lines += [
@@ -130,7 +135,13 @@ def render(results: dict[str, Any]) -> str:
         "| quantity | value |",
         "|---|---:|",
         f"| torch threads | {_f(roof.get('threads'))} |",
-        f"| fp32 matmul | {_f(roof.get('matmul_gflops_fp32'))} GFLOP/s |",
+        f"| fp32 matmul, torch (1024³) | {_f(roof.get('matmul_gflops_fp32_torch'))} GFLOP/s |",
+        f"| fp32 matmul, the worker's linear kernel (1024³, {_isa(results)}) | "
+        f"{_f(roof.get('matmul_gflops_fp32_native'))} GFLOP/s |",
+        f"| fp32 matmul used for the ceilings (the faster) | "
+        f"{_f(roof.get('matmul_gflops_fp32'))} GFLOP/s |",
+        f"| int8 weights × 16-bit activations, the worker's integer kernel (1024³) | "
+        f"{_f(roof.get('matmul_gops_int8_native'))} GOP/s |",
         f"| bf16 matmul | {_f(roof.get('matmul_gflops_bf16'))} GFLOP/s |",
         f"| memory read bandwidth | {_f(roof.get('memory_read_gbs'))} GB/s |",
         f"| model parameters | {_f(roof.get('model', {}).get('params'))} |",
@@ -152,6 +163,11 @@ def render(results: dict[str, Any]) -> str:
             f"GFLOP for {w.get('output_tokens')} output tokens: "
             f"{_f(w.get('compute_tok_s_fp32'))} tok/s |"
         )
+        if w.get("compute_tok_s_int8"):
+            lines.append(
+                f"| {name.replace('_', ' ')} workload, int8 weights: compute ceiling | "
+                f"{_f(w.get('compute_tok_s_int8'))} tok/s |"
+            )
 
     off = results.get("offline_mixed", {})
     hf_best = off.get("hf_best")

@@ -1,5 +1,5 @@
-"""This machine's limits, measured in the same run: matmul GFLOP/s, memory bandwidth, and the
-tokens/s they allow for the model.
+"""This machine's limits, measured in the same run: matmul GFLOP/s (torch's and the worker's own
+kernel's, the faster bounds both), memory bandwidth, and the tokens/s they allow for the model.
 
 Per token, the model costs about 2 × params FLOPs (one multiply-add per weight). A workload
 costs more per *output* token than that: every prompt token runs through the decoder layers
@@ -130,6 +130,45 @@ def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> fl
     return best
 
 
+def native_matmul_gflops(mode: str, n: int = 1024, seconds: float = 1.0) -> float | None:
+    """Best sustained rate of the worker's own linear kernel, (n, n) rows against an (n, n)
+    packed weight, in GFLOP/s (one multiply-add = 2): mode "none" multiplies in fp32, "int8"
+    multiplies int8 weights by 16-bit quantised rows in integers. None without the kernel.
+
+    Why beside torch's matmul: the roofline must bound the worker, and on a CPU with AVX-512
+    the worker's kernel runs 512-bit FMAs that torch's CPU build here does not use (about 2.4x
+    torch's 1024^3 rate on the machine this was written on), so torch's rate alone is no
+    ceiling."""
+    import torch
+
+    from llmos_worker.model.kernels import native_kernels
+    from llmos_worker.model.quant import make_linear
+
+    kernels = native_kernels()
+    if kernels is None or not kernels.has_linear:
+        return None
+    layer = make_linear(torch.randn(n, n), mode)
+    layer.pack()
+    x = torch.randn(n, n)
+    layer(x, kernels)  # warm-up (thread pool start, first touch)
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        layer(x, kernels)
+        best = max(best, 2.0 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def linear_vector_bits() -> int | None:
+    """The vector width of the worker's linear kernel on this machine (512 with AVX-512, 256
+    with AVX2); None without the kernel."""
+    from llmos_worker.model.kernels import native_kernels
+
+    kernels = native_kernels()
+    return kernels.vector_bits if kernels is not None and kernels.has_linear else None
+
+
 def memory_bandwidth_gbs(nbytes: int = 512 * 2**20, repeats: int = 10) -> float:
     """Best read bandwidth in GB/s: a sum over a buffer far larger than the caches."""
     import torch
@@ -159,21 +198,38 @@ def measure(
     import torch
 
     prev = previous or {}
-    fp32 = _best(prev.get("matmul_gflops_fp32"), matmul_gflops(torch.float32, seconds=seconds))
+    fp32_torch = _best(
+        prev.get("matmul_gflops_fp32_torch"), matmul_gflops(torch.float32, seconds=seconds)
+    )
+    fp32_native = _best(
+        prev.get("matmul_gflops_fp32_native"), native_matmul_gflops("none", seconds=seconds)
+    )
+    int8 = _best(prev.get("matmul_gops_int8_native"), native_matmul_gflops("int8", seconds=seconds))
     bf16 = _best(prev.get("matmul_gflops_bf16"), matmul_gflops(torch.bfloat16, seconds=seconds))
     bw = _best(prev.get("memory_read_gbs"), memory_bandwidth_gbs()) or 0.0
-    return derive(model, fp32, bf16, bw) | {
+    return derive(model, _best(fp32_torch, fp32_native), bf16, bw, int8) | {
+        "matmul_gflops_fp32_torch": fp32_torch,
+        "matmul_gflops_fp32_native": fp32_native,
+        "linear_vector_bits": linear_vector_bits(),
         "threads": torch.get_num_threads(),
         "measurements": prev.get("measurements", 0) + 1,
     }
 
 
-def derive(model: ModelSize, fp32: float | None, bf16: float | None, bw: float) -> dict[str, Any]:
-    """The model's tokens/s ceilings from measured matmul rates (GFLOP/s) and bandwidth (GB/s)."""
+def derive(
+    model: ModelSize,
+    fp32: float | None,
+    bf16: float | None,
+    bw: float,
+    int8: float | None = None,
+) -> dict[str, Any]:
+    """The model's tokens/s ceilings from measured matmul rates (GFLOP/s; fp32 the fastest
+    fp32 matmul measured, int8 the worker's integer product) and bandwidth (GB/s)."""
     fp32_bytes = 4 * model.read_per_token
     return {
         "matmul_gflops_fp32": fp32,
         "matmul_gflops_bf16": bf16,
+        "matmul_gops_int8_native": int8,
         "memory_read_gbs": bw,
         "model": asdict(model) | {"flops_per_token": model.flops_per_token},
         # compute ceiling: every token costs 2 × params FLOPs
@@ -190,18 +246,27 @@ def derive(model: ModelSize, fp32: float | None, bf16: float | None, bw: float) 
 
 
 def workload_ceiling(
-    model: ModelSize, requests: list[tuple[int, int]], gflops: float | None
+    model: ModelSize,
+    requests: list[tuple[int, int]],
+    gflops: float | None,
+    int8_gops: float | None = None,
 ) -> dict[str, Any]:
     """The FLOPs of a workload and the output tok/s it allows at `gflops` (every FLOP at the
-    measured matmul rate: nothing real goes faster)."""
+    fastest measured fp32 matmul rate: nothing real goes faster) and, for int8 weights, at the
+    faster of that and the integer product's rate (they multiply in integers from a few rows,
+    in fp32 below that)."""
     linear, attention = model.workload_flops(requests)
     output = sum(max(0, o) for _, o in requests)
-    seconds = (linear + attention) / (gflops * 1e9) if gflops else None
+
+    def at(rate: float | None) -> float | None:
+        return output * rate * 1e9 / (linear + attention) if rate and linear + attention else None
+
     return {
         "linear_gflop": linear / 1e9,
         "attention_gflop": attention / 1e9,
         "output_tokens": output,
-        "compute_tok_s_fp32": output / seconds if seconds else None,
+        "compute_tok_s_fp32": at(gflops),
+        "compute_tok_s_int8": at(_best(gflops, int8_gops)) if int8_gops else None,
     }
 
 

@@ -174,7 +174,10 @@ def measure_roofline(
     roof = roofline.measure(size, previous=results.get("roofline"))
     roof["workloads"] = {
         n: roofline.workload_ceiling(
-            size, [(r.prompt_len, r.max_tokens) for r in wl[n]], roof["matmul_gflops_fp32"]
+            size,
+            [(r.prompt_len, r.max_tokens) for r in wl[n]],
+            roof["matmul_gflops_fp32"],
+            roof["matmul_gops_int8_native"],
         )
         for n in ("offline_mixed", "single_stream")
     }

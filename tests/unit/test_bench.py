@@ -357,6 +357,12 @@ def test_workload_ceiling_is_output_tokens_at_the_matmul_rate() -> None:
     assert ceiling["output_tokens"] == 2
     assert ceiling["compute_tok_s_fp32"] == pytest.approx(2 / (flops / 1000))
     assert workload_ceiling(m, [(3, 2)], gflops=None)["compute_tok_s_fp32"] is None
+    assert ceiling["compute_tok_s_int8"] is None  # no integer rate measured
+    # int8 weights: every FLOP at the faster of the fp32 and the integer rate
+    both = workload_ceiling(m, [(3, 2)], gflops=1e-6, int8_gops=3e-6)
+    assert both["compute_tok_s_int8"] == pytest.approx(3 * both["compute_tok_s_fp32"])
+    slower = workload_ceiling(m, [(3, 2)], gflops=1e-6, int8_gops=5e-7)
+    assert slower["compute_tok_s_int8"] == pytest.approx(slower["compute_tok_s_fp32"])
 
 
 def test_bundled_model_shape_is_read_from_the_gguf_header() -> None:
@@ -384,8 +390,13 @@ def test_targets_carry_the_machine_ceiling_and_say_when_it_is_out_of_reach() -> 
     assert single.ceiling == pytest.approx(40.0 / 50.0) and single.within_reach is False
     single8 = ts[("8", "single stream vs llama.cpp — int8 weights (opt-in)")]
     assert single8.ceiling == pytest.approx(160.0 / 50.0) and single8.within_reach is True
-    # int8 multiplies in integers: no measured peak bounds its offline throughput
+    # int8 multiplies in integers: without a measured integer rate nothing bounds it offline
     assert ts[("8", "offline mixed vs llama.cpp — int8 weights (opt-in)")].ceiling is None
+    res["roofline"]["workloads"]["offline_mixed"]["compute_tok_s_int8"] = 900.0
+    res["offline_mixed"]["llmos_int8"] = {"output_throughput": 500.0}
+    ts = by_name(targets.evaluate(res))
+    int8 = ts[("8", "offline mixed output throughput — int8 weights (opt-in)")]
+    assert int8.ceiling == 900.0 and int8.within_reach is True
     assert ts[("2, 8", "KV cache waste at peak (offline mixed)")].within_reach is None
     text = report.render(res)
     assert "| 250.00 tok/s (target beyond this machine) |" in text
@@ -408,13 +419,30 @@ def test_a_second_roofline_measurement_keeps_the_better_rates(
             return now["fp32"]
         return None  # bf16 unsupported
 
+    # the worker's own kernel: faster than torch at the start, slower than torch's second rate
+    native = iter([(120.0, 400.0), (110.0, 380.0)])  # (fp32 GFLOP/s, int8 GOP/s)
+    own: dict[str, float] = {}
+
+    def native_matmul(mode: str, seconds: float = 1.0) -> float | None:
+        if mode == "none":
+            own["fp32"], own["int8"] = next(native)
+            return own["fp32"]
+        return own["int8"]
+
     monkeypatch.setattr(roofline, "matmul_gflops", matmul)
+    monkeypatch.setattr(roofline, "native_matmul_gflops", native_matmul)
     monkeypatch.setattr(roofline, "memory_bandwidth_gbs", lambda: now["bw"])
     m = tiny_model()
     first = roofline.measure(m)
-    assert (first["matmul_gflops_fp32"], first["memory_read_gbs"]) == (100.0, 20.0)
+    # the ceiling takes the faster fp32 matmul: here the worker's kernel
+    assert (first["matmul_gflops_fp32"], first["memory_read_gbs"]) == (120.0, 20.0)
+    assert first["matmul_gflops_fp32_torch"] == 100.0
     second = roofline.measure(m, previous=first)
     assert (second["matmul_gflops_fp32"], second["memory_read_gbs"]) == (150.0, 20.0)
+    assert (second["matmul_gflops_fp32_native"], second["matmul_gops_int8_native"]) == (
+        120.0,
+        400.0,
+    )
     assert second["matmul_gflops_bf16"] is None and second["measurements"] == 2
     assert second["compute_tok_s_fp32"] == pytest.approx(150e9 / m.flops_per_token)
     assert second["batch1_mem_tok_s_fp32"] == pytest.approx(20e9 / (4 * m.read_per_token))
