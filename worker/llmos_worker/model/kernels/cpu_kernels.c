@@ -1619,6 +1619,28 @@ int llmos_decoder_stack(const int64_t *dims, const int64_t *layers, int wtype, f
         /* silu_mul's columns for this thread: an 8-aligned share of each row */
         const int64_t c0 = (inter * tid / nt) & ~(int64_t)7;
         const int64_t c1 = tid == nt - 1 ? inter : (inter * (tid + 1) / nt) & ~(int64_t)7;
+        /* attention items (sequence, KV head) for this thread: [a0, a1), a contiguous range of
+         * about 1 / nt of the work (context length plus a fixed cost per item). why not every
+         * nt-th item: contexts differ by up to 16x, and the thread that drew the longer ones
+         * kept the other waiting at the barrier after attention in every layer */
+        int64_t a0 = 0, a1 = 0;
+        {
+            const int64_t fixed = 16;
+            int64_t total = 0;
+            for (int64_t s = 0; s < num_seqs; ++s) total += (context_lens[s] + fixed) * Hkv;
+            const int64_t lo = total * tid / nt, hi = total * (tid + 1) / nt;
+            int64_t done = 0; /* work of the items before item i */
+            a0 = a1 = num_seqs * Hkv;
+            for (int64_t i = 0; i < num_seqs * Hkv; ++i) {
+                if (done >= lo && a0 == num_seqs * Hkv) a0 = i;
+                if (done >= hi) {
+                    a1 = i;
+                    break;
+                }
+                done += context_lens[i / Hkv] + fixed;
+            }
+            if (a0 > a1) a0 = a1;
+        }
         for (int64_t l = 0; l < L; ++l) {
             const int64_t *f = layers + l * STACK_FIELDS;
             void *k_cache = (void *)(intptr_t)f[SF_K_CACHE];
@@ -1645,7 +1667,7 @@ int llmos_decoder_stack(const int64_t *dims, const int64_t *layers, int wtype, f
                 }
             }
             stack_wait(&barrier, nt, &sense);
-            for (int64_t item = tid; item < num_seqs * Hkv; item += nt) {
+            for (int64_t item = a0; item < a1; ++item) {
                 const int64_t s = item / Hkv, kvh = item % Hkv;
                 attend_item(qkv + rows[s] * qkv_n + kvh * group * D,
                             att + (rows[s] * H + kvh * group) * D, k_cache, v_cache, kv_half,
