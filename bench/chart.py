@@ -21,7 +21,7 @@ def draw(results: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     roof = results.get("roofline", {})
-    systems = ("llmos", "llmos fp16", "llmos int8", "HF generate", "llama.cpp")
+    systems = ("llmos", "llmos fp16", "llmos int8", "llmos bf16", "HF generate", "llama.cpp")
 
     offline_roof = ((roof.get("workloads") or {}).get("offline_mixed") or {}).get(
         "compute_tok_s_fp32"
@@ -48,11 +48,14 @@ def draw(results: dict[str, Any], path: Path) -> None:
             _tput(block.get("llmos")),
             _tput(block.get("llmos_fp16")),
             _tput(block.get("llmos_int8")),
+            _tput(block.get("llmos_bf16")),
             _tput(hf),
             _tput(block.get("llamacpp")),
         ]
         bars = ax.bar(
-            systems, vals, color=["tab:blue", "tab:cyan", "tab:purple", "tab:orange", "tab:green"]
+            systems,
+            vals,
+            color=["tab:blue", "tab:cyan", "tab:purple", "tab:olive", "tab:orange", "tab:green"],
         )
         ax.bar_label(bars, fmt="%.0f")
         if ceiling:
@@ -60,6 +63,7 @@ def draw(results: dict[str, Any], path: Path) -> None:
             ax.legend(loc="upper right", fontsize=8)
         ax.set_title(title)
         ax.set_ylabel("tok/s")
+        ax.tick_params(axis="x", labelrotation=25, labelsize=8)
 
     sp = results.get("shared_prefix", {})
     ttft = [

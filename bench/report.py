@@ -25,6 +25,11 @@ def _isa(results: dict[str, Any]) -> str:
     return f"{bits}-bit vectors" if bits else "not available"
 
 
+def _bf16_note(results: dict[str, Any]) -> str:
+    dot = results.get("roofline", {}).get("bf16_dot_rows")
+    return ", bf16-rounded rows (AVX512_BF16)" if dot else ", fp32 rows (no AVX512_BF16)"
+
+
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f} %"
 
@@ -94,8 +99,12 @@ def render(results: dict[str, Any]) -> str:
             if "steal_percent" in meta
             else []
         ),
-        f"- Threads: {meta.get('threads', '?')} for every system; OMP_WAIT_POLICY="
-        f"{meta.get('omp_wait_policy', '?')}",
+        f"- Threads: {meta.get('threads', '?')} for every system; OpenMP wait policy: "
+        + (
+            "libgomp's default (OMP_WAIT_POLICY unset)"
+            if meta.get("omp_wait_policy") == "default"
+            else f"OMP_WAIT_POLICY={meta.get('omp_wait_policy', '?')}"
+        ),
         f"- Model: {meta.get('model', '?')}; this worker runs it dequantised to "
         f"{meta.get('dtype', 'float32')}",
     ]
@@ -114,7 +123,8 @@ def render(results: dict[str, Any]) -> str:
         "Best possible here: the measure if the worker ran at this machine's roofline (below) — "
         "offline, every FLOP of the workload (prompt tokens and attention included) at the "
         "fastest fp32 matmul rate measured, for the fp32 and fp16 weights, which both multiply "
-        "in fp32, and for int8 weights at the faster of that and the measured integer product; "
+        "in fp32, and for int8 and bf16 weights at the faster of that and their own measured "
+        "product (integer; bf16 pairs); "
         "single stream, every weight read once per token at the measured memory bandwidth; "
         "ratios use the baseline's measured value. — where no ceiling applies.",
     ]
@@ -142,8 +152,15 @@ def render(results: dict[str, Any]) -> str:
         f"{_f(roof.get('matmul_gflops_fp32'))} GFLOP/s |",
         f"| int8 weights × 16-bit activations, the worker's integer kernel (1024³) | "
         f"{_f(roof.get('matmul_gops_int8_native'))} GOP/s |",
+        f"| bf16 weights, the worker's linear kernel (1024³{_bf16_note(results)}) | "
+        f"{_f(roof.get('matmul_gflops_bf16_native'))} GFLOP/s |",
         f"| bf16 matmul | {_f(roof.get('matmul_gflops_bf16'))} GFLOP/s |",
-        f"| memory read bandwidth | {_f(roof.get('memory_read_gbs'))} GB/s |",
+        f"| memory read bandwidth, torch (sum of 512 MiB) | "
+        f"{_f(roof.get('memory_read_gbs_torch'))} GB/s |",
+        f"| memory read bandwidth, the worker's 1-row linear (256 MiB of fp32 weights) | "
+        f"{_f(roof.get('memory_read_gbs_native'))} GB/s |",
+        f"| memory read bandwidth used for the ceilings (the faster) | "
+        f"{_f(roof.get('memory_read_gbs'))} GB/s |",
         f"| model parameters | {_f(roof.get('model', {}).get('params'))} |",
         f"| compute roofline, fp32 (2 × params FLOP/token) | {_f(roof_tok)} tok/s |",
         f"| compute roofline, bf16 | {_f(roof.get('compute_tok_s_bf16'))} tok/s |",
@@ -163,11 +180,12 @@ def render(results: dict[str, Any]) -> str:
             f"GFLOP for {w.get('output_tokens')} output tokens: "
             f"{_f(w.get('compute_tok_s_fp32'))} tok/s |"
         )
-        if w.get("compute_tok_s_int8"):
-            lines.append(
-                f"| {name.replace('_', ' ')} workload, int8 weights: compute ceiling | "
-                f"{_f(w.get('compute_tok_s_int8'))} tok/s |"
-            )
+        for narrow in ("int8", "bf16"):
+            if w.get(f"compute_tok_s_{narrow}"):
+                lines.append(
+                    f"| {name.replace('_', ' ')} workload, {narrow} weights: compute ceiling | "
+                    f"{_f(w.get(f'compute_tok_s_{narrow}'))} tok/s |"
+                )
 
     off = results.get("offline_mixed", {})
     hf_best = off.get("hf_best")
@@ -196,6 +214,12 @@ def render(results: dict[str, Any]) -> str:
                     "llmos worker, int8 weights (opt-in)",
                     off.get("llmos_int8"),
                     "`--quantization int8` (per-channel scales; 16-bit activations from 12 rows)",
+                ),
+                (
+                    "llmos worker, bf16 weights (opt-in)",
+                    off.get("llmos_bf16"),
+                    "`--quantization bf16` (bf16-rounded activations from 12 rows where the CPU "
+                    "has AVX512_BF16)",
                 ),
                 (
                     "llmos worker, int8 weights + fp16 KV cache (opt-in)",
@@ -246,6 +270,7 @@ def render(results: dict[str, Any]) -> str:
             ("llama.cpp (llama-cpp-python)", single.get("llamacpp"), "Q4_1", mem["gguf"]),
             ("llmos worker, fp16 weights (opt-in)", single.get("llmos_fp16"), "", mem["fp16"]),
             ("llmos worker, int8 weights (opt-in)", single.get("llmos_int8"), "", mem["int8"]),
+            ("llmos worker, bf16 weights (opt-in)", single.get("llmos_bf16"), "", mem["fp16"]),
             (
                 "llmos worker, int8 weights + fp16 KV cache (opt-in)",
                 single.get("llmos_int8_kvfp16"),
@@ -269,7 +294,7 @@ def render(results: dict[str, Any]) -> str:
         base = ppl.get("float32")
         lines += [
             "",
-            "## Quality of the opt-in fp16 and int8 weights (perplexity, same run)",
+            "## Quality of the opt-in fp16, int8 and bf16 weights (perplexity, same run)",
             "",
             f"Scored text: {quality['text']}, windows of {quality['window']} tokens.",
             "",

@@ -133,7 +133,8 @@ def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> fl
 def native_matmul_gflops(mode: str, n: int = 1024, seconds: float = 1.0) -> float | None:
     """Best sustained rate of the worker's own linear kernel, (n, n) rows against an (n, n)
     packed weight, in GFLOP/s (one multiply-add = 2): mode "none" multiplies in fp32, "int8"
-    multiplies int8 weights by 16-bit quantised rows in integers. None without the kernel.
+    multiplies int8 weights by 16-bit quantised rows in integers, "bf16" bf16 weights by rows
+    rounded to bf16 where the CPU has AVX512_BF16 (else fp32 rows). None without the kernel.
 
     Why beside torch's matmul: the roofline must bound the worker, and on a CPU with AVX-512
     the worker's kernel runs 512-bit FMAs that torch's CPU build here does not use (about 2.4x
@@ -167,6 +168,43 @@ def linear_vector_bits() -> int | None:
 
     kernels = native_kernels()
     return kernels.vector_bits if kernels is not None and kernels.has_linear else None
+
+
+def bf16_dot_rows() -> int | None:
+    """From how many rows the worker's kernel rounds rows to bf16 for bf16 weights (0: never,
+    no AVX512_BF16); None without the kernel."""
+    from llmos_worker.model.kernels import native_kernels
+
+    kernels = native_kernels()
+    return kernels.bf16_dot_rows if kernels is not None and kernels.has_linear else None
+
+
+def native_read_gbs(nbytes: int = 256 * 2**20, repeats: int = 10) -> float | None:
+    """Best read bandwidth in GB/s as the worker's decode reads weights: its linear kernel on one
+    row against an fp32 weight of `nbytes` (far larger than the caches). None without the kernel.
+
+    Why beside torch's sum: the kernel's loads stream its packed panels on both cores and read
+    faster than torch's reduction (the fp32 single stream ran at 107 % of the torch-measured
+    ceiling), so torch's rate alone is no ceiling for it."""
+    import torch
+
+    from llmos_worker.model.kernels import native_kernels
+    from llmos_worker.model.quant import make_linear
+
+    kernels = native_kernels()
+    if kernels is None or not kernels.has_linear:
+        return None
+    k = 4096
+    layer = make_linear(torch.randn(nbytes // 4 // k, k), "none")
+    layer.pack()
+    x = torch.randn(1, k)
+    layer(x, kernels)  # warm-up: pages touched
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        layer(x, kernels)
+        best = max(best, layer.nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def memory_bandwidth_gbs(nbytes: int = 512 * 2**20, repeats: int = 10) -> float:
@@ -206,11 +244,22 @@ def measure(
     )
     int8 = _best(prev.get("matmul_gops_int8_native"), native_matmul_gflops("int8", seconds=seconds))
     bf16 = _best(prev.get("matmul_gflops_bf16"), matmul_gflops(torch.bfloat16, seconds=seconds))
-    bw = _best(prev.get("memory_read_gbs"), memory_bandwidth_gbs()) or 0.0
+    bf16_native = _best(
+        prev.get("matmul_gflops_bf16_native"), native_matmul_gflops("bf16", seconds=seconds)
+    )
+    bw_torch = _best(prev.get("memory_read_gbs_torch"), memory_bandwidth_gbs())
+    bw_native = _best(prev.get("memory_read_gbs_native"), native_read_gbs())
+    bw = _best(bw_torch, bw_native) or 0.0
     return derive(model, _best(fp32_torch, fp32_native), bf16, bw, int8) | {
         "matmul_gflops_fp32_torch": fp32_torch,
         "matmul_gflops_fp32_native": fp32_native,
+        "memory_read_gbs_torch": bw_torch,
+        "memory_read_gbs_native": bw_native,
+        "matmul_gflops_bf16_native": bf16_native,
+        # the worker's bf16 weights multiply at the better of the two where they can
+        "matmul_gflops_bf16_best": _best(bf16, bf16_native),
         "linear_vector_bits": linear_vector_bits(),
+        "bf16_dot_rows": bf16_dot_rows(),
         "threads": torch.get_num_threads(),
         "measurements": prev.get("measurements", 0) + 1,
     }
@@ -250,11 +299,12 @@ def workload_ceiling(
     requests: list[tuple[int, int]],
     gflops: float | None,
     int8_gops: float | None = None,
+    bf16_gflops: float | None = None,
 ) -> dict[str, Any]:
     """The FLOPs of a workload and the output tok/s it allows at `gflops` (every FLOP at the
-    fastest measured fp32 matmul rate: nothing real goes faster) and, for int8 weights, at the
-    faster of that and the integer product's rate (they multiply in integers from a few rows,
-    in fp32 below that)."""
+    fastest measured fp32 matmul rate: nothing real goes faster) and, for int8 and bf16
+    weights, at the faster of that and their own product's rate (int8 multiplies in integers,
+    bf16 in bf16 pairs, from a few rows; in fp32 below that)."""
     linear, attention = model.workload_flops(requests)
     output = sum(max(0, o) for _, o in requests)
 
@@ -267,6 +317,7 @@ def workload_ceiling(
         "output_tokens": output,
         "compute_tok_s_fp32": at(gflops),
         "compute_tok_s_int8": at(_best(gflops, int8_gops)) if int8_gops else None,
+        "compute_tok_s_bf16": at(_best(gflops, bf16_gflops)) if bf16_gflops else None,
     }
 
 

@@ -1,7 +1,8 @@
 """The performance targets of issues 2 and 8, judged against one run's results.
 
 Throughput targets are judged for the default fp32 worker and, when measured, again for the
-opt-in fp16 and int8 weights (issue 8 allows quantised modes that pass the perplexity check).
+opt-in fp16, int8 and bf16 weights (issue 8 allows quantised modes that pass the perplexity
+check).
 
 Each target yields a row: what was asked, what was measured, met or not, and by how much
 (measured / required for "at least" targets, required / measured for "below" targets, so a
@@ -13,7 +14,8 @@ the measure could take on this machine. Offline throughput is bounded by the wor
 (prompt tokens and attention included) at the fastest fp32 matmul rate measured (torch's or the
 worker's kernel's) — for fp32 and fp16 weights, which both multiply in fp32; for int8 weights,
 which multiply in integers, at the faster of that and the worker's measured integer product
-rate (no ceiling when that rate is unknown). Single-stream throughput is bounded by reading
+rate, and for bf16 weights at the faster of that and the best bf16 matmul measured (no ceiling
+when that rate is unknown). Single-stream throughput is bounded by reading
 every weight once per token at the measured memory bandwidth (and by the compute ceiling). A
 ratio against a baseline is bounded by the ceiling over the baseline's measured value.
 """
@@ -91,12 +93,17 @@ def evaluate(results: dict[str, Any]) -> list[Target]:
     roof = results.get("roofline", {})
     offline_ceiling = _get(roof, "workloads", "offline_mixed", "compute_tok_s_fp32")
     offline_int8 = _get(roof, "workloads", "offline_mixed", "compute_tok_s_int8")
+    offline_bf16 = _get(roof, "workloads", "offline_mixed", "compute_tok_s_bf16")
     single_compute = _get(roof, "workloads", "single_stream", "compute_tok_s_fp32")
-    single_int8 = _get(roof, "workloads", "single_stream", "compute_tok_s_int8")
+    single_narrow_compute = {
+        w: _get(roof, "workloads", "single_stream", f"compute_tok_s_{w}") for w in ("int8", "bf16")
+    }
 
     def single_ceiling(weights: str) -> float | None:
-        compute = single_int8 if weights == "int8" else single_compute
-        return _least(roof.get(f"batch1_mem_tok_s_{weights}"), compute)
+        compute = single_narrow_compute.get(weights) or single_compute
+        # bf16 weights are 2 bytes, as fp16's
+        memory = roof.get(f"batch1_mem_tok_s_{'fp16' if weights == 'bf16' else weights}")
+        return _least(memory, compute)
 
     off = results.get("offline_mixed", {})
     ours = _get(off, "llmos", "output_throughput")
@@ -113,13 +120,14 @@ def evaluate(results: dict[str, Any]) -> list[Target]:
         ("fp16", "fp16 weights", "fp16"),
         ("int8", "int8 weights", "int8"),
         ("int8_kvfp16", "int8 weights + fp16 KV cache", "int8"),
+        ("bf16", "bf16 weights", "bf16"),
     ):
         narrow = _get(off, f"llmos_{mode}", "output_throughput")
         single_narrow = _get(results, "single_stream", f"llmos_{mode}", "output_throughput")
         if narrow is None and single_narrow is None:
             continue
         label = f" — {what} (opt-in)"
-        top = offline_ceiling if weights == "fp16" else offline_int8
+        top = {"fp16": offline_ceiling, "int8": offline_int8, "bf16": offline_bf16}[weights]
         single_top = single_ceiling(weights)
         opt_in += [
             Target("8", "offline mixed output throughput" + label, "≥ 300 tok/s", narrow, 300.0,

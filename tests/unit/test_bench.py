@@ -427,11 +427,12 @@ def test_a_second_roofline_measurement_keeps_the_better_rates(
         if mode == "none":
             own["fp32"], own["int8"] = next(native)
             return own["fp32"]
-        return own["int8"]
+        return own["int8"] if mode == "int8" else None  # bf16: say, no kernel for it
 
     monkeypatch.setattr(roofline, "matmul_gflops", matmul)
     monkeypatch.setattr(roofline, "native_matmul_gflops", native_matmul)
     monkeypatch.setattr(roofline, "memory_bandwidth_gbs", lambda: now["bw"])
+    monkeypatch.setattr(roofline, "native_read_gbs", lambda: 18.0)  # the worker's 1-row read
     m = tiny_model()
     first = roofline.measure(m)
     # the ceiling takes the faster fp32 matmul: here the worker's kernel
@@ -439,6 +440,7 @@ def test_a_second_roofline_measurement_keeps_the_better_rates(
     assert first["matmul_gflops_fp32_torch"] == 100.0
     second = roofline.measure(m, previous=first)
     assert (second["matmul_gflops_fp32"], second["memory_read_gbs"]) == (150.0, 20.0)
+    assert second["memory_read_gbs_native"] == 18.0
     assert (second["matmul_gflops_fp32_native"], second["matmul_gops_int8_native"]) == (
         120.0,
         400.0,

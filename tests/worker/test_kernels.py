@@ -3,10 +3,11 @@ linear layers.
 
 Every test runs on the build the worker loads and, on a CPU with AVX-512, on the 256-bit variant
 too. The linear kernel is checked against x @ W.T of the weights each storage mode holds (fp32,
-fp16, int8 with per-row scales), over row counts around its 6-row (256-bit) and 12-row (512-bit)
-tiles, 16-row panels alone and in pairs, and partial panels;
-int8 at the row counts that multiply 16-bit quantised activations in integers within the
-error bound that quantisation promises, including the largest sums any input can make.
+fp16, bf16, int8 with per-row scales), over row counts around its 6-row (256-bit) and 12-row
+(512-bit) tiles, 16-row panels alone and in pairs, and partial panels; int8 at the row counts
+that multiply 16-bit quantised activations in integers within the error bound that quantisation
+promises, including the largest sums any input can make; bf16, where the CPU has AVX512_BF16,
+at the row counts that round x to bf16, against x so rounded.
 
 The attention reference gathers each sequence's K/V by its block table and runs
 softmax(q k^T * scale) v in float64. Cases cover GQA ratios 1/3/4, head dims 64 (the AVX2 path)
@@ -295,7 +296,7 @@ def test_per_layer_ops_refuse_bad_inputs(kernels: NativeKernels) -> None:
 # -- linear layers on packed weights -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["none", "fp16", "int8"])
+@pytest.mark.parametrize("mode", ["none", "fp16", "int8", "bf16"])
 # 6- and 12-row tiles, remainders, one row; from 24 rows fp16/int8 panels are widened once
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 12, 13, 25, 40])
 @pytest.mark.parametrize(
@@ -318,6 +319,11 @@ def test_linear_matches_dense(kernels: NativeKernels, mode: str, rows: int, n: i
         want = x.double() @ dense.T
         if mode == "int8" and rows >= kernels.int8_integer_rows:
             assert_within_integer_bound(got, x, dense, want)
+        elif mode == "bf16" and 0 < kernels.bf16_dot_rows <= rows:
+            # x rounded to bf16 (nearest even, as torch rounds), products summed in fp32
+            rounded = x.to(torch.bfloat16).double() @ dense.T
+            torch.testing.assert_close(got.double(), rounded, atol=1e-4, rtol=1e-4)
+            assert ((got.double() - want).abs() <= x.abs().double() @ dense.abs().T / 256).all()
         else:
             torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
     if mode == "int8":  # and those weights are close to the originals
@@ -476,11 +482,11 @@ def quantize_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _stack_reference(
-    case: dict[str, Any], integer: bool = False
+    case: dict[str, Any], rounding: str | None = None
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The same step in float64 torch ops: x after every layer, and the caches (K/V rounded to
-    the caches' dtype as they are written); `integer`: each projection's input rounded as the
-    int8 integer path rounds it."""
+    the caches' dtype as they are written); `rounding`: each projection's input rounded as the
+    int8 integer path ("int16") or the bf16 dot-product path ("bf16") rounds it."""
     import torch.nn.functional as F
 
     from llmos_worker.model.rope import apply_rope
@@ -489,7 +495,9 @@ def _stack_reference(
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
 
     def q(x: torch.Tensor) -> torch.Tensor:
-        return quantize_rows(x) if integer else x
+        if rounding == "int16":
+            return quantize_rows(x)
+        return x.to(torch.bfloat16).double() if rounding == "bf16" else x
 
     spec = case["spec"]
     x = case["x"].double()
@@ -524,18 +532,23 @@ def _stack_reference(
         ("none", torch.float16, 0),
         ("int8", torch.float16, 0),
         ("int8", torch.float32, 6),
+        ("bf16", torch.float32, 0),
+        ("bf16", torch.float32, 6),
     ],
-    ids=["none", "fp16", "int8", "none-fp16kv", "int8-fp16kv", "int8-integer"],
+    ids=["none", "fp16", "int8", "none-fp16kv", "int8-fp16kv", "int8-integer", "bf16", "bf16-12"],
 )
 def test_decoder_stack_matches_reference(
     kernels: NativeKernels, mode: str, kv: torch.dtype, extra: int
 ) -> None:
     """All layers in one call: RoPE, K/V written at their slots, decodes and a chunk whose rows
     read each other's new K/V, the projections in each storage mode, fp32 and fp16 caches; with
-    12 rows, int8's integer products (16-bit rows of x: within ~1e-4 of the exact result)."""
+    12 rows, int8's integer products (16-bit rows of x: within ~1e-4 of the exact result) and,
+    with AVX512_BF16, bf16's products of bf16-rounded rows."""
     case = _stack_case(mode, kv=kv, extra=extra)
-    integer = mode == "int8" and case["x"].shape[0] >= kernels.int8_integer_rows
-    assert integer == (extra > 0)
+    rows = case["x"].shape[0]
+    integer = mode == "int8" and rows >= kernels.int8_integer_rows
+    bf16 = mode == "bf16" and 0 < kernels.bf16_dot_rows <= rows
+    assert integer == (mode == "int8" and extra > 0)
     stack = kernels.bind_stack(case["spec"], case["layers"])
     x = case["x"].clone()
     stack(
@@ -547,7 +560,7 @@ def test_decoder_stack_matches_reference(
         case["tables"],
         case["lens"],
     )
-    want_x, want_caches = _stack_reference(case, integer)
+    want_x, want_caches = _stack_reference(case, "int16" if integer else "bf16" if bf16 else None)
     # fp16 caches: the float64 reference rounds K/V computed in float64, the kernel K/V computed
     # in fp32, so a value near a rounding boundary may land one fp16 ulp (~1e-3) apart
     tol = 1e-4 if kv is torch.float32 else 2e-3
@@ -558,6 +571,9 @@ def test_decoder_stack_matches_reference(
         tol = 5e-3
         row_err = (x.double() - want_x).abs().amax(1)
         assert (row_err < 1e-4).float().mean() >= 0.5, row_err
+    if bf16:
+        # as for int8, and bf16's steps are 2^-8 relative: a boundary value is ~4e-3 off
+        tol = 2e-2
     torch.testing.assert_close(x.double(), want_x, atol=tol, rtol=tol)
     for got, want in zip(case["caches"], want_caches, strict=True):
         torch.testing.assert_close(got.double(), want, atol=tol / 10, rtol=tol / 2)

@@ -99,9 +99,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quantization",
         choices=get_args(Quantization),
         default=e("quantization", "none"),
-        help="linear-layer weights in fp16 (fp32 compute), or int8 with per-channel scales "
+        help="linear-layer weights in fp16 (fp32 compute), int8 with per-channel scales "
         "(fp32 compute below 12 rows; from 12 rows, activations rounded per row to 16 bits and "
-        "multiplied in integers) (CPU, float32 only)",
+        "multiplied in integers), or bf16 (with AVX512_BF16, from 12 rows activations rounded "
+        "to bf16 and multiplied pairwise into fp32 sums) (CPU, float32 only)",
     )
     a(
         "--kv-cache-dtype",

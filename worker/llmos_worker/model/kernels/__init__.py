@@ -2,8 +2,8 @@
 
 The kernels (cpu_kernels.c): paged decode and prefill attention reading K/V in place (the
 prefill one blocked like flash attention), residual add + RMSNorm, rotary embedding in place,
-SiLU(gate) * up, linear layers over packed fp32, fp16 or int8 weights, and all of that for every
-decoder layer of a decode step in one call (`DecoderStack`).
+SiLU(gate) * up, linear layers over packed fp32, fp16, bf16 or int8 weights, and all of that for
+every decoder layer of a decode step in one call (`DecoderStack`).
 `native_kernels()` returns the loaded library or None. It builds `cpu_kernels.c` with the
 system C compiler (`$CC`, else `cc`) into a cache directory (`$LLMOS_KERNEL_CACHE`, else
 `$XDG_CACHE_HOME/llmos-worker/kernels`, else `~/.cache/llmos-worker/kernels`) under a name that
@@ -71,6 +71,9 @@ class NativeKernels:
         self.vector_bits = int(lib.llmos_linear_vector_bits())
         # from this many rows, int8 weights multiply 16-bit quantised rows of x in integers
         self.int8_integer_rows = int(lib.llmos_linear_int_rows())
+        # from this many rows, bf16 weights multiply rows rounded to bf16 (vdpbf16ps); 0 when
+        # the build has no AVX512_BF16 (then fp32 rows at every count)
+        self.bf16_dot_rows = int(lib.llmos_linear_bf16_rows())
         self._stack = lib.llmos_decoder_stack
         # dims, layer table, weight type, eps, attention scale, cos, sin, x, T, positions,
         # slots, rows, block tables, context lengths, S, max blocks
@@ -164,11 +167,13 @@ class NativeKernels:
     ) -> torch.Tensor:
         """(M, n) = x (M, K) @ W.T [* scale], W (n, K) packed by `quant.pack_panels`.
 
-        packed (ceil(n / 16), K, 16) contiguous float32, float16, or int8 (with `scale` (n,)
-        fp32, one per output row); x fp32 with unit column stride (rows may be a slice of a
-        wider tensor). With int8 weights and at least `int8_integer_rows` rows, each row of x
-        is quantised to 16 bits (symmetric, its own scale) and multiplied in integers: every
-        input is then within half of 1/32767 of its row's largest magnitude.
+        packed (ceil(n / 16), K, 16) contiguous float32, float16, bfloat16, or int8 (with
+        `scale` (n,) fp32, one per output row); x fp32 with unit column stride (rows may be a
+        slice of a wider tensor). With int8 weights and at least `int8_integer_rows` rows, each
+        row of x is quantised to 16 bits (symmetric, its own scale) and multiplied in integers:
+        every input is then within half of 1/32767 of its row's largest magnitude. With bf16
+        weights and at least `bf16_dot_rows` rows (where that is not 0), each x value is
+        rounded to bf16 (relative error <= 2^-9) and products sum in fp32.
         """
         return self.bind_linear(packed, n, scale)(x)
 
@@ -347,7 +352,7 @@ class NativeKernels:
     def _check_packed(self, packed: torch.Tensor, n: int, scale: torch.Tensor | None) -> None:
         wtype = _WEIGHT_TYPES.get(packed.dtype)
         if wtype is None or not packed.is_contiguous() or packed.dim() != 3:
-            raise ValueError("weight must be packed (P, K, 16) float32, float16 or int8")
+            raise ValueError("weight must be packed (P, K, 16) float32, float16, int8 or bfloat16")
         panels, _, width = packed.shape
         if width != 16 or not (panels - 1) * 16 < n <= panels * 16:
             raise ValueError(f"packed weight {tuple(packed.shape)} does not hold {n} rows")
@@ -503,7 +508,8 @@ _STACK_ERRORS = {
     6: "a position outside the RoPE table, a slot outside the cache, or rows not covering x once",
     7: "inconsistent dimensions",
 }
-_WEIGHT_TYPES = {torch.float32: 0, torch.float16: 1, torch.int8: 2}  # cpu_kernels.c LLMOS_W_*
+# cpu_kernels.c LLMOS_W_*
+_WEIGHT_TYPES = {torch.float32: 0, torch.float16: 1, torch.int8: 2, torch.bfloat16: 3}
 
 
 def _check_attention(

@@ -702,6 +702,9 @@ void llmos_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inte
  *   LLMOS_W_F32  float32
  *   LLMOS_W_F16  IEEE half (converted with F16C): half the bytes to read
  *   LLMOS_W_I8   int8 with one fp32 scale per output row (symmetric, per channel): a quarter
+ *   LLMOS_W_BF16 bfloat16 (widened by a shift): half the bytes; with AVX512_BF16 and at least
+ *                LIN_BROWS rows, the rows of x are rounded to bf16 too and multiplied pairwise
+ *                with vdpbf16ps, accumulating in fp32 (below)
  * W is stored packed: ceil(N/16) panels, panel p holding W[16p .. 16p+15][k] at element offset
  * (p * K + k) * 16 + j (rows past N are zero). Reading a panel is one sequential stream, and a
  * step of k multiplies 16 weights (two vectors, converted once) by one broadcast x value for each
@@ -715,7 +718,7 @@ void llmos_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inte
  * Returns 0; 1 when this build has no AVX2/FMA/F16C (the caller uses torch instead); 2 for an
  * unknown weight type.
  */
-enum { LLMOS_W_F32 = 0, LLMOS_W_F16 = 1, LLMOS_W_I8 = 2 };
+enum { LLMOS_W_F32 = 0, LLMOS_W_F16 = 1, LLMOS_W_I8 = 2, LLMOS_W_BF16 = 3 };
 
 /* Rows of x from which int8 weights take the integer path below (fewer: fp32 products). */
 #define LIN_QROWS 12
@@ -750,6 +753,9 @@ static inline __attribute__((always_inline)) __m256 load_w8(const void *w, int w
     if (wt == LLMOS_W_F32) return _mm256_loadu_ps((const float *)w + i);
     if (wt == LLMOS_W_F16)
         return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
+    if (wt == LLMOS_W_BF16) /* bf16 is the upper half of an fp32 */
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i))), 16));
     return _mm256_cvtepi32_ps(
         _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + i))));
 }
@@ -1002,6 +1008,7 @@ static inline __attribute__((always_inline)) void lin_qtile(const int16_t *xq, i
 /* The integer path over panels [p0, p1) for all M rows, in passes of ~192 KB of quantised rows
  * (as lin_row_block). Each thread quantises the rows itself (M * K work against its share of
  * M * K * N), so threads need not meet. Returns 0 when out of memory (nothing written). */
+__attribute__((unused)) /* in a 512-bit build lin_zq_range replaces it */
 static int lin_i8q_range(const float *x, int64_t x_stride, int64_t M, const void *w, int64_t K,
                          int64_t N, const float *scale, float *y, int64_t p0, int64_t p1) {
     const int64_t kp = K + (K & 1);
@@ -1128,6 +1135,10 @@ static inline __attribute__((always_inline)) __m512 load_w16(const void *w, int 
     if (wt == LLMOS_W_F32) return _mm512_loadu_ps((const float *)w + i);
     if (wt == LLMOS_W_F16)
         return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i)));
+    if (wt == LLMOS_W_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i))),
+            16));
     return _mm512_cvtepi32_ps(
         _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)w + i))));
 }
@@ -1237,77 +1248,81 @@ static inline __attribute__((always_inline)) void lin_zrow1(const float *x, cons
 #define LIN_ZDP(acc, a, b) _mm512_add_epi32(acc, _mm512_madd_epi16(a, b))
 #endif
 
-#if defined(__AVX512VNNI__)
-/* Twelve quantised rows (xq rows from x0) against two widened panels (w0; the second `wgap`
- * bytes further) over pairs [c0, c1) of k: int32 sums into acc (12 rows x 2 panels). Assembly
- * for the reason of lin_qkernel6 (GCC copies the accumulators of this loop every iteration):
- * 24 accumulators, 2 weight vectors and 1 broadcast of the 32 zmm registers. */
-static inline void lin_zqkernel12(const int16_t *x0, int64_t kp, const int16_t *w0,
-                                  int64_t wgap, int64_t c0, int64_t c1, __m512i acc[12][2]) {
-    const char *xa = (const char *)(x0 + c0), *xb = (const char *)(x0 + 3 * kp + c0);
-    const char *xc = (const char *)(x0 + 6 * kp + c0), *xd = (const char *)(x0 + 9 * kp + c0);
-    const char *w = (const char *)(w0 + c0 * LIN_PNR);
-    const int64_t stride = kp * 2;
-    int64_t n = (c1 - c0) / 2;
-#define LIN_ZQROW(ADDR, A, B)                                                                  \
+/* Twelve rows of 16-bit values (rows kp values apart, from x0) against two panels of k pairs
+ * (w0; the second `wgap` bytes further) over pairs [c0, c1) of k: sums into acc (12 rows x 2
+ * panels, 64 bytes each) by INSN, which multiplies pairs of 16-bit values and adds both products
+ * to a 32-bit lane: vpdpwssd (int16 -> int32) or vdpbf16ps (bf16 -> fp32). Assembly for the
+ * reason of lin_qkernel6 (GCC copies the accumulators of this loop every iteration): 24
+ * accumulators, 2 weight vectors and 1 broadcast of the 32 zmm registers. */
+#define LIN_ZROW(INSN, ADDR, A, B)                                                             \
     "vpbroadcastd " ADDR ", %%zmm26\n\t"                                                       \
-    "vpdpwssd %%zmm24, %%zmm26, %%zmm" A "\n\t"                                                \
-    "vpdpwssd %%zmm25, %%zmm26, %%zmm" B "\n\t"
-#define LIN_ZQACC(OP, I, R) OP " " I "*64(%[acc]), %%zmm" R "\n\t"
-#define LIN_ZQSTORE(I, R) "vmovdqu64 %%zmm" R ", " I "*64(%[acc])\n\t"
-    __asm__ volatile(
-        LIN_ZQACC("vmovdqu64", "0", "0") LIN_ZQACC("vmovdqu64", "1", "1")
-        LIN_ZQACC("vmovdqu64", "2", "2") LIN_ZQACC("vmovdqu64", "3", "3")
-        LIN_ZQACC("vmovdqu64", "4", "4") LIN_ZQACC("vmovdqu64", "5", "5")
-        LIN_ZQACC("vmovdqu64", "6", "6") LIN_ZQACC("vmovdqu64", "7", "7")
-        LIN_ZQACC("vmovdqu64", "8", "8") LIN_ZQACC("vmovdqu64", "9", "9")
-        LIN_ZQACC("vmovdqu64", "10", "10") LIN_ZQACC("vmovdqu64", "11", "11")
-        LIN_ZQACC("vmovdqu64", "12", "12") LIN_ZQACC("vmovdqu64", "13", "13")
-        LIN_ZQACC("vmovdqu64", "14", "14") LIN_ZQACC("vmovdqu64", "15", "15")
-        LIN_ZQACC("vmovdqu64", "16", "16") LIN_ZQACC("vmovdqu64", "17", "17")
-        LIN_ZQACC("vmovdqu64", "18", "18") LIN_ZQACC("vmovdqu64", "19", "19")
-        LIN_ZQACC("vmovdqu64", "20", "20") LIN_ZQACC("vmovdqu64", "21", "21")
-        LIN_ZQACC("vmovdqu64", "22", "22") LIN_ZQACC("vmovdqu64", "23", "23")
-        "1:\n\t"
-        "vmovdqu64 (%[w]), %%zmm24\n\t"
-        "vmovdqu64 (%[w],%[gap]), %%zmm25\n\t"
-        LIN_ZQROW("(%[xa])", "0", "1")
-        LIN_ZQROW("(%[xa],%[s])", "2", "3")
-        LIN_ZQROW("(%[xa],%[s],2)", "4", "5")
-        LIN_ZQROW("(%[xb])", "6", "7")
-        LIN_ZQROW("(%[xb],%[s])", "8", "9")
-        LIN_ZQROW("(%[xb],%[s],2)", "10", "11")
-        LIN_ZQROW("(%[xc])", "12", "13")
-        LIN_ZQROW("(%[xc],%[s])", "14", "15")
-        LIN_ZQROW("(%[xc],%[s],2)", "16", "17")
-        LIN_ZQROW("(%[xd])", "18", "19")
-        LIN_ZQROW("(%[xd],%[s])", "20", "21")
-        LIN_ZQROW("(%[xd],%[s],2)", "22", "23")
-        "add $4, %[xa]\n\t"
-        "add $4, %[xb]\n\t"
-        "add $4, %[xc]\n\t"
-        "add $4, %[xd]\n\t"
-        "add $64, %[w]\n\t"
-        "dec %[n]\n\t"
-        "jnz 1b\n\t"
-        LIN_ZQSTORE("0", "0") LIN_ZQSTORE("1", "1") LIN_ZQSTORE("2", "2")
-        LIN_ZQSTORE("3", "3") LIN_ZQSTORE("4", "4") LIN_ZQSTORE("5", "5")
-        LIN_ZQSTORE("6", "6") LIN_ZQSTORE("7", "7") LIN_ZQSTORE("8", "8")
-        LIN_ZQSTORE("9", "9") LIN_ZQSTORE("10", "10") LIN_ZQSTORE("11", "11")
-        LIN_ZQSTORE("12", "12") LIN_ZQSTORE("13", "13") LIN_ZQSTORE("14", "14")
-        LIN_ZQSTORE("15", "15") LIN_ZQSTORE("16", "16") LIN_ZQSTORE("17", "17")
-        LIN_ZQSTORE("18", "18") LIN_ZQSTORE("19", "19") LIN_ZQSTORE("20", "20")
-        LIN_ZQSTORE("21", "21") LIN_ZQSTORE("22", "22") LIN_ZQSTORE("23", "23")
-        : [xa] "+r"(xa), [xb] "+r"(xb), [xc] "+r"(xc), [xd] "+r"(xd), [w] "+r"(w), [n] "+r"(n)
-        : [s] "r"(stride), [gap] "r"(wgap), [acc] "r"(acc)
-        : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
-          "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18",
-          "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm24", "xmm25", "xmm26", "cc",
-          "memory");
-#undef LIN_ZQROW
-#undef LIN_ZQACC
-#undef LIN_ZQSTORE
+    INSN " %%zmm24, %%zmm26, %%zmm" A "\n\t"                                                  \
+    INSN " %%zmm25, %%zmm26, %%zmm" B "\n\t"
+#define LIN_ZACC(OP, I, R) OP " " I "*64(%[acc]), %%zmm" R "\n\t"
+#define LIN_ZSTORE(I, R) "vmovdqu64 %%zmm" R ", " I "*64(%[acc])\n\t"
+#define LIN_ZKERNEL12(NAME, INSN)                                                                  \
+static inline void NAME(const void *x0, int64_t kp, const void *w0, int64_t wgap, int64_t c0,      \
+                        int64_t c1, void *acc) {                                                   \
+    const char *xa = (const char *)x0 + 2 * c0, *xb = xa + 6 * kp;                                 \
+    const char *xc = xa + 12 * kp, *xd = xa + 18 * kp;                                             \
+    const char *w = (const char *)w0 + 32 * c0;                                                    \
+    const int64_t stride = kp * 2;                                                                 \
+    int64_t n = (c1 - c0) / 2;                                                                     \
+    __asm__ volatile(                                                                              \
+        LIN_ZACC("vmovdqu64", "0", "0") LIN_ZACC("vmovdqu64", "1", "1")                            \
+        LIN_ZACC("vmovdqu64", "2", "2") LIN_ZACC("vmovdqu64", "3", "3")                            \
+        LIN_ZACC("vmovdqu64", "4", "4") LIN_ZACC("vmovdqu64", "5", "5")                            \
+        LIN_ZACC("vmovdqu64", "6", "6") LIN_ZACC("vmovdqu64", "7", "7")                            \
+        LIN_ZACC("vmovdqu64", "8", "8") LIN_ZACC("vmovdqu64", "9", "9")                            \
+        LIN_ZACC("vmovdqu64", "10", "10") LIN_ZACC("vmovdqu64", "11", "11")                        \
+        LIN_ZACC("vmovdqu64", "12", "12") LIN_ZACC("vmovdqu64", "13", "13")                        \
+        LIN_ZACC("vmovdqu64", "14", "14") LIN_ZACC("vmovdqu64", "15", "15")                        \
+        LIN_ZACC("vmovdqu64", "16", "16") LIN_ZACC("vmovdqu64", "17", "17")                        \
+        LIN_ZACC("vmovdqu64", "18", "18") LIN_ZACC("vmovdqu64", "19", "19")                        \
+        LIN_ZACC("vmovdqu64", "20", "20") LIN_ZACC("vmovdqu64", "21", "21")                        \
+        LIN_ZACC("vmovdqu64", "22", "22") LIN_ZACC("vmovdqu64", "23", "23")                        \
+        "1:\n\t"                                                                                   \
+        "vmovdqu64 (%[w]), %%zmm24\n\t"                                                            \
+        "vmovdqu64 (%[w],%[gap]), %%zmm25\n\t"                                                     \
+        LIN_ZROW(INSN, "(%[xa])", "0", "1")                                                        \
+        LIN_ZROW(INSN, "(%[xa],%[s])", "2", "3")                                                   \
+        LIN_ZROW(INSN, "(%[xa],%[s],2)", "4", "5")                                                 \
+        LIN_ZROW(INSN, "(%[xb])", "6", "7")                                                        \
+        LIN_ZROW(INSN, "(%[xb],%[s])", "8", "9")                                                   \
+        LIN_ZROW(INSN, "(%[xb],%[s],2)", "10", "11")                                               \
+        LIN_ZROW(INSN, "(%[xc])", "12", "13")                                                      \
+        LIN_ZROW(INSN, "(%[xc],%[s])", "14", "15")                                                 \
+        LIN_ZROW(INSN, "(%[xc],%[s],2)", "16", "17")                                               \
+        LIN_ZROW(INSN, "(%[xd])", "18", "19")                                                      \
+        LIN_ZROW(INSN, "(%[xd],%[s])", "20", "21")                                                 \
+        LIN_ZROW(INSN, "(%[xd],%[s],2)", "22", "23")                                               \
+        "add $4, %[xa]\n\t"                                                                        \
+        "add $4, %[xb]\n\t"                                                                        \
+        "add $4, %[xc]\n\t"                                                                        \
+        "add $4, %[xd]\n\t"                                                                        \
+        "add $64, %[w]\n\t"                                                                        \
+        "dec %[n]\n\t"                                                                             \
+        "jnz 1b\n\t"                                                                               \
+        LIN_ZSTORE("0", "0") LIN_ZSTORE("1", "1") LIN_ZSTORE("2", "2")                             \
+        LIN_ZSTORE("3", "3") LIN_ZSTORE("4", "4") LIN_ZSTORE("5", "5")                             \
+        LIN_ZSTORE("6", "6") LIN_ZSTORE("7", "7") LIN_ZSTORE("8", "8")                             \
+        LIN_ZSTORE("9", "9") LIN_ZSTORE("10", "10") LIN_ZSTORE("11", "11")                         \
+        LIN_ZSTORE("12", "12") LIN_ZSTORE("13", "13") LIN_ZSTORE("14", "14")                       \
+        LIN_ZSTORE("15", "15") LIN_ZSTORE("16", "16") LIN_ZSTORE("17", "17")                       \
+        LIN_ZSTORE("18", "18") LIN_ZSTORE("19", "19") LIN_ZSTORE("20", "20")                       \
+        LIN_ZSTORE("21", "21") LIN_ZSTORE("22", "22") LIN_ZSTORE("23", "23")                       \
+        : [xa] "+r"(xa), [xb] "+r"(xb), [xc] "+r"(xc), [xd] "+r"(xd), [w] "+r"(w), [n] "+r"(n)     \
+        : [s] "r"(stride), [gap] "r"(wgap), [acc] "r"(acc)                                         \
+        : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",          \
+          "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18",         \
+          "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm24", "xmm25", "xmm26", "cc",            \
+          "memory");                                                                               \
 }
+#if defined(__AVX512VNNI__)
+LIN_ZKERNEL12(lin_zqkernel12, "vpdpwssd")
+#endif
+#if defined(__AVX512BF16__)
+LIN_ZKERNEL12(lin_zbkernel12, "vdpbf16ps")
 #endif
 
 /* mt (<= LIN_ZMR) quantised rows from xq row m against np widened panels (wq0, wq1) from p,
@@ -1418,6 +1433,149 @@ static int lin_zq_range(const float *x, int64_t x_stride, int64_t M, const void 
     return 1;
 }
 
+/* ---- bf16 weights x bf16-rounded rows, vdpbf16ps (AVX512_BF16): a panel's k pairs are
+ * interleaved once per pass (lane j of a zmm holds output j's weights at k and k + 1, as for
+ * the integer path), each row of x is rounded to bf16 (nearest even) once per pass, and
+ * vdpbf16ps adds both products of a pair to an fp32 lane: 32 multiply-adds per instruction,
+ * twice the fp32 FMA's. Each x value is then within 2^-9 of itself (relative); the products of
+ * two bf16 values are exact in fp32 and the sums run in fp32. From LIN_BROWS rows, where the
+ * rounding and the interleave are shared by enough products to pay. */
+#define LIN_BROWS 12
+#if defined(__AVX512BF16__)
+#define LLMOS_BF16_DOT 1
+
+/* Rows [0, rows) of x rounded to bf16 into xb (rows of kp values, the pad zero). */
+static void lin_bf16_rows(const float *x, int64_t x_stride, int64_t rows, int64_t K, int64_t kp,
+                          uint16_t *xb) {
+    for (int64_t m = 0; m < rows; ++m) {
+        const float *xr = x + m * x_stride;
+        uint16_t *br = xb + m * kp;
+        for (int64_t k = 0; k < K; k += 16) {
+            const __mmask16 mask =
+                k + 16 <= K ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
+            const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, xr + k));
+            _mm256_mask_storeu_epi16(br + k, mask, (__m256i)v);
+        }
+        if (kp > K) br[K] = 0;
+    }
+}
+
+/* Panel of bf16 weights ((K, 16) as stored) into wb as (kp / 2, 16, 2): each 32-bit lane holds
+ * one output's weights at k (low half) and k + 1 (high half; 0 past K). */
+static void lin_bf16_pairs(const uint16_t *w, int64_t K, int64_t kp, uint16_t *wb) {
+    for (int64_t k = 0; k < kp; k += 2) {
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + k * 16)));
+        const __m512i hi =
+            k + 1 < K ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + (k + 1) * 16)))
+                      : _mm512_setzero_si512();
+        _mm512_storeu_si512((void *)(wb + k * 16), _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+}
+
+/* mt (<= LIN_ZMR) bf16 rows from xb row m against np interleaved panels (wb0, wb1) from p,
+ * into rows y_row.. of y. */
+static inline __attribute__((always_inline)) void lin_zbtile(const uint16_t *xb, int64_t kp,
+                                                            const uint16_t *wb0,
+                                                            const uint16_t *wb1, int64_t p,
+                                                            int64_t N, float *y, int64_t y_row,
+                                                            int64_t m, const int np,
+                                                            const int mt) {
+    __m512 acc[LIN_ZMR][2];
+#pragma GCC unroll 12
+    for (int i = 0; i < mt; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    if (np == 2 && mt == LIN_ZMR) {
+        lin_zbkernel12(xb + m * kp, kp, wb0, (wb1 - wb0) * 2, 0, kp, acc);
+    } else {
+        for (int64_t k = 0; k < kp; k += 2) {
+            const __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)(wb0 + k * 16));
+            const __m512bh w1 =
+                np == 2 ? (__m512bh)_mm512_loadu_si512((const void *)(wb1 + k * 16)) : w0;
+#pragma GCC unroll 12
+            for (int i = 0; i < mt; ++i) {
+                int32_t pair;
+                memcpy(&pair, xb + (m + i) * kp + k, sizeof pair);
+                const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+                acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xv, w0);
+                if (np == 2) acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xv, w1);
+            }
+        }
+    }
+#pragma GCC unroll 12
+    for (int i = 0; i < mt; ++i) {
+        lin_zstore(y, N, y_row + i, p * LIN_PNR, acc[i][0], NULL);
+        if (np == 2) lin_zstore(y, N, y_row + i, (p + 1) * LIN_PNR, acc[i][1], NULL);
+    }
+}
+
+#define LIN_ZBROWS(NP)                                                                          \
+    do {                                                                                        \
+        int64_t m = 0;                                                                          \
+        for (; m + LIN_ZMR <= rows; m += LIN_ZMR)                                               \
+            lin_zbtile(xb, kp, wb, wb1, p, N, y, m0 + m, m, NP, LIN_ZMR);                       \
+        switch (rows - m) {                                                                     \
+        case 11: lin_zbtile(xb, kp, wb, wb1, p, N, y, m0 + m, m, NP, 11); break;                \
+        case 10: lin_zbtile(xb, kp, wb, wb1, p, N, y, m0 + m, m, NP, 10); break;                \
+        case 9: lin_zbtile(xb, kp, wb, wb1, p, N, y, m0 + m, m, NP, 9); break;                  \
+        case 8: lin_zbtile(xb, kp, wb, wb1, p, N, y, m0 + m, m, NP, 8); break;                  \
+        case 7: lin_zbtile(xb, kp, wb, wb1, p, N, y, m0 + m, m, NP, 7); break;                  \
+        case 6: lin_zbtile(xb, kp, wb, wb1, p, N, y, m0 + m, m, NP, 6); break;                  \
+        case 5: lin_zbtile(xb, kp, wb, wb1, p, N, y, m0 + m, m, NP, 5); break;                  \
+        case 4: lin_zbtile(xb, kp, wb, wb1, p, N, y, m0 + m, m, NP, 4); break;                  \
+        case 3: lin_zbtile(xb, kp, wb, wb1, p, N, y, m0 + m, m, NP, 3); break;                  \
+        case 2: lin_zbtile(xb, kp, wb, wb1, p, N, y, m0 + m, m, NP, 2); break;                  \
+        case 1: lin_zbtile(xb, kp, wb, wb1, p, N, y, m0 + m, m, NP, 1); break;                  \
+        default: break;                                                                         \
+        }                                                                                       \
+    } while (0)
+
+/* The bf16 products over panels [p0, p1) for all M rows, in passes of ~192 KB of bf16 rows, panels
+ * in pairs. Returns 0 when out of memory (nothing written). */
+static int lin_zb_range(const float *x, int64_t x_stride, int64_t M, const void *w, int64_t K,
+                        int64_t N, float *y, int64_t p0, int64_t p1) {
+    const int64_t kp = K + (K & 1);
+    int64_t mb = (192 * 1024 / 2) / kp;
+    mb -= mb % LIN_ZMR;
+    if (mb < LIN_ZMR) mb = LIN_ZMR;
+    if (mb > M) mb = M;
+    uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)(mb * kp));
+    uint16_t *wb = malloc(sizeof(uint16_t) * (size_t)(2 * kp * LIN_PNR));
+    if (xb == NULL || wb == NULL) {
+        free(xb);
+        free(wb);
+        return 0;
+    }
+    const uint16_t *wb1 = wb + kp * LIN_PNR;
+    for (int64_t m0 = 0; m0 < M; m0 += mb) {
+        const int64_t rows = m0 + mb < M ? mb : M - m0;
+        lin_bf16_rows(x + m0 * x_stride, x_stride, rows, K, kp, xb);
+        for (int64_t p = p0; p < p1; p += 2) {
+            lin_bf16_pairs((const uint16_t *)w + p * K * LIN_PNR, K, kp, wb);
+            if (p + 2 <= p1) {
+                lin_bf16_pairs((const uint16_t *)w + (p + 1) * K * LIN_PNR, K, kp,
+                               wb + kp * LIN_PNR);
+                LIN_ZBROWS(2);
+            } else {
+                LIN_ZBROWS(1);
+            }
+        }
+    }
+    free(xb);
+    free(wb);
+    return 1;
+}
+#endif
+
+/* The bf16 dot-product path where this build has it (AVX512_BF16): 1 when it computed y. */
+static inline int lin_zb_try(const float *x, int64_t x_stride, int64_t M, const void *w,
+                             int64_t K, int64_t N, float *y, int64_t p0, int64_t p1) {
+#if defined(LLMOS_BF16_DOT)
+    return M >= LIN_BROWS && lin_zb_range(x, x_stride, M, w, K, N, y, p0, p1);
+#else
+    (void)x, (void)x_stride, (void)M, (void)w, (void)K, (void)N, (void)y, (void)p0, (void)p1;
+    return 0;
+#endif
+}
+
 /* As LIN_PDEFINE, with the 512-bit tiles: panels go in pairs (the last of an odd range alone);
  * fp16/int8 panels are widened to fp32 once per pass when the pass has enough rows. */
 #define LIN_ZDEFINE(NAME, WT)                                                                   \
@@ -1427,6 +1585,7 @@ static int lin_zq_range(const float *x, int64_t x_stride, int64_t M, const void 
         if (WT == LLMOS_W_I8 && M >= LIN_QROWS &&                                               \
             lin_zq_range(x, x_stride, M, w, K, N, scale, y, p0, p1))                            \
             return;                                                                             \
+        if (WT == LLMOS_W_BF16 && lin_zb_try(x, x_stride, M, w, K, N, y, p0, p1)) return;        \
         if (M == 1) {                                                                           \
             int64_t p = p0;                                                                     \
             for (; p + 2 <= p1; p += 2) lin_zrow1(x, w, WT, p, K, N, scale, y, 2);              \
@@ -1472,12 +1631,24 @@ static int lin_zq_range(const float *x, int64_t x_stride, int64_t M, const void 
 LIN_ZDEFINE(lin_f32, LLMOS_W_F32)
 LIN_ZDEFINE(lin_f16, LLMOS_W_F16)
 LIN_ZDEFINE(lin_i8, LLMOS_W_I8)
+LIN_ZDEFINE(lin_bf16, LLMOS_W_BF16)
 #else
 LIN_PDEFINE(lin_f32, LLMOS_W_F32)
 LIN_PDEFINE(lin_f16, LLMOS_W_F16)
 LIN_PDEFINE(lin_i8, LLMOS_W_I8)
+LIN_PDEFINE(lin_bf16, LLMOS_W_BF16)
 #endif
 #endif
+
+/* Rows of x from which bf16 weights multiply bf16-rounded rows (vdpbf16ps); 0 when this build
+ * has no AVX512_BF16 (bf16 weights are then widened and multiply fp32 rows at every count). */
+int llmos_linear_bf16_rows(void) {
+#if defined(LLMOS_BF16_DOT)
+    return LIN_BROWS;
+#else
+    return 0;
+#endif
+}
 
 int llmos_linear(const float *x, int64_t M, int64_t K, int64_t x_stride, const void *w,
                  int wtype, const float *scale, int64_t N, float *y) {
@@ -1486,6 +1657,7 @@ int llmos_linear(const float *x, int64_t M, int64_t K, int64_t x_stride, const v
     case LLMOS_W_F32: lin_f32(x, x_stride, M, w, K, N, scale, y); return 0;
     case LLMOS_W_F16: lin_f16(x, x_stride, M, w, K, N, scale, y); return 0;
     case LLMOS_W_I8: lin_i8(x, x_stride, M, w, K, N, scale, y); return 0;
+    case LLMOS_W_BF16: lin_bf16(x, x_stride, M, w, K, N, scale, y); return 0;
     default: return 2;
     }
 #else
@@ -1562,6 +1734,7 @@ static void stack_linear(int wtype, const float *x, int64_t M, const void *w, in
     switch (wtype) {
     case LLMOS_W_F32: lin_f32_range(x, K, M, w, K, N, scale, y, p0, p1); break;
     case LLMOS_W_F16: lin_f16_range(x, K, M, w, K, N, scale, y, p0, p1); break;
+    case LLMOS_W_BF16: lin_bf16_range(x, K, M, w, K, N, scale, y, p0, p1); break;
     default: lin_i8_range(x, K, M, w, K, N, scale, y, p0, p1); break;
     }
 }
@@ -1578,7 +1751,9 @@ int llmos_decoder_stack(const int64_t *dims, const int64_t *layers, int wtype, f
     const int64_t bs = dims[SD_BLOCK_SIZE], num_blocks = dims[SD_NUM_BLOCKS];
     const int kv_half = dims[SD_KV_HALF] != 0; /* fp16 K/V caches */
     if (hidden < 1 || D < 2 || D % 2 || inter < 1 || L < 0 || bs < 1 || T < 1) return 7;
-    if (wtype != LLMOS_W_F32 && wtype != LLMOS_W_F16 && wtype != LLMOS_W_I8) return 7;
+    if (wtype != LLMOS_W_F32 && wtype != LLMOS_W_F16 && wtype != LLMOS_W_I8 &&
+        wtype != LLMOS_W_BF16)
+        return 7;
     int64_t max_len, total_len;
     const int status = check_attention(block_tables, context_lens, rows, num_seqs, H, Hkv, bs,
                                        max_blocks, num_blocks, T, &max_len, &total_len);
