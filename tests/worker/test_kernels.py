@@ -10,12 +10,13 @@ promises, including the largest sums any input can make; bf16, where the CPU has
 at the row counts that round x to bf16, against x so rounded.
 
 The attention reference gathers each sequence's K/V by its block table and runs
-softmax(q k^T * scale) v in float64. Cases cover GQA ratios 1/3/4, head dims 64 (the AVX2 path)
-and 24 (the portable loops), block sizes 1 and 16, ragged lengths ending mid-block, decode rows
-scattered in a larger batch, and a q that is a strided slice of a fused QKV tensor. Bad inputs
-raise, never read outside the cache. Prefill attention is checked the same way, each token of a
-chunk as a query over its causal prefix: whole prompts, chunks over a cached prefix, lengths
-around its 16-token and 48-key tiles, GQA ratios up to 16.
+softmax(q k^T * scale) v in float64. Cases cover GQA ratios 1/3/4, head dims 64 (the vector
+paths: 256-bit, and 512-bit for up to 4 heads per KV head) and 24 (the portable loops), block
+sizes 1 and 16, ragged lengths ending mid-block, decode rows scattered in a larger batch, and a
+q that is a strided slice of a fused QKV tensor. Bad inputs raise, never read outside the cache.
+Prefill attention is checked the same way, each token of a chunk as a query over its causal
+prefix: whole prompts, chunks over a cached prefix, lengths around its 16-token and 48-key tiles,
+GQA ratios up to 16.
 """
 
 from __future__ import annotations

@@ -156,6 +156,90 @@ static inline void weighted_rows(float *y, const float *p, const float *x, int64
         for (int64_t j = 0; j < d; ++j) y[j] += p[i] * x[j];
 }
 
+#if defined(LLMOS_AVX2) && defined(__AVX512F__)
+/* 512-bit decode attention for head_dim 64 and up to 4 query heads per KV head: a K or V row is
+ * 4 zmm, loaded once for all the group's heads (the 256-bit path loads it once per head), with
+ * the group's q (or outputs) held in registers across a span of rows. */
+#define ATT64_GROUP 4
+
+/* scores[g * max_len + i] = (q_g . row i) * scale for rows i < n (ld floats apart); maxes[g]
+ * raised to them. G: the group size, a constant at each call site. */
+static inline __attribute__((always_inline)) void span_scores64(const float *q, const int G,
+                                                               const float *rows, int64_t ld,
+                                                               int64_t n, float *scores,
+                                                               int64_t max_len, float scale,
+                                                               float *maxes) {
+    __m512 qv[ATT64_GROUP][4];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g)
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) qv[g][c] = _mm512_loadu_ps(q + g * 64 + c * 16);
+    for (int64_t i = 0; i < n; ++i) {
+        const float *r = rows + i * ld;
+        const __m512 k0 = _mm512_loadu_ps(r), k1 = _mm512_loadu_ps(r + 16);
+        const __m512 k2 = _mm512_loadu_ps(r + 32), k3 = _mm512_loadu_ps(r + 48);
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) {
+            const __m512 a = _mm512_fmadd_ps(qv[g][2], k2, _mm512_mul_ps(qv[g][0], k0));
+            const __m512 b = _mm512_fmadd_ps(qv[g][3], k3, _mm512_mul_ps(qv[g][1], k1));
+            const float s = _mm512_reduce_add_ps(_mm512_add_ps(a, b)) * scale;
+            scores[g * max_len + i] = s;
+            if (s > maxes[g]) maxes[g] = s;
+        }
+    }
+}
+
+/* out_g (64) += sum_i p[g * max_len + i] * row i, for rows i < n (ld floats apart). */
+static inline __attribute__((always_inline)) void span_weighted64(float *out, const int G,
+                                                                 const float *p, int64_t max_len,
+                                                                 const float *rows, int64_t ld,
+                                                                 int64_t n) {
+    __m512 acc[ATT64_GROUP][4];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g)
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_loadu_ps(out + g * 64 + c * 16);
+    for (int64_t i = 0; i < n; ++i) {
+        const float *r = rows + i * ld;
+        const __m512 v0 = _mm512_loadu_ps(r), v1 = _mm512_loadu_ps(r + 16);
+        const __m512 v2 = _mm512_loadu_ps(r + 32), v3 = _mm512_loadu_ps(r + 48);
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) {
+            const __m512 w = _mm512_set1_ps(p[g * max_len + i]);
+            acc[g][0] = _mm512_fmadd_ps(w, v0, acc[g][0]);
+            acc[g][1] = _mm512_fmadd_ps(w, v1, acc[g][1]);
+            acc[g][2] = _mm512_fmadd_ps(w, v2, acc[g][2]);
+            acc[g][3] = _mm512_fmadd_ps(w, v3, acc[g][3]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g)
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + g * 64 + c * 16, acc[g][c]);
+}
+
+/* One span for the whole group (1 <= group <= ATT64_GROUP): pass 0 scores, pass 1 outputs. */
+static inline void span64(int pass, const float *q, float *out, int64_t group, const float *rows,
+                          int64_t ld, int64_t n, float *scores, int64_t max_len, float scale,
+                          float *maxes) {
+#define SPAN64_CASE(G)                                                                          \
+    case G:                                                                                     \
+        if (pass == 0)                                                                          \
+            span_scores64(q, G, rows, ld, n, scores, max_len, scale, maxes);                    \
+        else                                                                                    \
+            span_weighted64(out, G, scores, max_len, rows, ld, n);                              \
+        break;
+    switch (group) {
+        SPAN64_CASE(1)
+        SPAN64_CASE(2)
+        SPAN64_CASE(3)
+        SPAN64_CASE(4)
+    default: break;
+    }
+#undef SPAN64_CASE
+}
+#endif
+
 /* x[i] = exp(x[i] - m) for i < n; returns the sum */
 static inline float exp_sum(float *x, float m, int64_t n) {
     float sum = 0.0f;
@@ -243,6 +327,13 @@ static void attend_item(const float *q, float *out, const void *k_cache, const v
                 const int64_t at = ((table[b] * block_size + r0) * num_kv_heads + kvh) * head_dim;
                 int64_t ld;
                 const float *rows = cache_rows(cache, half, at, kv_row, n, head_dim, buf, &ld);
+#if defined(LLMOS_AVX2) && defined(__AVX512F__)
+                if (head_dim == 64 && group <= ATT64_GROUP) {
+                    span64(pass, q, out, group, rows, ld, n, scores + t0 + r0, max_len, scale,
+                           maxes);
+                    continue;
+                }
+#endif
                 for (int64_t g = 0; g < group; ++g) {
                     float *sg = scores + g * max_len + t0 + r0;
                     if (pass == 0) {
