@@ -108,6 +108,18 @@ def serving_metrics(
     }
 
 
+def median_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Of repeated runs of one workload, the run with the median output throughput (the lower
+    middle one for an even count), with every run's throughput under "repeats".
+
+    Why: single-stream numbers on a shared host swing by a third between runs a minute apart; a
+    median of a few back-to-back runs is robust to one outlier, where a single run is not."""
+    if not runs:
+        raise ValueError("no runs")
+    ordered = sorted(runs, key=lambda r: r["output_throughput"])
+    return ordered[(len(ordered) - 1) // 2] | {"repeats": [r["output_throughput"] for r in runs]}
+
+
 def kv_waste(allocated_slots: int, used_slots: int) -> float:
     """Fraction of allocated KV slots holding no token: (allocated − used) / allocated."""
     if allocated_slots <= 0:

@@ -70,6 +70,10 @@ def _system_rows(
             continue
         tput = m["output_throughput"]
         frac = _pct(tput / roof) if roof else "—"
+        repeats = m.get("repeats") or []
+        if len(repeats) > 1:
+            runs = "runs: " + " / ".join(f"{r:.1f}" for r in repeats) + " tok/s, the median shown"
+            note = f"{note}; {runs}" if note else runs
         out.append(
             f"| {name} | {tput:,.1f} | {_lat(m, 'ttft')} | {_lat(m, 'tpot')} | {frac} | {note} |"
         )
@@ -262,7 +266,15 @@ def render(results: dict[str, Any]) -> str:
 
     single = results.get("single_stream", {})
     mem = {w: roof.get(f"batch1_mem_tok_s_{w}") for w in ("fp32", "fp16", "int8", "gguf")}
-    lines += ["", "## (4) Single stream: 128-token prompt, 256 output tokens", ""]
+    lines += [
+        "",
+        "## (4) Single stream: 128-token prompt, 256 output tokens",
+        "",
+        "Each system runs it several times back to back (the worker without prefix caching, "
+        "llama.cpp resetting its KV, so every run pays its prefill) and the median run is "
+        "shown: on a shared host single runs a minute apart differ by up to a third.",
+        "",
+    ]
     lines += _system_rows(
         [
             ("llmos worker (LLMEngine)", single.get("llmos"), "", mem["fp32"]),
@@ -280,8 +292,7 @@ def render(results: dict[str, Any]) -> str:
             (
                 "llmos worker, int8 weights, kernels op by op",
                 single.get("llmos_int8_ops"),
-                "no whole-stack call (~10 native calls per layer); run right after the row "
-                "above, so its prompt comes from the prefix cache (TTFT not comparable)",
+                "no whole-stack call (~10 native calls per layer)",
                 mem["int8"],
             ),
         ],

@@ -137,7 +137,7 @@ def native_matmul_gflops(mode: str, n: int = 1024, seconds: float = 1.0) -> floa
     rounded to bf16 where the CPU has AVX512_BF16 (else fp32 rows). None without the kernel.
 
     Why beside torch's matmul: the roofline must bound the worker, and on a CPU with AVX-512
-    the worker's kernel runs 512-bit FMAs that torch's CPU build here does not use (about 2.4x
+    the worker's kernel runs 512-bit FMAs that torch's CPU build here does not use (about 2.2x
     torch's 1024^3 rate on the machine this was written on), so torch's rate alone is no
     ceiling."""
     import torch

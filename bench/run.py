@@ -12,6 +12,7 @@ be measured. Writes `<out>/bench/results.json`, `<out>/bench/chart.png` and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import gc
 import hashlib
@@ -46,6 +47,7 @@ BUILTIN = "builtin://smollm2-135m-instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUALITY_TOKENS = 4096  # tokens of the corpus scored for the perplexity check
 QUANTIZED = ("fp16", "int8", "bf16")  # the opt-in weight modes measured beside fp32
+SINGLE_REPEATS = 3  # single-stream runs per system; the median is reported
 
 
 def gguf_path() -> Path:
@@ -211,6 +213,20 @@ def guarded(results: dict[str, Any], notes: list[str], name: str, fn: Callable[[
     results.setdefault("part_seconds", {})[name] = round(time.perf_counter() - t0, 1)
 
 
+def engine_single(loaded: Any, wl: dict[str, list[BenchRequest]], **engine_kw: Any) -> dict:
+    """The single-stream workload SINGLE_REPEATS times back to back on one engine without prefix
+    caching (a repeat must pay its prefill as the first did); the median run."""
+    engine = engine_run.make_engine(loaded, prefix_caching=False, **engine_kw)
+    engine_run.warm_up(engine, wl["offline_mixed"][0].prompt_token_ids)
+    runs = [
+        metrics.serving_metrics(engine_run.run_batch(engine, wl["single_stream"])[0])
+        for _ in range(SINGLE_REPEATS)
+    ]
+    del engine
+    gc.collect()
+    return metrics.median_run(runs)
+
+
 def engine_parts(results: dict[str, Any], wl: dict[str, list[BenchRequest]], dtype: str) -> None:
     loaded = engine_run.load(BUILTIN, dtype)
     pool = wl["offline_mixed"][0].prompt_token_ids
@@ -219,10 +235,9 @@ def engine_parts(results: dict[str, Any], wl: dict[str, list[BenchRequest]], dty
     timings, kv = engine_run.run_batch(engine, wl["offline_mixed"])
     results["offline_mixed"]["llmos"] = metrics.serving_metrics(timings) | {"kv": kv}
     log.info("offline: %.1f tok/s", results["offline_mixed"]["llmos"]["output_throughput"])
-    timings, _ = engine_run.run_batch(engine, wl["single_stream"])
-    results["single_stream"]["llmos"] = metrics.serving_metrics(timings)
     del engine
     gc.collect()
+    results["single_stream"]["llmos"] = engine_single(loaded, wl, dtype=dtype)
     if dtype == "float32":
         # the same engine on the pure-torch path (no native kernels): what they are worth,
         # side by side
@@ -270,26 +285,26 @@ def quantized_parts(results: dict[str, Any], wl: dict[str, list[BenchRequest]]) 
             mode,
             results["offline_mixed"][f"llmos_{mode}"]["output_throughput"],
         )
-        timings, _ = engine_run.run_batch(engine, wl["single_stream"])
-        results["single_stream"][f"llmos_{mode}"] = metrics.serving_metrics(timings)
+        del engine
+        gc.collect()
+        results["single_stream"][f"llmos_{mode}"] = engine_single(loaded, wl)
         if mode == "int8":
             # the same kernels called op by op instead of all layers in one call per step:
             # what the whole-stack call is worth at batch 1, side by side
             loaded.model.set_backend("ops")
-            timings, _ = engine_run.run_batch(engine, wl["single_stream"])
-            results["single_stream"]["llmos_int8_ops"] = metrics.serving_metrics(timings)
+            results["single_stream"]["llmos_int8_ops"] = engine_single(loaded, wl)
             loaded.model.set_backend("auto")
             # the same weights over an fp16 KV cache (opt-in): half the bytes decode attention
             # reads, side by side
-            del engine
-            gc.collect()
             engine = engine_run.make_engine(loaded, kv_cache_dtype="float16")
             engine_run.warm_up(engine, pool)
             timings, _ = engine_run.run_batch(engine, wl["offline_mixed"])
             results["offline_mixed"]["llmos_int8_kvfp16"] = metrics.serving_metrics(timings)
-            timings, _ = engine_run.run_batch(engine, wl["single_stream"])
-            results["single_stream"]["llmos_int8_kvfp16"] = metrics.serving_metrics(timings)
-        del engine
+            del engine
+            gc.collect()
+            results["single_stream"]["llmos_int8_kvfp16"] = engine_single(
+                loaded, wl, kv_cache_dtype="float16"
+            )
         ppl[mode] = perplexity(loaded, ids)
         del loaded
         gc.collect()
@@ -313,24 +328,53 @@ def hf_parts(
         log.info("HF batch %d: %.1f tok/s", bs, runs[-1]["output_throughput"])
     results["offline_mixed"]["hf"] = runs
     results["offline_mixed"]["hf_best"] = hf_baseline.best(runs)
-    results["single_stream"]["hf"] = hf_baseline.run(model, tok, wl["single_stream"], 1, budget_s)
+    results["single_stream"]["hf"] = metrics.median_run(
+        [
+            hf_baseline.run(model, tok, wl["single_stream"], 1, budget_s)
+            for _ in range(SINGLE_REPEATS)
+        ]
+    )
 
 
-def llamacpp_parts(results: dict[str, Any], wl_paths: dict[str, Path], threads: int) -> None:
+def llamacpp_parts(
+    results: dict[str, Any],
+    wl: dict[str, list[BenchRequest]],
+    wl_paths: dict[str, Path],
+    threads: int,
+) -> None:
     py = llamacpp.bench_python()
     if py is None:
         raise RuntimeError(
             "`.bench-venv` with llama-cpp-python is missing: run "
             "`bash bench/build_llamacpp.sh` (builds llama.cpp from source)"
         )
-    for key in ("offline_mixed", "single_stream"):
-        timings, info = llamacpp.run(py, gguf_path(), wl_paths[key], threads)
-        # why: offline requests all arrive at once; llama.cpp serves them one after another,
-        # so each one's TTFT counts from the common start
-        start = min(t.send_time for t in timings)
-        for t in timings:
-            t.send_time = start
-        results[key]["llamacpp"] = metrics.serving_metrics(timings) | info
+    timings, info = llamacpp.run(py, gguf_path(), wl_paths["offline_mixed"], threads)
+    # why: offline requests all arrive at once; llama.cpp serves them one after another, so each
+    # one's TTFT counts from the common start
+    start = min(t.send_time for t in timings)
+    for t in timings:
+        t.send_time = start
+    results["offline_mixed"]["llamacpp"] = metrics.serving_metrics(timings) | info
+    # single stream: the request SINGLE_REPEATS times in one runner (each resets its KV), each
+    # repeat a run of its own, the median reported as for the other systems
+    path = wl_paths["single_stream"].with_name("single_stream_repeated.jsonl")
+    workload.save(
+        [
+            dataclasses.replace(r, request_id=f"{r.request_id}-run{i}")
+            for i in range(SINGLE_REPEATS)
+            for r in wl["single_stream"]
+        ],
+        path,
+    )
+    try:
+        timings, info = llamacpp.run(py, gguf_path(), path, threads)
+    finally:
+        path.unlink(missing_ok=True)
+    per_run = len(wl["single_stream"])
+    runs = [
+        metrics.serving_metrics(timings[i : i + per_run]) for i in range(0, len(timings), per_run)
+    ]
+    results["single_stream"]["llamacpp"] = metrics.median_run(runs) | info
 
 
 def online_parts(
@@ -460,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine": lambda: engine_parts(results, wl, args.dtype),
         "quantized": lambda: quantized_parts(results, wl),
         "hf": lambda: hf_parts(results, wl, budget, sizes),
-        "llamacpp": lambda: llamacpp_parts(results, wl_paths, args.threads),
+        "llamacpp": lambda: llamacpp_parts(results, wl, wl_paths, args.threads),
         "online": lambda: online_parts(results, wl, args),
     }
     for name, part in parts.items():

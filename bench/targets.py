@@ -15,9 +15,9 @@ the measure could take on this machine. Offline throughput is bounded by the wor
 worker's kernel's) — for fp32 and fp16 weights, which both multiply in fp32; for int8 weights,
 which multiply in integers, at the faster of that and the worker's measured integer product
 rate, and for bf16 weights at the faster of that and the best bf16 matmul measured (no ceiling
-when that rate is unknown). Single-stream throughput is bounded by reading
-every weight once per token at the measured memory bandwidth (and by the compute ceiling). A
-ratio against a baseline is bounded by the ceiling over the baseline's measured value.
+when that rate is unknown). Single-stream throughput is bounded by reading every weight once per
+token at the measured memory bandwidth (and by the compute ceiling). A ratio against a baseline
+is bounded by the ceiling over the baseline's measured value.
 """
 
 from __future__ import annotations

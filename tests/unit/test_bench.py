@@ -148,6 +148,22 @@ def test_serving_metrics_aggregate() -> None:
     assert metrics.serving_metrics(ts, duration_s=10.0)["output_throughput"] == 0.5
 
 
+def test_median_run_keeps_the_middle_run_and_every_rate() -> None:
+    runs = [{"output_throughput": r, "id": i} for i, r in enumerate([90.0, 120.0, 75.0])]
+    mid = metrics.median_run(runs)
+    assert (mid["id"], mid["output_throughput"]) == (0, 90.0)
+    assert mid["repeats"] == [90.0, 120.0, 75.0]  # in run order
+    assert metrics.median_run(runs[:2])["output_throughput"] == 90.0  # even: the lower middle
+    with pytest.raises(ValueError):
+        metrics.median_run([])
+    res = results()
+    res["single_stream"]["llmos"] = metrics.median_run(
+        [{"output_throughput": r, "ttft": metrics.summarize([0.1])} for r in (30.0, 28.0, 35.0)]
+    )
+    text = report.render(res)
+    assert "runs: 30.0 / 28.0 / 35.0 tok/s, the median shown" in text
+
+
 def test_kv_waste() -> None:
     assert metrics.kv_waste(100, 97) == pytest.approx(0.03)
     assert metrics.kv_waste(0, 0) == 0.0
