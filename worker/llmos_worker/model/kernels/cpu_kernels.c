@@ -1274,6 +1274,8 @@ static inline __attribute__((always_inline)) void lin_ztile(const float *x, int6
     }
 }
 
+#define LIN_PF_AHEAD 2048 /* bytes: measured best of 1, 2 and 4 KB at batch 1 */
+
 /* One row of x against np panels from p: four k phases in separate accumulators, so enough
  * FMA chains are in flight for a single row. */
 static inline __attribute__((always_inline)) void lin_zrow1(const float *x, const void *w, int wt,
@@ -1284,8 +1286,18 @@ static inline __attribute__((always_inline)) void lin_zrow1(const float *x, cons
 #pragma GCC unroll 4
     for (int u = 0; u < 4; ++u) a[u][0] = a[u][1] = _mm512_setzero_ps();
     const int64_t b0 = p * K * LIN_PNR, b1 = b0 + K * LIN_PNR;
+    const int64_t esize = wt == LLMOS_W_F32 ? 4 : wt == LLMOS_W_I8 ? 1 : 2;
+    const char *s0 = (const char *)w + b0 * esize, *s1 = (const char *)w + b1 * esize;
+    const int64_t step = 4 * LIN_PNR * esize; /* bytes of a panel per 4 values of k */
     int64_t k = 0;
     for (; k + 4 <= K; k += 4) {
+        /* why: the hardware prefetcher stops at every 4 KB page of a panel's stream; fetch
+         * LIN_PF_AHEAD bytes ahead of both streams so a page's first lines are already on the
+         * way (one row: the step is bound by the weights' memory traffic) */
+        for (int64_t c = 0; c < step; c += 64) {
+            __builtin_prefetch(s0 + k * LIN_PNR * esize + LIN_PF_AHEAD + c, 0, 0);
+            if (np == 2) __builtin_prefetch(s1 + k * LIN_PNR * esize + LIN_PF_AHEAD + c, 0, 0);
+        }
 #pragma GCC unroll 4
         for (int u = 0; u < 4; ++u) {
             const __m512 xb = _mm512_set1_ps(x[k + u]);
