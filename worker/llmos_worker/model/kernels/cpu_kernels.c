@@ -1153,6 +1153,17 @@ static inline int64_t lin_row_block(int64_t K) {
  * tested on every load). NAME_range computes panels [p0, p1) for every row pass; NAME gives
  * each thread a contiguous range of panels, the same in every pass, and passes write disjoint
  * rows, so no barrier separates them. */
+#define LIN_PARALLEL(NAME)                                                                      \
+    static void NAME(const float *x, int64_t x_stride, int64_t M, const void *w, int64_t K,     \
+                     int64_t N, const float *scale, float *y) {                                 \
+        const int64_t panels = (N + LIN_PNR - 1) / LIN_PNR;                                     \
+        _Pragma("omp parallel if (panels > 1)") {                                               \
+            const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();               \
+            NAME##_range(x, x_stride, M, w, K, N, scale, y, panels * tid / nt,                  \
+                         panels * (tid + 1) / nt);                                              \
+        }                                                                                       \
+    }
+
 #define LIN_PDEFINE(NAME, WT)                                                                   \
     static void NAME##_range(const float *x, int64_t x_stride, int64_t M, const void *w,        \
                              int64_t K, int64_t N, const float *scale, float *y, int64_t p0,    \
@@ -1204,15 +1215,7 @@ static inline int64_t lin_row_block(int64_t K) {
         }                                                                                       \
         free(wide);                                                                             \
     }                                                                                           \
-    static void NAME(const float *x, int64_t x_stride, int64_t M, const void *w, int64_t K,     \
-                     int64_t N, const float *scale, float *y) {                                 \
-        const int64_t panels = (N + LIN_PNR - 1) / LIN_PNR;                                     \
-        _Pragma("omp parallel if (panels > 1)") {                                               \
-            const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();               \
-            NAME##_range(x, x_stride, M, w, K, N, scale, y, panels * tid / nt,                  \
-                         panels * (tid + 1) / nt);                                              \
-        }                                                                                       \
-    }
+    LIN_PARALLEL(NAME)
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 /* ---- the same products with 512-bit vectors, on CPUs with AVX-512 (the build's -march=native
  * decides): a panel of 16 outputs is one zmm, and a tile takes two neighbouring panels (two
@@ -1251,7 +1254,7 @@ static inline __attribute__((always_inline)) void lin_ztile(const float *x, int6
                                                            int64_t base0, int64_t base1,
                                                            int64_t p, int64_t K, int64_t N,
                                                            const float *scale, float *y,
-                                                           int64_t m0, const int np,
+                                                           const int np, int64_t m0,
                                                            const int mt) {
     __m512 acc[LIN_ZMR][2];
     const float *xr = x + m0 * x_stride;
@@ -1318,24 +1321,24 @@ static inline __attribute__((always_inline)) void lin_zrow1(const float *x, cons
                    scale);
 }
 
-/* The rows m0 .. m1 against np panels from p in tiles of LIN_ZMR rows and the remainder. */
-#define LIN_ZROWS(X, XS, W, WT, B0, B1, P, NP)                                                  \
+/* Rows [M0, M1) through FN(args..., m, mt): tiles of LIN_ZMR rows, then the remainder with mt
+ * a constant at each call, as the register tiles need. */
+#define LIN_ZTILES(M0, M1, FN, ...)                                                             \
     do {                                                                                        \
-        int64_t m = m0;                                                                         \
-        for (; m + LIN_ZMR <= m1; m += LIN_ZMR)                                                 \
-            lin_ztile(X, XS, W, WT, B0, B1, P, K, N, scale, y, m, NP, LIN_ZMR);                 \
-        switch (m1 - m) {                                                                       \
-        case 11: lin_ztile(X, XS, W, WT, B0, B1, P, K, N, scale, y, m, NP, 11); break;          \
-        case 10: lin_ztile(X, XS, W, WT, B0, B1, P, K, N, scale, y, m, NP, 10); break;          \
-        case 9: lin_ztile(X, XS, W, WT, B0, B1, P, K, N, scale, y, m, NP, 9); break;            \
-        case 8: lin_ztile(X, XS, W, WT, B0, B1, P, K, N, scale, y, m, NP, 8); break;            \
-        case 7: lin_ztile(X, XS, W, WT, B0, B1, P, K, N, scale, y, m, NP, 7); break;            \
-        case 6: lin_ztile(X, XS, W, WT, B0, B1, P, K, N, scale, y, m, NP, 6); break;            \
-        case 5: lin_ztile(X, XS, W, WT, B0, B1, P, K, N, scale, y, m, NP, 5); break;            \
-        case 4: lin_ztile(X, XS, W, WT, B0, B1, P, K, N, scale, y, m, NP, 4); break;            \
-        case 3: lin_ztile(X, XS, W, WT, B0, B1, P, K, N, scale, y, m, NP, 3); break;            \
-        case 2: lin_ztile(X, XS, W, WT, B0, B1, P, K, N, scale, y, m, NP, 2); break;            \
-        case 1: lin_ztile(X, XS, W, WT, B0, B1, P, K, N, scale, y, m, NP, 1); break;            \
+        int64_t m_ = M0;                                                                        \
+        for (; m_ + LIN_ZMR <= (M1); m_ += LIN_ZMR) FN(__VA_ARGS__, m_, LIN_ZMR);               \
+        switch ((M1) - m_) {                                                                    \
+        case 11: FN(__VA_ARGS__, m_, 11); break;                                                \
+        case 10: FN(__VA_ARGS__, m_, 10); break;                                                \
+        case 9: FN(__VA_ARGS__, m_, 9); break;                                                  \
+        case 8: FN(__VA_ARGS__, m_, 8); break;                                                  \
+        case 7: FN(__VA_ARGS__, m_, 7); break;                                                  \
+        case 6: FN(__VA_ARGS__, m_, 6); break;                                                  \
+        case 5: FN(__VA_ARGS__, m_, 5); break;                                                  \
+        case 4: FN(__VA_ARGS__, m_, 4); break;                                                  \
+        case 3: FN(__VA_ARGS__, m_, 3); break;                                                  \
+        case 2: FN(__VA_ARGS__, m_, 2); break;                                                  \
+        case 1: FN(__VA_ARGS__, m_, 1); break;                                                  \
         default: break;                                                                         \
         }                                                                                       \
     } while (0)
@@ -1429,13 +1432,14 @@ LIN_ZKERNEL12(lin_zbkernel12, "vdpbf16ps")
 #endif
 
 /* mt (<= LIN_ZMR) quantised rows from xq row m against np widened panels (wq0, wq1) from p,
- * into rows y_row.. of y. */
+ * into rows y_base + m.. of y. */
 static inline __attribute__((always_inline)) void lin_zqtile(const int16_t *xq, int64_t kp,
                                                             const float *sx, const int16_t *wq0,
                                                             const int16_t *wq1, int64_t p,
                                                             int64_t N, const float *scale,
-                                                            float *y, int64_t y_row, int64_t m,
-                                                            const int np, const int mt) {
+                                                            float *y, int64_t y_base,
+                                                            const int np, int64_t m,
+                                                            const int mt) {
     __m512 f[LIN_ZMR][2];
 #pragma GCC unroll 12
     for (int i = 0; i < mt; ++i) f[i][0] = f[i][1] = _mm512_setzero_ps();
@@ -1471,32 +1475,12 @@ static inline __attribute__((always_inline)) void lin_zqtile(const int16_t *xq, 
 #pragma GCC unroll 12
     for (int i = 0; i < mt; ++i) {
         const __m512 s = _mm512_set1_ps(sx[m + i]);
-        lin_zstore(y, N, y_row + i, p * LIN_PNR, _mm512_mul_ps(f[i][0], s), scale);
+        lin_zstore(y, N, y_base + m + i, p * LIN_PNR, _mm512_mul_ps(f[i][0], s), scale);
         if (np == 2)
-            lin_zstore(y, N, y_row + i, (p + 1) * LIN_PNR, _mm512_mul_ps(f[i][1], s), scale);
+            lin_zstore(y, N, y_base + m + i, (p + 1) * LIN_PNR, _mm512_mul_ps(f[i][1], s), scale);
     }
 }
 
-#define LIN_ZQROWS(NP)                                                                          \
-    do {                                                                                        \
-        int64_t m = 0;                                                                          \
-        for (; m + LIN_ZMR <= rows; m += LIN_ZMR)                                               \
-            lin_zqtile(xq, kp, sx, wq, wq1, p, N, scale, y, m0 + m, m, NP, LIN_ZMR);            \
-        switch (rows - m) {                                                                     \
-        case 11: lin_zqtile(xq, kp, sx, wq, wq1, p, N, scale, y, m0 + m, m, NP, 11); break;     \
-        case 10: lin_zqtile(xq, kp, sx, wq, wq1, p, N, scale, y, m0 + m, m, NP, 10); break;     \
-        case 9: lin_zqtile(xq, kp, sx, wq, wq1, p, N, scale, y, m0 + m, m, NP, 9); break;       \
-        case 8: lin_zqtile(xq, kp, sx, wq, wq1, p, N, scale, y, m0 + m, m, NP, 8); break;       \
-        case 7: lin_zqtile(xq, kp, sx, wq, wq1, p, N, scale, y, m0 + m, m, NP, 7); break;       \
-        case 6: lin_zqtile(xq, kp, sx, wq, wq1, p, N, scale, y, m0 + m, m, NP, 6); break;       \
-        case 5: lin_zqtile(xq, kp, sx, wq, wq1, p, N, scale, y, m0 + m, m, NP, 5); break;       \
-        case 4: lin_zqtile(xq, kp, sx, wq, wq1, p, N, scale, y, m0 + m, m, NP, 4); break;       \
-        case 3: lin_zqtile(xq, kp, sx, wq, wq1, p, N, scale, y, m0 + m, m, NP, 3); break;       \
-        case 2: lin_zqtile(xq, kp, sx, wq, wq1, p, N, scale, y, m0 + m, m, NP, 2); break;       \
-        case 1: lin_zqtile(xq, kp, sx, wq, wq1, p, N, scale, y, m0 + m, m, NP, 1); break;       \
-        default: break;                                                                         \
-        }                                                                                       \
-    } while (0)
 
 /* As lin_i8q_range, panels in pairs. Returns 0 when out of memory (nothing written). */
 static int lin_zq_range(const float *x, int64_t x_stride, int64_t M, const void *w, int64_t K,
@@ -1524,9 +1508,9 @@ static int lin_zq_range(const float *x, int64_t x_stride, int64_t M, const void 
             if (p + 2 <= p1) {
                 lin_widen_pairs((const int8_t *)w + (p + 1) * K * LIN_PNR, K, kp,
                                 wq + kp * LIN_PNR);
-                LIN_ZQROWS(2);
+                LIN_ZTILES(0, rows, lin_zqtile, xq, kp, sx, wq, wq1, p, N, scale, y, m0, 2);
             } else {
-                LIN_ZQROWS(1);
+                LIN_ZTILES(0, rows, lin_zqtile, xq, kp, sx, wq, wq1, p, N, scale, y, m0, 1);
             }
         }
     }
@@ -1576,12 +1560,12 @@ static void lin_bf16_pairs(const uint16_t *w, int64_t K, int64_t kp, uint16_t *w
 }
 
 /* mt (<= LIN_ZMR) bf16 rows from xb row m against np interleaved panels (wb0, wb1) from p,
- * into rows y_row.. of y. */
+ * into rows y_base + m.. of y. */
 static inline __attribute__((always_inline)) void lin_zbtile(const uint16_t *xb, int64_t kp,
                                                             const uint16_t *wb0,
                                                             const uint16_t *wb1, int64_t p,
-                                                            int64_t N, float *y, int64_t y_row,
-                                                            int64_t m, const int np,
+                                                            int64_t N, float *y, int64_t y_base,
+                                                            const int np, int64_t m,
                                                             const int mt) {
     __m512 acc[LIN_ZMR][2];
 #pragma GCC unroll 12
@@ -1605,31 +1589,11 @@ static inline __attribute__((always_inline)) void lin_zbtile(const uint16_t *xb,
     }
 #pragma GCC unroll 12
     for (int i = 0; i < mt; ++i) {
-        lin_zstore(y, N, y_row + i, p * LIN_PNR, acc[i][0], NULL);
-        if (np == 2) lin_zstore(y, N, y_row + i, (p + 1) * LIN_PNR, acc[i][1], NULL);
+        lin_zstore(y, N, y_base + m + i, p * LIN_PNR, acc[i][0], NULL);
+        if (np == 2) lin_zstore(y, N, y_base + m + i, (p + 1) * LIN_PNR, acc[i][1], NULL);
     }
 }
 
-#define LIN_ZBROWS(NP)                                                                          \
-    do {                                                                                        \
-        int64_t m = 0;                                                                          \
-        for (; m + LIN_ZMR <= rows; m += LIN_ZMR)                                               \
-            lin_zbtile(xb, kp, wb, wb1, p, N, y, m0 + m, m, NP, LIN_ZMR);                       \
-        switch (rows - m) {                                                                     \
-        case 11: lin_zbtile(xb, kp, wb, wb1, p, N, y, m0 + m, m, NP, 11); break;                \
-        case 10: lin_zbtile(xb, kp, wb, wb1, p, N, y, m0 + m, m, NP, 10); break;                \
-        case 9: lin_zbtile(xb, kp, wb, wb1, p, N, y, m0 + m, m, NP, 9); break;                  \
-        case 8: lin_zbtile(xb, kp, wb, wb1, p, N, y, m0 + m, m, NP, 8); break;                  \
-        case 7: lin_zbtile(xb, kp, wb, wb1, p, N, y, m0 + m, m, NP, 7); break;                  \
-        case 6: lin_zbtile(xb, kp, wb, wb1, p, N, y, m0 + m, m, NP, 6); break;                  \
-        case 5: lin_zbtile(xb, kp, wb, wb1, p, N, y, m0 + m, m, NP, 5); break;                  \
-        case 4: lin_zbtile(xb, kp, wb, wb1, p, N, y, m0 + m, m, NP, 4); break;                  \
-        case 3: lin_zbtile(xb, kp, wb, wb1, p, N, y, m0 + m, m, NP, 3); break;                  \
-        case 2: lin_zbtile(xb, kp, wb, wb1, p, N, y, m0 + m, m, NP, 2); break;                  \
-        case 1: lin_zbtile(xb, kp, wb, wb1, p, N, y, m0 + m, m, NP, 1); break;                  \
-        default: break;                                                                         \
-        }                                                                                       \
-    } while (0)
 
 /* The bf16 products over panels [p0, p1) for all M rows, in passes of ~192 KB of bf16 rows, panels
  * in pairs. Returns 0 when out of memory (nothing written). */
@@ -1656,9 +1620,9 @@ static int lin_zb_range(const float *x, int64_t x_stride, int64_t M, const void 
             if (p + 2 <= p1) {
                 lin_bf16_pairs((const uint16_t *)w + (p + 1) * K * LIN_PNR, K, kp,
                                wb + kp * LIN_PNR);
-                LIN_ZBROWS(2);
+                LIN_ZTILES(0, rows, lin_zbtile, xb, kp, wb, wb1, p, N, y, m0, 2);
             } else {
-                LIN_ZBROWS(1);
+                LIN_ZTILES(0, rows, lin_zbtile, xb, kp, wb, wb1, p, N, y, m0, 1);
             }
         }
     }
@@ -1710,27 +1674,23 @@ static inline int lin_zb_try(const float *x, int64_t x_stride, int64_t M, const 
                     for (int64_t i = 0; i < np * K * LIN_PNR; i += 16)                          \
                         _mm512_storeu_ps(wide + i, load_w16(w, WT, stored + i));                \
                     if (np == 2)                                                                \
-                        LIN_ZROWS(x, x_stride, wide, LLMOS_W_F32, 0, K * LIN_PNR, p, 2);        \
+                        LIN_ZTILES(m0, m1, lin_ztile, x, x_stride, wide, LLMOS_W_F32, 0,        \
+                            K * LIN_PNR, p, K, N, scale, y, 2);                                 \
                     else                                                                        \
-                        LIN_ZROWS(x, x_stride, wide, LLMOS_W_F32, 0, 0, p, 1);                  \
+                        LIN_ZTILES(m0, m1, lin_ztile, x, x_stride, wide, LLMOS_W_F32, 0, 0, p,  \
+                            K, N, scale, y, 1);                                                 \
                 } else if (np == 2) {                                                           \
-                    LIN_ZROWS(x, x_stride, w, WT, stored, stored + K * LIN_PNR, p, 2);          \
+                    LIN_ZTILES(m0, m1, lin_ztile, x, x_stride, w, WT, stored,                   \
+                        stored + K * LIN_PNR, p, K, N, scale, y, 2);                            \
                 } else {                                                                        \
-                    LIN_ZROWS(x, x_stride, w, WT, stored, stored, p, 1);                        \
+                    LIN_ZTILES(m0, m1, lin_ztile, x, x_stride, w, WT, stored, stored, p, K, N,  \
+                        scale, y, 1);                                                           \
                 }                                                                               \
             }                                                                                   \
         }                                                                                       \
         free(wide);                                                                             \
     }                                                                                           \
-    static void NAME(const float *x, int64_t x_stride, int64_t M, const void *w, int64_t K,     \
-                     int64_t N, const float *scale, float *y) {                                 \
-        const int64_t panels = (N + LIN_PNR - 1) / LIN_PNR;                                     \
-        _Pragma("omp parallel if (panels > 1)") {                                               \
-            const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();               \
-            NAME##_range(x, x_stride, M, w, K, N, scale, y, panels * tid / nt,                  \
-                         panels * (tid + 1) / nt);                                              \
-        }                                                                                       \
-    }
+    LIN_PARALLEL(NAME)
 LIN_ZDEFINE(lin_f32, LLMOS_W_F32)
 LIN_ZDEFINE(lin_f16, LLMOS_W_F16)
 LIN_ZDEFINE(lin_i8, LLMOS_W_I8)
