@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from functools import partial
 
 import jinja2
 from starlette.requests import Request
@@ -30,6 +31,7 @@ from llmos_worker.server.generation import (
     finish_reason,
     sse,
     stream_events,
+    usage_event,
 )
 from llmos_worker.server.protocol import ChatCompletionRequest
 from llmos_worker.server.response import (
@@ -169,17 +171,6 @@ def _stream(
             ]
         )
 
-    def usage() -> str:
-        return sse(
-            ChatCompletionChunk(
-                id=response_id,
-                created=created,
-                model=state.model_name,
-                choices=[],
-                usage=generation.usage(),
-            )
-        )
-
     opening = chunk(
         [
             ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
@@ -191,5 +182,11 @@ def _stream(
         index_of=lambda _prompt, completion: completion,  # one prompt per chat request
         render=render,
         opening=opening,
-        closing=usage if include_usage else None,
+        closing=(
+            partial(
+                usage_event, ChatCompletionChunk, generation, response_id, created, state.model_name
+            )
+            if include_usage
+            else None
+        ),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from functools import partial
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -27,6 +28,7 @@ from llmos_worker.server.generation import (
     finish_reason,
     sse,
     stream_events,
+    usage_event,
 )
 from llmos_worker.server.protocol import CompletionRequest
 from llmos_worker.server.response import (
@@ -143,20 +145,15 @@ def _stream(
             del data["usage"]
         return sse(data)
 
-    def usage() -> str:
-        return sse(
-            CompletionResponse(
-                id=response_id,
-                created=created,
-                model=state.model_name,
-                choices=[],
-                usage=generation.usage(),
-            )
-        )
-
     return stream_events(
         generation,
         index_of=lambda prompt, completion: prompt * n + completion,
         render=render,
-        closing=usage if include_usage else None,
+        closing=(
+            partial(
+                usage_event, CompletionResponse, generation, response_id, created, state.model_name
+            )
+            if include_usage
+            else None
+        ),
     )

@@ -208,6 +208,20 @@ def sse(payload: BaseModel | dict[str, Any]) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
+def usage_event(
+    chunk: Callable[..., BaseModel],
+    generation: Generation,
+    response_id: str,
+    created: int,
+    model: str,
+) -> str:
+    """The closing event of a stream that asked for usage (`stream_options.include_usage`): a
+    chunk of the endpoint's schema with no choices and the whole request's token counts."""
+    return sse(
+        chunk(id=response_id, created=created, model=model, choices=[], usage=generation.usage())
+    )
+
+
 def sse_error(exc: WorkerError) -> str:
     """An error met after the stream began, as one SSE event in OpenAI's error shape."""
     err = to_http_error(exc)
