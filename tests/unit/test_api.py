@@ -28,7 +28,7 @@ MODEL: dict[str, Any] = {"source": "builtin://smollm2-135m-instruct"}
         ({"engine": {"kvCacheMemoryFraction": 0}}, "spec.engine.kvCacheMemoryFraction"),
         ({"engine": {"dtype": "int4"}}, "spec.engine.dtype"),
         ({"engine": {"turbo": True}}, "spec.engine.turbo"),
-        ({"engine": {"quantization": "int4"}}, "spec.engine.quantization"),
+        ({"engine": {"quantization": "int3"}}, "spec.engine.quantization"),
         ({"engine": {"quantization": "fp16"}}, "needs dtype float32"),  # default dtype bfloat16
         ({"engine": {"quantization": "int8"}}, "needs dtype float32"),
         (

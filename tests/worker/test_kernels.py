@@ -3,11 +3,13 @@ linear layers.
 
 Every test runs on the build the worker loads and, on a CPU with AVX-512, on the 256-bit variant
 too. The linear kernel is checked against x @ W.T of the weights each storage mode holds (fp32,
-fp16, bf16, int8 with per-row scales), over row counts around its 6-row (256-bit) and 12-row
-(512-bit) tiles, 16-row panels alone and in pairs, and partial panels; int8 at the row counts
-that multiply 16-bit quantised activations in integers within the error bound that quantisation
-promises, including the largest sums any input can make; bf16, where the CPU has AVX512_BF16,
-at the row counts that round x to bf16, against x so rounded.
+fp16, bf16, int8 with per-row scales, 4-bit blocks with a scale and minimum each), over row
+counts around its 6-row (256-bit) and 12-row (512-bit) tiles, 16-row panels alone and in pairs,
+and partial panels; int8 at the row counts that multiply 16-bit quantised activations in
+integers within the error bound that quantisation promises, including the largest sums any
+input can make; bf16, where the CPU has AVX512_BF16, at the row counts that round x to bf16,
+against x so rounded. The decoder stack runs every layer of a step in each storage mode against
+a float64 reference.
 
 The attention reference gathers each sequence's K/V by its block table and runs
 softmax(q k^T * scale) v in float64. Cases cover GQA ratios 1/3/4, head dims 64 (the vector
@@ -31,8 +33,16 @@ from typing import Any
 import pytest
 import torch
 
+from llmos_worker.errors import ModelLoadError
 from llmos_worker.model.kernels import NativeKernels, build, native_kernels
-from llmos_worker.model.quant import make_linear, pack_panels, unpack_panels
+from llmos_worker.model.quant import (
+    make_linear,
+    pack_panels,
+    pack_q4,
+    quantize_q4,
+    unpack_panels,
+    unpack_q4,
+)
 
 
 @pytest.fixture(scope="module", params=["native", "256-bit"])
@@ -388,6 +398,60 @@ def test_pack_roundtrip_and_zero_padding() -> None:
     assert torch.equal(unpack_panels(packed, 37), w)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 12, 13, 25, 40])
+@pytest.mark.parametrize(
+    ("n", "k"),
+    # one block; partial panels; 1-5 panels alone and in pairs; 3008: 94 blocks, 12-row passes
+    [(5, 32), (37, 96), (48, 64), (80, 576), (33, 3008)],
+)
+def test_int4_linear_matches_dense(kernels: NativeKernels, rows: int, n: int, k: int) -> None:
+    """4-bit blocks: one row sums x * q per block and scales by d and m; more rows multiply the
+    panels dequantised to fp32. Either way x @ W.T of the weights d * q + m the layer holds."""
+    g = torch.Generator().manual_seed(rows * 100 + n)
+    mm = make_linear(torch.randn(n, k, generator=g), "int4")
+    dense = mm.dense().double()
+    mm.pack()
+    wide = torch.randn(rows, k + 5, generator=g) + 0.5  # a mean: the m * sum(x) term counts
+    for x in (wide[:, :k].contiguous(), wide[:, 2 : k + 2]):
+        got = mm(x, kernels)
+        assert got.shape == (rows, n) and got.dtype == torch.float32
+        # fp32 sums: relative to the sizes of the products summed, not to the (cancelled) result
+        scale = x.abs().double() @ dense.abs().T
+        assert ((got.double() - x.double() @ dense.T).abs() <= 2e-6 * scale + 1e-6).all()
+
+
+def test_int4_blocks_quantise_and_pack() -> None:
+    """Per row and block of 32: m = min, d = (max - min) / 15 in fp16, q rounded against them;
+    weights that already are d * q + m (as GGUF's Q4_1 stores them) come back bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    n, k = 37, 96
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    q[:, ::32], q[:, 1::32] = 0, 15  # every block reaches both ends, as Q4_1's do
+    d = (torch.rand(n, k // 32, generator=g) * 0.05 + 1e-3).half()
+    m = (-torch.rand(n, k // 32, generator=g)).half()
+    w = d.float().repeat_interleave(32, 1) * q.float() + m.float().repeat_interleave(32, 1)
+    w[4, 32:64] = 0.25  # a constant block: d = 0, every weight m
+    got_q, got_d, got_m = quantize_q4(w)
+    packed = pack_q4(got_q, got_d, got_m)
+    assert packed.shape == (3, 3, 320) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_q4(packed, n), w)
+    assert float(got_d[4, 1]) == 0.0 and torch.equal(
+        got_q[4, 32:64], torch.zeros(32, dtype=torch.uint8)
+    )
+    assert packed[2, :, 64:].view(3, 16, 16)[:, :, 5:].eq(0).all()  # rows 37..47: zeros
+    # any weights: each within half a step (d / 2) of its block's grid, plus fp16 rounding of m
+    x = torch.randn(n, k, generator=g)
+    back = unpack_q4(pack_q4(*quantize_q4(x)), n)
+    blocks = x.view(n, -1, 32)
+    step = (blocks.amax(-1) - blocks.amin(-1)) / 15
+    err = (back - x).view(n, -1, 32).abs().amax(-1)
+    assert (err <= step / 2 + blocks.abs().amax(-1) * 2e-3).all()
+    with pytest.raises(ModelLoadError, match="multiple of 32; a projection has 40"):
+        make_linear(torch.zeros(8, 40), "int4")
+    with pytest.raises(ModelLoadError, match="beyond fp16's range"):
+        make_linear(torch.full((8, 32), 1e6), "int4")
+
+
 def test_linear_refuses_bad_inputs(kernels: NativeKernels) -> None:
     w = pack_panels(torch.zeros(20, 8))
     x = torch.zeros(3, 8)
@@ -418,18 +482,20 @@ def _stack_case(
     """Random layers in `mode`, `kv` caches holding a cached prefix, and a step of 6 rows: three
     decodes (contexts 5, 9 and 1) and a 3-token chunk over a 6-token cached prefix, the rows in
     a scrambled order; `extra` (<= 6) more decodes, each in a block of its own, append rows
-    (enough rows to take int8's integer path)."""
+    (enough rows to take int8's integer path). int4 takes wider layers (hidden 64, head_dim 16,
+    intermediate 96): its blocks need every K a multiple of 32."""
     from llmos_worker.model.kernels import StackLayer, StackSpec
     from llmos_worker.model.rope import cos_sin_table
 
     g = torch.Generator().manual_seed(seed)
-    cos, sin = cos_sin_table(1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2) / HEAD_DIM)), 64)
-    spec = StackSpec(HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, 1e-5, HEAD_DIM**-0.5, cos, sin)
+    hidden, hd, inter = (64, 16, 96) if mode == "int4" else (HIDDEN, HEAD_DIM, INTER)
+    cos, sin = cos_sin_table(1.0 / (10000 ** (torch.arange(0, hd, 2) / hd)), 64)
+    spec = StackSpec(hidden, HEADS, KV_HEADS, hd, inter, 1e-5, hd**-0.5, cos, sin)
     shapes = {
-        "qkv": ((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN),
-        "o": (HIDDEN, HEADS * HEAD_DIM),
-        "gate_up": (2 * INTER, HIDDEN),
-        "down": (HIDDEN, INTER),
+        "qkv": ((HEADS + 2 * KV_HEADS) * hd, hidden),
+        "o": (hidden, HEADS * hd),
+        "gate_up": (2 * inter, hidden),
+        "down": (hidden, inter),
     }
     layers, dense = [], []
     for _ in range(LAYERS):
@@ -441,14 +507,12 @@ def _stack_case(
         for mm in mms.values():
             mm.pack()
         norms = (
-            1 + 0.1 * torch.randn(HIDDEN, generator=g),
-            1 + 0.1 * torch.randn(HIDDEN, generator=g),
+            1 + 0.1 * torch.randn(hidden, generator=g),
+            1 + 0.1 * torch.randn(hidden, generator=g),
         )
         dense[-1] |= {"in": norms[0].double(), "post": norms[1].double()}
         layers.append(StackLayer(*norms, *((mm.weight, mm.scale) for mm in mms.values())))
-    caches = [
-        torch.randn(2, NBLOCKS, BS, KV_HEADS, HEAD_DIM, generator=g).to(kv) for _ in range(LAYERS)
-    ]
+    caches = [torch.randn(2, NBLOCKS, BS, KV_HEADS, hd, generator=g).to(kv) for _ in range(LAYERS)]
     # sequences: (block table, context after this step, tokens this step)
     free = [4, 8, 10, 11, 13, 15][:extra]  # blocks no other sequence uses
     tables = torch.tensor(
@@ -467,7 +531,7 @@ def _stack_case(
         "layers": layers,
         "dense": dense,
         "caches": caches,
-        "x": torch.randn(6 + extra, HIDDEN, generator=g),
+        "x": torch.randn(6 + extra, hidden, generator=g),
         "positions": positions[torch.argsort(rows)].contiguous(),  # by x row
         "slots": slots,
         "rows": rows,
@@ -505,15 +569,15 @@ def _stack_reference(
     caches = [c.double().clone() for c in case["caches"]]
     pos = case["positions"]
     cos, sin = spec.cos.double()[pos][:, None], spec.sin.double()[pos][:, None]
-    t = x.shape[0]
+    t, hd = x.shape[0], spec.head_dim
     for w, cache in zip(case["dense"], caches, strict=True):
-        qkv = (q(norm(x, w["in"])) @ w["qkv"].T).view(t, HEADS + 2 * KV_HEADS, HEAD_DIM)
+        qkv = (q(norm(x, w["in"])) @ w["qkv"].T).view(t, HEADS + 2 * KV_HEADS, hd)
         qk = apply_rope(qkv[:, : HEADS + KV_HEADS], cos, sin)
         kv = case["caches"][0].dtype
         k, v = qk[:, HEADS:].to(kv).double(), qkv[:, HEADS + KV_HEADS :].to(kv).double()
-        cache.view(2, -1, KV_HEADS, HEAD_DIM)[0][case["slots"]] = k
-        cache.view(2, -1, KV_HEADS, HEAD_DIM)[1][case["slots"]] = v
-        att = torch.empty(t, HEADS, HEAD_DIM, dtype=torch.float64)
+        cache.view(2, -1, KV_HEADS, hd)[0][case["slots"]] = k
+        cache.view(2, -1, KV_HEADS, hd)[1][case["slots"]] = v
+        att = torch.empty(t, HEADS, hd, dtype=torch.float64)
         rows = case["rows"]
         att[rows] = reference(
             qk[:, :HEADS], cache[0], cache[1], case["tables"], case["lens"], rows, spec.attn_scale
@@ -535,8 +599,21 @@ def _stack_reference(
         ("int8", torch.float32, 6),
         ("bf16", torch.float32, 0),
         ("bf16", torch.float32, 6),
+        ("int4", torch.float32, 0),
+        ("int4", torch.float32, 6),
     ],
-    ids=["none", "fp16", "int8", "none-fp16kv", "int8-fp16kv", "int8-integer", "bf16", "bf16-12"],
+    ids=[
+        "none",
+        "fp16",
+        "int8",
+        "none-fp16kv",
+        "int8-fp16kv",
+        "int8-integer",
+        "bf16",
+        "bf16-12",
+        "int4",
+        "int4-12",
+    ],
 )
 def test_decoder_stack_matches_reference(
     kernels: NativeKernels, mode: str, kv: torch.dtype, extra: int

@@ -1,13 +1,14 @@
-"""Opt-in fp16, int8 and bf16 weights: quality against fp32 by perplexity, and the settings that
-refuse them.
+"""Opt-in fp16, int8, bf16 and int4 weights: quality against fp32 by perplexity, and the settings
+that refuse them.
 
 The quality check scores a fixed English passage (tests/worker/data/perplexity.txt, written for
 this test) with the bundled SmolLM2-135M-Instruct, fp32 against fp16 or int8 linear layers. The
 stated bounds: fp16 perplexity within 0.5 % of fp32 (measured: 0.01 %), int8 (per-channel
 weight scales, 16-bit activation rows) within 2 % (measured: -0.5 % on this text, +0.2 % on
 CPython's reference docs), bf16 (with AVX512_BF16: bf16-rounded activations from 12 rows) within
-1 % (measured: +0.03 %). The perplexity helper itself is checked against Hugging Face's causal-LM
-loss on the tiny model.
+1 % (measured: +0.03 %), int4 (GGUF's Q4_1 blocks, which the bundled file's decoder layers are
+stored in: kept exactly; its LM head int8) within 1 % (measured: -0.15 %). The perplexity helper
+itself is checked against Hugging Face's causal-LM loss on the tiny model.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from llmos_worker.model import LoadedModel, load_model
 from llmos_worker.model.quality import perplexity
 
 TEXT = Path(__file__).parent / "data" / "perplexity.txt"
-BOUNDS = {"fp16": 0.005, "int8": 0.02, "bf16": 0.01}  # relative perplexity change allowed
-WEIGHT_BYTES = {"fp16": 2, "int8": 1, "bf16": 2}
+BOUNDS = {"fp16": 0.005, "int8": 0.02, "bf16": 0.01, "int4": 0.01}  # relative change allowed
+WEIGHT_BYTES = {"fp16": 2, "int8": 1, "bf16": 2, "int4": 0.625}  # int4: 20 bytes per 32 weights
 
 
 def test_perplexity_matches_hf_loss(tiny_model_dir: Path) -> None:
@@ -52,7 +53,7 @@ def fp32_model(smollm2_gguf: Path) -> LoadedModel:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["fp16", "int8", "bf16"])
+@pytest.mark.parametrize("mode", ["fp16", "int8", "bf16", "int4"])
 def test_perplexity_within_bound(smollm2_gguf: Path, fp32_model: LoadedModel, mode: str) -> None:
     narrow = load_model(str(smollm2_gguf), quantization=mode)
     assert narrow.quantization == mode
@@ -64,23 +65,38 @@ def test_perplexity_within_bound(smollm2_gguf: Path, fp32_model: LoadedModel, mo
     # every decoder projection in the narrower type (int8: plus a 4-byte scale per row); the
     # fp32 embedding lookup is kept and the tied LM head gets its own copy in the mode (fp32 on
     # the native path: a packed copy, counted)
+    # int4: the decoder projections at 5 bits per weight, the LM head in int8
     embed = fp32_model.model.embed.numel() * 4
     projections_fp32 = fp32_model.model.weight_bytes() - embed
     if fp32_model.model.head_mm.weight is fp32_model.model.embed:  # dense: head is the lookup
         projections_fp32 += embed
-    expected = embed + projections_fp32 * WEIGHT_BYTES[mode] / 4
+    head_bytes = WEIGHT_BYTES["int8" if mode == "int4" else mode]
+    expected = embed + (projections_fp32 - embed) * WEIGHT_BYTES[mode] / 4 + embed * head_bytes / 4
     assert narrow.model.weight_bytes() == pytest.approx(expected, rel=0.01)
 
 
 @pytest.mark.slow
+def test_int4_keeps_q4_1_layers_exactly(smollm2_gguf: Path, fp32_model: LoadedModel) -> None:
+    """The bundled GGUF stores its decoder projections as Q4_1: int4 finds every block again,
+    so its layers hold bit for bit the weights fp32 dequantised from the file (the head, Q8_0
+    in the file, becomes int8 per row)."""
+    narrow = load_model(str(smollm2_gguf), quantization="int4")
+    pairs = zip(fp32_model.model.decoder_layers, narrow.model.decoder_layers, strict=True)
+    for i, (full, q4) in enumerate(pairs):
+        for (name, a), b in zip(full.linears().items(), q4.linears().values(), strict=True):
+            assert b.mode == "int4" and torch.equal(a.dense(), b.dense()), (i, name)
+    assert narrow.model.head_mm.mode == "int8"
+
+
+@pytest.mark.slow
 def test_narrow_engines_generate(smollm2_gguf: Path) -> None:
-    """fp16, int8 and bf16 models serve through the engine; their greedy text starts like
+    """fp16, int8, bf16 and int4 models serve through the engine; their greedy text starts like
     fp32's."""
     from llmos_worker.engine import LLMEngine
     from llmos_worker.engine.params import SamplingParams
 
     outs = {}
-    for mode in ("none", "fp16", "int8", "bf16"):
+    for mode in ("none", "fp16", "int8", "bf16", "int4"):
         config = EngineConfig(kv_cache_memory_bytes=64 * 2**20, quantization=mode)  # type: ignore[arg-type]
         engine = LLMEngine.from_source(str(smollm2_gguf), config)
         prompt = engine.tokenizer.encode("The capital of France is")
@@ -88,10 +104,8 @@ def test_narrow_engines_generate(smollm2_gguf: Path) -> None:
         while engine.has_unfinished():
             for out in engine.step():
                 outs[mode] = out.outputs[0].token_ids
-    assert len(outs["fp16"]) == len(outs["int8"]) == len(outs["bf16"]) == 8
-    assert outs["fp16"][:4] == outs["none"][:4]
-    assert outs["int8"][:4] == outs["none"][:4]
-    assert outs["bf16"][:4] == outs["none"][:4]
+    for mode in ("fp16", "int8", "bf16", "int4"):
+        assert len(outs[mode]) == 8 and outs[mode][:4] == outs["none"][:4], mode
 
 
 @pytest.mark.slow
@@ -127,14 +141,14 @@ def test_fp16_kv_cache_generates_like_fp32(smollm2_gguf: Path) -> None:
 def test_refused_settings(tiny_model_dir: Path) -> None:
     with pytest.raises(ModelLoadError, match="needs dtype float32"):
         load_model(str(tiny_model_dir), dtype="bfloat16", quantization="fp16")
-    with pytest.raises(ModelLoadError, match="unknown quantization 'int4'"):
-        load_model(str(tiny_model_dir), quantization="int4")
+    with pytest.raises(ModelLoadError, match="unknown quantization 'int3'"):
+        load_model(str(tiny_model_dir), quantization="int3")
     with pytest.raises(ModelLoadError, match="CPU only"):
         load_model(str(tiny_model_dir), device="meta", quantization="fp16")
     with pytest.raises(ModelLoadError, match="needs dtype float32"):
         load_model(str(tiny_model_dir), dtype="float16", quantization="int8")
     with pytest.raises(InvalidRequestError) as info:
-        EngineConfig(quantization="int4")  # type: ignore[arg-type]
+        EngineConfig(quantization="int3")  # type: ignore[arg-type]
     assert info.value.param == "quantization"
     with pytest.raises(InvalidRequestError, match="float32 on the cpu"):
         EngineConfig(quantization="fp16", dtype="bfloat16")
@@ -178,10 +192,10 @@ def test_tiny_fp16_close_and_not_requantized(tiny_model_dir: Path) -> None:
         packed.model.quantize("int8")
 
 
-@pytest.mark.parametrize("mode", ["none", "fp16", "int8", "bf16"])
+@pytest.mark.parametrize("mode", ["none", "fp16", "int8", "bf16", "int4"])
 def test_native_and_torch_paths_agree(tiny_model_dir: Path, mode: str) -> None:
-    """Packed weights in the native kernel and the torch path (weights unpacked, fp16/int8/bf16
-    dequantised per call) compute the same logits (int8: up to the native path's 16-bit
+    """Packed weights in the native kernel and the torch path (weights unpacked, fp16/int8/bf16/
+    int4 dequantised per call) compute the same logits (int8: up to the native path's 16-bit
     activations; bf16: its bf16-rounded activations where the CPU has AVX512_BF16); int8 and
     bf16 stay near fp32."""
     from llmos_worker.model import ModelRunner
@@ -206,7 +220,7 @@ def test_native_and_torch_paths_agree(tiny_model_dir: Path, mode: str) -> None:
     # bf16: with AVX512_BF16, each activation within 2^-9 of itself (relative)
     kernels = native_kernels()
     bf16_rounded = mode == "bf16" and kernels is not None and kernels.bf16_dot_rows > 0
-    tol = 2e-3 if mode == "int8" else 3e-2 if bf16_rounded else 1e-4
+    tol = 2e-3 if mode in ("int8", "int4") else 3e-2 if bf16_rounded else 1e-4  # int4: int8 head
     torch.testing.assert_close(logits(lm), native, atol=tol, rtol=tol)
     lm.model.set_backend("auto")
     torch.testing.assert_close(logits(lm), native, atol=1e-5, rtol=1e-5)

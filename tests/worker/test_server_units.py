@@ -210,7 +210,7 @@ def test_every_serve_flag_defaults_from_the_environment(monkeypatch: pytest.Monk
     with pytest.raises(InvalidRequestError, match="quantization 'fp16' needs dtype float32"):
         engine_config(build_parser("serve").parse_args(["serve", "--quantization", "fp16"]))
     with pytest.raises(SystemExit):
-        build_parser("serve").parse_args(["serve", "--quantization", "int4"])
+        build_parser("serve").parse_args(["serve", "--quantization", "int3"])
     # kv cache dtype: auto by default, float16 from the environment or the command line
     assert engine_config(build_parser("serve").parse_args(["serve"])).kv_cache_dtype == "auto"
     monkeypatch.setenv("LLMOS_KV_CACHE_DTYPE", "float16")

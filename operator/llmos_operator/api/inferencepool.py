@@ -90,14 +90,16 @@ class EngineSettings(ApiModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="bfloat16", description="Data type of weights and KV cache."
     )
-    quantization: Literal["none", "fp16", "int8", "bf16"] = Field(
+    quantization: Literal["none", "fp16", "int8", "bf16", "int4"] = Field(
         default="none",
         description="Opt-in narrower linear-layer weights for CPU pools: fp16 (half the "
         "weight bytes, fp32 compute, perplexity within 0.5 % of fp32), int8 with per-channel "
         "scales (a quarter; steps of 12+ rows multiply 16-bit activations in integers; "
-        "perplexity within 2 %) or bf16 (half; on CPUs with AVX512_BF16 steps of 12+ rows "
-        "multiply bf16-rounded activations; perplexity within 1 %); a decode step reads "
-        "proportionally less. Needs dtype float32 and no GPUs.",
+        "perplexity within 2 %), bf16 (half; on CPUs with AVX512_BF16 steps of 12+ rows "
+        "multiply bf16-rounded activations; perplexity within 1 %) or int4 (5 bits per weight: "
+        "blocks of 32 with an fp16 scale and minimum, GGUF's Q4_1, so a Q4_1 GGUF's decoder "
+        "weights are kept exactly; LM head int8); a decode step reads proportionally less. "
+        "Needs dtype float32 and no GPUs.",
     )
     kv_cache_dtype: Literal["auto", "float16"] = Field(
         default="auto",

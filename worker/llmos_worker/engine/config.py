@@ -9,7 +9,7 @@ from llmos_worker.errors import InvalidRequestError
 
 SchedulingPolicy = Literal["fcfs", "priority"]
 DType = Literal["float32", "bfloat16", "float16"]
-Quantization = Literal["none", "fp16", "int8", "bf16"]  # see llmos_worker.model.quant
+Quantization = Literal["none", "fp16", "int8", "bf16", "int4"]  # see llmos_worker.model.quant
 KVCacheDType = Literal["auto", "float16"]  # auto: the model's dtype
 
 

@@ -27,7 +27,7 @@ from llmos_worker.model.kernels import (
     StackSpec,
     native_kernels,
 )
-from llmos_worker.model.quant import Linear, check_supported, make_linear
+from llmos_worker.model.quant import HEAD_MODES, Linear, check_supported, make_linear
 from llmos_worker.model.rope import apply_rope, cos_sin_table, inverse_frequencies
 
 
@@ -305,7 +305,8 @@ class LlamaModel(nn.Module):
 
         Call after `load_weights` (the loader does, with "none" too: it also packs the weights
         for the native kernels). The embedding table stays in the model dtype (it is a lookup);
-        a tied LM head gets its own copy of it in `mode`.
+        a tied LM head gets its own copy of it in `mode` (int4: in int8, as GGUF files keep
+        the head at 8 bits).
         """
         kernels = self._native()
         native = kernels is not None and kernels.has_linear
@@ -317,7 +318,7 @@ class LlamaModel(nn.Module):
             for layer in self.decoder_layers:
                 layer.quantize(mode, native=native)
             head = self.embed if self.lm_head is None else self.lm_head
-            self.head_mm = make_linear(head, mode, native=native)
+            self.head_mm = make_linear(head, HEAD_MODES.get(mode, mode), native=native)
             if self.lm_head is not None:
                 self.lm_head = _adopt(self.head_mm)
             self.quantization = mode

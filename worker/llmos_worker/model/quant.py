@@ -52,10 +52,12 @@ from llmos_worker.errors import ModelLoadError
 if TYPE_CHECKING:
     from llmos_worker.model.kernels import NativeKernels
 
-Quantization = Literal["none", "fp16", "int8", "bf16"]
+Quantization = Literal["none", "fp16", "int8", "bf16", "int4"]
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 
 PANEL = 16  # output rows per packed panel: LIN_PNR in kernels/cpu_kernels.c
+Q4_BLOCK = 32  # values of k per 4-bit block (GGUF's Q4_1)
+Q4_BYTES = 320  # bytes per (panel, block): LIN_Q4_BYTES in kernels/cpu_kernels.c
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
@@ -180,6 +182,93 @@ class Fp16PackedLinear(Linear):
         return self.out_features * self.in_features * 2
 
 
+def quantize_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) -> q (N, K) uint8 in 0..15, d and m (N, K / 32) fp16: W ~ d * q + m per block.
+
+    As GGUF's Q4_1: per block of 32 values of a row, m = min and d = (max - min) / 15, both
+    stored in fp16; q rounds against the stored d and m, so a block that came from Q4_1 (every
+    weight d * q + m) is found again exactly.
+    """
+    n, k = weight.shape
+    blocks = weight.float().reshape(n, k // Q4_BLOCK, Q4_BLOCK)
+    lo, hi = blocks.amin(dim=-1), blocks.amax(dim=-1)
+    d, m = ((hi - lo) / 15.0).to(torch.float16), lo.to(torch.float16)
+    if not (torch.isfinite(d).all() and torch.isfinite(m).all()):
+        raise ModelLoadError("quantization 'int4': weights beyond fp16's range (|w| > 65504)")
+    d32, m32 = d.float(), m.float()
+    step = torch.where(d32 > 0, d32, torch.ones_like(d32))  # a constant block: q = 0, w = m
+    q = torch.round((blocks - m32[..., None]) / step[..., None]).clamp_(0, 15).to(torch.uint8)
+    return q.reshape(n, k), d, m
+
+
+def pack_q4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """`quantize_q4`'s output -> (ceil(N / 16), K / 32, 320) uint8, the native kernel's layout:
+    per panel of 16 rows and block, the rows' d (fp16), their m, then for each k pair j one
+    byte per row, q[2j] in its low nibble and q[2j + 1] in its high (rows past N zero)."""
+    n, k = q.shape
+    panels, kb = -(-n // PANEL), k // Q4_BLOCK
+    rows = panels * PANEL
+    qp = torch.zeros(rows, k, dtype=torch.uint8)
+    qp[:n] = q
+    dp = torch.zeros(rows, kb, dtype=torch.float16)
+    mp = torch.zeros(rows, kb, dtype=torch.float16)
+    dp[:n], mp[:n] = d, m
+    pairs = qp.view(panels, PANEL, kb, Q4_BLOCK // 2, 2)  # (P, r, b, j, low/high)
+    nibbles = (pairs[..., 0] | (pairs[..., 1] << 4)).permute(0, 2, 3, 1)  # (P, b, j, r)
+
+    def per_block(v: torch.Tensor) -> torch.Tensor:  # (rows, kb) fp16 -> (P, kb, 32) bytes
+        return v.view(panels, PANEL, kb).transpose(1, 2).contiguous().view(torch.uint8)
+
+    blocks = (per_block(dp), per_block(mp), nibbles.reshape(panels, kb, -1))
+    return torch.cat(blocks, dim=2).contiguous()
+
+
+def unpack_q4(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The fp32 (n, K) matrix a `pack_q4` layout holds: d * q + m (computed as GGUF's Q4_1
+    dequantisation computes it, so Q4_1 weights come back bit for bit)."""
+    panels, kb, _ = packed.shape
+    d = packed[..., :32].contiguous().view(torch.float16).float()  # (P, b, r)
+    m = packed[..., 32:64].contiguous().view(torch.float16).float()
+    nib = packed[..., 64:].reshape(panels, kb, Q4_BLOCK // 2, PANEL)  # (P, b, j, r)
+    q = torch.stack((nib & 15, nib >> 4), dim=-1).permute(0, 3, 1, 2, 4)  # (P, r, b, j, 2)
+    q = q.reshape(panels, PANEL, kb, Q4_BLOCK).float()
+    w = d.transpose(1, 2)[..., None] * q + m.transpose(1, 2)[..., None]
+    return w.reshape(panels * PANEL, kb * Q4_BLOCK)[:n].contiguous()
+
+
+class Int4Linear(Linear):
+    """4-bit weights in blocks of 32 along K with an fp16 scale and minimum each (GGUF's Q4_1).
+
+    Held in the native kernel's block layout (`pack_q4`) either way: `packed` says whether the
+    native kernel multiplies it; unpacked, the torch path dequantises it per call (correct, but
+    slow).
+    """
+
+    mode = "int4"
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        n, k = weight.shape
+        if k % Q4_BLOCK:
+            raise ModelLoadError(
+                f"quantization 'int4' needs in_features a multiple of {Q4_BLOCK}; "
+                f"a projection has {k}"
+            )
+        super().__init__(weight)
+        self.weight = pack_q4(*quantize_q4(weight))
+
+    def pack(self) -> None:
+        self.packed = True
+
+    def unpack(self) -> None:
+        self.packed, self._bound = False, None
+
+    def dense(self) -> torch.Tensor:
+        return unpack_q4(self.weight, self.out_features)
+
+
+HEAD_MODES = {"int4": "int8"}  # modes whose LM head is stored in another mode (see quantize)
+
+
 def make_linear(weight: torch.Tensor, mode: str, *, native: bool = True) -> Linear:
     """A `Linear` holding `weight` (N, K) in `mode`; the fp32 tensor is not kept by other modes.
 
@@ -193,6 +282,8 @@ def make_linear(weight: torch.Tensor, mode: str, *, native: bool = True) -> Line
         return Int8Linear(weight)
     if mode == "bf16":
         return Bf16Linear(weight)
+    if mode == "int4":
+        return Int4Linear(weight)
     raise ModelLoadError(f"unknown quantization {mode!r}; use one of {list(QUANTIZATIONS)}")
 
 

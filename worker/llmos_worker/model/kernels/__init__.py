@@ -2,8 +2,8 @@
 
 The kernels (cpu_kernels.c): paged decode and prefill attention reading K/V in place (the
 prefill one blocked like flash attention), residual add + RMSNorm, rotary embedding in place,
-SiLU(gate) * up, linear layers over packed fp32, fp16, bf16 or int8 weights, and all of that for
-every decoder layer of a decode step in one call (`DecoderStack`).
+SiLU(gate) * up, linear layers over packed fp32, fp16, bf16, int8 or 4-bit weights, and all of
+that for every decoder layer of a decode step in one call (`DecoderStack`).
 `native_kernels()` returns the loaded library or None. It builds `cpu_kernels.c` with the
 system C compiler (`$CC`, else `cc`) into a cache directory (`$LLMOS_KERNEL_CACHE`, else
 `$XDG_CACHE_HOME/llmos-worker/kernels`, else `~/.cache/llmos-worker/kernels`) under a name that
@@ -168,7 +168,8 @@ class NativeKernels:
         """(M, n) = x (M, K) @ W.T [* scale], W (n, K) packed by `quant.pack_panels`.
 
         packed (ceil(n / 16), K, 16) contiguous float32, float16, bfloat16, or int8 (with
-        `scale` (n,) fp32, one per output row); x fp32 with unit column stride (rows may be a
+        `scale` (n,) fp32, one per output row), or (ceil(n / 16), K / 32, 320) uint8 4-bit
+        blocks (`quant.pack_q4`); x fp32 with unit column stride (rows may be a
         slice of a wider tensor). With int8 weights and at least `int8_integer_rows` rows, each
         row of x is quantised to 16 bits (symmetric, its own scale) and multiplied in integers:
         every input is then within half of 1/32767 of its row's largest magnitude. With bf16
@@ -189,7 +190,7 @@ class NativeKernels:
         if not self.has_linear:
             raise RuntimeError("this build of the native kernels has no linear kernel (no AVX2)")
         self._check_packed(packed, n, scale)
-        wtype, k = _WEIGHT_TYPES[packed.dtype], packed.shape[1]
+        wtype, k = _WEIGHT_TYPES[packed.dtype], packed_k(packed)
         fn, w_ptr = self._linear, packed.data_ptr()
         s_ptr = None if scale is None else scale.data_ptr()
         f32 = torch.float32
@@ -339,7 +340,7 @@ class NativeKernels:
                 if packed.dtype != wdtype:
                     raise ValueError(f"layer {i} {name}: weights of mixed types")
                 self._check_packed(packed, n, scale)
-                if packed.shape[1] != k:
+                if packed_k(packed) != k:
                     raise ValueError(f"layer {i} {name}: packed {tuple(packed.shape)}, K != {k}")
                 row += [packed.data_ptr(), 0 if scale is None else scale.data_ptr()]
             table[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
@@ -352,10 +353,18 @@ class NativeKernels:
     def _check_packed(self, packed: torch.Tensor, n: int, scale: torch.Tensor | None) -> None:
         wtype = _WEIGHT_TYPES.get(packed.dtype)
         if wtype is None or not packed.is_contiguous() or packed.dim() != 3:
-            raise ValueError("weight must be packed (P, K, 16) float32, float16, int8 or bfloat16")
+            raise ValueError(
+                "weight must be packed (P, K, 16) float32, float16, int8 or bfloat16, "
+                "or (P, K / 32, 320) uint8 4-bit blocks"
+            )
         panels, _, width = packed.shape
-        if width != 16 or not (panels - 1) * 16 < n <= panels * 16:
+        if (
+            width != (_Q4_BYTES if wtype == _W_Q4 else 16)
+            or not (panels - 1) * 16 < n <= panels * 16
+        ):
             raise ValueError(f"packed weight {tuple(packed.shape)} does not hold {n} rows")
+        if wtype == _W_Q4 and packed_k(packed) > _Q4_MAX_K:
+            raise ValueError(f"4-bit weights of K > {_Q4_MAX_K} are not supported")
         if not packed.is_cpu:
             raise ValueError("native linear takes CPU tensors")
         if (packed.dtype == torch.int8) != (scale is not None):
@@ -508,8 +517,20 @@ _STACK_ERRORS = {
     6: "a position outside the RoPE table, a slot outside the cache, or rows not covering x once",
     7: "inconsistent dimensions",
 }
-# cpu_kernels.c LLMOS_W_*
-_WEIGHT_TYPES = {torch.float32: 0, torch.float16: 1, torch.int8: 2, torch.bfloat16: 3}
+# cpu_kernels.c LLMOS_W_*; uint8: 4-bit blocks (quant.pack_q4)
+_WEIGHT_TYPES = {
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.int8: 2,
+    torch.bfloat16: 3,
+    torch.uint8: 4,
+}
+_W_Q4, _Q4_BYTES, _Q4_MAX_K = 4, 320, 65536  # cpu_kernels.c LLMOS_W_Q4, LIN_Q4_BYTES, LIN_Q4_MAX_K
+
+
+def packed_k(packed: torch.Tensor) -> int:
+    """K of a packed weight: (P, K, 16), or (P, K / 32, 320) for 4-bit blocks."""
+    return packed.shape[1] * (32 if packed.dtype is torch.uint8 else 1)
 
 
 def _check_attention(

@@ -796,6 +796,8 @@ void llmos_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inte
  *   LLMOS_W_BF16 bfloat16 (widened by a shift): half the bytes; with AVX512_BF16 and at least
  *                LIN_BROWS rows, the rows of x are rounded to bf16 too and multiplied pairwise
  *                with vdpbf16ps, accumulating in fp32 (below)
+ *   LLMOS_W_Q4   4 bits in blocks of 32 values of k with an fp16 scale and minimum each (GGUF's
+ *                Q4_1): 5 bits per weight to read; its own block layout (below)
  * W is stored packed: ceil(N/16) panels, panel p holding W[16p .. 16p+15][k] at element offset
  * (p * K + k) * 16 + j (rows past N are zero). Reading a panel is one sequential stream, and a
  * step of k multiplies 16 weights (two vectors, converted once) by one broadcast x value for each
@@ -807,9 +809,10 @@ void llmos_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inte
  * (below; each product within half of 1/32767 of its row's largest |x|).
  * x rows are `x_stride` floats apart (a slice of a wider tensor is fine); y is contiguous.
  * Returns 0; 1 when this build has no AVX2/FMA/F16C (the caller uses torch instead); 2 for an
- * unknown weight type.
+ * unknown weight type; 3 for 4-bit weights whose K is not a multiple of 32 (or over
+ * LIN_Q4_MAX_K).
  */
-enum { LLMOS_W_F32 = 0, LLMOS_W_F16 = 1, LLMOS_W_I8 = 2, LLMOS_W_BF16 = 3 };
+enum { LLMOS_W_F32 = 0, LLMOS_W_F16 = 1, LLMOS_W_I8 = 2, LLMOS_W_BF16 = 3, LLMOS_W_Q4 = 4 };
 
 /* Rows of x from which int8 weights take the integer path below (fewer: fp32 products). */
 #define LIN_QROWS 12
@@ -1701,6 +1704,218 @@ LIN_PDEFINE(lin_f16, LLMOS_W_F16)
 LIN_PDEFINE(lin_i8, LLMOS_W_I8)
 LIN_PDEFINE(lin_bf16, LLMOS_W_BF16)
 #endif
+
+/* ---- 4-bit weights in blocks of 32 values of k (GGUF's Q4_1 scheme): w = d * q + m, q in
+ * 0..15, with an fp16 scale d and an fp16 minimum m per output row and block. Panel p holds
+ * K / 32 blocks of LIN_Q4_BYTES bytes each, at byte (p * K / 32 + b) * LIN_Q4_BYTES: the 16
+ * rows' d, then their m, then for each k pair j (0..15) one byte per row r with q[r][2j] in
+ * its low and q[r][2j + 1] in its high nibble. K must be a multiple of 32, at most
+ * LIN_Q4_MAX_K.
+ * One row of x: per block, sum_k x_k q_k in fp32 (q is exact in fp32), then d * that +
+ * m * sum_k x_k: the dequantised weights are never formed, and a step reads 5 bits per weight.
+ * More rows: each panel is dequantised to fp32 once per pass into an L2-resident buffer and
+ * multiplied by the fp32 tiles. */
+#define LIN_Q4_BYTES 320
+#define LIN_Q4_MAX_K 65536
+
+/* xs[b] = the sum of x[32b .. 32b + 31] */
+static inline void lin_q4_xsums(const float *x, int64_t K, float *xs) {
+    for (int64_t b = 0; b < K / 32; ++b) {
+        __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(x + 32 * b),
+                                               _mm256_loadu_ps(x + 32 * b + 8)),
+                                 _mm256_add_ps(_mm256_loadu_ps(x + 32 * b + 16),
+                                               _mm256_loadu_ps(x + 32 * b + 24)));
+        xs[b] = hsum8(s);
+    }
+}
+
+/* Panel p dequantised to fp32 in the packed fp32 layout: dst[k * 16 + r]. */
+static void lin_q4_widen(const uint8_t *w, int64_t p, int64_t K, float *dst) {
+    const int64_t kb = K / 32;
+    const uint8_t *blk = w + p * kb * LIN_Q4_BYTES;
+    for (int64_t b = 0; b < kb; ++b, blk += LIN_Q4_BYTES) {
+        float *o = dst + b * 32 * LIN_PNR;
+#if defined(LLMOS_AVX512)
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)));
+        const __m512i low = _mm512_set1_epi32(15);
+        for (int j = 0; j < 16; ++j) {
+            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 64 + 16 * j)));
+            _mm512_storeu_ps(o + 32 * j, _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(v, low)), m));
+            _mm512_storeu_ps(o + 32 * j + 16, _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), m));
+        }
+#else
+        const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
+        const __m256 m0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 32)));
+        const __m256 m1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 48)));
+        const __m256i low = _mm256_set1_epi32(15);
+        for (int j = 0; j < 16; ++j) {
+            const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 64 + 16 * j));
+            const __m256i v0 = _mm256_cvtepu8_epi32(raw);
+            const __m256i v1 = _mm256_cvtepu8_epi32(_mm_srli_si128(raw, 8));
+            float *e = o + 32 * j, *odd = e + 16;
+            _mm256_storeu_ps(e, _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(_mm256_and_si256(v0, low)), m0));
+            _mm256_storeu_ps(e + 8, _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(_mm256_and_si256(v1, low)), m1));
+            _mm256_storeu_ps(odd, _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), m0));
+            _mm256_storeu_ps(odd + 8, _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), m1));
+        }
+#endif
+    }
+}
+
+#if defined(LLMOS_AVX512)
+/* One row of x against np (1 or 2, a constant at each call) panels from p; xs its block sums. */
+static inline __attribute__((always_inline)) void lin_q4row1(const float *x, const float *xs,
+                                                            const uint8_t *w, int64_t p,
+                                                            int64_t K, int64_t N, float *y,
+                                                            const int np) {
+    const int64_t kb = K / 32;
+    const uint8_t *base[2] = {w + p * kb * LIN_Q4_BYTES, w + (p + 1) * kb * LIN_Q4_BYTES};
+    const __m512i low = _mm512_set1_epi32(15);
+    __m512 t[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t b = 0; b < kb; ++b) {
+        const float *xb = x + 32 * b;
+        __m512 a[2][2][2]; /* [panel][j parity][low, high nibble]: 8 chains of 8 FMAs */
+#pragma GCC unroll 2
+        for (int i = 0; i < np; ++i) {
+            const char *blk = (const char *)base[i] + b * LIN_Q4_BYTES;
+            for (int c = 0; c < LIN_Q4_BYTES; c += 64) /* see LIN_PF_AHEAD */
+                __builtin_prefetch(blk + LIN_PF_AHEAD + c, 0, 0);
+            a[i][0][0] = a[i][0][1] = a[i][1][0] = a[i][1][1] = _mm512_setzero_ps();
+        }
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; ++j) {
+            const __m512 xe = _mm512_set1_ps(xb[2 * j]), xo = _mm512_set1_ps(xb[2 * j + 1]);
+#pragma GCC unroll 2
+            for (int i = 0; i < np; ++i) {
+                const __m512i v = _mm512_cvtepu8_epi32(
+                    _mm_loadu_si128((const __m128i *)(base[i] + b * LIN_Q4_BYTES + 64 + 16 * j)));
+                a[i][j & 1][0] = _mm512_fmadd_ps(
+                    xe, _mm512_cvtepi32_ps(_mm512_and_si512(v, low)), a[i][j & 1][0]);
+                a[i][j & 1][1] = _mm512_fmadd_ps(
+                    xo, _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), a[i][j & 1][1]);
+            }
+        }
+        const __m512 s = _mm512_set1_ps(xs[b]);
+#pragma GCC unroll 2
+        for (int i = 0; i < np; ++i) {
+            const uint8_t *blk = base[i] + b * LIN_Q4_BYTES;
+            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+            const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)));
+            const __m512 dot = _mm512_add_ps(_mm512_add_ps(a[i][0][0], a[i][0][1]),
+                                             _mm512_add_ps(a[i][1][0], a[i][1][1]));
+            t[i] = _mm512_fmadd_ps(m, s, _mm512_fmadd_ps(d, dot, t[i]));
+        }
+    }
+#pragma GCC unroll 2
+    for (int i = 0; i < np; ++i) lin_zstore(y, N, 0, (p + i) * LIN_PNR, t[i], NULL);
+}
+#else
+/* One row of x against panel p; xs its block sums. */
+static inline __attribute__((always_inline)) void lin_q4row1(const float *x, const float *xs,
+                                                            const uint8_t *w, int64_t p,
+                                                            int64_t K, int64_t N, float *y) {
+    const int64_t kb = K / 32;
+    const uint8_t *base = w + p * kb * LIN_Q4_BYTES;
+    const __m256i low = _mm256_set1_epi32(15);
+    __m256 t0 = _mm256_setzero_ps(), t1 = _mm256_setzero_ps();
+    for (int64_t b = 0; b < kb; ++b) {
+        const float *xb = x + 32 * b;
+        const uint8_t *blk = base + b * LIN_Q4_BYTES;
+        __m256 a[2][4]; /* [j parity][rows 0-7 low, 8-15 low, 0-7 high, 8-15 high nibble] */
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) a[0][u] = a[1][u] = _mm256_setzero_ps();
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; ++j) {
+            const __m256 xe = _mm256_broadcast_ss(xb + 2 * j), xo = _mm256_broadcast_ss(xb + 2 * j + 1);
+            const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 64 + 16 * j));
+            const __m256i v0 = _mm256_cvtepu8_epi32(raw);
+            const __m256i v1 = _mm256_cvtepu8_epi32(_mm_srli_si128(raw, 8));
+            __m256 *acc = a[j & 1];
+            acc[0] = _mm256_fmadd_ps(xe, _mm256_cvtepi32_ps(_mm256_and_si256(v0, low)), acc[0]);
+            acc[1] = _mm256_fmadd_ps(xe, _mm256_cvtepi32_ps(_mm256_and_si256(v1, low)), acc[1]);
+            acc[2] = _mm256_fmadd_ps(xo, _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), acc[2]);
+            acc[3] = _mm256_fmadd_ps(xo, _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), acc[3]);
+        }
+        const __m256 s = _mm256_set1_ps(xs[b]);
+        const __m256 dot0 = _mm256_add_ps(_mm256_add_ps(a[0][0], a[0][2]), _mm256_add_ps(a[1][0], a[1][2]));
+        const __m256 dot1 = _mm256_add_ps(_mm256_add_ps(a[0][1], a[0][3]), _mm256_add_ps(a[1][1], a[1][3]));
+        const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
+        const __m256 m0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 32)));
+        const __m256 m1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 48)));
+        t0 = _mm256_fmadd_ps(m0, s, _mm256_fmadd_ps(d0, dot0, t0));
+        t1 = _mm256_fmadd_ps(m1, s, _mm256_fmadd_ps(d1, dot1, t1));
+    }
+    lin_panel_store(y, N, 0, p * LIN_PNR, t0, t1, NULL);
+}
+#endif
+
+/* Panels [p0, p1) of a 4-bit weight against every row of x (as the other types' _range). */
+static void lin_q4_range(const float *x, int64_t x_stride, int64_t M, const void *wv, int64_t K,
+                         int64_t N, const float *scale, float *y, int64_t p0, int64_t p1) {
+    (void)scale; /* the scales are in the blocks */
+    const uint8_t *w = wv;
+    /* why 2 panels: the 512-bit tiles take panel pairs */
+    float *wide = M > 1 ? malloc(sizeof(float) * (size_t)(2 * K * LIN_PNR)) : NULL;
+    if (wide == NULL) { /* one row (or no memory for the buffer): row by row, nothing formed */
+        float xs[LIN_Q4_MAX_K / 32];
+        for (int64_t r = 0; r < M; ++r) {
+            const float *xr = x + r * x_stride;
+            float *yr = y + r * N;
+            lin_q4_xsums(xr, K, xs);
+#if defined(LLMOS_AVX512)
+            int64_t p = p0;
+            for (; p + 2 <= p1; p += 2) lin_q4row1(xr, xs, w, p, K, N, yr, 2);
+            if (p < p1) lin_q4row1(xr, xs, w, p, K, N, yr, 1);
+#else
+            for (int64_t p = p0; p < p1; ++p) lin_q4row1(xr, xs, w, p, K, N, yr);
+#endif
+        }
+        return;
+    }
+#if defined(LLMOS_AVX512)
+    int64_t mb = (192 * 1024 / 4) / K; /* rows per pass: ~192 KB of x */
+    mb -= mb % LIN_ZMR;
+    if (mb < LIN_ZMR) mb = LIN_ZMR;
+    for (int64_t m0 = 0; m0 < M; m0 += mb) {
+        const int64_t m1 = m0 + mb < M ? m0 + mb : M;
+        for (int64_t p = p0; p < p1; p += 2) {
+            lin_q4_widen(w, p, K, wide);
+            if (p + 2 <= p1) {
+                lin_q4_widen(w, p + 1, K, wide + K * LIN_PNR);
+                LIN_ZTILES(m0, m1, lin_ztile, x, x_stride, wide, LLMOS_W_F32, 0, K * LIN_PNR, p,
+                           K, N, NULL, y, 2);
+            } else {
+                LIN_ZTILES(m0, m1, lin_ztile, x, x_stride, wide, LLMOS_W_F32, 0, 0, p, K, N,
+                           NULL, y, 1);
+            }
+        }
+    }
+#else
+    const int64_t mb = lin_row_block(K);
+    for (int64_t m0 = 0; m0 < M; m0 += mb) {
+        const int64_t m1 = m0 + mb < M ? m0 + mb : M;
+        for (int64_t p = p0; p < p1; ++p) {
+            lin_q4_widen(w, p, K, wide);
+            int64_t m = m0;
+            for (; m + LIN_PMR <= m1; m += LIN_PMR)
+                lin_ptile(x, x_stride, wide, LLMOS_W_F32, 0, p, K, N, NULL, y, m, LIN_PMR);
+            switch (m1 - m) {
+            case 5: lin_ptile(x, x_stride, wide, LLMOS_W_F32, 0, p, K, N, NULL, y, m, 5); break;
+            case 4: lin_ptile(x, x_stride, wide, LLMOS_W_F32, 0, p, K, N, NULL, y, m, 4); break;
+            case 3: lin_ptile(x, x_stride, wide, LLMOS_W_F32, 0, p, K, N, NULL, y, m, 3); break;
+            case 2: lin_ptile(x, x_stride, wide, LLMOS_W_F32, 0, p, K, N, NULL, y, m, 2); break;
+            case 1: lin_ptile(x, x_stride, wide, LLMOS_W_F32, 0, p, K, N, NULL, y, m, 1); break;
+            default: break;
+            }
+        }
+    }
+#endif
+    free(wide);
+}
+LIN_PARALLEL(lin_q4)
 #endif
 
 /* Rows of x from which bf16 weights multiply bf16-rounded rows (vdpbf16ps); 0 when this build
@@ -1721,6 +1936,10 @@ int llmos_linear(const float *x, int64_t M, int64_t K, int64_t x_stride, const v
     case LLMOS_W_F16: lin_f16(x, x_stride, M, w, K, N, scale, y); return 0;
     case LLMOS_W_I8: lin_i8(x, x_stride, M, w, K, N, scale, y); return 0;
     case LLMOS_W_BF16: lin_bf16(x, x_stride, M, w, K, N, scale, y); return 0;
+    case LLMOS_W_Q4:
+        if (K % 32 || K > LIN_Q4_MAX_K) return 3;
+        lin_q4(x, x_stride, M, w, K, N, scale, y);
+        return 0;
     default: return 2;
     }
 #else
@@ -1798,6 +2017,7 @@ static void stack_linear(int wtype, const float *x, int64_t M, const void *w, in
     case LLMOS_W_F32: lin_f32_range(x, K, M, w, K, N, scale, y, p0, p1); break;
     case LLMOS_W_F16: lin_f16_range(x, K, M, w, K, N, scale, y, p0, p1); break;
     case LLMOS_W_BF16: lin_bf16_range(x, K, M, w, K, N, scale, y, p0, p1); break;
+    case LLMOS_W_Q4: lin_q4_range(x, K, M, w, K, N, scale, y, p0, p1); break;
     default: lin_i8_range(x, K, M, w, K, N, scale, y, p0, p1); break;
     }
 }
@@ -1815,7 +2035,11 @@ int llmos_decoder_stack(const int64_t *dims, const int64_t *layers, int wtype, f
     const int kv_half = dims[SD_KV_HALF] != 0; /* fp16 K/V caches */
     if (hidden < 1 || D < 2 || D % 2 || inter < 1 || L < 0 || bs < 1 || T < 1) return 7;
     if (wtype != LLMOS_W_F32 && wtype != LLMOS_W_F16 && wtype != LLMOS_W_I8 &&
-        wtype != LLMOS_W_BF16)
+        wtype != LLMOS_W_BF16 && wtype != LLMOS_W_Q4)
+        return 7;
+    if (wtype == LLMOS_W_Q4 && (hidden % 32 || inter % 32 || (dims[SD_HEADS] * D) % 32 ||
+                                hidden > LIN_Q4_MAX_K || inter > LIN_Q4_MAX_K ||
+                                dims[SD_HEADS] * D > LIN_Q4_MAX_K))
         return 7;
     int64_t max_len, total_len;
     const int status = check_attention(block_tables, context_lens, rows, num_seqs, H, Hkv, bs,
