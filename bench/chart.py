@@ -21,7 +21,15 @@ def draw(results: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     roof = results.get("roofline", {})
-    systems = ("llmos", "llmos fp16", "llmos int8", "llmos bf16", "HF generate", "llama.cpp")
+    systems = (
+        "llmos",
+        "llmos fp16",
+        "llmos int8",
+        "llmos bf16",
+        "llmos int4",
+        "HF generate",
+        "llama.cpp",
+    )
 
     offline_roof = ((roof.get("workloads") or {}).get("offline_mixed") or {}).get(
         "compute_tok_s_fp32"
@@ -49,13 +57,22 @@ def draw(results: dict[str, Any], path: Path) -> None:
             _tput(block.get("llmos_fp16")),
             _tput(block.get("llmos_int8")),
             _tput(block.get("llmos_bf16")),
+            _tput(block.get("llmos_int4")),
             _tput(hf),
             _tput(block.get("llamacpp")),
         ]
         bars = ax.bar(
             systems,
             vals,
-            color=["tab:blue", "tab:cyan", "tab:purple", "tab:olive", "tab:orange", "tab:green"],
+            color=[
+                "tab:blue",
+                "tab:cyan",
+                "tab:purple",
+                "tab:olive",
+                "tab:brown",
+                "tab:orange",
+                "tab:green",
+            ],
         )
         ax.bar_label(bars, fmt="%.0f")
         if ceiling:

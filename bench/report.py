@@ -126,9 +126,9 @@ def render(results: dict[str, Any]) -> str:
         "",
         "Best possible here: the measure if the worker ran at this machine's roofline (below) — "
         "offline, every FLOP of the workload (prompt tokens and attention included) at the "
-        "fastest fp32 matmul rate measured, for the fp32 and fp16 weights, which both multiply "
-        "in fp32, and for int8 and bf16 weights at the faster of that and their own measured "
-        "product (integer; bf16 pairs); "
+        "fastest fp32 matmul rate measured, for the fp32, fp16 and int4 weights, which all "
+        "multiply in fp32, and for int8 and bf16 weights at the faster of that and their own "
+        "measured product (integer; bf16 pairs); "
         "single stream, every weight read once per token at the measured memory bandwidth; "
         "ratios use the baseline's measured value. — where no ceiling applies.",
     ]
@@ -176,6 +176,8 @@ def render(results: dict[str, Any]) -> str:
         f"{_f(roof.get('batch1_mem_tok_s_fp16'))} tok/s |",
         f"| batch-1 memory roofline, int8 weights | "
         f"{_f(roof.get('batch1_mem_tok_s_int8'))} tok/s |",
+        f"| batch-1 memory roofline, int4 weights (5 bits per layer weight, int8 head) | "
+        f"{_f(roof.get('batch1_mem_tok_s_int4'))} tok/s |",
     ]
     for name, w in loads.items():
         lines.append(
@@ -226,6 +228,12 @@ def render(results: dict[str, Any]) -> str:
                     "has AVX512_BF16)",
                 ),
                 (
+                    "llmos worker, int4 weights (opt-in)",
+                    off.get("llmos_int4"),
+                    "`--quantization int4` (the GGUF's Q4_1 blocks as stored; fp32 products; "
+                    "LM head int8)",
+                ),
+                (
                     "llmos worker, int8 weights + fp16 KV cache (opt-in)",
                     off.get("llmos_int8_kvfp16"),
                     "`--quantization int8 --kv-cache-dtype float16`",
@@ -265,7 +273,7 @@ def render(results: dict[str, Any]) -> str:
             )
 
     single = results.get("single_stream", {})
-    mem = {w: roof.get(f"batch1_mem_tok_s_{w}") for w in ("fp32", "fp16", "int8", "gguf")}
+    mem = {w: roof.get(f"batch1_mem_tok_s_{w}") for w in ("fp32", "fp16", "int8", "int4", "gguf")}
     lines += [
         "",
         "## (4) Single stream: 128-token prompt, 256 output tokens",
@@ -283,6 +291,7 @@ def render(results: dict[str, Any]) -> str:
             ("llmos worker, fp16 weights (opt-in)", single.get("llmos_fp16"), "", mem["fp16"]),
             ("llmos worker, int8 weights (opt-in)", single.get("llmos_int8"), "", mem["int8"]),
             ("llmos worker, bf16 weights (opt-in)", single.get("llmos_bf16"), "", mem["fp16"]),
+            ("llmos worker, int4 weights (opt-in)", single.get("llmos_int4"), "", mem["int4"]),
             (
                 "llmos worker, int8 weights + fp16 KV cache (opt-in)",
                 single.get("llmos_int8_kvfp16"),
@@ -305,7 +314,7 @@ def render(results: dict[str, Any]) -> str:
         base = ppl.get("float32")
         lines += [
             "",
-            "## Quality of the opt-in fp16, int8 and bf16 weights (perplexity, same run)",
+            "## Quality of the opt-in fp16, int8, bf16 and int4 weights (perplexity, same run)",
             "",
             f"Scored text: {quality['text']}, windows of {quality['window']} tokens.",
             "",

@@ -46,7 +46,7 @@ log = logging.getLogger("bench")
 BUILTIN = "builtin://smollm2-135m-instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUALITY_TOKENS = 4096  # tokens of the corpus scored for the perplexity check
-QUANTIZED = ("fp16", "int8", "bf16")  # the opt-in weight modes measured beside fp32
+QUANTIZED = ("fp16", "int8", "bf16", "int4")  # the opt-in weight modes measured beside fp32
 SINGLE_REPEATS = 3  # single-stream runs per system; the median is reported
 
 
@@ -265,7 +265,7 @@ def engine_parts(results: dict[str, Any], wl: dict[str, list[BenchRequest]], dty
 
 
 def quantized_parts(results: dict[str, Any], wl: dict[str, list[BenchRequest]]) -> None:
-    """The opt-in fp16, int8 and bf16 weights: offline, single stream, perplexity against
+    """The opt-in fp16, int8, bf16 and int4 weights: offline, single stream, perplexity against
     fp32."""
     from llmos_worker.model.quality import perplexity
 

@@ -1,8 +1,8 @@
 """The performance targets of issues 2 and 8, judged against one run's results.
 
 Throughput targets are judged for the default fp32 worker and, when measured, again for the
-opt-in fp16, int8 and bf16 weights (issue 8 allows quantised modes that pass the perplexity
-check).
+opt-in fp16, int8, bf16 and int4 weights (issue 8 allows quantised modes that pass the
+perplexity check).
 
 Each target yields a row: what was asked, what was measured, met or not, and by how much
 (measured / required for "at least" targets, required / measured for "below" targets, so a
@@ -12,7 +12,7 @@ run) is reported as not judged, never as met.
 Where the machine's roofline bounds a target, the row also carries its ceiling: the best value
 the measure could take on this machine. Offline throughput is bounded by the workload's FLOPs
 (prompt tokens and attention included) at the fastest fp32 matmul rate measured (torch's or the
-worker's kernel's) — for fp32 and fp16 weights, which both multiply in fp32; for int8 weights,
+worker's kernel's) — for fp32, fp16 and int4 weights, which all multiply in fp32; for int8 weights,
 which multiply in integers, at the faster of that and the worker's measured integer product
 rate, and for bf16 weights at the faster of that and the best bf16 matmul measured (no ceiling
 when that rate is unknown). Single-stream throughput is bounded by reading every weight once per
@@ -121,13 +121,14 @@ def evaluate(results: dict[str, Any]) -> list[Target]:
         ("int8", "int8 weights", "int8"),
         ("int8_kvfp16", "int8 weights + fp16 KV cache", "int8"),
         ("bf16", "bf16 weights", "bf16"),
+        ("int4", "int4 weights", "int4"),
     ):
         narrow = _get(off, f"llmos_{mode}", "output_throughput")
         single_narrow = _get(results, "single_stream", f"llmos_{mode}", "output_throughput")
         if narrow is None and single_narrow is None:
             continue
         label = f" — {what} (opt-in)"
-        top = {"fp16": offline_ceiling, "int8": offline_int8, "bf16": offline_bf16}[weights]
+        top = {"int8": offline_int8, "bf16": offline_bf16}.get(weights, offline_ceiling)
         single_top = single_ceiling(weights)
         opt_in += [
             Target("8", "offline mixed output throughput" + label, "≥ 300 tok/s", narrow, 300.0,

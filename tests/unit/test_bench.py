@@ -397,6 +397,9 @@ def test_targets_carry_the_machine_ceiling_and_say_when_it_is_out_of_reach() -> 
     res["roofline"]["batch1_mem_tok_s_fp32"] = 40.0
     res["roofline"]["batch1_mem_tok_s_int8"] = 160.0
     res["single_stream"]["llmos_int8"] = {"output_throughput": 55.0}
+    res["roofline"]["batch1_mem_tok_s_int4"] = 300.0
+    res["single_stream"]["llmos_int4"] = {"output_throughput": 90.0}
+    res["offline_mixed"]["llmos_int4"] = {"output_throughput": 200.0}
     ts = by_name(targets.evaluate(res))
     tput = ts[("8", "offline mixed output throughput")]
     assert tput.ceiling == 250.0 and tput.within_reach is False
@@ -406,6 +409,11 @@ def test_targets_carry_the_machine_ceiling_and_say_when_it_is_out_of_reach() -> 
     assert single.ceiling == pytest.approx(40.0 / 50.0) and single.within_reach is False
     single8 = ts[("8", "single stream vs llama.cpp — int8 weights (opt-in)")]
     assert single8.ceiling == pytest.approx(160.0 / 50.0) and single8.within_reach is True
+    # int4 reads its own bytes per token; offline it multiplies in fp32, as fp32 does
+    single4 = ts[("8", "single stream vs llama.cpp — int4 weights (opt-in)")]
+    assert single4.measured == pytest.approx(90.0 / 50.0) and single4.met is True
+    assert single4.ceiling == pytest.approx(300.0 / 50.0)
+    assert ts[("8", "offline mixed output throughput — int4 weights (opt-in)")].ceiling == 250.0
     # int8 multiplies in integers: without a measured integer rate nothing bounds it offline
     assert ts[("8", "offline mixed vs llama.cpp — int8 weights (opt-in)")].ceiling is None
     res["roofline"]["workloads"]["offline_mixed"]["compute_tok_s_int8"] = 900.0

@@ -91,7 +91,8 @@ def load_model(
     source: str, *, dtype: str = "float32", device: str = "cpu", quantization: str = "none"
 ) -> LoadedModel:
     """Load weights + tokenizer of `source` into a `LoadedModel` on `device` in `dtype`, its
-    linear layers stored in `quantization` ("none", "fp16", "int8" or "bf16": see `quant.py`)."""
+    linear layers stored in `quantization` ("none", "fp16", "int8", "bf16" or "int4": see
+    `quant.py`)."""
     if dtype not in DTYPES:
         raise ModelLoadError(f"unsupported dtype {dtype!r}; use one of {sorted(DTYPES)}")
     torch_dtype, dev = DTYPES[dtype], torch.device(device)
