@@ -398,15 +398,18 @@ def test_pack_roundtrip_and_zero_padding() -> None:
     assert torch.equal(unpack_panels(packed, 37), w)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 12, 13, 25, 40])
+# 4-row tiles and remainders, one row; from 96 rows (512-bit; 256-bit: from 2) panels are
+# dequantised to fp32 tiles
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 12, 13, 25, 40, 101])
 @pytest.mark.parametrize(
     ("n", "k"),
     # one block; partial panels; 1-5 panels alone and in pairs; 3008: 94 blocks, 12-row passes
     [(5, 32), (37, 96), (48, 64), (80, 576), (33, 3008)],
 )
 def test_int4_linear_matches_dense(kernels: NativeKernels, rows: int, n: int, k: int) -> None:
-    """4-bit blocks: one row sums x * q per block and scales by d and m; more rows multiply the
-    panels dequantised to fp32. Either way x @ W.T of the weights d * q + m the layer holds."""
+    """4-bit blocks: up to 95 rows sum x * q per block and scale by d and m; more rows multiply
+    the panels dequantised to fp32. Either way x @ W.T of the weights d * q + m the layer
+    holds."""
     g = torch.Generator().manual_seed(rows * 100 + n)
     mm = make_linear(torch.randn(n, k, generator=g), "int4")
     dense = mm.dense().double()

@@ -1711,12 +1711,21 @@ LIN_PDEFINE(lin_bf16, LLMOS_W_BF16)
  * rows' d, then their m, then for each k pair j (0..15) one byte per row r with q[r][2j] in
  * its low and q[r][2j + 1] in its high nibble. K must be a multiple of 32, at most
  * LIN_Q4_MAX_K.
- * One row of x: per block, sum_k x_k q_k in fp32 (q is exact in fp32), then d * that +
- * m * sum_k x_k: the dequantised weights are never formed, and a step reads 5 bits per weight.
- * More rows: each panel is dequantised to fp32 once per pass into an L2-resident buffer and
- * multiplied by the fp32 tiles. */
+ * Up to LIN_Q4_WIDE_ROWS rows: per block, sum_k x_k q_k in fp32 (q is exact in fp32), then
+ * d * that + m * sum_k x_k: the dequantised weights are never formed, and a step reads 5 bits
+ * per weight; with 512-bit vectors, tiles of up to LIN_Q4_MR rows share each block's conversion
+ * of q to floats. More rows: each panel is dequantised to fp32 once per pass into an
+ * L2-resident buffer and multiplied by the fp32 tiles. */
 #define LIN_Q4_BYTES 320
 #define LIN_Q4_MAX_K 65536
+/* Rows of x from which panels are dequantised for the fp32 tiles. why 96 with 512-bit vectors:
+ * on SmolLM2's shapes the 4-bit tiles took half the time of the fp32 path at 16 rows (which
+ * writes 4 bytes per weight into its buffer every call), the same at 96, 5 % more at 256. */
+#if defined(LLMOS_AVX512)
+#define LIN_Q4_WIDE_ROWS 96
+#else
+#define LIN_Q4_WIDE_ROWS 2
+#endif
 
 /* xs[b] = the sum of x[32b .. 32b + 31] */
 static inline void lin_q4_xsums(const float *x, int64_t K, float *xs) {
@@ -1765,6 +1774,73 @@ static void lin_q4_widen(const uint8_t *w, int64_t p, int64_t K, float *dst) {
 }
 
 #if defined(LLMOS_AVX512)
+#define LIN_Q4_MR 4 /* rows of x per 4-bit tile: 2 x 4 block sums + 2 x 4 totals in zmm */
+
+/* mt (<= LIN_Q4_MR) rows of x from m0 against np (1 or 2) panels from p, both constants at each
+ * call; xs (mt, K / 32) the rows' block sums. Per block and k pair the 4-bit values are turned
+ * into floats once for all the rows. */
+static inline __attribute__((always_inline)) void lin_q4tile(const float *x, int64_t x_stride,
+                                                            const float *xs, const uint8_t *w,
+                                                            int64_t p, int64_t K, int64_t N,
+                                                            float *y, const int np, int64_t m0,
+                                                            const int mt) {
+    const int64_t kb = K / 32;
+    const uint8_t *base[2] = {w + p * kb * LIN_Q4_BYTES, w + (p + 1) * kb * LIN_Q4_BYTES};
+    const float *xr = x + m0 * x_stride;
+    const __m512i low = _mm512_set1_epi32(15);
+    __m512 t[LIN_Q4_MR][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < mt; ++r) t[r][0] = t[r][1] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < kb; ++b) {
+        __m512 a[LIN_Q4_MR][2][2]; /* [row][panel][low, high nibble]: block sums of x * q */
+#pragma GCC unroll 2
+        for (int i = 0; i < np; ++i) {
+            const char *blk = (const char *)base[i] + b * LIN_Q4_BYTES;
+            for (int c = 0; c < LIN_Q4_BYTES; c += 64) /* see LIN_PF_AHEAD */
+                __builtin_prefetch(blk + LIN_PF_AHEAD + c, 0, 0);
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < mt; ++r)
+            a[r][0][0] = a[r][0][1] = a[r][1][0] = a[r][1][1] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+        for (int j = 0; j < 16; ++j) {
+            __m512 lo[2], hi[2];
+#pragma GCC unroll 2
+            for (int i = 0; i < np; ++i) {
+                const __m512i v = _mm512_cvtepu8_epi32(
+                    _mm_loadu_si128((const __m128i *)(base[i] + b * LIN_Q4_BYTES + 64 + 16 * j)));
+                lo[i] = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
+                hi[i] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+            }
+#pragma GCC unroll 4
+            for (int r = 0; r < mt; ++r) {
+                const float *xk = xr + r * x_stride + 32 * b + 2 * j;
+                const __m512 xe = _mm512_set1_ps(xk[0]), xo = _mm512_set1_ps(xk[1]);
+#pragma GCC unroll 2
+                for (int i = 0; i < np; ++i) {
+                    a[r][i][0] = _mm512_fmadd_ps(xe, lo[i], a[r][i][0]);
+                    a[r][i][1] = _mm512_fmadd_ps(xo, hi[i], a[r][i][1]);
+                }
+            }
+        }
+#pragma GCC unroll 2
+        for (int i = 0; i < np; ++i) {
+            const uint8_t *blk = base[i] + b * LIN_Q4_BYTES;
+            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+            const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)));
+#pragma GCC unroll 4
+            for (int r = 0; r < mt; ++r)
+                t[r][i] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[r * kb + b]),
+                                          _mm512_fmadd_ps(d, _mm512_add_ps(a[r][i][0], a[r][i][1]),
+                                                          t[r][i]));
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < mt; ++r)
+#pragma GCC unroll 2
+        for (int i = 0; i < np; ++i) lin_zstore(y, N, m0 + r, (p + i) * LIN_PNR, t[r][i], NULL);
+}
+
 /* One row of x against np (1 or 2, a constant at each call) panels from p; xs its block sums. */
 static inline __attribute__((always_inline)) void lin_q4row1(const float *x, const float *xs,
                                                             const uint8_t *w, int64_t p,
@@ -1810,6 +1886,22 @@ static inline __attribute__((always_inline)) void lin_q4row1(const float *x, con
     }
 #pragma GCC unroll 2
     for (int i = 0; i < np; ++i) lin_zstore(y, N, 0, (p + i) * LIN_PNR, t[i], NULL);
+}
+/* Rows [m0, m0 + mt) against panels [p0, p1), in pairs (the last of an odd range alone). */
+static inline __attribute__((always_inline)) void lin_q4rows(const float *x, int64_t x_stride,
+                                                            const float *xs, const uint8_t *w,
+                                                            int64_t p0, int64_t p1, int64_t K,
+                                                            int64_t N, float *y, int64_t m0,
+                                                            const int mt) {
+    int64_t p = p0;
+    if (mt == 1) { /* why apart: one row needs more FMA chains per panel than a tile has */
+        const float *xr = x + m0 * x_stride;
+        for (; p + 2 <= p1; p += 2) lin_q4row1(xr, xs, w, p, K, N, y + m0 * N, 2);
+        if (p < p1) lin_q4row1(xr, xs, w, p, K, N, y + m0 * N, 1);
+        return;
+    }
+    for (; p + 2 <= p1; p += 2) lin_q4tile(x, x_stride, xs, w, p, K, N, y, 2, m0, mt);
+    if (p < p1) lin_q4tile(x, x_stride, xs, w, p, K, N, y, 1, m0, mt);
 }
 #else
 /* One row of x against panel p; xs its block sums. */
@@ -1857,24 +1949,45 @@ static void lin_q4_range(const float *x, int64_t x_stride, int64_t M, const void
                          int64_t N, const float *scale, float *y, int64_t p0, int64_t p1) {
     (void)scale; /* the scales are in the blocks */
     const uint8_t *w = wv;
-    /* why 2 panels: the 512-bit tiles take panel pairs */
-    float *wide = M > 1 ? malloc(sizeof(float) * (size_t)(2 * K * LIN_PNR)) : NULL;
-    if (wide == NULL) { /* one row (or no memory for the buffer): row by row, nothing formed */
-        float xs[LIN_Q4_MAX_K / 32];
-        for (int64_t r = 0; r < M; ++r) {
-            const float *xr = x + r * x_stride;
-            float *yr = y + r * N;
-            lin_q4_xsums(xr, K, xs);
+    /* the dequantised panels, where rows are many enough to repay writing them: a buffer per
+     * thread, kept between calls and grown when a larger K needs it (why not malloc per call:
+     * past glibc's mmap threshold of 128 KB every call would map and unmap it). Two panels:
+     * the 512-bit tiles take panel pairs */
+    static __thread float *wide_buf = NULL;
+    static __thread size_t wide_cap = 0;
+    const size_t need = (size_t)(2 * K * LIN_PNR);
+    const int widen = M >= LIN_Q4_WIDE_ROWS;
+    if (widen && need > wide_cap) {
+        free(wide_buf);
+        wide_buf = malloc(sizeof(float) * need);
+        wide_cap = wide_buf != NULL ? need : 0;
+    }
+    float *wide = widen ? wide_buf : NULL;
 #if defined(LLMOS_AVX512)
-            int64_t p = p0;
-            for (; p + 2 <= p1; p += 2) lin_q4row1(xr, xs, w, p, K, N, yr, 2);
-            if (p < p1) lin_q4row1(xr, xs, w, p, K, N, yr, 1);
-#else
-            for (int64_t p = p0; p < p1; ++p) lin_q4row1(xr, xs, w, p, K, N, yr);
-#endif
+    if (M < LIN_Q4_WIDE_ROWS || wide == NULL) { /* tiles of LIN_Q4_MR rows, nothing formed */
+        float xs[LIN_Q4_MR * (LIN_Q4_MAX_K / 32)];
+        for (int64_t m0 = 0; m0 < M; m0 += LIN_Q4_MR) {
+            const int64_t mt = M - m0 < LIN_Q4_MR ? M - m0 : LIN_Q4_MR;
+            for (int64_t r = 0; r < mt; ++r) lin_q4_xsums(x + (m0 + r) * x_stride, K, xs + r * (K / 32));
+            switch (mt) {
+            case 4: lin_q4rows(x, x_stride, xs, w, p0, p1, K, N, y, m0, 4); break;
+            case 3: lin_q4rows(x, x_stride, xs, w, p0, p1, K, N, y, m0, 3); break;
+            case 2: lin_q4rows(x, x_stride, xs, w, p0, p1, K, N, y, m0, 2); break;
+            default: lin_q4rows(x, x_stride, xs, w, p0, p1, K, N, y, m0, 1); break;
+            }
         }
         return;
     }
+#else
+    if (wide == NULL) { /* one row (or no memory for the buffer): row by row, nothing formed */
+        float xs[LIN_Q4_MAX_K / 32];
+        for (int64_t r = 0; r < M; ++r) {
+            lin_q4_xsums(x + r * x_stride, K, xs);
+            for (int64_t p = p0; p < p1; ++p) lin_q4row1(x + r * x_stride, xs, w, p, K, N, y + r * N);
+        }
+        return;
+    }
+#endif
 #if defined(LLMOS_AVX512)
     int64_t mb = (192 * 1024 / 4) / K; /* rows per pass: ~192 KB of x */
     mb -= mb % LIN_ZMR;
@@ -1913,7 +2026,6 @@ static void lin_q4_range(const float *x, int64_t x_stride, int64_t M, const void
         }
     }
 #endif
-    free(wide);
 }
 LIN_PARALLEL(lin_q4)
 #endif
