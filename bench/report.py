@@ -176,7 +176,7 @@ def render(results: dict[str, Any]) -> str:
         f"{_f(roof.get('batch1_mem_tok_s_fp16'))} tok/s |",
         f"| batch-1 memory roofline, int8 weights | "
         f"{_f(roof.get('batch1_mem_tok_s_int8'))} tok/s |",
-        f"| batch-1 memory roofline, int4 weights (5 bits per layer weight, int8 head) | "
+        f"| batch-1 memory roofline, int4 weights (5 bits per layer weight, 8.5 per head weight) | "
         f"{_f(roof.get('batch1_mem_tok_s_int4'))} tok/s |",
     ]
     for name, w in loads.items():
@@ -231,7 +231,7 @@ def render(results: dict[str, Any]) -> str:
                     "llmos worker, int4 weights (opt-in)",
                     off.get("llmos_int4"),
                     "`--quantization int4` (the GGUF's Q4_1 blocks as stored; fp32 products; "
-                    "LM head int8)",
+                    "LM head in Q8_0 blocks)",
                 ),
                 (
                     "llmos worker, int8 weights + fp16 KV cache (opt-in)",

@@ -37,11 +37,12 @@ from llmos_worker.errors import ModelLoadError
 from llmos_worker.model.kernels import NativeKernels, build, native_kernels
 from llmos_worker.model.quant import (
     make_linear,
+    pack_blocks,
     pack_panels,
-    pack_q4,
     quantize_q4,
+    quantize_q8,
+    unpack_blocks,
     unpack_panels,
-    unpack_q4,
 )
 
 
@@ -406,12 +407,15 @@ def test_pack_roundtrip_and_zero_padding() -> None:
     # one block; partial panels; 1-5 panels alone and in pairs; 3008: 94 blocks, 12-row passes
     [(5, 32), (37, 96), (48, 64), (80, 576), (33, 3008)],
 )
-def test_int4_linear_matches_dense(kernels: NativeKernels, rows: int, n: int, k: int) -> None:
-    """4-bit blocks: up to 95 rows sum x * q per block and scale by d and m; more rows multiply
-    the panels dequantised to fp32. Either way x @ W.T of the weights d * q + m the layer
-    holds."""
+@pytest.mark.parametrize("mode", ["int4", "q8_0"])
+def test_block_linear_matches_dense(
+    kernels: NativeKernels, mode: str, rows: int, n: int, k: int
+) -> None:
+    """Blocks of 32 (4-bit with a scale and minimum, 8-bit with a scale): up to 95 rows sum
+    x * q per block and scale by d (and m); more rows multiply the panels dequantised to fp32.
+    Either way x @ W.T of the weights d * q (+ m) the layer holds."""
     g = torch.Generator().manual_seed(rows * 100 + n)
-    mm = make_linear(torch.randn(n, k, generator=g), "int4")
+    mm = make_linear(torch.randn(n, k, generator=g), mode)
     dense = mm.dense().double()
     mm.pack()
     wide = torch.randn(rows, k + 5, generator=g) + 0.5  # a mean: the m * sum(x) term counts
@@ -435,16 +439,16 @@ def test_int4_blocks_quantise_and_pack() -> None:
     w = d.float().repeat_interleave(32, 1) * q.float() + m.float().repeat_interleave(32, 1)
     w[4, 32:64] = 0.25  # a constant block: d = 0, every weight m
     got_q, got_d, got_m = quantize_q4(w)
-    packed = pack_q4(got_q, got_d, got_m)
+    packed = pack_blocks(got_q, got_d, got_m)
     assert packed.shape == (3, 3, 320) and packed.dtype == torch.uint8
-    assert torch.equal(unpack_q4(packed, n), w)
+    assert torch.equal(unpack_blocks(packed, n), w)
     assert float(got_d[4, 1]) == 0.0 and torch.equal(
         got_q[4, 32:64], torch.zeros(32, dtype=torch.uint8)
     )
     assert packed[2, :, 64:].view(3, 16, 16)[:, :, 5:].eq(0).all()  # rows 37..47: zeros
     # any weights: each within half a step (d / 2) of its block's grid, plus fp16 rounding of m
     x = torch.randn(n, k, generator=g)
-    back = unpack_q4(pack_q4(*quantize_q4(x)), n)
+    back = unpack_blocks(pack_blocks(*quantize_q4(x)), n)
     blocks = x.view(n, -1, 32)
     step = (blocks.amax(-1) - blocks.amin(-1)) / 15
     err = (back - x).view(n, -1, 32).abs().amax(-1)
@@ -453,6 +457,29 @@ def test_int4_blocks_quantise_and_pack() -> None:
         make_linear(torch.zeros(8, 40), "int4")
     with pytest.raises(ModelLoadError, match="beyond fp16's range"):
         make_linear(torch.full((8, 32), 1e6), "int4")
+
+
+def test_int8_blocks_quantise_and_pack() -> None:
+    """Per row and block of 32: d = max|w| / 127 in fp16, q rounded against it; weights that
+    already are d * q (as GGUF's Q8_0 stores them) come back bit for bit."""
+    g = torch.Generator().manual_seed(4)
+    n, k = 21, 64
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    q[:, ::32] = 127  # every block reaches the end of the range, as Q8_0's do
+    d = (torch.rand(n, k // 32, generator=g) * 0.01 + 1e-4).half()
+    w = d.float().repeat_interleave(32, 1) * q.float()
+    w[3, :32] = 0.0  # an all-zero block
+    got_q, got_d = quantize_q8(w)
+    assert torch.equal(got_q[:, 32:], q[:, 32:]) and float(got_d[3, 0]) == 0.0
+    packed = pack_blocks(got_q, got_d)
+    assert packed.shape == (2, 2, 544) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_blocks(packed, n), w)
+    # any weights: each within half a step (d / 2) of its block's grid
+    x = torch.randn(n, k, generator=g)
+    back = unpack_blocks(pack_blocks(*quantize_q8(x)), n)
+    step = x.view(n, -1, 32).abs().amax(-1) / 127
+    err = (back - x).view(n, -1, 32).abs().amax(-1)
+    assert (err <= step / 2 * 1.01 + 1e-7).all()
 
 
 def test_linear_refuses_bad_inputs(kernels: NativeKernels) -> None:

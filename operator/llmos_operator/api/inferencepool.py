@@ -98,8 +98,8 @@ class EngineSettings(ApiModel):
         "perplexity within 2 %), bf16 (half; on CPUs with AVX512_BF16 steps of 12+ rows "
         "multiply bf16-rounded activations; perplexity within 1 %) or int4 (5 bits per weight: "
         "blocks of 32 with an fp16 scale and minimum, GGUF's Q4_1, so a Q4_1 GGUF's decoder "
-        "weights are kept exactly; LM head int8); a decode step reads proportionally less. "
-        "Needs dtype float32 and no GPUs.",
+        "weights are kept exactly, and the LM head in 8-bit blocks as Q8_0); a decode step "
+        "reads proportionally less. Needs dtype float32 and no GPUs.",
     )
     kv_cache_dtype: Literal["auto", "float16"] = Field(
         default="auto",

@@ -305,8 +305,8 @@ class LlamaModel(nn.Module):
 
         Call after `load_weights` (the loader does, with "none" too: it also packs the weights
         for the native kernels). The embedding table stays in the model dtype (it is a lookup);
-        a tied LM head gets its own copy of it in `mode` (int4: in int8, as GGUF files keep
-        the head at 8 bits).
+        a tied LM head gets its own copy of it in `mode` (int4: in 8-bit blocks, GGUF's Q8_0,
+        as such files keep the head).
         """
         kernels = self._native()
         native = kernels is not None and kernels.has_linear

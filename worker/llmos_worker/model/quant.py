@@ -20,8 +20,9 @@ Modes (`QUANTIZATIONS`):
 - "int4": 4-bit weights in blocks of 32 along K, each block with an fp16 scale d and minimum m
   (W ~ d * q + m, q in 0..15: GGUF's Q4_1 scheme), 5 bits per weight. Quantising the fp32
   weights of a Q4_1 GGUF finds its blocks again, so the bundled model's decoder layers are
-  kept bit for bit and the mode costs nothing in quality there (the LM head, Q8_0 in the file,
-  is stored int8 per row; perplexity -0.15 % on the test text). Up to 95 rows the native
+  kept bit for bit, and the mode costs nothing in quality there: the LM head goes into 8-bit
+  blocks with an fp16 scale each (GGUF's Q8_0, as such files keep it), which finds the bundled
+  file's head again bit for bit too, so perplexity equals fp32's. Up to 95 rows the native
   kernel (512-bit build) turns each block's 4-bit values into floats once for a tile of up to
   4 rows, sums x * q per block in fp32 and applies d and m per block (m times the block's sum of
   x), reading 5 bits per weight; from 96 rows (256-bit build: from 2) it dequantises each panel
@@ -46,7 +47,7 @@ Measured and not offered: fbgemm's dynamic int8 (activations quantised per call 
 channels into `down`), and by 12 % even with SmoothQuant-style scaling.
 
 Only the projections inside decoder layers and the LM head are stored this way (int4: the head
-in int8); the embedding lookup, norms, attention and the KV cache stay in the model dtype.
+in 8-bit blocks); the embedding lookup, norms, attention and the KV cache stay in the model dtype.
 Quantised modes need dtype float32 on a CPU.
 """
 
@@ -67,8 +68,8 @@ Quantization = Literal["none", "fp16", "int8", "bf16", "int4"]
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 
 PANEL = 16  # output rows per packed panel: LIN_PNR in kernels/cpu_kernels.c
-Q4_BLOCK = 32  # values of k per 4-bit block (GGUF's Q4_1)
-Q4_BYTES = 320  # bytes per (panel, block): LIN_Q4_BYTES in kernels/cpu_kernels.c
+BLOCK = 32  # values of k per block of the block-quantised weights (GGUF's Q4_1, Q8_0)
+Q8_BYTES = 544  # bytes per (panel, block) of 8-bit blocks: cpu_kernels.c lin_blk_bytes
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
@@ -201,7 +202,7 @@ def quantize_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     weight d * q + m) is found again exactly.
     """
     n, k = weight.shape
-    blocks = weight.float().reshape(n, k // Q4_BLOCK, Q4_BLOCK)
+    blocks = weight.float().reshape(n, k // BLOCK, BLOCK)
     lo, hi = blocks.amin(dim=-1), blocks.amax(dim=-1)
     d, m = ((hi - lo) / 15.0).to(torch.float16), lo.to(torch.float16)
     if not (torch.isfinite(d).all() and torch.isfinite(m).all()):
@@ -212,60 +213,88 @@ def quantize_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return q.reshape(n, k), d, m
 
 
-def pack_q4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """`quantize_q4`'s output -> (ceil(N / 16), K / 32, 320) uint8, the native kernel's layout:
-    per panel of 16 rows and block, the rows' d (fp16), their m, then for each k pair j one
-    byte per row, q[2j] in its low nibble and q[2j + 1] in its high (rows past N zero)."""
-    n, k = q.shape
-    panels, kb = -(-n // PANEL), k // Q4_BLOCK
-    rows = panels * PANEL
-    qp = torch.zeros(rows, k, dtype=torch.uint8)
-    qp[:n] = q
-    dp = torch.zeros(rows, kb, dtype=torch.float16)
-    mp = torch.zeros(rows, kb, dtype=torch.float16)
-    dp[:n], mp[:n] = d, m
-    pairs = qp.view(panels, PANEL, kb, Q4_BLOCK // 2, 2)  # (P, r, b, j, low/high)
-    nibbles = (pairs[..., 0] | (pairs[..., 1] << 4)).permute(0, 2, 3, 1)  # (P, b, j, r)
+def quantize_q8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) -> q (N, K) int8 in -127..127 and d (N, K / 32) fp16: W ~ d * q per block.
 
-    def per_block(v: torch.Tensor) -> torch.Tensor:  # (rows, kb) fp16 -> (P, kb, 32) bytes
-        return v.view(panels, PANEL, kb).transpose(1, 2).contiguous().view(torch.uint8)
-
-    blocks = (per_block(dp), per_block(mp), nibbles.reshape(panels, kb, -1))
-    return torch.cat(blocks, dim=2).contiguous()
-
-
-def unpack_q4(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The fp32 (n, K) matrix a `pack_q4` layout holds: d * q + m (computed as GGUF's Q4_1
-    dequantisation computes it, so Q4_1 weights come back bit for bit)."""
-    panels, kb, _ = packed.shape
-    d = packed[..., :32].contiguous().view(torch.float16).float()  # (P, b, r)
-    m = packed[..., 32:64].contiguous().view(torch.float16).float()
-    nib = packed[..., 64:].reshape(panels, kb, Q4_BLOCK // 2, PANEL)  # (P, b, j, r)
-    q = torch.stack((nib & 15, nib >> 4), dim=-1).permute(0, 3, 1, 2, 4)  # (P, r, b, j, 2)
-    q = q.reshape(panels, PANEL, kb, Q4_BLOCK).float()
-    w = d.transpose(1, 2)[..., None] * q + m.transpose(1, 2)[..., None]
-    return w.reshape(panels * PANEL, kb * Q4_BLOCK)[:n].contiguous()
-
-
-class Int4Linear(Linear):
-    """4-bit weights in blocks of 32 along K with an fp16 scale and minimum each (GGUF's Q4_1).
-
-    Held in the native kernel's block layout (`pack_q4`) either way: `packed` says whether the
-    native kernel multiplies it; unpacked, the torch path dequantises it per call (correct, but
-    slow).
+    As GGUF's Q8_0: per block of 32 values of a row, d = max|w| / 127 stored in fp16, q rounded
+    against the stored d, so a block that came from Q8_0 is found again exactly.
     """
+    n, k = weight.shape
+    blocks = weight.float().reshape(n, k // BLOCK, BLOCK)
+    d = (blocks.abs().amax(dim=-1) / 127.0).to(torch.float16)
+    if not torch.isfinite(d).all():
+        raise ModelLoadError("8-bit blocks: weights beyond fp16's range (|w| > 65504 * 127)")
+    d32 = d.float()
+    step = torch.where(d32 > 0, d32, torch.ones_like(d32))  # an all-zero block stays 0
+    q = torch.round(blocks / step[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q.reshape(n, k), d
 
-    mode = "int4"
+
+def pack_blocks(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
+    """`quantize_q4`'s (q, d, m) or `quantize_q8`'s (q, d) -> (ceil(N / 16), K / 32, bytes)
+    uint8, the native kernel's layout: per panel of 16 rows and block, the rows' d (fp16), then
+    (4-bit) their m and for each k pair j one byte per row, q[2j] in its low nibble and
+    q[2j + 1] in its high (320 bytes); or (8-bit) for each k one int8 per row (544 bytes).
+    Rows past N are zero."""
+    n, k = q.shape
+    panels, kb = -(-n // PANEL), k // BLOCK
+    rows = panels * PANEL
+    qp = torch.zeros(rows, k, dtype=q.dtype)
+    qp[:n] = q
+
+    def per_block(v: torch.Tensor) -> torch.Tensor:  # (n, kb) fp16 -> (P, kb, 32) bytes
+        vp = torch.zeros(rows, kb, dtype=torch.float16)
+        vp[:n] = v
+        return vp.view(panels, PANEL, kb).transpose(1, 2).contiguous().view(torch.uint8)
+
+    if m is None:  # 8-bit: (P, r, b, k) -> (P, b, k, r)
+        values = qp.view(panels, PANEL, kb, BLOCK).permute(0, 2, 3, 1).view(torch.uint8)
+        parts = (per_block(d), values.reshape(panels, kb, -1))
+    else:
+        pairs = qp.view(panels, PANEL, kb, BLOCK // 2, 2)  # (P, r, b, j, low/high)
+        nibbles = (pairs[..., 0] | (pairs[..., 1] << 4)).permute(0, 2, 3, 1)  # (P, b, j, r)
+        parts = (per_block(d), per_block(m), nibbles.reshape(panels, kb, -1))
+    return torch.cat(parts, dim=2).contiguous()
+
+
+def unpack_blocks(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The fp32 (n, K) matrix a `pack_blocks` layout holds: d * q (+ m), computed as GGUF's
+    Q4_1 and Q8_0 dequantisation computes it, so such weights come back bit for bit."""
+    panels, kb, width = packed.shape
+    d = packed[..., :32].contiguous().view(torch.float16).float().transpose(1, 2)  # (P, r, b)
+    if width == Q8_BYTES:
+        values = packed[..., 32:].contiguous().view(torch.int8).reshape(panels, kb, BLOCK, PANEL)
+        q = values.permute(0, 3, 1, 2).float()  # (P, r, b, k)
+        w = d[..., None] * q
+    else:
+        m = packed[..., 32:64].contiguous().view(torch.float16).float().transpose(1, 2)
+        nib = packed[..., 64:].reshape(panels, kb, BLOCK // 2, PANEL)  # (P, b, j, r)
+        q = torch.stack((nib & 15, nib >> 4), dim=-1).permute(0, 3, 1, 2, 4)  # (P, r, b, j, 2)
+        w = d[..., None] * q.reshape(panels, PANEL, kb, BLOCK).float() + m[..., None]
+    return w.reshape(panels * PANEL, kb * BLOCK)[:n].contiguous()
+
+
+class BlockLinear(Linear):
+    """Weights in blocks of 32 along K with fp16 scales, as GGUF stores them (4-bit Q4_1 with a
+    minimum per block too, or 8-bit Q8_0).
+
+    Held in the native kernel's block layout (`pack_blocks`) either way: `packed` says whether
+    the native kernel multiplies it; unpacked, the torch path dequantises it per call (correct,
+    but slow).
+    """
 
     def __init__(self, weight: torch.Tensor) -> None:
         k = weight.shape[1]
-        if k % Q4_BLOCK:
+        if k % BLOCK:
             raise ModelLoadError(
-                f"quantization 'int4' needs in_features a multiple of {Q4_BLOCK}; "
+                f"quantization {self.mode!r} needs in_features a multiple of {BLOCK}; "
                 f"a projection has {k}"
             )
         super().__init__(weight)
-        self.weight = pack_q4(*quantize_q4(weight))
+        self.weight = self.quantize(weight)
+
+    def quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def pack(self) -> None:
         self.packed = True
@@ -274,10 +303,30 @@ class Int4Linear(Linear):
         self.packed, self._bound = False, None
 
     def dense(self) -> torch.Tensor:
-        return unpack_q4(self.weight, self.out_features)
+        return unpack_blocks(self.weight, self.out_features)
 
 
-HEAD_MODES = {"int4": "int8"}  # modes whose LM head is stored in another mode (see quantize)
+class Int4Linear(BlockLinear):
+    """4-bit values, an fp16 scale and minimum per block of 32 (GGUF's Q4_1)."""
+
+    mode = "int4"
+
+    def quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        return pack_blocks(*quantize_q4(weight))
+
+
+class Q8BlockLinear(BlockLinear):
+    """int8 values, an fp16 scale per block of 32 (GGUF's Q8_0): int4's LM head."""
+
+    mode = "q8_0"
+
+    def quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        return pack_blocks(*quantize_q8(weight))
+
+
+# modes whose LM head is stored another way (see LlamaModel.quantize): int4's as GGUF files keep
+# it, in 8-bit blocks
+HEAD_MODES = {"int4": "q8_0"}
 
 
 def make_linear(weight: torch.Tensor, mode: str, *, native: bool = True) -> Linear:
@@ -295,6 +344,8 @@ def make_linear(weight: torch.Tensor, mode: str, *, native: bool = True) -> Line
         return Bf16Linear(weight)
     if mode == "int4":
         return Int4Linear(weight)
+    if mode == "q8_0":  # not a mode of its own: int4's LM head
+        return Q8BlockLinear(weight)
     raise ModelLoadError(f"unknown quantization {mode!r}; use one of {list(QUANTIZATIONS)}")
 
 

@@ -2,8 +2,9 @@
 
 The kernels (cpu_kernels.c): paged decode and prefill attention reading K/V in place (the
 prefill one blocked like flash attention), residual add + RMSNorm, rotary embedding in place,
-SiLU(gate) * up, linear layers over packed fp32, fp16, bf16, int8 or 4-bit weights, and all of
-that for every decoder layer of a decode step in one call (`DecoderStack`).
+SiLU(gate) * up, linear layers over packed fp32, fp16, bf16, int8 or block-quantised (4-bit,
+8-bit) weights, and all of that for every decoder layer of a decode step in one call
+(`DecoderStack`).
 `native_kernels()` returns the loaded library or None. It builds `cpu_kernels.c` with the
 system C compiler (`$CC`, else `cc`) into a cache directory (`$LLMOS_KERNEL_CACHE`, else
 `$XDG_CACHE_HOME/llmos-worker/kernels`, else `~/.cache/llmos-worker/kernels`) under a name that
@@ -168,13 +169,14 @@ class NativeKernels:
         """(M, n) = x (M, K) @ W.T [* scale], W (n, K) packed by `quant.pack_panels`.
 
         packed (ceil(n / 16), K, 16) contiguous float32, float16, bfloat16, or int8 (with
-        `scale` (n,) fp32, one per output row), or (ceil(n / 16), K / 32, 320) uint8 4-bit
-        blocks (`quant.pack_q4`); x fp32 with unit column stride (rows may be a
-        slice of a wider tensor). With int8 weights and at least `int8_integer_rows` rows, each
-        row of x is quantised to 16 bits (symmetric, its own scale) and multiplied in integers:
-        every input is then within half of 1/32767 of its row's largest magnitude. With bf16
-        weights and at least `bf16_dot_rows` rows (where that is not 0), each x value is
-        rounded to bf16 (relative error <= 2^-9) and products sum in fp32.
+        `scale` (n,) fp32, one per output row), or (ceil(n / 16), K / 32, 320 | 544) uint8
+        blocks of 4-bit | 8-bit values (`quant.pack_blocks`); x fp32 with unit column stride
+        (rows may be a slice of a wider tensor). With int8 weights and at least
+        `int8_integer_rows` rows, each row of x is quantised to 16 bits (symmetric, its own
+        scale) and multiplied in integers: every input is then within half of 1/32767 of its
+        row's largest magnitude. With bf16 weights and at least `bf16_dot_rows` rows (where
+        that is not 0), each x value is rounded to bf16 (relative error <= 2^-9) and products
+        sum in fp32.
         """
         return self.bind_linear(packed, n, scale)(x)
 
@@ -190,7 +192,7 @@ class NativeKernels:
         if not self.has_linear:
             raise RuntimeError("this build of the native kernels has no linear kernel (no AVX2)")
         self._check_packed(packed, n, scale)
-        wtype, k = _WEIGHT_TYPES[packed.dtype], packed_k(packed)
+        wtype, k = weight_type(packed), packed_k(packed)
         fn, w_ptr = self._linear, packed.data_ptr()
         s_ptr = None if scale is None else scale.data_ptr()
         f32 = torch.float32
@@ -326,7 +328,7 @@ class NativeKernels:
             "gate_up": (2 * spec.intermediate, spec.hidden),
             "down": (spec.hidden, spec.intermediate),
         }
-        wdtype = layers[0].qkv[0].dtype if layers else torch.float32
+        wtype = weight_type(layers[0].qkv[0]) if layers else 0
         table = torch.zeros((len(layers), _STACK_FIELDS), dtype=torch.int64)
         for i, layer in enumerate(layers):
             _check_f32(layer.input_norm, layer.post_norm)
@@ -337,34 +339,31 @@ class NativeKernels:
                 shapes, (layer.qkv, layer.o, layer.gate_up, layer.down), strict=True
             ):
                 n, k = shapes[name]
-                if packed.dtype != wdtype:
-                    raise ValueError(f"layer {i} {name}: weights of mixed types")
                 self._check_packed(packed, n, scale)
+                if weight_type(packed) != wtype:
+                    raise ValueError(f"layer {i} {name}: weights of mixed types")
                 if packed_k(packed) != k:
                     raise ValueError(f"layer {i} {name}: packed {tuple(packed.shape)}, K != {k}")
                 row += [packed.data_ptr(), 0 if scale is None else scale.data_ptr()]
             table[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
         dims = [spec.hidden, spec.heads, spec.kv_heads, hd, spec.intermediate, len(layers)]
         dims += [1, 0, spec.cos.shape[0], 0]  # block size and count, fp16 K/V: set per cache
-        return DecoderStack(
-            self, spec, layers, torch.tensor(dims, dtype=torch.int64), table, _WEIGHT_TYPES[wdtype]
-        )
+        return DecoderStack(self, spec, layers, torch.tensor(dims, dtype=torch.int64), table, wtype)
 
     def _check_packed(self, packed: torch.Tensor, n: int, scale: torch.Tensor | None) -> None:
-        wtype = _WEIGHT_TYPES.get(packed.dtype)
-        if wtype is None or not packed.is_contiguous() or packed.dim() != 3:
+        if packed.dtype not in _WEIGHT_TYPES or not packed.is_contiguous() or packed.dim() != 3:
             raise ValueError(
-                "weight must be packed (P, K, 16) float32, float16, int8 or bfloat16, "
-                "or (P, K / 32, 320) uint8 4-bit blocks"
+                "weight must be packed (P, K, 16) float32, float16, int8 or bfloat16, or "
+                "(P, K / 32, 320 | 544) uint8 blocks (4-bit | 8-bit)"
             )
         panels, _, width = packed.shape
-        if (
-            width != (_Q4_BYTES if wtype == _W_Q4 else 16)
-            or not (panels - 1) * 16 < n <= panels * 16
+        blocks = packed.dtype is torch.uint8
+        if (width not in _BLOCK_BYTES.values() if blocks else width != 16) or not (
+            (panels - 1) * 16 < n <= panels * 16
         ):
             raise ValueError(f"packed weight {tuple(packed.shape)} does not hold {n} rows")
-        if wtype == _W_Q4 and packed_k(packed) > _Q4_MAX_K:
-            raise ValueError(f"4-bit weights of K > {_Q4_MAX_K} are not supported")
+        if blocks and packed_k(packed) > _BLOCK_MAX_K:
+            raise ValueError(f"block-quantised weights of K > {_BLOCK_MAX_K} are not supported")
         if not packed.is_cpu:
             raise ValueError("native linear takes CPU tensors")
         if (packed.dtype == torch.int8) != (scale is not None):
@@ -517,7 +516,7 @@ _STACK_ERRORS = {
     6: "a position outside the RoPE table, a slot outside the cache, or rows not covering x once",
     7: "inconsistent dimensions",
 }
-# cpu_kernels.c LLMOS_W_*; uint8: 4-bit blocks (quant.pack_q4)
+# cpu_kernels.c LLMOS_W_*; uint8: blocks of 32 (quant.pack_blocks), the type by their bytes
 _WEIGHT_TYPES = {
     torch.float32: 0,
     torch.float16: 1,
@@ -525,11 +524,19 @@ _WEIGHT_TYPES = {
     torch.bfloat16: 3,
     torch.uint8: 4,
 }
-_W_Q4, _Q4_BYTES, _Q4_MAX_K = 4, 320, 65536  # cpu_kernels.c LLMOS_W_Q4, LIN_Q4_BYTES, LIN_Q4_MAX_K
+_BLOCK_BYTES = {4: 320, 5: 544}  # LLMOS_W_Q4, LLMOS_W_Q8: cpu_kernels.c lin_blk_bytes
+_BLOCK_MAX_K = 65536  # cpu_kernels.c LIN_BLK_MAX_K
+
+
+def weight_type(packed: torch.Tensor) -> int:
+    """cpu_kernels.c's LLMOS_W_* of a packed weight (checked by `_check_packed`)."""
+    if packed.dtype is torch.uint8:
+        return 5 if packed.shape[2] == _BLOCK_BYTES[5] else 4
+    return _WEIGHT_TYPES[packed.dtype]
 
 
 def packed_k(packed: torch.Tensor) -> int:
-    """K of a packed weight: (P, K, 16), or (P, K / 32, 320) for 4-bit blocks."""
+    """K of a packed weight: (P, K, 16), or (P, K / 32, bytes) for blocks of 32."""
     return packed.shape[1] * (32 if packed.dtype is torch.uint8 else 1)
 
 

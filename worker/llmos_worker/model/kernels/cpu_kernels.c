@@ -798,6 +798,8 @@ void llmos_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inte
  *                with vdpbf16ps, accumulating in fp32 (below)
  *   LLMOS_W_Q4   4 bits in blocks of 32 values of k with an fp16 scale and minimum each (GGUF's
  *                Q4_1): 5 bits per weight to read; its own block layout (below)
+ *   LLMOS_W_Q8   int8 in blocks of 32 values of k with an fp16 scale each (GGUF's Q8_0): 8.5
+ *                bits per weight; the same block scheme
  * W is stored packed: ceil(N/16) panels, panel p holding W[16p .. 16p+15][k] at element offset
  * (p * K + k) * 16 + j (rows past N are zero). Reading a panel is one sequential stream, and a
  * step of k multiplies 16 weights (two vectors, converted once) by one broadcast x value for each
@@ -809,10 +811,12 @@ void llmos_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inte
  * (below; each product within half of 1/32767 of its row's largest |x|).
  * x rows are `x_stride` floats apart (a slice of a wider tensor is fine); y is contiguous.
  * Returns 0; 1 when this build has no AVX2/FMA/F16C (the caller uses torch instead); 2 for an
- * unknown weight type; 3 for 4-bit weights whose K is not a multiple of 32 (or over
- * LIN_Q4_MAX_K).
+ * unknown weight type; 3 for block-quantised weights whose K is not a multiple of 32 (or over
+ * LIN_BLK_MAX_K).
  */
-enum { LLMOS_W_F32 = 0, LLMOS_W_F16 = 1, LLMOS_W_I8 = 2, LLMOS_W_BF16 = 3, LLMOS_W_Q4 = 4 };
+enum {
+    LLMOS_W_F32 = 0, LLMOS_W_F16 = 1, LLMOS_W_I8 = 2, LLMOS_W_BF16 = 3, LLMOS_W_Q4 = 4, LLMOS_W_Q8 = 5
+};
 
 /* Rows of x from which int8 weights take the integer path below (fewer: fp32 products). */
 #define LIN_QROWS 12
@@ -1705,30 +1709,34 @@ LIN_PDEFINE(lin_i8, LLMOS_W_I8)
 LIN_PDEFINE(lin_bf16, LLMOS_W_BF16)
 #endif
 
-/* ---- 4-bit weights in blocks of 32 values of k (GGUF's Q4_1 scheme): w = d * q + m, q in
- * 0..15, with an fp16 scale d and an fp16 minimum m per output row and block. Panel p holds
- * K / 32 blocks of LIN_Q4_BYTES bytes each, at byte (p * K / 32 + b) * LIN_Q4_BYTES: the 16
- * rows' d, then their m, then for each k pair j (0..15) one byte per row r with q[r][2j] in
- * its low and q[r][2j + 1] in its high nibble. K must be a multiple of 32, at most
- * LIN_Q4_MAX_K.
- * Up to LIN_Q4_WIDE_ROWS rows: per block, sum_k x_k q_k in fp32 (q is exact in fp32), then
- * d * that + m * sum_k x_k: the dequantised weights are never formed, and a step reads 5 bits
- * per weight; with 512-bit vectors, tiles of up to LIN_Q4_MR rows share each block's conversion
- * of q to floats. More rows: each panel is dequantised to fp32 once per pass into an
- * L2-resident buffer and multiplied by the fp32 tiles. */
-#define LIN_Q4_BYTES 320
-#define LIN_Q4_MAX_K 65536
+/* ---- weights in blocks of 32 values of k, as GGUF stores them, each block with an fp16 scale d
+ * per output row:
+ *   LLMOS_W_Q4  Q4_1: w = d * q + m, q in 0..15 and an fp16 minimum m per row and block too
+ *   LLMOS_W_Q8  Q8_0: w = d * q, q in -127..127
+ * Panel p holds K / 32 blocks of lin_blk_bytes(kind) bytes each, at byte (p * K / 32 + b) times
+ * that: the 16 rows' d, then (Q4_1) their m, then the values: Q4_1, for each k pair j (0..15)
+ * one byte per row r with q[r][2j] in its low and q[r][2j + 1] in its high nibble; Q8_0, for
+ * each k (0..31) one int8 per row. K must be a multiple of 32, at most LIN_BLK_MAX_K.
+ * Up to LIN_BLK_WIDE_ROWS rows: per block, sum_k x_k q_k in fp32 (q is exact in fp32), then
+ * d * that (+ m * sum_k x_k): the dequantised weights are never formed, and a step reads 5 (Q4_1)
+ * or 8.5 (Q8_0) bits per weight; with 512-bit vectors, tiles of up to LIN_BLK_MR rows share each
+ * block's conversion of q to floats. More rows: each panel is dequantised to fp32 once per pass
+ * into an L2-resident buffer and multiplied by the fp32 tiles. */
+#define LIN_BLK_MAX_K 65536
 /* Rows of x from which panels are dequantised for the fp32 tiles. why 96 with 512-bit vectors:
  * on SmolLM2's shapes the 4-bit tiles took half the time of the fp32 path at 16 rows (which
  * writes 4 bytes per weight into its buffer every call), the same at 96, 5 % more at 256. */
 #if defined(LLMOS_AVX512)
-#define LIN_Q4_WIDE_ROWS 96
+#define LIN_BLK_WIDE_ROWS 96
 #else
-#define LIN_Q4_WIDE_ROWS 2
+#define LIN_BLK_WIDE_ROWS 2
 #endif
 
+static inline int64_t lin_blk_bytes(int kind) { return kind == LLMOS_W_Q4 ? 320 : 544; }
+static inline int64_t lin_blk_values(int kind) { return kind == LLMOS_W_Q4 ? 64 : 32; }
+
 /* xs[b] = the sum of x[32b .. 32b + 31] */
-static inline void lin_q4_xsums(const float *x, int64_t K, float *xs) {
+static inline void lin_blk_xsums(const float *x, int64_t K, float *xs) {
     for (int64_t b = 0; b < K / 32; ++b) {
         __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(x + 32 * b),
                                                _mm256_loadu_ps(x + 32 * b + 8)),
@@ -1738,65 +1746,93 @@ static inline void lin_q4_xsums(const float *x, int64_t K, float *xs) {
     }
 }
 
+/* The q of k pair j of a block as floats, 8 rows from row 8h: k = 2j (even) and 2j + 1 (odd). */
+static inline __attribute__((always_inline)) void lin_blk_pair8(const uint8_t *blk, int kind,
+                                                               int j, int h, __m256 *even,
+                                                               __m256 *odd) {
+    if (kind == LLMOS_W_Q4) {
+        const __m128i raw = _mm_loadl_epi64((const __m128i *)(blk + 64 + 16 * j + 8 * h));
+        const __m256i v = _mm256_cvtepu8_epi32(raw);
+        *even = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
+        *odd = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+    } else {
+        const uint8_t *v = blk + 32 + 32 * j + 8 * h;
+        *even = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)v)));
+        *odd = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(v + 16))));
+    }
+}
+
 /* Panel p dequantised to fp32 in the packed fp32 layout: dst[k * 16 + r]. */
-static void lin_q4_widen(const uint8_t *w, int64_t p, int64_t K, float *dst) {
-    const int64_t kb = K / 32;
-    const uint8_t *blk = w + p * kb * LIN_Q4_BYTES;
-    for (int64_t b = 0; b < kb; ++b, blk += LIN_Q4_BYTES) {
+static inline __attribute__((always_inline)) void lin_blk_widen(const uint8_t *w, int kind,
+                                                               int64_t p, int64_t K, float *dst) {
+    const int64_t kb = K / 32, bytes = lin_blk_bytes(kind);
+    const uint8_t *blk = w + p * kb * bytes;
+    for (int64_t b = 0; b < kb; ++b, blk += bytes) {
         float *o = dst + b * 32 * LIN_PNR;
-#if defined(LLMOS_AVX512)
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
-        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)));
-        const __m512i low = _mm512_set1_epi32(15);
-        for (int j = 0; j < 16; ++j) {
-            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 64 + 16 * j)));
-            _mm512_storeu_ps(o + 32 * j, _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(v, low)), m));
-            _mm512_storeu_ps(o + 32 * j + 16, _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), m));
+        for (int h = 0; h < 2; ++h) {
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16 * h)));
+            const __m256 m = kind == LLMOS_W_Q4
+                                 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 32 + 16 * h)))
+                                 : _mm256_setzero_ps();
+            for (int j = 0; j < 16; ++j) {
+                __m256 even, odd;
+                lin_blk_pair8(blk, kind, j, h, &even, &odd);
+                _mm256_storeu_ps(o + 32 * j + 8 * h, _mm256_fmadd_ps(d, even, m));
+                _mm256_storeu_ps(o + 32 * j + 16 + 8 * h, _mm256_fmadd_ps(d, odd, m));
+            }
         }
-#else
-        const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
-        const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
-        const __m256 m0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 32)));
-        const __m256 m1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 48)));
-        const __m256i low = _mm256_set1_epi32(15);
-        for (int j = 0; j < 16; ++j) {
-            const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 64 + 16 * j));
-            const __m256i v0 = _mm256_cvtepu8_epi32(raw);
-            const __m256i v1 = _mm256_cvtepu8_epi32(_mm_srli_si128(raw, 8));
-            float *e = o + 32 * j, *odd = e + 16;
-            _mm256_storeu_ps(e, _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(_mm256_and_si256(v0, low)), m0));
-            _mm256_storeu_ps(e + 8, _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(_mm256_and_si256(v1, low)), m1));
-            _mm256_storeu_ps(odd, _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), m0));
-            _mm256_storeu_ps(odd + 8, _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), m1));
-        }
-#endif
     }
 }
 
 #if defined(LLMOS_AVX512)
-#define LIN_Q4_MR 4 /* rows of x per 4-bit tile: 2 x 4 block sums + 2 x 4 totals in zmm */
+#define LIN_BLK_MR 4 /* rows of x per block tile: 2 x 2 x 4 block sums + 2 x 4 totals in zmm */
 
-/* mt (<= LIN_Q4_MR) rows of x from m0 against np (1 or 2) panels from p, both constants at each
- * call; xs (mt, K / 32) the rows' block sums. Per block and k pair the 4-bit values are turned
+/* As lin_blk_pair8, all 16 rows. */
+static inline __attribute__((always_inline)) void lin_blk_pair16(const uint8_t *blk, int kind,
+                                                                int j, __m512 *even,
+                                                                __m512 *odd) {
+    if (kind == LLMOS_W_Q4) {
+        const __m512i v =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 64 + 16 * j)));
+        *even = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+        *odd = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+    } else {
+        const uint8_t *v = blk + 32 + 32 * j;
+        *even = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)v)));
+        *odd = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(v + 16))));
+    }
+}
+
+/* t += d * a (+ m * s): a block's sums scaled into a panel's totals */
+static inline __attribute__((always_inline)) __m512 lin_blk_scale16(const uint8_t *blk, int kind,
+                                                                   __m512 a, float s, __m512 t) {
+    t = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk)), a, t);
+    if (kind == LLMOS_W_Q4)
+        t = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32))),
+                            _mm512_set1_ps(s), t);
+    return t;
+}
+
+/* mt (<= LIN_BLK_MR) rows of x from m0 against np (1 or 2) panels from p, both constants at each
+ * call; xs (mt, K / 32) the rows' block sums (Q4_1). Per block and k pair the values are turned
  * into floats once for all the rows. */
-static inline __attribute__((always_inline)) void lin_q4tile(const float *x, int64_t x_stride,
-                                                            const float *xs, const uint8_t *w,
-                                                            int64_t p, int64_t K, int64_t N,
-                                                            float *y, const int np, int64_t m0,
-                                                            const int mt) {
-    const int64_t kb = K / 32;
-    const uint8_t *base[2] = {w + p * kb * LIN_Q4_BYTES, w + (p + 1) * kb * LIN_Q4_BYTES};
+static inline __attribute__((always_inline)) void lin_blk_tile(const float *x, int64_t x_stride,
+                                                              const float *xs, const uint8_t *w,
+                                                              int kind, int64_t p, int64_t K,
+                                                              int64_t N, float *y, const int np,
+                                                              int64_t m0, const int mt) {
+    const int64_t kb = K / 32, bytes = lin_blk_bytes(kind);
+    const uint8_t *base[2] = {w + p * kb * bytes, w + (p + 1) * kb * bytes};
     const float *xr = x + m0 * x_stride;
-    const __m512i low = _mm512_set1_epi32(15);
-    __m512 t[LIN_Q4_MR][2];
+    __m512 t[LIN_BLK_MR][2];
 #pragma GCC unroll 4
     for (int r = 0; r < mt; ++r) t[r][0] = t[r][1] = _mm512_setzero_ps();
     for (int64_t b = 0; b < kb; ++b) {
-        __m512 a[LIN_Q4_MR][2][2]; /* [row][panel][low, high nibble]: block sums of x * q */
+        __m512 a[LIN_BLK_MR][2][2]; /* [row][panel][even, odd k]: block sums of x * q */
 #pragma GCC unroll 2
         for (int i = 0; i < np; ++i) {
-            const char *blk = (const char *)base[i] + b * LIN_Q4_BYTES;
-            for (int c = 0; c < LIN_Q4_BYTES; c += 64) /* see LIN_PF_AHEAD */
+            const char *blk = (const char *)base[i] + b * bytes;
+            for (int c = 0; c < bytes; c += 64) /* see LIN_PF_AHEAD */
                 __builtin_prefetch(blk + LIN_PF_AHEAD + c, 0, 0);
         }
 #pragma GCC unroll 4
@@ -1804,36 +1840,28 @@ static inline __attribute__((always_inline)) void lin_q4tile(const float *x, int
             a[r][0][0] = a[r][0][1] = a[r][1][0] = a[r][1][1] = _mm512_setzero_ps();
 #pragma GCC unroll 4
         for (int j = 0; j < 16; ++j) {
-            __m512 lo[2], hi[2];
+            __m512 even[2], odd[2];
 #pragma GCC unroll 2
-            for (int i = 0; i < np; ++i) {
-                const __m512i v = _mm512_cvtepu8_epi32(
-                    _mm_loadu_si128((const __m128i *)(base[i] + b * LIN_Q4_BYTES + 64 + 16 * j)));
-                lo[i] = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
-                hi[i] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-            }
+            for (int i = 0; i < np; ++i)
+                lin_blk_pair16(base[i] + b * bytes, kind, j, &even[i], &odd[i]);
 #pragma GCC unroll 4
             for (int r = 0; r < mt; ++r) {
                 const float *xk = xr + r * x_stride + 32 * b + 2 * j;
                 const __m512 xe = _mm512_set1_ps(xk[0]), xo = _mm512_set1_ps(xk[1]);
 #pragma GCC unroll 2
                 for (int i = 0; i < np; ++i) {
-                    a[r][i][0] = _mm512_fmadd_ps(xe, lo[i], a[r][i][0]);
-                    a[r][i][1] = _mm512_fmadd_ps(xo, hi[i], a[r][i][1]);
+                    a[r][i][0] = _mm512_fmadd_ps(xe, even[i], a[r][i][0]);
+                    a[r][i][1] = _mm512_fmadd_ps(xo, odd[i], a[r][i][1]);
                 }
             }
         }
 #pragma GCC unroll 2
-        for (int i = 0; i < np; ++i) {
-            const uint8_t *blk = base[i] + b * LIN_Q4_BYTES;
-            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
-            const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)));
+        for (int i = 0; i < np; ++i)
 #pragma GCC unroll 4
             for (int r = 0; r < mt; ++r)
-                t[r][i] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[r * kb + b]),
-                                          _mm512_fmadd_ps(d, _mm512_add_ps(a[r][i][0], a[r][i][1]),
-                                                          t[r][i]));
-        }
+                t[r][i] = lin_blk_scale16(base[i] + b * bytes, kind,
+                                          _mm512_add_ps(a[r][i][0], a[r][i][1]),
+                                          kind == LLMOS_W_Q4 ? xs[r * kb + b] : 0.0f, t[r][i]);
     }
 #pragma GCC unroll 4
     for (int r = 0; r < mt; ++r)
@@ -1841,22 +1869,22 @@ static inline __attribute__((always_inline)) void lin_q4tile(const float *x, int
         for (int i = 0; i < np; ++i) lin_zstore(y, N, m0 + r, (p + i) * LIN_PNR, t[r][i], NULL);
 }
 
-/* One row of x against np (1 or 2, a constant at each call) panels from p; xs its block sums. */
-static inline __attribute__((always_inline)) void lin_q4row1(const float *x, const float *xs,
-                                                            const uint8_t *w, int64_t p,
-                                                            int64_t K, int64_t N, float *y,
-                                                            const int np) {
-    const int64_t kb = K / 32;
-    const uint8_t *base[2] = {w + p * kb * LIN_Q4_BYTES, w + (p + 1) * kb * LIN_Q4_BYTES};
-    const __m512i low = _mm512_set1_epi32(15);
+/* One row of x against np (1 or 2, a constant at each call) panels from p; xs its block sums
+ * (Q4_1). Two accumulators per k parity and panel: 8 FMA chains, as one row needs. */
+static inline __attribute__((always_inline)) void lin_blk_row1(const float *x, const float *xs,
+                                                              const uint8_t *w, int kind,
+                                                              int64_t p, int64_t K, int64_t N,
+                                                              float *y, const int np) {
+    const int64_t kb = K / 32, bytes = lin_blk_bytes(kind);
+    const uint8_t *base[2] = {w + p * kb * bytes, w + (p + 1) * kb * bytes};
     __m512 t[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t b = 0; b < kb; ++b) {
         const float *xb = x + 32 * b;
-        __m512 a[2][2][2]; /* [panel][j parity][low, high nibble]: 8 chains of 8 FMAs */
+        __m512 a[2][2][2]; /* [panel][j parity][even, odd k] */
 #pragma GCC unroll 2
         for (int i = 0; i < np; ++i) {
-            const char *blk = (const char *)base[i] + b * LIN_Q4_BYTES;
-            for (int c = 0; c < LIN_Q4_BYTES; c += 64) /* see LIN_PF_AHEAD */
+            const char *blk = (const char *)base[i] + b * bytes;
+            for (int c = 0; c < bytes; c += 64) /* see LIN_PF_AHEAD */
                 __builtin_prefetch(blk + LIN_PF_AHEAD + c, 0, 0);
             a[i][0][0] = a[i][0][1] = a[i][1][0] = a[i][1][1] = _mm512_setzero_ps();
         }
@@ -1865,90 +1893,89 @@ static inline __attribute__((always_inline)) void lin_q4row1(const float *x, con
             const __m512 xe = _mm512_set1_ps(xb[2 * j]), xo = _mm512_set1_ps(xb[2 * j + 1]);
 #pragma GCC unroll 2
             for (int i = 0; i < np; ++i) {
-                const __m512i v = _mm512_cvtepu8_epi32(
-                    _mm_loadu_si128((const __m128i *)(base[i] + b * LIN_Q4_BYTES + 64 + 16 * j)));
-                a[i][j & 1][0] = _mm512_fmadd_ps(
-                    xe, _mm512_cvtepi32_ps(_mm512_and_si512(v, low)), a[i][j & 1][0]);
-                a[i][j & 1][1] = _mm512_fmadd_ps(
-                    xo, _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), a[i][j & 1][1]);
+                __m512 even, odd;
+                lin_blk_pair16(base[i] + b * bytes, kind, j, &even, &odd);
+                a[i][j & 1][0] = _mm512_fmadd_ps(xe, even, a[i][j & 1][0]);
+                a[i][j & 1][1] = _mm512_fmadd_ps(xo, odd, a[i][j & 1][1]);
             }
         }
-        const __m512 s = _mm512_set1_ps(xs[b]);
 #pragma GCC unroll 2
-        for (int i = 0; i < np; ++i) {
-            const uint8_t *blk = base[i] + b * LIN_Q4_BYTES;
-            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
-            const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)));
-            const __m512 dot = _mm512_add_ps(_mm512_add_ps(a[i][0][0], a[i][0][1]),
-                                             _mm512_add_ps(a[i][1][0], a[i][1][1]));
-            t[i] = _mm512_fmadd_ps(m, s, _mm512_fmadd_ps(d, dot, t[i]));
-        }
+        for (int i = 0; i < np; ++i)
+            t[i] = lin_blk_scale16(base[i] + b * bytes, kind,
+                                   _mm512_add_ps(_mm512_add_ps(a[i][0][0], a[i][0][1]),
+                                                 _mm512_add_ps(a[i][1][0], a[i][1][1])),
+                                   kind == LLMOS_W_Q4 ? xs[b] : 0.0f, t[i]);
     }
 #pragma GCC unroll 2
     for (int i = 0; i < np; ++i) lin_zstore(y, N, 0, (p + i) * LIN_PNR, t[i], NULL);
 }
+
 /* Rows [m0, m0 + mt) against panels [p0, p1), in pairs (the last of an odd range alone). */
-static inline __attribute__((always_inline)) void lin_q4rows(const float *x, int64_t x_stride,
-                                                            const float *xs, const uint8_t *w,
-                                                            int64_t p0, int64_t p1, int64_t K,
-                                                            int64_t N, float *y, int64_t m0,
-                                                            const int mt) {
+static inline __attribute__((always_inline)) void lin_blk_rows(const float *x, int64_t x_stride,
+                                                              const float *xs, const uint8_t *w,
+                                                              int kind, int64_t p0, int64_t p1,
+                                                              int64_t K, int64_t N, float *y,
+                                                              int64_t m0, const int mt) {
     int64_t p = p0;
     if (mt == 1) { /* why apart: one row needs more FMA chains per panel than a tile has */
         const float *xr = x + m0 * x_stride;
-        for (; p + 2 <= p1; p += 2) lin_q4row1(xr, xs, w, p, K, N, y + m0 * N, 2);
-        if (p < p1) lin_q4row1(xr, xs, w, p, K, N, y + m0 * N, 1);
+        for (; p + 2 <= p1; p += 2) lin_blk_row1(xr, xs, w, kind, p, K, N, y + m0 * N, 2);
+        if (p < p1) lin_blk_row1(xr, xs, w, kind, p, K, N, y + m0 * N, 1);
         return;
     }
-    for (; p + 2 <= p1; p += 2) lin_q4tile(x, x_stride, xs, w, p, K, N, y, 2, m0, mt);
-    if (p < p1) lin_q4tile(x, x_stride, xs, w, p, K, N, y, 1, m0, mt);
+    for (; p + 2 <= p1; p += 2) lin_blk_tile(x, x_stride, xs, w, kind, p, K, N, y, 2, m0, mt);
+    if (p < p1) lin_blk_tile(x, x_stride, xs, w, kind, p, K, N, y, 1, m0, mt);
 }
 #else
-/* One row of x against panel p; xs its block sums. */
-static inline __attribute__((always_inline)) void lin_q4row1(const float *x, const float *xs,
-                                                            const uint8_t *w, int64_t p,
-                                                            int64_t K, int64_t N, float *y) {
-    const int64_t kb = K / 32;
-    const uint8_t *base = w + p * kb * LIN_Q4_BYTES;
-    const __m256i low = _mm256_set1_epi32(15);
-    __m256 t0 = _mm256_setzero_ps(), t1 = _mm256_setzero_ps();
+/* One row of x against panel p; xs its block sums (Q4_1). */
+static inline __attribute__((always_inline)) void lin_blk_row1(const float *x, const float *xs,
+                                                              const uint8_t *w, int kind,
+                                                              int64_t p, int64_t K, int64_t N,
+                                                              float *y) {
+    const int64_t kb = K / 32, bytes = lin_blk_bytes(kind);
+    const uint8_t *base = w + p * kb * bytes;
+    __m256 t[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t b = 0; b < kb; ++b) {
         const float *xb = x + 32 * b;
-        const uint8_t *blk = base + b * LIN_Q4_BYTES;
-        __m256 a[2][4]; /* [j parity][rows 0-7 low, 8-15 low, 0-7 high, 8-15 high nibble] */
+        const uint8_t *blk = base + b * bytes;
+        __m256 a[2][4]; /* [j parity][rows 0-7 even k, 8-15 even, 0-7 odd, 8-15 odd] */
 #pragma GCC unroll 4
         for (int u = 0; u < 4; ++u) a[0][u] = a[1][u] = _mm256_setzero_ps();
 #pragma GCC unroll 16
         for (int j = 0; j < 16; ++j) {
-            const __m256 xe = _mm256_broadcast_ss(xb + 2 * j), xo = _mm256_broadcast_ss(xb + 2 * j + 1);
-            const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 64 + 16 * j));
-            const __m256i v0 = _mm256_cvtepu8_epi32(raw);
-            const __m256i v1 = _mm256_cvtepu8_epi32(_mm_srli_si128(raw, 8));
+            const __m256 xe = _mm256_broadcast_ss(xb + 2 * j);
+            const __m256 xo = _mm256_broadcast_ss(xb + 2 * j + 1);
             __m256 *acc = a[j & 1];
-            acc[0] = _mm256_fmadd_ps(xe, _mm256_cvtepi32_ps(_mm256_and_si256(v0, low)), acc[0]);
-            acc[1] = _mm256_fmadd_ps(xe, _mm256_cvtepi32_ps(_mm256_and_si256(v1, low)), acc[1]);
-            acc[2] = _mm256_fmadd_ps(xo, _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), acc[2]);
-            acc[3] = _mm256_fmadd_ps(xo, _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), acc[3]);
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; ++h) {
+                __m256 even, odd;
+                lin_blk_pair8(blk, kind, j, h, &even, &odd);
+                acc[h] = _mm256_fmadd_ps(xe, even, acc[h]);
+                acc[2 + h] = _mm256_fmadd_ps(xo, odd, acc[2 + h]);
+            }
         }
-        const __m256 s = _mm256_set1_ps(xs[b]);
-        const __m256 dot0 = _mm256_add_ps(_mm256_add_ps(a[0][0], a[0][2]), _mm256_add_ps(a[1][0], a[1][2]));
-        const __m256 dot1 = _mm256_add_ps(_mm256_add_ps(a[0][1], a[0][3]), _mm256_add_ps(a[1][1], a[1][3]));
-        const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
-        const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
-        const __m256 m0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 32)));
-        const __m256 m1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 48)));
-        t0 = _mm256_fmadd_ps(m0, s, _mm256_fmadd_ps(d0, dot0, t0));
-        t1 = _mm256_fmadd_ps(m1, s, _mm256_fmadd_ps(d1, dot1, t1));
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+            const __m256 dot = _mm256_add_ps(_mm256_add_ps(a[0][h], a[0][2 + h]),
+                                             _mm256_add_ps(a[1][h], a[1][2 + h]));
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16 * h)));
+            t[h] = _mm256_fmadd_ps(d, dot, t[h]);
+            if (kind == LLMOS_W_Q4)
+                t[h] = _mm256_fmadd_ps(
+                    _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 32 + 16 * h))),
+                    _mm256_set1_ps(xs[b]), t[h]);
+        }
     }
-    lin_panel_store(y, N, 0, p * LIN_PNR, t0, t1, NULL);
+    lin_panel_store(y, N, 0, p * LIN_PNR, t[0], t[1], NULL);
 }
 #endif
 
-/* Panels [p0, p1) of a 4-bit weight against every row of x (as the other types' _range). */
-static void lin_q4_range(const float *x, int64_t x_stride, int64_t M, const void *wv, int64_t K,
-                         int64_t N, const float *scale, float *y, int64_t p0, int64_t p1) {
-    (void)scale; /* the scales are in the blocks */
-    const uint8_t *w = wv;
+/* Panels [p0, p1) of a block-quantised weight against every row of x (as the other types'
+ * _range); kind LLMOS_W_Q4 or LLMOS_W_Q8, a constant at each call. */
+static inline __attribute__((always_inline)) void lin_blk_range(const float *x, int64_t x_stride,
+                                                               int64_t M, const uint8_t *w,
+                                                               int kind, int64_t K, int64_t N,
+                                                               float *y, int64_t p0, int64_t p1) {
     /* the dequantised panels, where rows are many enough to repay writing them: a buffer per
      * thread, kept between calls and grown when a larger K needs it (why not malloc per call:
      * past glibc's mmap threshold of 128 KB every call would map and unmap it). Two panels:
@@ -1956,7 +1983,7 @@ static void lin_q4_range(const float *x, int64_t x_stride, int64_t M, const void
     static __thread float *wide_buf = NULL;
     static __thread size_t wide_cap = 0;
     const size_t need = (size_t)(2 * K * LIN_PNR);
-    const int widen = M >= LIN_Q4_WIDE_ROWS;
+    const int widen = M >= LIN_BLK_WIDE_ROWS;
     if (widen && need > wide_cap) {
         free(wide_buf);
         wide_buf = malloc(sizeof(float) * need);
@@ -1964,40 +1991,32 @@ static void lin_q4_range(const float *x, int64_t x_stride, int64_t M, const void
     }
     float *wide = widen ? wide_buf : NULL;
 #if defined(LLMOS_AVX512)
-    if (M < LIN_Q4_WIDE_ROWS || wide == NULL) { /* tiles of LIN_Q4_MR rows, nothing formed */
-        float xs[LIN_Q4_MR * (LIN_Q4_MAX_K / 32)];
-        for (int64_t m0 = 0; m0 < M; m0 += LIN_Q4_MR) {
-            const int64_t mt = M - m0 < LIN_Q4_MR ? M - m0 : LIN_Q4_MR;
-            for (int64_t r = 0; r < mt; ++r) lin_q4_xsums(x + (m0 + r) * x_stride, K, xs + r * (K / 32));
+    if (wide == NULL) { /* tiles of LIN_BLK_MR rows, nothing formed */
+        const int64_t kb = K / 32;
+        float xs[LIN_BLK_MR * (LIN_BLK_MAX_K / 32)];
+        for (int64_t m0 = 0; m0 < M; m0 += LIN_BLK_MR) {
+            const int64_t mt = M - m0 < LIN_BLK_MR ? M - m0 : LIN_BLK_MR;
+            if (kind == LLMOS_W_Q4)
+                for (int64_t r = 0; r < mt; ++r)
+                    lin_blk_xsums(x + (m0 + r) * x_stride, K, xs + r * kb);
             switch (mt) {
-            case 4: lin_q4rows(x, x_stride, xs, w, p0, p1, K, N, y, m0, 4); break;
-            case 3: lin_q4rows(x, x_stride, xs, w, p0, p1, K, N, y, m0, 3); break;
-            case 2: lin_q4rows(x, x_stride, xs, w, p0, p1, K, N, y, m0, 2); break;
-            default: lin_q4rows(x, x_stride, xs, w, p0, p1, K, N, y, m0, 1); break;
+            case 4: lin_blk_rows(x, x_stride, xs, w, kind, p0, p1, K, N, y, m0, 4); break;
+            case 3: lin_blk_rows(x, x_stride, xs, w, kind, p0, p1, K, N, y, m0, 3); break;
+            case 2: lin_blk_rows(x, x_stride, xs, w, kind, p0, p1, K, N, y, m0, 2); break;
+            default: lin_blk_rows(x, x_stride, xs, w, kind, p0, p1, K, N, y, m0, 1); break;
             }
         }
         return;
     }
-#else
-    if (wide == NULL) { /* one row (or no memory for the buffer): row by row, nothing formed */
-        float xs[LIN_Q4_MAX_K / 32];
-        for (int64_t r = 0; r < M; ++r) {
-            lin_q4_xsums(x + r * x_stride, K, xs);
-            for (int64_t p = p0; p < p1; ++p) lin_q4row1(x + r * x_stride, xs, w, p, K, N, y + r * N);
-        }
-        return;
-    }
-#endif
-#if defined(LLMOS_AVX512)
     int64_t mb = (192 * 1024 / 4) / K; /* rows per pass: ~192 KB of x */
     mb -= mb % LIN_ZMR;
     if (mb < LIN_ZMR) mb = LIN_ZMR;
     for (int64_t m0 = 0; m0 < M; m0 += mb) {
         const int64_t m1 = m0 + mb < M ? m0 + mb : M;
         for (int64_t p = p0; p < p1; p += 2) {
-            lin_q4_widen(w, p, K, wide);
+            lin_blk_widen(w, kind, p, K, wide);
             if (p + 2 <= p1) {
-                lin_q4_widen(w, p + 1, K, wide + K * LIN_PNR);
+                lin_blk_widen(w, kind, p + 1, K, wide + K * LIN_PNR);
                 LIN_ZTILES(m0, m1, lin_ztile, x, x_stride, wide, LLMOS_W_F32, 0, K * LIN_PNR, p,
                            K, N, NULL, y, 2);
             } else {
@@ -2007,11 +2026,20 @@ static void lin_q4_range(const float *x, int64_t x_stride, int64_t M, const void
         }
     }
 #else
+    if (wide == NULL) { /* one row (or no memory for the buffer): row by row, nothing formed */
+        float xs[LIN_BLK_MAX_K / 32];
+        for (int64_t r = 0; r < M; ++r) {
+            if (kind == LLMOS_W_Q4) lin_blk_xsums(x + r * x_stride, K, xs);
+            for (int64_t p = p0; p < p1; ++p)
+                lin_blk_row1(x + r * x_stride, xs, w, kind, p, K, N, y + r * N);
+        }
+        return;
+    }
     const int64_t mb = lin_row_block(K);
     for (int64_t m0 = 0; m0 < M; m0 += mb) {
         const int64_t m1 = m0 + mb < M ? m0 + mb : M;
         for (int64_t p = p0; p < p1; ++p) {
-            lin_q4_widen(w, p, K, wide);
+            lin_blk_widen(w, kind, p, K, wide);
             int64_t m = m0;
             for (; m + LIN_PMR <= m1; m += LIN_PMR)
                 lin_ptile(x, x_stride, wide, LLMOS_W_F32, 0, p, K, N, NULL, y, m, LIN_PMR);
@@ -2027,7 +2055,20 @@ static void lin_q4_range(const float *x, int64_t x_stride, int64_t M, const void
     }
 #endif
 }
+
+/* One function per kind (as LIN_PARALLEL's callers): the kind a constant inside. */
+static void lin_q4_range(const float *x, int64_t x_stride, int64_t M, const void *w, int64_t K,
+                         int64_t N, const float *scale, float *y, int64_t p0, int64_t p1) {
+    (void)scale; /* the scales are in the blocks */
+    lin_blk_range(x, x_stride, M, w, LLMOS_W_Q4, K, N, y, p0, p1);
+}
+static void lin_q8_range(const float *x, int64_t x_stride, int64_t M, const void *w, int64_t K,
+                         int64_t N, const float *scale, float *y, int64_t p0, int64_t p1) {
+    (void)scale;
+    lin_blk_range(x, x_stride, M, w, LLMOS_W_Q8, K, N, y, p0, p1);
+}
 LIN_PARALLEL(lin_q4)
+LIN_PARALLEL(lin_q8)
 #endif
 
 /* Rows of x from which bf16 weights multiply bf16-rounded rows (vdpbf16ps); 0 when this build
@@ -2049,8 +2090,12 @@ int llmos_linear(const float *x, int64_t M, int64_t K, int64_t x_stride, const v
     case LLMOS_W_I8: lin_i8(x, x_stride, M, w, K, N, scale, y); return 0;
     case LLMOS_W_BF16: lin_bf16(x, x_stride, M, w, K, N, scale, y); return 0;
     case LLMOS_W_Q4:
-        if (K % 32 || K > LIN_Q4_MAX_K) return 3;
-        lin_q4(x, x_stride, M, w, K, N, scale, y);
+    case LLMOS_W_Q8:
+        if (K % 32 || K > LIN_BLK_MAX_K) return 3;
+        if (wtype == LLMOS_W_Q4)
+            lin_q4(x, x_stride, M, w, K, N, scale, y);
+        else
+            lin_q8(x, x_stride, M, w, K, N, scale, y);
         return 0;
     default: return 2;
     }
@@ -2130,6 +2175,7 @@ static void stack_linear(int wtype, const float *x, int64_t M, const void *w, in
     case LLMOS_W_F16: lin_f16_range(x, K, M, w, K, N, scale, y, p0, p1); break;
     case LLMOS_W_BF16: lin_bf16_range(x, K, M, w, K, N, scale, y, p0, p1); break;
     case LLMOS_W_Q4: lin_q4_range(x, K, M, w, K, N, scale, y, p0, p1); break;
+    case LLMOS_W_Q8: lin_q8_range(x, K, M, w, K, N, scale, y, p0, p1); break;
     default: lin_i8_range(x, K, M, w, K, N, scale, y, p0, p1); break;
     }
 }
@@ -2147,11 +2193,11 @@ int llmos_decoder_stack(const int64_t *dims, const int64_t *layers, int wtype, f
     const int kv_half = dims[SD_KV_HALF] != 0; /* fp16 K/V caches */
     if (hidden < 1 || D < 2 || D % 2 || inter < 1 || L < 0 || bs < 1 || T < 1) return 7;
     if (wtype != LLMOS_W_F32 && wtype != LLMOS_W_F16 && wtype != LLMOS_W_I8 &&
-        wtype != LLMOS_W_BF16 && wtype != LLMOS_W_Q4)
+        wtype != LLMOS_W_BF16 && wtype != LLMOS_W_Q4 && wtype != LLMOS_W_Q8)
         return 7;
-    if (wtype == LLMOS_W_Q4 && (hidden % 32 || inter % 32 || (dims[SD_HEADS] * D) % 32 ||
-                                hidden > LIN_Q4_MAX_K || inter > LIN_Q4_MAX_K ||
-                                dims[SD_HEADS] * D > LIN_Q4_MAX_K))
+    if ((wtype == LLMOS_W_Q4 || wtype == LLMOS_W_Q8) &&
+        (hidden % 32 || inter % 32 || (dims[SD_HEADS] * D) % 32 || hidden > LIN_BLK_MAX_K ||
+         inter > LIN_BLK_MAX_K || dims[SD_HEADS] * D > LIN_BLK_MAX_K))
         return 7;
     int64_t max_len, total_len;
     const int status = check_attention(block_tables, context_lens, rows, num_seqs, H, Hkv, bs,
