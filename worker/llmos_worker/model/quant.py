@@ -247,6 +247,7 @@ def pack_blocks(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None)
         vp[:n] = v
         return vp.view(panels, PANEL, kb).transpose(1, 2).contiguous().view(torch.uint8)
 
+    parts: tuple[torch.Tensor, ...]
     if m is None:  # 8-bit: (P, r, b, k) -> (P, b, k, r)
         values = qp.view(panels, PANEL, kb, BLOCK).permute(0, 2, 3, 1).view(torch.uint8)
         parts = (per_block(d), values.reshape(panels, kb, -1))
