@@ -399,7 +399,7 @@ def test_pack_roundtrip_and_zero_padding() -> None:
     assert torch.equal(unpack_panels(packed, 37), w)
 
 
-# 4-row tiles and remainders, one row; from 96 rows (512-bit; 256-bit: from 2) panels are
+# 4-row tiles and remainders, one row; from 96 rows (512-bit; 256-bit: from 8) panels are
 # dequantised to fp32 tiles
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 12, 13, 25, 40, 101])
 @pytest.mark.parametrize(

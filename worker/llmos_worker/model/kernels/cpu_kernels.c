@@ -1723,13 +1723,15 @@ LIN_PDEFINE(lin_bf16, LLMOS_W_BF16)
  * block's conversion of q to floats. More rows: each panel is dequantised to fp32 once per pass
  * into an L2-resident buffer and multiplied by the fp32 tiles. */
 #define LIN_BLK_MAX_K 65536
-/* Rows of x from which panels are dequantised for the fp32 tiles. why 96 with 512-bit vectors:
- * on SmolLM2's shapes the 4-bit tiles took half the time of the fp32 path at 16 rows (which
- * writes 4 bytes per weight into its buffer every call), the same at 96, 5 % more at 256. */
+/* Rows of x from which panels are dequantised for the fp32 tiles, measured on SmolLM2's shapes
+ * (30 layers of 4-bit weights). 512-bit: the 4-bit tiles took half the time of the fp32 path
+ * at 16 rows (which writes 4 bytes per weight into its buffer every call), the same at 96, 5 %
+ * more at 256. 256-bit (row by row below it): 4.5 against 9.2 ms at 2 rows, 8.0 / 13.2 at 4,
+ * even at 8, 29 / 24 at 16. */
 #if defined(LLMOS_AVX512)
 #define LIN_BLK_WIDE_ROWS 96
 #else
-#define LIN_BLK_WIDE_ROWS 2
+#define LIN_BLK_WIDE_ROWS 8
 #endif
 
 static inline int64_t lin_blk_bytes(int kind) { return kind == LLMOS_W_Q4 ? 320 : 544; }
