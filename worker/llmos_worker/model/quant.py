@@ -26,9 +26,10 @@ Modes (`QUANTIZATIONS`):
   kernel (512-bit build) turns each block's 4-bit values into floats once for a tile of up to
   4 rows, sums x * q per block in fp32 and applies d and m per block (m times the block's sum of
   x), reading 5 bits per weight (256-bit build: row by row, up to 7 rows); from 96 rows
-  (256-bit: 8) it dequantises each panel to fp32 once per pass and multiplies as fp32. Measured on SmolLM2's shapes (30 layers,
-  2-core Zen 5): 1.9 ms a step at 1 row, 2.2 at 2, 2.9 at 4, 8.3 at 16 (int8: 2.7, 4.4, 5.0,
-  10.4; fp32 at 16 rows: 17.3). Needs every K a multiple of 32.
+  (256-bit: 8) it dequantises each panel to fp32 once per pass and multiplies as fp32.
+  Measured on SmolLM2's shapes (30 layers, 2-core Zen 5): 1.9 ms a step at 1 row, 2.2 at 2,
+  2.9 at 4, 8.3 at 16 (int8: 2.7, 4.4, 5.0, 10.4; fp32 at 16 rows: 17.3). Needs every K a
+  multiple of 32.
 
 On a CPU with the native kernels every mode's weights are stored packed (panels of 16 output
 rows, K-major) and multiplied by the native linear kernel (kernels/cpu_kernels.c) at every row
