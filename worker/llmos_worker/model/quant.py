@@ -289,8 +289,8 @@ class BlockLinear(Linear):
         k = weight.shape[1]
         if k % BLOCK:
             raise ModelLoadError(
-                f"quantization {self.mode!r} needs in_features a multiple of {BLOCK}; "
-                f"a projection has {k}"
+                f"quantization 'int4' stores blocks of {BLOCK} along K: in_features must be a "
+                f"multiple of {BLOCK}; a projection has {k}"
             )
         super().__init__(weight)
         self.weight = self.quantize(weight)

@@ -531,7 +531,7 @@ _BLOCK_MAX_K = 65536  # cpu_kernels.c LIN_BLK_MAX_K
 def weight_type(packed: torch.Tensor) -> int:
     """cpu_kernels.c's LLMOS_W_* of a packed weight (checked by `_check_packed`)."""
     if packed.dtype is torch.uint8:
-        return 5 if packed.shape[2] == _BLOCK_BYTES[5] else 4
+        return 5 if packed.dim() == 3 and packed.shape[2] == _BLOCK_BYTES[5] else 4
     return _WEIGHT_TYPES[packed.dtype]
 
 

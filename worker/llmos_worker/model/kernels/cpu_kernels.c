@@ -1735,7 +1735,6 @@ LIN_PDEFINE(lin_bf16, LLMOS_W_BF16)
 #endif
 
 static inline int64_t lin_blk_bytes(int kind) { return kind == LLMOS_W_Q4 ? 320 : 544; }
-static inline int64_t lin_blk_values(int kind) { return kind == LLMOS_W_Q4 ? 64 : 32; }
 
 /* xs[b] = the sum of x[32b .. 32b + 31] */
 static inline void lin_blk_xsums(const float *x, int64_t K, float *xs) {
@@ -1764,7 +1763,9 @@ static inline __attribute__((always_inline)) void lin_blk_pair8(const uint8_t *b
     }
 }
 
-/* Panel p dequantised to fp32 in the packed fp32 layout: dst[k * 16 + r]. */
+/* Panel p dequantised to fp32 in the packed fp32 layout: dst[k * 16 + r]. why always_inline:
+ * as a function of its own, GCC 12.2 at -O3 cloned it for the 8-bit kind (IPA-CP) and the clone
+ * wrote garbage (-O2 and -fno-ipa-cp-clone were right); inlined, each caller has kind constant. */
 static inline __attribute__((always_inline)) void lin_blk_widen(const uint8_t *w, int kind,
                                                                int64_t p, int64_t K, float *dst) {
     const int64_t kb = K / 32, bytes = lin_blk_bytes(kind);
