@@ -274,7 +274,11 @@ def derive(
 ) -> dict[str, Any]:
     """The model's tokens/s ceilings from measured matmul rates (GFLOP/s; fp32 the fastest
     fp32 matmul measured, int8 the worker's integer product) and bandwidth (GB/s)."""
+    from llmos_worker.model.quant import BLOCK, PANEL, Q4_BYTES, Q8_BYTES
+
     fp32_bytes = 4 * model.read_per_token
+    # int4: the layers in 4-bit blocks, the LM head in 8-bit blocks (bytes per weight)
+    int4_bytes = (Q4_BYTES * model.layer_params + Q8_BYTES * model.head_params) / (PANEL * BLOCK)
     return {
         "matmul_gflops_fp32": fp32,
         "matmul_gflops_bf16": bf16,
@@ -291,9 +295,7 @@ def derive(
         # scales are a few KiB), int4: 20 bytes per 32 layer weights, 34 per 32 of the LM head
         "batch1_mem_tok_s_fp16": bw * 1e9 / (2 * model.read_per_token),
         "batch1_mem_tok_s_int8": bw * 1e9 / model.read_per_token,
-        "batch1_mem_tok_s_int4": bw
-        * 1e9
-        / (0.625 * model.layer_params + 1.0625 * model.head_params),
+        "batch1_mem_tok_s_int4": bw * 1e9 / int4_bytes,
     }
 
 

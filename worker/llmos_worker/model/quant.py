@@ -70,7 +70,8 @@ QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 
 PANEL = 16  # output rows per packed panel: LIN_PNR in kernels/cpu_kernels.c
 BLOCK = 32  # values of k per block of the block-quantised weights (GGUF's Q4_1, Q8_0)
-Q8_BYTES = 544  # bytes per (panel, block) of 8-bit blocks: cpu_kernels.c lin_blk_bytes
+# bytes per (panel, block) of 4-bit and 8-bit blocks: cpu_kernels.c lin_blk_bytes
+Q4_BYTES, Q8_BYTES = 320, 544
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
@@ -277,15 +278,16 @@ def unpack_blocks(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class BlockLinear(Linear):
-    """Weights in blocks of 32 along K with fp16 scales, as GGUF stores them (4-bit Q4_1 with a
-    minimum per block too, or 8-bit Q8_0).
+    """Weights in blocks of 32 along K with fp16 scales, as GGUF stores them: `mode` "int4"
+    (4-bit values with a minimum per block too, Q4_1) or "q8_0" (8-bit values, Q8_0: int4's LM
+    head).
 
     Held in the native kernel's block layout (`pack_blocks`) either way: `packed` says whether
     the native kernel multiplies it; unpacked, the torch path dequantises it per call (correct,
     but slow).
     """
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, mode: str) -> None:
         k = weight.shape[1]
         if k % BLOCK:
             raise ModelLoadError(
@@ -293,10 +295,9 @@ class BlockLinear(Linear):
                 f"multiple of {BLOCK}; a projection has {k}"
             )
         super().__init__(weight)
-        self.weight = self.quantize(weight)
-
-    def quantize(self, weight: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        self.mode = mode
+        quantized = quantize_q4(weight) if mode == "int4" else quantize_q8(weight)
+        self.weight = pack_blocks(*quantized)
 
     def pack(self) -> None:
         self.packed = True
@@ -306,24 +307,6 @@ class BlockLinear(Linear):
 
     def dense(self) -> torch.Tensor:
         return unpack_blocks(self.weight, self.out_features)
-
-
-class Int4Linear(BlockLinear):
-    """4-bit values, an fp16 scale and minimum per block of 32 (GGUF's Q4_1)."""
-
-    mode = "int4"
-
-    def quantize(self, weight: torch.Tensor) -> torch.Tensor:
-        return pack_blocks(*quantize_q4(weight))
-
-
-class Q8BlockLinear(BlockLinear):
-    """int8 values, an fp16 scale per block of 32 (GGUF's Q8_0): int4's LM head."""
-
-    mode = "q8_0"
-
-    def quantize(self, weight: torch.Tensor) -> torch.Tensor:
-        return pack_blocks(*quantize_q8(weight))
 
 
 # modes whose LM head is stored another way (see LlamaModel.quantize): int4's as GGUF files keep
@@ -344,10 +327,8 @@ def make_linear(weight: torch.Tensor, mode: str, *, native: bool = True) -> Line
         return Int8Linear(weight)
     if mode == "bf16":
         return Bf16Linear(weight)
-    if mode == "int4":
-        return Int4Linear(weight)
-    if mode == "q8_0":  # not a mode of its own: int4's LM head
-        return Q8BlockLinear(weight)
+    if mode in ("int4", "q8_0"):  # q8_0: not a mode of its own, int4's LM head
+        return BlockLinear(weight, mode)
     raise ModelLoadError(f"unknown quantization {mode!r}; use one of {list(QUANTIZATIONS)}")
 
 
