@@ -96,8 +96,10 @@ def test_rate_limits_answer_429_per_key_and_refund_unused_tokens(tiny_model_dir:
         {"perApiKey": {"requestsPerMinute": 2, "tokensPerMinute": 1000}, "priority": 0}
     )
     limiter = RateLimiter(limits)
+    # why: buckets are per authenticated tenant; unauthenticated callers share one per address
+    auth = ApiKeyAuth({hash_key(key): key for key in ("a", "b", "probe", "c")})
     with InProcessServer(
-        engine_factory(str(tiny_model_dir)), served_model_name="tiny", limiter=limiter
+        engine_factory(str(tiny_model_dir)), served_model_name="tiny", limiter=limiter, auth=auth
     ) as srv:
 
         def call(key: str, **fields: Any) -> httpx.Response:
@@ -125,7 +127,7 @@ def test_rate_limits_answer_429_per_key_and_refund_unused_tokens(tiny_model_dir:
         assert short["choices"][0]["finish_reason"] == "stop"
         used = short["usage"]["total_tokens"]
         assert used < 50
-        assert limiter.check("c", 1000 - used - 2) is None  # without the refund: ~100 left
+        assert limiter.check("tenant:c", 1000 - used - 2) is None  # without the refund: ~100 left
 
 
 def test_probes_while_the_model_loads(tiny_model_dir: Path) -> None:

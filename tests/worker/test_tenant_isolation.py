@@ -18,7 +18,8 @@ PROMPT = " ".join(f"word{i}" for i in range(120))  # many full blocks
 
 
 def prefix_hits(url: str) -> float:
-    text = httpx.get(url + "/metrics").text
+    # why: with API keys and no separate metrics port, /metrics is behind the key too
+    text = httpx.get(url + "/metrics", headers={"Authorization": "Bearer key-a"}).text
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()

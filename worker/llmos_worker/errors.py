@@ -36,6 +36,11 @@ class EngineOverloadedError(WorkerError):
         self.retry_after_s = retry_after_s
 
 
+class RateLimitExceededError(EngineOverloadedError):
+    """The caller's rate limit (requests or tokens per minute) is spent for now (HTTP 429,
+    OpenAI's code `rate_limit_exceeded`)."""
+
+
 class EngineDeadError(WorkerError):
     """The engine loop stopped on an internal failure; no request can be served."""
 

@@ -12,6 +12,7 @@ drives `step()` from one thread and calls `add_request`/`abort` between steps.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
@@ -51,6 +52,13 @@ class Runner(Protocol):
     """What the engine needs from a model runner (`llmos_worker.model.runner.ModelRunner`)."""
 
     def execute(self, batch: ForwardBatch) -> torch.Tensor: ...
+
+
+log = logging.getLogger(__name__)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.0f} MiB"
 
 
 class LLMEngine:
@@ -120,23 +128,46 @@ class LLMEngine:
 
     @staticmethod
     def _size_cache(loaded: LoadedModel, config: EngineConfig, max_pos: int) -> int:
+        """Blocks for every seat at full length (`max_num_seqs` x `max_model_len`), no more,
+        capped by `kv_cache_memory_fraction` of the memory available; an explicit
+        `kv_cache_memory_bytes` replaces the cap. The choice and its reason are logged."""
         from llmos_worker.model.memory import available_memory_bytes
         from llmos_worker.model.runner import ModelRunner
 
         per_block = ModelRunner.bytes_per_block(loaded.config, config.block_size, config.kv_dtype())
-        budget = config.kv_cache_memory_bytes
-        if budget is None:
-            budget = int(available_memory_bytes(config.device) * config.kv_cache_memory_fraction)
-        num_blocks = budget // per_block
-        if num_blocks < 1:
+        max_len = config.max_model_len or max_pos
+        useful = config.max_num_seqs * -(-max_len // config.block_size) + 1
+        if config.kv_cache_memory_bytes is not None:
+            budget = config.kv_cache_memory_bytes
+            cap = f"kv_cache_memory_bytes {_mib(budget)}"
+        else:
+            available = available_memory_bytes(config.device)
+            budget = int(available * config.kv_cache_memory_fraction)
+            cap = (
+                f"kv_cache_memory_fraction {config.kv_cache_memory_fraction:g} of "
+                f"{_mib(available)} available"
+            )
+        if budget // per_block < 1:
             raise InvalidRequestError(
                 f"the KV cache budget of {budget} bytes holds no block of {per_block} bytes",
                 param="kv_cache_memory_bytes",
             )
-        # why: more blocks than every seat at full length can use is wasted memory
-        max_len = config.max_model_len or max_pos
-        useful = config.max_num_seqs * -(-max_len // config.block_size) + 1
-        return int(min(num_blocks, useful))
+        num_blocks = int(min(budget // per_block, useful))
+        why = (
+            f"all of max_num_seqs {config.max_num_seqs} x max_model_len {max_len}, within {cap}"
+            if num_blocks == useful
+            else f"max_num_seqs {config.max_num_seqs} x max_model_len {max_len} would take "
+            f"{_mib(useful * per_block)}; capped by {cap}"
+        )
+        log.info(
+            "KV cache: %d blocks of %d tokens (%s, %s): %s",
+            num_blocks,
+            config.block_size,
+            _mib(num_blocks * per_block),
+            config.kv_dtype(),
+            why,
+        )
+        return num_blocks
 
     # ---------------------------------------------------------------- requests
     def add_request(

@@ -2,12 +2,18 @@
 
 The cache is allocated once, zeroed (so padded reads are finite), as one tensor
 (layers, 2, num_blocks, block_size, kv_heads, head_dim) in the model dtype (or an opt-in
-`kv_dtype`: float16 halves its bytes) on the model's device;
+`kv_dtype`: float16 halves its bytes) on the model's device. On the CPU a cache of 1 MiB or more
+is an anonymous memory mapping, which the kernel hands out zero-filled page by page on first
+write: the process's resident memory grows with the blocks actually used, not with the budget
+(a 4 GiB cache costs nothing until requests fill it);
 the engine's block manager hands out block ids into it. `execute` returns float32 logits on CPU
 for exactly the rows the scheduler asked for.
 """
 
 from __future__ import annotations
+
+import math
+import mmap
 
 import torch
 
@@ -23,6 +29,22 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise ModelLoadError(f"unsupported dtype {dtype!r}; use one of {sorted(DTYPES)}")
     return DTYPES[dtype]
+
+
+LAZY_MIN_BYTES = 1 << 20
+
+
+def zeroed(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
+) -> tuple[torch.Tensor, mmap.mmap | None]:
+    """A zero tensor; on the CPU from `LAZY_MIN_BYTES` up, backed by an anonymous mapping whose
+    pages are committed on first write (returned too: it must outlive the tensor)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    nbytes = elem * math.prod(shape)
+    if torch.device(device).type != "cpu" or nbytes < LAZY_MIN_BYTES:
+        return torch.zeros(shape, dtype=dtype, device=device), None
+    mapping = mmap.mmap(-1, nbytes)  # POSIX: anonymous mappings read as zeros
+    return torch.frombuffer(mapping, dtype=dtype).view(shape), mapping
 
 
 class ModelRunner:
@@ -47,16 +69,9 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         # (layers, K/V, blocks, block_size, Hkv, D)
-        self.kv_cache = torch.zeros(
-            cfg.num_layers,
-            2,
-            num_blocks,
-            block_size,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            dtype=self.kv_dtype,
-            device=loaded.device,
-        )
+        shape = (cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self._kv_mapping: mmap.mmap | None = None
+        self.kv_cache, self._kv_mapping = zeroed(shape, self.kv_dtype, loaded.device)
         self.layer_caches = list(self.kv_cache.unbind(0))
 
     @staticmethod

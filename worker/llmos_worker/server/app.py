@@ -4,11 +4,18 @@ Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`, `
 (the process and its engine thread are alive), `GET /ready` (model loaded, engine stepping, not
 draining), `GET /metrics` (Prometheus text). Request bodies must be JSON objects (content type
 `application/json`, or none) of at most `max_body_bytes`; every failure, including unknown routes
-and wrong methods, is answered in OpenAI's error shape. With an API key file, `/v1/*` requires a
-bearer key and the key's tenant salts the prefix cache; with a rate-limit file, requests are
-admitted against the key's and the namespace's token buckets (429 + Retry-After beyond them).
-The engine is loaded by `loader` in a
-thread after start-up, so probes answer while a large model is still loading.
+and wrong methods, is answered in OpenAI's error shape. Strings are taken as any valid JSON
+string: a lone UTF-16 surrogate (`"\\ud800"`, valid JSON but no Unicode character) becomes
+U+FFFD, as a UTF-8 decoder treats a broken sequence. With an API key file, `/v1/*` (the model
+list included, as OpenAI does) requires a bearer key and the key's tenant salts the prefix cache;
+with a rate-limit file, requests are admitted against the caller's and the namespace's token
+buckets (429 + Retry-After beyond them). At most `max_inflight_requests` API requests are read,
+queued or answered at once; beyond that 503 + Retry-After (probes and metrics are not counted, so
+they answer under load). `/metrics`: with a metrics port, served there only and without a key (the
+pod's network policy decides who reaches it); without one, on the API port and behind the API key
+when keys are configured. A client that disconnects mid-request is logged at DEBUG. The engine is
+loaded by `loader` in a thread after start-up, so probes answer while a large model is still
+loading.
 """
 
 from __future__ import annotations
@@ -19,13 +26,16 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from prometheus_client import CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from llmos_worker.server.admission import ANONYMOUS, Caller
+from llmos_worker.server.admission import Caller
 from llmos_worker.server.async_engine import AsyncEngine, Engine
 from llmos_worker.server.chat import create_chat_completion
 from llmos_worker.server.completions import create_completion
@@ -33,6 +43,7 @@ from llmos_worker.server.errors import HTTPError, error_json, error_response
 from llmos_worker.server.metrics import CONTENT_TYPE, ServerMetrics
 from llmos_worker.server.response import ModelCard, ModelList
 from llmos_worker.server.state import ServerState
+from llmos_worker.server.transport import TransportCollector
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +72,7 @@ async def read_json(request: Request, limit: int) -> object:
     if not body.strip():
         raise HTTPError(400, "request body is empty; expected a JSON object", code="invalid_json")
     try:
-        value = json.loads(bytes(body))
+        value = json.loads(bytes(body), object_pairs_hook=_clean_object)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise HTTPError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(value, dict):
@@ -69,30 +80,105 @@ async def read_json(request: Request, limit: int) -> object:
     return value
 
 
-def identify(state: ServerState, authorization: str | None) -> Caller:
-    """The caller; with an API key file, 401 unless the bearer key is known."""
-    scheme, _, token = (authorization or "").partition(" ")
-    token = token.strip() if scheme.lower() == "bearer" else ""
+def clean_text(text: str) -> str:
+    """`text` with each lone surrogate replaced by U+FFFD (no copy when there is none)."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # why: json.loads already joined valid surrogate pairs; what is left cannot be encoded
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text
+
+
+def _clean(value: object) -> object:
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, list):
+        return [_clean(item) for item in value]
+    return value  # dicts were cleaned by their own hook, numbers need nothing
+
+
+def _clean_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    return {clean_text(key): _clean(value) for key, value in pairs}
+
+
+def identify(state: ServerState, request: Request) -> Caller:
+    """The caller; with an API key file, 401 unless the bearer key is known. Without one, the
+    caller is known only by its address: a bearer token nobody can check names nobody."""
     if state.auth is None:
-        return Caller(api_key=token or ANONYMOUS)
-    principal = state.auth.authenticate(authorization)
+        return Caller.anonymous(request.client.host if request.client else None)
+    principal = state.auth.authenticate(request.headers.get("authorization"))
     if principal is None:
         raise HTTPError(
             401, "a valid API key is required (Authorization: Bearer)", code="invalid_api_key"
         )
-    return Caller(tenant=principal.tenant, api_key=token)
+    return Caller.authenticated(principal.tenant, principal.priority)
 
 
 def _endpoint(state: ServerState, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         try:
-            caller = identify(state, request.headers.get("authorization"))
+            caller = identify(state, request)
             body = await read_json(request, state.max_body_bytes)
             return await handler(state, body, request, caller)
+        except ClientDisconnect:
+            # why: a client gone mid-body is its own business, not an error of ours; nobody
+            # reads the answer, and a traceback per such client floods the log
+            log.debug("client %s disconnected before its request was read", request.client)
+            return Response(status_code=400)
         except Exception as exc:
             return error_response(exc)
 
     return endpoint
+
+
+# routes that answer whatever the load: probes and the metrics page
+_UNCOUNTED = frozenset({"/health", "/ready", "/metrics"})
+
+
+class ListenerGuard:
+    """ASGI middleware: which port serves what, and the cap on in-flight API requests.
+
+    With a metrics port, that port serves `/metrics` only and the API port everything else. An
+    API request past `max_inflight_requests` gets 503 + Retry-After before its body is read;
+    the count covers a request from its head to its response's last byte (streams included).
+    """
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state, path = self.state, scope["path"]
+        if state.metrics_port is not None:
+            server = scope.get("server")
+            on_metrics_port = server is not None and server[1] == state.metrics_port
+            if on_metrics_port != (path == "/metrics"):
+                await error_json(404, "no such route")(scope, receive, send)
+                return
+        if path in _UNCOUNTED:
+            await self.app(scope, receive, send)
+            return
+        if state.inflight_requests >= state.max_inflight_requests:
+            response = error_json(
+                503,
+                f"the server is handling its maximum of {state.max_inflight_requests} requests; "
+                "retry shortly",
+                code="too_many_requests_in_flight",
+                headers={"Retry-After": "1"},
+            )
+            await response(scope, receive, send)
+            return
+        state.inflight_requests += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            state.inflight_requests -= 1
 
 
 def build_app(
@@ -140,7 +226,11 @@ def build_app(
         )
         return error_json(503, f"not ready: {reason}", code="not_ready")
 
-    async def models(_: Request) -> Response:
+    async def models(request: Request) -> Response:
+        try:
+            identify(state, request)
+        except HTTPError as exc:
+            return error_response(exc)
         if state.front is None:
             return error_json(
                 503, state.load_error or "the model is still loading", code="not_ready"
@@ -152,11 +242,22 @@ def build_app(
         )
         return JSONResponse(ModelList(data=[card]).model_dump())
 
-    async def metrics(_: Request) -> Response:
+    transport_registry = CollectorRegistry(auto_describe=False)
+    if state.transport is not None:
+        transport_registry.register(TransportCollector(state.transport, lambda: state))
+
+    async def metrics(request: Request) -> Response:
+        if state.metrics_port is None:
+            try:
+                identify(state, request)
+            except HTTPError as exc:
+                return error_response(exc)
         registry_text = b""
         if state.front is not None and state.front.metrics is not None:
             registry_text = state.front.metrics.render()
-        return Response(registry_text, media_type=CONTENT_TYPE)
+        return Response(
+            registry_text + generate_latest(transport_registry), media_type=CONTENT_TYPE
+        )
 
     async def http_exception(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -179,6 +280,7 @@ def build_app(
     return Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=[Middleware(ListenerGuard, state=state)],
         exception_handlers={HTTPException: http_exception, Exception: server_error},
     )
 

@@ -2,12 +2,14 @@
 
 The pool's Secret is mounted as a JSON file (`--api-keys-file`, env `LLMOS_API_KEYS_FILE`):
 
-    {"keys": [{"tenant": "team-a", "sha256": "<hex digest of the key>"}, ...]}
+    {"keys": [{"tenant": "team-a", "sha256": "<hex digest of the key>", "priority": -1}, ...]}
 
 so neither the Secret nor the worker's memory holds a usable key. A presented token is hashed and
 compared with every stored digest using `hmac.compare_digest` (no early exit), so response time does
 not reveal how much of a digest matched. The tenant of the matching key scopes rate limits and salts
-the prefix cache, so one tenant cannot probe another's cached prompts through timing.
+the prefix cache, so one tenant cannot probe another's cached prompts through timing. The optional
+`priority` is the best (lowest) engine priority the key's requests may ask for; without it they
+may ask for the default 0 or later, never sooner.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ class ApiKeyFileError(WorkerError):
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the tenant their key belongs to."""
+    """Who is calling: the tenant their key belongs to, and the priority it was granted."""
 
     tenant: str
+    priority: int | None = None
 
 
 def hash_key(key: str) -> str:
@@ -39,9 +42,12 @@ def hash_key(key: str) -> str:
 class ApiKeyAuth:
     """Authenticates `Authorization: Bearer <key>` headers against stored digests."""
 
-    def __init__(self, digests: dict[str, str]) -> None:
+    def __init__(self, digests: dict[str, str], priorities: dict[str, int] | None = None) -> None:
         # hex digest -> tenant; digests are normalised to bytes once for constant-time comparison
-        self._entries = [(bytes.fromhex(d), t) for d, t in digests.items()]
+        grants = priorities or {}
+        self._entries = [
+            (bytes.fromhex(d), Principal(t, grants.get(d))) for d, t in digests.items()
+        ]
 
     @classmethod
     def from_file(cls, path: str | Path) -> ApiKeyAuth:
@@ -53,6 +59,7 @@ class ApiKeyAuth:
         if not isinstance(keys, list):
             raise ApiKeyFileError(f'API key file {path}: expected {{"keys": [...]}}')
         digests: dict[str, str] = {}
+        priorities: dict[str, int] = {}
         for i, entry in enumerate(keys):
             if not isinstance(entry, dict):
                 raise ApiKeyFileError(f"API key file {path}: keys[{i}] must be an object")
@@ -68,7 +75,14 @@ class ApiKeyAuth:
             except ValueError as exc:
                 raise ApiKeyFileError(f"API key file {path}: keys[{i}].sha256 is not hex") from exc
             digests[digest.lower()] = tenant
-        return cls(digests)
+            grant = entry.get("priority")
+            if grant is not None:
+                if isinstance(grant, bool) or not isinstance(grant, int):
+                    raise ApiKeyFileError(
+                        f"API key file {path}: keys[{i}].priority must be an integer"
+                    )
+                priorities[digest.lower()] = grant
+        return cls(digests, priorities)
 
     def authenticate(self, authorization: str | None) -> Principal | None:
         """The caller's principal, or None when the header is absent, malformed or unknown."""
@@ -79,8 +93,8 @@ class ApiKeyAuth:
         if scheme.lower() != "bearer" or not token:
             return None
         presented = hashlib.sha256(token.encode()).digest()
-        found: str | None = None
-        for digest, tenant in self._entries:  # why: compare every entry, no early exit
+        found: Principal | None = None
+        for digest, principal in self._entries:  # why: compare every entry, no early exit
             if hmac.compare_digest(presented, digest):
-                found = tenant
-        return Principal(found) if found is not None else None
+                found = principal
+        return found

@@ -16,7 +16,12 @@ import math
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
-from llmos_worker.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
+from llmos_worker.errors import (
+    EngineDeadError,
+    EngineOverloadedError,
+    InvalidRequestError,
+    RateLimitExceededError,
+)
 from llmos_worker.server.response import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -94,7 +99,9 @@ def to_http_error(exc: Exception) -> HTTPError:
         return HTTPError(400, exc.message, param=exc.param, code=exc.code or "invalid_value")
     if isinstance(exc, EngineOverloadedError):
         retry = str(max(1, math.ceil(exc.retry_after_s)))
-        return HTTPError(429, str(exc), code="engine_overloaded", headers={"Retry-After": retry})
+        limited = isinstance(exc, RateLimitExceededError)
+        code = "rate_limit_exceeded" if limited else "engine_overloaded"
+        return HTTPError(429, str(exc), code=code, headers={"Retry-After": retry})
     if isinstance(exc, EngineDeadError):
         return HTTPError(503, str(exc), code="engine_unavailable")
     raise exc

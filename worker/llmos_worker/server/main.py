@@ -11,9 +11,11 @@ once. torch is imported only when the command runs, not when the CLI parser is b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
+import socket
 import sys
 import time
 from types import FrameType
@@ -24,6 +26,8 @@ import uvicorn
 from llmos_worker.cli import env_default
 from llmos_worker.engine.config import DType, EngineConfig, KVCacheDType, Quantization
 from llmos_worker.errors import WorkerError
+from llmos_worker.server.logfilter import RateLimitFilter
+from llmos_worker.server.transport import TransportLimits, guarded_protocol
 
 if TYPE_CHECKING:
     from llmos_worker.server.async_engine import Engine
@@ -124,6 +128,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a("--max-body-bytes", type=int, default=e("max_body_bytes", str(4 * 1024 * 1024)))
     a(
+        "--max-connections",
+        type=int,
+        default=e("max_connections", "2048"),
+        help="open connections allowed; beyond it the oldest idle one is closed, or the new one "
+        "gets 503 + Retry-After when every connection is inside a request (kept under the "
+        "process's file-descriptor limit)",
+    )
+    a(
+        "--max-inflight-requests",
+        type=int,
+        default=e("max_inflight_requests", "1024"),
+        help="API requests being read, queued or answered at once; beyond it 503 + Retry-After",
+    )
+    a(
+        "--header-read-timeout",
+        type=float,
+        default=e("header_read_timeout", "10"),
+        help="seconds a connection has to send a complete request head (also bounds idle "
+        "keep-alive connections)",
+    )
+    a(
+        "--body-read-timeout",
+        type=float,
+        default=e("body_read_timeout", "60"),
+        help="seconds a request has to send its whole body after its head",
+    )
+    a(
+        "--keep-alive-timeout",
+        type=float,
+        default=e("keep_alive_timeout", "5"),
+        help="seconds an idle keep-alive connection stays open between requests",
+    )
+    a(
+        "--metrics-port",
+        type=_optional_int,
+        default=e("metrics_port"),
+        help="serve /metrics on this port only, without an API key (the pod's network policy "
+        "decides who reaches it); unset: /metrics on the API port, behind the API key when "
+        "keys are configured",
+    )
+    a(
         "--drain-timeout",
         type=float,
         default=e("drain_timeout", "30"),
@@ -164,12 +209,14 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, fmt: str) -> None:
+    """One handler on the root logger, rate-limited per message template (see logfilter)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter()
         if fmt == "json"
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    handler.addFilter(RateLimitFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -193,6 +240,41 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def fd_budget(requested: int, reserve: int = 64) -> int:
+    """Connections the process can hold: raise the soft file-descriptor limit to the hard one
+    and keep `reserve` descriptors for the model, logs and the listeners themselves."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+    except ImportError:  # pragma: no cover - not POSIX
+        return requested
+    allowed = max(1, soft - reserve)
+    if requested > allowed:
+        log.warning(
+            "--max-connections %d is over what the file-descriptor limit (%d) allows; using %d",
+            requested,
+            soft,
+            allowed,
+        )
+    return min(requested, allowed)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket as uvicorn binds one (SO_REUSEADDR, IPv6 when the host is)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
 def run(args: argparse.Namespace) -> int:
     from llmos_worker.server.app import build_app
     from llmos_worker.server.auth import ApiKeyAuth
@@ -204,14 +286,27 @@ def run(args: argparse.Namespace) -> int:
         config = engine_config(args)
         auth = ApiKeyAuth.from_file(args.api_keys_file) if args.api_keys_file else None
         limiter = RateLimiter.from_file(args.rate_limits_file) if args.rate_limits_file else None
-    except WorkerError as exc:
+        limits = TransportLimits(
+            header_timeout_s=args.header_read_timeout,
+            body_timeout_s=args.body_read_timeout,
+            max_connections=fd_budget(args.max_connections),
+        )
+        if args.max_inflight_requests < 1:
+            raise WorkerError("--max-inflight-requests must be at least 1")
+        if args.keep_alive_timeout <= 0:
+            raise WorkerError("--keep-alive-timeout must be positive")
+    except (WorkerError, ValueError) as exc:
         log.error("invalid settings: %s", exc)
         return 2
+    protocol, transport_stats = guarded_protocol(limits)
     state = ServerState(
         served_model_name=args.served_model_name,
         max_body_bytes=args.max_body_bytes,
         auth=auth,
         limiter=limiter,
+        max_inflight_requests=args.max_inflight_requests,
+        metrics_port=args.metrics_port,
+        transport=transport_stats,
     )
 
     def loader() -> Engine:
@@ -240,20 +335,35 @@ def run(args: argparse.Namespace) -> int:
         app,
         host=args.host,
         port=args.port,
+        http=protocol,
         log_config=None,
         access_log=args.access_log,
         lifespan="on",
         timeout_graceful_shutdown=5,
-        timeout_keep_alive=5,
+        timeout_keep_alive=args.keep_alive_timeout,
+        backlog=min(4096, limits.max_connections),
     )
+    try:
+        sockets = [bind(args.host, args.port)]
+        if args.metrics_port is not None:
+            sockets.append(bind(args.host, args.metrics_port))
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", args.host, exc)
+        return 1
     server = DrainingServer(uv_config, state, drain_timeout_s=args.drain_timeout)
     log.info(
-        "serving %s on http://%s:%d (model loads in the background)",
+        "serving %s on http://%s:%d%s (model loads in the background); at most %d connections, "
+        "%d in-flight requests, request heads within %.0f s, bodies within %.0f s",
         args.model,
         args.host,
         args.port,
+        f", /metrics on port {args.metrics_port}" if args.metrics_port is not None else "",
+        limits.max_connections,
+        args.max_inflight_requests,
+        limits.header_timeout_s,
+        limits.body_timeout_s,
     )
-    server.run()
+    server.run(sockets=sockets)
     if failures:
         return 1
     if not server.started:

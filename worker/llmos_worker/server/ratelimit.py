@@ -13,8 +13,11 @@ Each limit is a token bucket holding one minute's allowance and refilling contin
 estimate (prompt + max output tokens) from the token buckets of its API key and of the
 namespace (every request this worker serves is in the pool's namespace); it is admitted only if
 all its buckets can pay, otherwise nothing is taken and the caller gets the seconds until they
-can (HTTP 429 + Retry-After). A request larger than a whole bucket is admitted when that bucket
-is full and leaves it in debt, so it is slow but never impossible. Unused reserved tokens can be
+can (HTTP 429 + Retry-After, code `rate_limit_exceeded`). The key of a caller's buckets is
+its authenticated tenant, or its client IP when it has no API key (see `admission`): each
+distinct key costs a few buckets (full, idle ones are dropped past `MAX_TRACKED_KEYS`). A
+request larger than a whole bucket is admitted when that bucket is full and leaves it in debt,
+so it is slow but never impossible. Unused reserved tokens can be
 given back with `refund`. Keys are held only as SHA-256 digests. The file is re-read when its
 mtime changes (kubelet updates ConfigMap mounts in place); buckets keep their levels across
 reloads. `priority` is the best engine priority the pool's requests may have (lower is served
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmos_worker.errors import EngineOverloadedError, WorkerError
+from llmos_worker.errors import RateLimitExceededError, WorkerError
 
 ENV_VAR = "LLMOS_RATE_LIMITS_FILE"
 MAX_TRACKED_KEYS = 10_000  # why: bound memory; full (idle) buckets are dropped beyond this
@@ -203,11 +206,11 @@ class RateLimiter:
             return None
 
     def enforce(self, key: str, tokens: int) -> None:
-        """`check`, raising EngineOverloadedError (HTTP 429 + Retry-After) when over the limit."""
+        """`check`, raising RateLimitExceededError (HTTP 429 + Retry-After) when over the limit."""
         wait = self.check(key, tokens)
         if wait is not None:
-            raise EngineOverloadedError(
-                f"rate limit exceeded for this API key or namespace "
+            raise RateLimitExceededError(
+                f"rate limit exceeded for this caller or namespace "
                 f"{self._limits.namespace or '(unnamed)'}; retry in {math.ceil(wait)} s",
                 retry_after_s=wait,
             )

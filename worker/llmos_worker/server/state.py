@@ -17,6 +17,7 @@ from llmos_worker.server.async_engine import AsyncEngine
 from llmos_worker.server.auth import ApiKeyAuth
 from llmos_worker.server.generation import TokenText, token_text_fn
 from llmos_worker.server.ratelimit import RateLimiter
+from llmos_worker.server.transport import TransportStats
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -27,7 +28,11 @@ class ServerState:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     auth: ApiKeyAuth | None = None
     limiter: RateLimiter | None = None
+    max_inflight_requests: int = 1024  # API requests at once; beyond it 503 + Retry-After
+    metrics_port: int | None = None  # set: /metrics only on this port, without a key
+    transport: TransportStats | None = None  # the guarded transport's counters, when it runs
     front: AsyncEngine | None = None
+    inflight_requests: int = 0
     draining: bool = False
     load_error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
