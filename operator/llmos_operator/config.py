@@ -20,6 +20,9 @@ class OperatorConfig:
     worker_image: str = "ghcr.io/llmos-dev/llmos-worker:0.1.0"
     worker_image_pull_policy: str = "IfNotPresent"
     worker_port: int = 8000
+    # why: /metrics on its own port, without an API key; the NetworkPolicy admits only the
+    # operator and monitoring to it
+    worker_metrics_port: int = 9090
     cluster_domain: str = "cluster.local"
     models_mount_path: str = "/models"
     # why: a pool waiting for its model retries this often (kopf.TemporaryError delay)

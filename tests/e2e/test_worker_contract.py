@@ -116,6 +116,8 @@ def test_rendered_loader_and_worker_serve_a_chat_completion(tmp_path: Path) -> N
     assert args[args.index("--model") + 1] == str(load_dir)
     port = free_port()
     args[args.index("--port") + 1] = str(port)
+    metrics_port = free_port()
+    args[args.index("--metrics-port") + 1] = str(metrics_port)
     executable = shutil.which(container["command"][0], path=str(Path(sys.executable).parent))
     assert executable, f"{container['command'][0]} is not installed"
 
@@ -155,8 +157,10 @@ def test_rendered_loader_and_worker_serve_a_chat_completion(tmp_path: Path) -> N
         )
         assert reply.choices[0].message.content
         assert reply.model == "smollm2"
-        metrics = httpx.get(base + "/metrics", timeout=5)
-        assert metrics.status_code == 200
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
+        assert metrics.status_code == 200 and "llmos_http_open_connections" in metrics.text
+        # the API port does not serve the key-less metrics page
+        assert httpx.get(base + "/metrics", timeout=5).status_code == 404
     finally:
         process.terminate()
         try:

@@ -100,8 +100,13 @@ def test_deployment_runs_the_worker_with_its_settings() -> None:
     [worker] = pod["containers"]
     assert worker["command"] == ["llmos-worker", "serve"]
     assert worker["args"] == [
-        "--model", "/models/v-0123456789", "--host", "0.0.0.0", "--port", "8000"
+        "--model", "/models/v-0123456789", "--host", "0.0.0.0", "--port", "8000",
+        "--metrics-port", "9090",
     ]  # fmt: skip
+    ports = {p["name"]: p["containerPort"] for p in worker["ports"]}
+    assert ports == {"http": 8000, "metrics": 9090}
+    annotations = dep["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == "9090"
     env = _env(worker)
     assert env["LLMOS_BLOCK_SIZE"] == "16"
     assert env["LLMOS_MAX_MODEL_LEN"] == "8192"

@@ -35,6 +35,7 @@ def worker_policy(access: dict[str, Any] | None, peers: ClusterPeers = PEERS) ->
         metadata={"labels": {"app.kubernetes.io/instance": "chat"}},
         pod_selector={"app.kubernetes.io/instance": "chat"},
         port=8000,
+        metrics_port=9090,
         access=PoolAccess.model_validate(access) if access is not None else None,
         peers=peers,
     )
@@ -68,14 +69,18 @@ def test_worker_ingress_allows_exactly_the_access_peers(
     spec = policy["spec"]
     assert spec["podSelector"] == {"matchLabels": {"app.kubernetes.io/instance": "chat"}}
     assert spec["policyTypes"] == ["Ingress", "Egress"]
-    [rule] = spec["ingress"]
-    assert rule["ports"] == [{"protocol": "TCP", "port": 8000}]
-    assert rule["from"] == [*expected_access_peers, OPERATOR_PEER, MONITORING_PEER]
+    api, metrics = spec["ingress"]
+    assert api["ports"] == [{"protocol": "TCP", "port": 8000}]
+    assert api["from"] == [*expected_access_peers, OPERATOR_PEER]
+    # /metrics answers without an API key, so only the scrapers reach its port
+    assert metrics["ports"] == [{"protocol": "TCP", "port": 9090}]
+    assert metrics["from"] == [OPERATOR_PEER, MONITORING_PEER]
 
 
 def test_no_monitoring_namespace_means_no_monitoring_peer() -> None:
     policy = worker_policy(None, ClusterPeers(monitoring_namespace=None))
-    assert MONITORING_PEER not in policy["spec"]["ingress"][0]["from"]
+    for rule in policy["spec"]["ingress"]:
+        assert MONITORING_PEER not in rule["from"]
 
 
 def test_worker_egress_is_dns_only() -> None:

@@ -2,9 +2,10 @@
 
 Worker pods (selected by the pool's selector labels) accept ingress on the serving port from:
 the peers in `spec.access` (each namespace selector, optionally narrowed by each pod selector), or
-the pool's own namespace when `access` names none; the operator's pods (readiness and metrics
-scraping for the autoscaler); and the monitoring namespace (Prometheus). Egress is DNS only: a
-worker never calls out. Loader Job pods accept no ingress and may reach DNS and port 443 only.
+the pool's own namespace when `access` names none, and the operator's pods (readiness). On the
+metrics port, which serves `/metrics` without an API key, only from the operator's pods (the
+autoscaler's scraping) and the monitoring namespace (Prometheus). Egress is DNS only: a worker
+never calls out. Loader Job pods accept no ingress and may reach DNS and port 443 only.
 """
 
 from __future__ import annotations
@@ -79,19 +80,18 @@ def build_worker_network_policy(
     metadata: dict[str, Any],
     pod_selector: dict[str, str],
     port: int,
+    metrics_port: int,
     access: PoolAccess | None,
     peers: ClusterPeers,
 ) -> dict[str, Any]:
     """The NetworkPolicy of one pool's worker pods. `metadata` carries labels and owner refs."""
-    allowed = access_peers(access)
-    allowed.append(
-        {
-            "namespaceSelector": _namespace(peers.operator_namespace),
-            "podSelector": {"matchLabels": dict(peers.operator_pod_labels)},
-        }
-    )
+    operator = {
+        "namespaceSelector": _namespace(peers.operator_namespace),
+        "podSelector": {"matchLabels": dict(peers.operator_pod_labels)},
+    }
+    scrapers: list[dict[str, Any]] = [operator]
     if peers.monitoring_namespace:
-        allowed.append({"namespaceSelector": _namespace(peers.monitoring_namespace)})
+        scrapers.append({"namespaceSelector": _namespace(peers.monitoring_namespace)})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -99,7 +99,13 @@ def build_worker_network_policy(
         "spec": {
             "podSelector": {"matchLabels": dict(pod_selector)},
             "policyTypes": ["Ingress", "Egress"],
-            "ingress": [{"from": allowed, "ports": [{"protocol": "TCP", "port": port}]}],
+            "ingress": [
+                {
+                    "from": [*access_peers(access), operator],
+                    "ports": [{"protocol": "TCP", "port": port}],
+                },
+                {"from": scrapers, "ports": [{"protocol": "TCP", "port": metrics_port}]},
+            ],
             "egress": [dns_egress()],
         },
     }

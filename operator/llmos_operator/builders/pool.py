@@ -137,7 +137,9 @@ def build_deployment(
     port = config.worker_port
     model_dir = f"{config.models_mount_path}/{model.path}"
     tmp_volume, tmp_mount = security.scratch_volume("2Gi")
+    metrics_port = config.worker_metrics_port
     args = ["--model", model_dir, "--host", "0.0.0.0", "--port", str(port)]
+    args += ["--metrics-port", str(metrics_port)]
     volumes: list[dict[str, Any]] = [ratelimits.worker_volume(ref.name)]
     mounts: list[dict[str, Any]] = [ratelimits.worker_volume_mount()]
     if model.key_ref is not None:
@@ -164,7 +166,10 @@ def build_deployment(
         "command": ["llmos-worker", "serve"],
         "args": args,
         "env": worker_env(spec, model),
-        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "ports": [
+            {"name": "http", "containerPort": port, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"},
+        ],
         "startupProbe": {
             "httpGet": {"path": "/health", **http_get},
             "periodSeconds": 5,
@@ -234,7 +239,7 @@ def build_deployment(
                         "llmos.dev/model-version": model.version,
                         "llmos.dev/model-digest": model.digest,
                         "prometheus.io/scrape": "true",
-                        "prometheus.io/port": str(port),
+                        "prometheus.io/port": str(config.worker_metrics_port),
                         "prometheus.io/path": "/metrics",
                     },
                 },
@@ -294,6 +299,7 @@ def build_network_policy(
         metadata=_metadata(ref, network_policy_name(ref.name)),
         pod_selector=selector_labels(ref.name),
         port=config.worker_port,
+        metrics_port=config.worker_metrics_port,
         access=spec.access,
         peers=cluster_peers(config),
     )

@@ -69,7 +69,7 @@ class AutoscalerSettings:
     scrape_timeout_s: float = 2.0
     concurrency: int = 32
     metrics_path: str = "/metrics"
-    port_name: str = "http"  # the worker container port serving /metrics
+    port_name: str = "metrics"  # the worker container port serving /metrics (else "http")
     metrics_port: int | None = 8081  # the operator's own /metrics; None = not served
 
     @classmethod
@@ -88,13 +88,15 @@ def policy_of(spec: Autoscaling) -> ScalingPolicy:
 
 
 def pod_target(pod: Mapping[str, Any], settings: AutoscalerSettings, default_port: int) -> str:
-    """The URL of a pod's metrics page, from its IP and its container port named `port_name`."""
+    """The URL of a pod's metrics page, from its IP and its container port named `port_name`
+    (a worker run without a metrics port serves /metrics on its `http` port)."""
     ip = str(pod["status"]["podIP"])
-    port = default_port
+    named: dict[str, int] = {}
     for container in pod.get("spec", {}).get("containers", []):
         for p in container.get("ports", []) or []:
-            if p.get("name") == settings.port_name and p.get("containerPort"):
-                port = int(p["containerPort"])
+            if p.get("name") and p.get("containerPort"):
+                named.setdefault(str(p["name"]), int(p["containerPort"]))
+    port = named.get(settings.port_name, named.get("http", default_port))
     host = f"[{ip}]" if ":" in ip else ip
     return f"http://{host}:{port}{settings.metrics_path}"
 
