@@ -130,7 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a(
         "--max-connections",
         type=int,
-        default=e("max_connections", "2048"),
+        default=e("max_connections", "8192"),
         help="open connections allowed; beyond it the oldest idle one is closed, or the new one "
         "gets 503 + Retry-After when every connection is inside a request (kept under the "
         "process's file-descriptor limit)",

@@ -43,7 +43,7 @@ class TransportLimits:
 
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
-    max_connections: int = 2048
+    max_connections: int = 8192
     retry_after_s: int = 1
 
     def __post_init__(self) -> None:
