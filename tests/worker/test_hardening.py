@@ -456,3 +456,23 @@ def test_the_default_cache_is_sized_from_seats_and_length_and_says_why(
     message = next(r.getMessage() for r in caplog.records if "KV cache" in r.getMessage())
     assert "22 blocks" in message and "max_num_seqs 3 x max_model_len 100" in message
     assert "kv_cache_memory_fraction 0.2" in message
+
+
+def test_the_log_filter_passes_a_burst_per_template_then_counts_what_it_dropped() -> None:
+    import logging
+
+    from llmos_worker.server.logfilter import RateLimitFilter
+
+    now = [0.0]
+    flt = RateLimitFilter(burst=3, window_s=60.0, clock=lambda: now[0])
+
+    def record(msg: str, *args: object) -> logging.LogRecord:
+        return logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, msg, args, None)
+
+    passed = [flt.filter(record("Invalid HTTP request from %s", i)) for i in range(100)]
+    assert passed.count(True) == 3, "the same template, whatever its arguments"
+    assert flt.filter(record("another message"))  # other templates are not limited by it
+    now[0] += 61.0
+    first = record("Invalid HTTP request from %s", "x")
+    assert flt.filter(first)
+    assert "97 similar messages suppressed" in first.getMessage()
