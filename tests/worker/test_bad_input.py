@@ -56,7 +56,12 @@ CASES = [
         headers={"content-type": "application/x-www-form-urlencoded"},
     ),
     Case("body-too-large", comp(prompt="a" * (MAX_BODY + 10)), 413),
-    Case("unknown-field", comp(frobnicate=1), param="frobnicate"),
+    Case(
+        "known-unsupported-field",
+        chat(audio={"voice": "alloy", "format": "wav"}),
+        param="audio",
+        path="/v1/chat/completions",
+    ),
     Case("missing-model", {"prompt": "x"}, param="model"),
     Case("model-not-string", comp(model=123), param="model"),
     Case("unknown-model", comp(model="gpt-9"), 404, param="model"),
@@ -159,7 +164,7 @@ CASES = [
     ),
     Case("chat-logprobs-not-bool", chat(logprobs=3), param="logprobs", path="/v1/chat/completions"),
     Case("get-on-post-route", None, 405, method="GET"),
-    Case("unknown-route", comp(), 404, path="/v1/embeddings"),
+    Case("unknown-route", comp(), 404, path="/v1/frobnicate"),
     Case("post-on-models", {}, 405, path="/v1/models"),
 ]
 

@@ -23,6 +23,7 @@ import torch
 from llmos_worker.engine.block_manager import BlockManager
 from llmos_worker.engine.config import EngineConfig
 from llmos_worker.engine.detokenizer import Detokenizer, init_offsets
+from llmos_worker.engine.guided import GuideCache
 from llmos_worker.engine.kv_copy import copy_kv_blocks
 from llmos_worker.engine.outputs import (
     CompletionOutput,
@@ -111,6 +112,7 @@ class LLMEngine:
         self.sampler = Sampler(config.seed)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.eos_token_ids: frozenset[int] = frozenset(self.tokenizer.eos_token_ids)
+        self.guides = GuideCache(getattr(self.tokenizer, "hf", None), self.vocab_size)
         self.requests: dict[str, Request] = {}
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -248,6 +250,8 @@ class LLMEngine:
             num_seats=params.n,
         )
         seq.generator = self._generator(params, 0)
+        if params.guide is not None:
+            seq.matcher = self.guides.matcher(params.guide)
         if params.logprobs is not None:
             seq.logprobs = []
         init_offsets(seq)
@@ -390,6 +394,7 @@ class LLMEngine:
             output_token_ids=seq.output_token_ids,
             generator=seq.generator,
             banned_token_ids=banned,
+            matcher=seq.matcher,
         )
 
     def _append(
@@ -405,14 +410,21 @@ class LLMEngine:
             metrics.first_token_time = now
         metrics.last_token_time = now
         p = seq.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+        is_eos = not p.ignore_eos and token in self.eos_token_ids
+        grammar_done = False
+        if seq.matcher is not None and not is_eos:
+            # why: a refused token means the grammar failed (it cannot happen for a token the
+            # mask allowed); the sequence ends rather than produce what the grammar forbids
+            refused = not seq.matcher.consume_token(token)
+            grammar_done = refused or seq.matcher.is_stopped()
+        if token in p.stop_token_ids or is_eos:
             # the stop token stays in token_ids but not in the text
             self.detokenizer.decode_new(seq, upto=seq.num_tokens - 1)
             seq.finish_reason = "stop"
             seq.stop_reason = token if token in p.stop_token_ids else None
         else:
             new_chars = self.detokenizer.decode_new(seq)
-            if self.detokenizer.check_stop_strings(seq, new_chars):
+            if self.detokenizer.check_stop_strings(seq, new_chars) or grammar_done:
                 seq.finish_reason = "stop"
             elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
                 seq.finish_reason = "length"

@@ -7,13 +7,18 @@ Validation raises `InvalidRequestError` naming the field, never `AssertionError`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from llmos_worker.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from llmos_worker.engine.guided import Guide
 
 MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
 
 
 @dataclass
@@ -37,6 +42,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: chosen token + top-k alternatives
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to logit
+    guide: Guide | None = None  # a grammar the output must follow (llmos_worker.engine.guided)
+    prompt_logprobs: int | None = None  # logprobs of the prompt's tokens (+ top-k), e.g. echo
 
     def __post_init__(self) -> None:
         def bad(param: str, message: str) -> InvalidRequestError:
@@ -74,6 +82,15 @@ class SamplingParams:
             raise bad("stop_token_ids", "stop_token_ids must be non-negative")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise bad("seed", "seed is out of range")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise bad("logit_bias", f"at most {MAX_LOGIT_BIAS} logit_bias entries are allowed")
+        for token, bias in self.logit_bias.items():
+            if token < 0:
+                raise bad("logit_bias", f"logit_bias keys must be token ids, got {token}")
+            if not -100.0 <= bias <= 100.0:
+                raise bad("logit_bias", f"logit_bias values must be in [-100, 100], got {bias}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise bad("prompt_logprobs", f"prompt_logprobs must be in [0, {MAX_LOGPROBS}]")
 
     @property
     def greedy(self) -> bool:

@@ -2,7 +2,9 @@
 
 Work is batched over rows that need the same treatment: penalties (repetition on prompt and
 output tokens, presence and frequency on output tokens, as in vLLM/OpenAI), banned tokens (eos
-and stop ids before `min_tokens`), temperature, min-p, top-k and top-p. Sampling uses the
+and stop ids before `min_tokens`), `logit_bias` (one scatter-add for every biased row), grammar
+masks (`llmos_worker.engine.guided`: every constrained row's allowed tokens unpacked at once and
+applied with one masked fill), temperature, min-p, top-k and top-p. Sampling uses the
 "exponential race" `argmax(p / q)`, `q ~ Exp(1)`, which draws exactly from `p`; a row with a seed
 draws its `q` from its own `torch.Generator`, so its tokens do not depend on what else is in the
 batch. Logprobs are those of the model's raw distribution (before any processing), vLLM's default.
@@ -13,9 +15,11 @@ from __future__ import annotations
 from collections.abc import Collection
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from llmos_worker.engine.guided import allowed_mask
 from llmos_worker.engine.outputs import TokenLogprob
 from llmos_worker.engine.params import SamplingParams
 
@@ -29,6 +33,7 @@ class SamplingRow:
     output_token_ids: Seq[int]
     generator: torch.Generator | None = None
     banned_token_ids: Collection[int] = field(default_factory=tuple)
+    matcher: Any = None  # llguidance matcher: only the tokens it allows may be sampled
 
 
 @dataclass
@@ -94,6 +99,34 @@ class Sampler:
     def __init__(self, seed: int = 0):
         self.generator = torch.Generator().manual_seed(seed)
 
+    @staticmethod
+    def _constrain(logits: torch.Tensor, rows: list[SamplingRow], *, copied: bool) -> torch.Tensor:
+        """`logit_bias` and grammar masks, batched over the rows that have them."""
+        v = logits.shape[1]
+        biased = [(i, r.params.logit_bias) for i, r in enumerate(rows) if r.params.logit_bias]
+        guided = [i for i, r in enumerate(rows) if r.matcher is not None]
+        if not biased and not guided:
+            return logits
+        if not copied:
+            logits = logits.clone()
+        if biased:
+            entries = [(i, t, b) for i, bias in biased for t, b in bias.items() if t < v]
+            if entries:
+                r_idx, c_idx, vals = zip(*entries, strict=True)
+                logits.index_put_(
+                    (torch.tensor(r_idx), torch.tensor(c_idx)),
+                    torch.tensor(vals, dtype=logits.dtype),
+                    accumulate=True,
+                )
+        if guided:
+            allowed = allowed_mask([rows[i].matcher for i in guided], v, v)
+            # why: a matcher that allows nothing (its grammar failed) must not leave the row all
+            # -inf; the engine ends such a sequence when the token is refused
+            allowed[~allowed.any(dim=1)] = True
+            index = torch.tensor(guided)
+            logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+        return logits
+
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
         """One token per row of `logits` (R, V) float32."""
         if len(rows) != logits.shape[0]:
@@ -117,6 +150,7 @@ class Sampler:
                 logits = logits.clone()
             for i, ids in banned:
                 logits[i, ids] = float("-inf")
+        logits = self._constrain(logits, rows, copied=bool(pen_rows or banned))
 
         tokens = logits.argmax(dim=-1)  # (R,): the greedy choice for every row
         rand_rows = [i for i, r in enumerate(rows) if not r.params.greedy]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -52,6 +53,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # hash chain of the full blocks
     num_preemptions: int = 0
     generator: torch.Generator | None = None  # per-request seeded sampling
+    matcher: Any = None  # llguidance matcher following the output, when the request has a guide
     # output side
     text: str = ""  # detokenized output, including a held-back partial stop string
     prefix_offset: int = 0  # detokenizer window, in output-token indices
@@ -108,6 +110,7 @@ class Sequence:
         child.read_offset = self.read_offset
         child.logprobs = None if self.logprobs is None else list(self.logprobs)
         child.cumulative_logprob = self.cumulative_logprob
+        child.matcher = None if self.matcher is None else self.matcher.deep_copy()
         return child
 
 

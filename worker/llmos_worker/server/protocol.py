@@ -1,14 +1,21 @@
 """OpenAI request bodies for `/v1/completions` and `/v1/chat/completions`, validated by pydantic.
 
-Unknown fields are refused (`extra="forbid"`) and types are strict where OpenAI is strict: `n`
+Unknown fields are accepted and ignored, as vLLM does (client frameworks add `store`,
+`metadata`, `service_tier`, `reasoning_effort`, ... as they please); each unknown name is logged
+once at DEBUG. Fields this server knows but cannot honour (`audio`, `prediction`,
+`web_search_options`, the legacy `functions` / `function_call`, non-text `modalities`, image
+parts) are refused with a 400 that names them. Types are strict where OpenAI is strict: `n`
 must be an integer, not `"2"`; `stream` a boolean, not `1`. Value ranges are checked once, by
 `SamplingParams`, so the HTTP layer and the offline engine agree on what is valid. Beside OpenAI's
-fields a few vLLM extensions are accepted (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
-`ignore_eos`, `stop_token_ids`, `priority`, ...), with vLLM's meanings.
+fields vLLM's extensions are accepted (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
+`ignore_eos`, `stop_token_ids`, `priority`, `guided_json`, `guided_regex`, `guided_choice`,
+`guided_grammar`, `structured_outputs`, ...), with vLLM's meanings.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Any, Literal
 
 from pydantic import (
@@ -16,14 +23,19 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    StrictFloat,
     StrictInt,
     StrictStr,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from llmos_worker.engine.guided import Guide
 from llmos_worker.engine.params import MAX_LOGPROBS, SamplingParams
 from llmos_worker.errors import InvalidRequestError
+
+log = logging.getLogger(__name__)
 
 # a prompt as the engine takes it: text, or token ids
 EnginePrompt = str | list[int]
@@ -34,8 +46,61 @@ MAX_MESSAGES = 512
 MAX_OPENAI_COMPLETION_LOGPROBS = 5  # OpenAI's own limit for /v1/completions `logprobs`
 
 
+MAX_LOGGED_UNKNOWN = 256
+_logged_unknown: set[str] = set()
+
+# fields of OpenAI's API this server cannot honour: a 400 naming them beats silently ignoring them
+UNSUPPORTED = {
+    "audio": "audio output is not supported",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported",
+    "functions": "the legacy `functions` field is not supported; use `tools`",
+    "function_call": "the legacy `function_call` field is not supported; use `tool_choice`",
+}
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    """Strict types; unknown fields ignored (logged once per name at DEBUG)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _note_unknown(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = set(cls.model_fields) | {
+                f.alias for f in cls.model_fields.values() if f.alias is not None
+            }
+            for name in data:
+                if name in UNSUPPORTED:
+                    raise InvalidRequestError(UNSUPPORTED[name], param=name, code="unsupported")
+                if name not in known and len(_logged_unknown) < MAX_LOGGED_UNKNOWN:
+                    key = f"{cls.__name__}.{name}"
+                    if key not in _logged_unknown:
+                        _logged_unknown.add(key)
+                        log.debug("ignoring unknown request field %r of %s", name, cls.__name__)
+        return data
+
+
+class JsonSchemaFormat(_Strict):
+    name: StrictStr = "response"
+    description: StrictStr | None = None
+    schema_: dict[str, Any] | StrictBool = Field(default_factory=dict, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs`: one of a JSON schema, a regex, choices or a grammar."""
+
+    json_: dict[str, Any] | StrictStr | StrictBool | None = Field(default=None, alias="json")
+    regex: StrictStr | None = None
+    choice: list[StrictStr] | None = None
+    grammar: StrictStr | None = None
 
 
 class StreamOptions(_Strict):
@@ -66,6 +131,13 @@ class _Sampling(_Strict):
     include_stop_str_in_output: StrictBool = False
     priority: StrictInt = 0  # vLLM: lower is served first
     user: StrictStr | None = None
+    logit_bias: dict[str, StrictInt | StrictFloat] | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | StrictStr | StrictBool | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -95,6 +167,65 @@ class _Sampling(_Strict):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    def token_bias(self) -> dict[int, float]:
+        """`logit_bias` with its keys (token ids as strings, as JSON needs) as ints."""
+        bias: dict[int, float] = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.strip().lstrip("-").isdigit():
+                raise InvalidRequestError(
+                    f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
+                )
+            bias[int(key)] = float(value)
+        return bias
+
+    def guide(self) -> Guide | None:
+        """The output constraint the request asks for, if any (at most one)."""
+        found: list[Guide] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(Guide.json_object("response_format"))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None:
+                raise InvalidRequestError(
+                    "response_format.json_schema is required when type is json_schema",
+                    param="response_format.json_schema",
+                )
+            found.append(Guide.json_schema(rf.json_schema.schema_, "response_format.json_schema"))
+        so = self.structured_outputs
+        candidates: list[tuple[Any, str, str]] = [
+            (self.guided_json, "guided_json", "json"),
+            (self.guided_regex, "guided_regex", "regex"),
+            (self.guided_choice, "guided_choice", "choice"),
+            (self.guided_grammar, "guided_grammar", "grammar"),
+        ]
+        if so is not None:
+            candidates += [
+                (so.json_, "structured_outputs.json", "json"),
+                (so.regex, "structured_outputs.regex", "regex"),
+                (so.choice, "structured_outputs.choice", "choice"),
+                (so.grammar, "structured_outputs.grammar", "grammar"),
+            ]
+        for value, param, kind in candidates:
+            if value is None:
+                continue
+            if kind == "json":
+                found.append(
+                    Guide.json_object(param) if value is True else Guide.json_schema(value, param)
+                )
+            elif kind == "regex":
+                found.append(Guide.regex(value, param))
+            elif kind == "choice":
+                found.append(Guide.choice(value, param))
+            else:
+                found.append(Guide.lark(value, param))
+        if len(found) > 1:
+            raise InvalidRequestError(
+                "at most one of response_format, guided_json, guided_regex, guided_choice, "
+                f"guided_grammar and structured_outputs may be set; got {[g.param for g in found]}",
+                param=found[1].param,
+            )
+        return found[0] if found else None
+
     def sampling_params(self, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The engine's view of this request; value errors name the request's field."""
         return SamplingParams(
@@ -115,6 +246,8 @@ class _Sampling(_Strict):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            logit_bias=self.token_bias(),
+            guide=self.guide(),
         )
 
 
@@ -185,20 +318,66 @@ class TextPart(_Strict):
     type: Literal["text"]
     text: StrictStr
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("type") not in (None, "text"):
+            raise InvalidRequestError(
+                f"content parts of type {data.get('type')!r} are not supported: this model "
+                "takes text only",
+                param="messages.content",
+                code="unsupported",
+            )
+        return data
+
+
+class FunctionCall(_Strict):
+    name: StrictStr
+    arguments: StrictStr = "{}"  # a JSON object, as text
+
+
+class ToolCall(_Strict):
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
 
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # required, but null (or absent) for an assistant message that only made tool calls
+    content: StrictStr | list[TextPart] | None
     name: StrictStr | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: StrictStr | None = None  # tool: which call this is the result of
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tool_calls_need_no_content(cls, data: Any) -> Any:
+        # why: OpenAI lets an assistant message with tool_calls leave `content` out entirely
+        if isinstance(data, dict) and data.get("tool_calls") and "content" not in data:
+            return {**data, "content": None}
+        return data
 
     @field_validator("content", mode="before")
     @classmethod
-    def _content_shape(cls, value: Any) -> Any:
+    def _content_shape(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            if info.data.get("role") != "assistant":
+                raise ValueError("content may be null only in an assistant message")
+            return value
         if isinstance(value, str | list):
             return value
         raise ValueError("content must be a string or a list of text parts")
 
+    @model_validator(mode="after")
+    def _tool_calls_from_assistant(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
+
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
@@ -206,6 +385,51 @@ class ChatMessage(_Strict):
     def template_role(self) -> str:
         # why: chat templates of open models know "system", not OpenAI's newer "developer"
         return "system" if self.role == "developer" else self.role
+
+    def template_message(self) -> dict[str, Any]:
+        """The message as Hugging Face chat templates take it (tool-call arguments parsed)."""
+        message: dict[str, Any] = {"role": self.template_role(), "content": self.text()}
+        if self.tool_calls:
+            calls = []
+            for call in self.tool_calls:
+                try:
+                    arguments: Any = json.loads(call.function.arguments)
+                except ValueError:
+                    arguments = call.function.arguments
+                calls.append(
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.function.name, "arguments": arguments},
+                    }
+                )
+            message["tool_calls"] = calls
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class FunctionDefinition(_Strict):
+    name: StrictStr = Field(min_length=1, max_length=64)
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: StrictBool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: StrictStr
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Sampling):
@@ -217,6 +441,30 @@ class ChatCompletionRequest(_Sampling):
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
     add_generation_prompt: StrictBool = True
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
+    modalities: list[StrictStr] | None = None
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_out(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(m != "text" for m in value):
+            raise ValueError("only the text modality is supported")
+        return value
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools or []]
+            if choice.function.name not in names:
+                raise ValueError(
+                    f"tool_choice names {choice.function.name!r}, which is not in tools"
+                )
+        elif choice == "required" and not self.tools:
+            raise ValueError("tool_choice 'required' needs tools")
+        return self
 
     @field_validator("messages")
     @classmethod
@@ -225,8 +473,16 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError(f"at most {MAX_MESSAGES} messages per request")
         return value
 
-    def template_messages(self) -> list[dict[str, str]]:
-        return [{"role": m.template_role(), "content": m.text()} for m in self.messages]
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.template_message() for m in self.messages]
+
+    def active_tools(self) -> list[Tool]:
+        """The tools the model is offered: none with tool_choice 'none'; only the named one."""
+        if not self.tools or self.tool_choice == "none":
+            return []
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [t for t in self.tools if t.function.name == self.tool_choice.function.name]
+        return list(self.tools)
 
     def to_sampling_params(self) -> SamplingParams:
         self.check_stream_options()
