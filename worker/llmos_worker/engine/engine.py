@@ -114,7 +114,9 @@ class LLMEngine:
         self.eos_token_ids: frozenset[int] = frozenset(self.tokenizer.eos_token_ids)
         self.guides = GuideCache(getattr(self.tokenizer, "hf", None), self.vocab_size)
         self.requests: dict[str, Request] = {}
-        self.prompt_tokens = 0
+        self.prompt_tokens = 0  # whole prompts of requests whose prefill finished
+        self.cached_prompt_tokens = 0  # of those, tokens found in the prefix cache
+        self.computed_prompt_tokens = 0  # prompt tokens run through the model (recompute too)
         self.generation_tokens = 0
         self._ids = itertools.count()
 
@@ -342,7 +344,7 @@ class LLMEngine:
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
                 metrics.num_cached_prompt_tokens = seq.num_cached_tokens
-            self.prompt_tokens += max(0, min(c + n, seq.num_prompt_tokens) - c)
+            self.computed_prompt_tokens += max(0, min(c + n, seq.num_prompt_tokens) - c)
             input_ids += seq.token_ids[c : c + n]
             positions += range(c, c + n)
             table = seq.block_table
@@ -408,6 +410,10 @@ class LLMEngine:
         metrics = request.metrics
         if metrics.first_token_time is None:
             metrics.first_token_time = now
+            # why: as vLLM's prompt_tokens_total, a prompt counts whole once its prefill is done,
+            # cache hits included (they are counted apart as well)
+            self.prompt_tokens += len(request.prompt_token_ids)
+            self.cached_prompt_tokens += metrics.num_cached_prompt_tokens
         metrics.last_token_time = now
         p = seq.params
         is_eos = not p.ignore_eos and token in self.eos_token_ids
@@ -467,6 +473,8 @@ class LLMEngine:
             prefix_cache_hits=bm.prefix_hits,
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens=self.prompt_tokens,
+            cached_prompt_tokens=self.cached_prompt_tokens,
+            computed_prompt_tokens=self.computed_prompt_tokens,
             generation_tokens=self.generation_tokens,
         )
 

@@ -74,5 +74,7 @@ class EngineStats:
     prefix_cache_queries: int  # cumulative, in tokens
     prefix_cache_hits: int  # cumulative, in tokens
     num_preemptions: int  # cumulative
-    prompt_tokens: int  # cumulative tokens computed for prompts
+    prompt_tokens: int  # cumulative: whole prompts of requests whose prefill finished
     generation_tokens: int  # cumulative generated tokens
+    cached_prompt_tokens: int = 0  # cumulative: of `prompt_tokens`, found in the prefix cache
+    computed_prompt_tokens: int = 0  # cumulative: prompt tokens the model ran (recompute too)
