@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 MODEL  ?= builtin://smollm2-135m-instruct
 
-.PHONY: install run test test-fast lint typecheck crds bench clean
+.PHONY: install run test test-fast lint typecheck crds bench bench-peers clean
 
 install: $(STAMP)
 
@@ -49,6 +49,15 @@ crds: $(STAMP)
 bench: $(STAMP)
 	bash bench/build_llamacpp.sh || echo "llama.cpp could not be built; the report will say so"
 	$(BIN)/python -m bench.run --out docs
+
+# why: the peers (vLLM's CPU build, llama-server) live in their own cached directories outside the
+# project's venv ($$LLMOS_BENCH_CACHE, default ~/.cache/llmos-bench); a peer that cannot be built is
+# reported with its error and the other systems are still measured.
+bench-peers: $(STAMP)
+	bash bench/peers/install_vllm.sh || echo "vLLM CPU could not be installed; the report will say so"
+	bash bench/peers/build_llama_server.sh || echo "llama-server could not be built; the report will say so"
+	$(BIN)/python -m bench.peers.convert_hf
+	$(BIN)/python -m bench.peers.run --out docs
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
