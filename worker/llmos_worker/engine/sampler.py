@@ -110,7 +110,13 @@ class Sampler:
         if not copied:
             logits = logits.clone()
         if biased:
-            entries = [(i, t, b) for i, bias in biased for t, b in bias.items() if t < v]
+            # why: as OpenAI documents, -100 bans the token outright (a finite bias might not)
+            entries = [
+                (i, t, float("-inf") if b <= -100 else b)
+                for i, bias in biased
+                for t, b in bias.items()
+                if t < v
+            ]
             if entries:
                 r_idx, c_idx, vals = zip(*entries, strict=True)
                 logits.index_put_(

@@ -76,7 +76,11 @@ class Tokenizer:
         return list(self.hf.convert_ids_to_tokens(list(ids)))
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """Render the model's chat template and tokenize it (special tokens are in the text)."""
         if not self.has_chat_template:
@@ -87,7 +91,10 @@ class Tokenizer:
             )
         try:
             text = self.hf.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+                messages,
+                tools=tools or None,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
             )
         except Exception as exc:  # why: jinja raises many types (TemplateError, TypeError, ...)
             raise InvalidRequestError(

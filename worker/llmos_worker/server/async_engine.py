@@ -43,6 +43,7 @@ class Engine(Protocol):
     model_name: str
     max_model_len: int
     tokenizer: Any  # model/tokenizer.py Tokenizer
+    guides: Any  # engine/guided.py GuideCache: compiled grammars
 
     def add_request(
         self,

@@ -4,7 +4,8 @@ The prompt is the tokenizer's chat template applied to the messages with the ass
 generation prompt appended (token ids, so the engine never re-tokenises rendered special tokens).
 A stream sends, per choice, a first chunk with `role`, content deltas, and a chunk carrying
 `finish_reason`; with `stream_options.include_usage` every chunk has `"usage": null` and a final
-chunk with no choices carries the usage, as OpenAI does.
+chunk with no choices carries the usage, as OpenAI does. Tools are rendered and tool calls parsed
+as `llmos_worker.server.tools` describes.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ from llmos_worker.server.generation import (
     Generation,
     GenerationStream,
     TokenText,
+    check_guide,
     collect_or_abort,
     finish_reason,
     sse,
     stream_events,
     usage_event,
 )
-from llmos_worker.server.protocol import ChatCompletionRequest
+from llmos_worker.server.protocol import ChatCompletionRequest, Tool
 from llmos_worker.server.response import (
     AssistantMessage,
     ChatChoice,
@@ -46,6 +48,14 @@ from llmos_worker.server.response import (
     TopLogprob,
 )
 from llmos_worker.server.state import ServerState
+from llmos_worker.server.tools import (
+    ToolStreamParser,
+    fallback_messages,
+    forced_call_guide,
+    parse_tool_calls,
+    template_knows_tools,
+    tool_dicts,
+)
 
 
 def chat_logprobs(entries: list[TokenLogprob], token_text: TokenText) -> ChatLogprobs:
@@ -64,7 +74,8 @@ def chat_logprobs(entries: list[TokenLogprob], token_text: TokenText) -> ChatLog
     return ChatLogprobs(content=content)
 
 
-def chat_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
+def chat_prompt(state: ServerState, req: ChatCompletionRequest, tools: list[Tool]) -> list[int]:
+    """The prompt's token ids: the template's own tools support, else the fallback format."""
     tokenizer = state.tokenizer
     if not tokenizer.has_chat_template:
         raise InvalidRequestError(
@@ -72,9 +83,13 @@ def chat_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
             param="messages",
             code="no_chat_template",
         )
+    own = template_knows_tools(getattr(tokenizer.hf, "chat_template", None))
+    messages = req.template_messages() if own else fallback_messages(req, tools)
     try:
         ids: list[int] = tokenizer.apply_chat_template(
-            req.template_messages(), add_generation_prompt=req.add_generation_prompt
+            messages,
+            add_generation_prompt=req.add_generation_prompt,
+            tools=tool_dicts(tools) if own and tools else None,
         )
     except jinja2.TemplateError as exc:  # why: templates reject e.g. non-alternating roles
         raise InvalidRequestError(
@@ -95,7 +110,18 @@ async def create_chat_completion(
             404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found"
         )
     params = req.to_sampling_params()
-    prompt = chat_prompt(state, req)
+    tools = req.active_tools()
+    forced = forced_call_guide(req, tools)
+    if forced is not None:
+        if params.guide is not None:
+            raise InvalidRequestError(
+                f"{params.guide.param} cannot be combined with tool_choice "
+                f"{req.tool_choice if isinstance(req.tool_choice, str) else 'naming a function'}",
+                param="tool_choice",
+            )
+        params.guide = forced
+    await check_guide(front, params)
+    prompt = chat_prompt(state, req, tools)
     admission = admit(
         state.limiter,
         caller,
@@ -111,25 +137,34 @@ async def create_chat_completion(
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         return GenerationStream(
-            _stream(state, generation, response_id, created, include_usage), generation
+            _stream(state, generation, response_id, created, include_usage, req, tools),
+            generation,
         )
     outputs = await collect_or_abort(request, generation)
     if outputs is None:
         return Response(status_code=499)  # client closed the request; nobody reads this
-    choices = [
-        ChatChoice(
-            index=c.index,
-            message=AssistantMessage(content=c.text),
-            logprobs=(
-                chat_logprobs(c.logprobs or [], state.token_text)
-                if params.logprobs is not None
-                else None
-            ),
-            finish_reason=finish_reason(c),
-            stop_reason=c.stop_reason,
+    choices = []
+    for c in outputs[0].outputs:
+        content: str | None = c.text
+        calls: list[dict[str, object]] | None = None
+        reason = finish_reason(c)
+        if tools:
+            content, parsed = parse_tool_calls(c.text, tools, parallel=req.parallel_tool_calls)
+            if parsed:
+                calls, reason = [p.as_dict() for p in parsed], "tool_calls"
+        choices.append(
+            ChatChoice(
+                index=c.index,
+                message=AssistantMessage(content=content, tool_calls=calls),
+                logprobs=(
+                    chat_logprobs(c.logprobs or [], state.token_text)
+                    if params.logprobs is not None
+                    else None
+                ),
+                finish_reason=reason,
+                stop_reason=c.stop_reason,
+            )
         )
-        for c in outputs[0].outputs
-    ]
     body_out = ChatCompletionResponse(
         id=response_id,
         created=created,
@@ -141,9 +176,17 @@ async def create_chat_completion(
 
 
 def _stream(
-    state: ServerState, generation: Generation, response_id: str, created: int, include_usage: bool
+    state: ServerState,
+    generation: Generation,
+    response_id: str,
+    created: int,
+    include_usage: bool,
+    req: ChatCompletionRequest,
+    tools: list[Tool],
 ) -> AsyncIterator[str]:
     want_logprobs = generation.params.logprobs is not None
+    names = {t.function.name for t in tools}
+    parsers: dict[int, ToolStreamParser] = {}
 
     def chunk(choices: list[ChatChunkChoice]) -> str:
         data = ChatCompletionChunk(
@@ -156,20 +199,30 @@ def _stream(
         return sse(data)
 
     def render(deltas: list[ChoiceDelta]) -> str:
-        return chunk(
-            [
+        choices = []
+        for d in deltas:
+            text, calls, reason = d.text, None, d.finish_reason
+            if tools:
+                parser = parsers.setdefault(
+                    d.index, ToolStreamParser(names, parallel=req.parallel_tool_calls)
+                )
+                text, calls = parser.feed(d.text, final=reason is not None)
+                if reason is not None and parser.calls:
+                    reason = "tool_calls"
+            if not text and not calls and reason is None and not d.logprobs:
+                continue  # why: held back (a tool-call block is being generated)
+            choices.append(
                 ChatChunkChoice(
                     index=d.index,
-                    delta=DeltaMessage(content=d.text) if d.text else DeltaMessage(),
+                    delta=DeltaMessage(content=text or None, tool_calls=calls or None),
                     logprobs=(
                         chat_logprobs(d.logprobs, state.token_text) if want_logprobs else None
                     ),
-                    finish_reason=d.finish_reason,
+                    finish_reason=reason,
                     stop_reason=d.stop_reason,
                 )
-                for d in deltas
-            ]
-        )
+            )
+        return chunk(choices) if choices else ""
 
     opening = chunk(
         [

@@ -109,6 +109,13 @@ class Generation:
         return Usage.of(prompt, completion)
 
 
+async def check_guide(front: AsyncEngine, params: SamplingParams) -> None:
+    """Refuse an unusable grammar with a 400 before anything is queued (compiled off the event
+    loop; the engine's cache then holds it)."""
+    if params.guide is not None:
+        await asyncio.to_thread(front.engine.guides.check, params.guide)
+
+
 async def until_disconnected(request: Request) -> None:
     """Return when the client of a non-streaming request goes away (its body already read)."""
     while True:
@@ -285,8 +292,9 @@ async def stream_events(
                     deltas.append(
                         ChoiceDelta(index, tracker, text, new_logprobs, reason, c.stop_reason)
                     )
-            if deltas:
-                yield render(deltas)
+            event = render(deltas) if deltas else ""
+            if event:  # why: a renderer may hold everything back (a tool call in progress)
+                yield event
         if closing is not None:
             yield closing()
     except WorkerError as exc:

@@ -10,7 +10,7 @@ as `null` (not dropped), because clients index them.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -76,6 +76,7 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # [{"id", "type": "function", "function"}]
 
 
 class ChatChoice(BaseModel):
@@ -99,6 +100,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # [{"index", "id"?, "function": {...}}]
 
 
 class ChatChunkChoice(BaseModel):
