@@ -179,6 +179,9 @@ def render(results: dict[str, Any]) -> str:
         "`docs/bench/peers.json`.",
         "",
         f"- Date: {meta['date']}; code at commit {meta['commit']}",
+        "- Run complete: yes"
+        if meta.get("complete")
+        else "- **Partial run**: the numbers below are those measured before the run stopped",
         f"- Worker served from: {meta.get('worker_source', 'the working tree')}",
         f"- Machine: {meta['machine']}",
         f"- Load (`uptime`) before: `{meta['uptime_before']}`",
@@ -196,7 +199,7 @@ def render(results: dict[str, Any]) -> str:
         f"- {meta.get('setup', '')}",
         "",
         "| system | kind | command notes | startup to ready (s) | RSS idle / peak (MiB) | "
-        "PSS idle / peak (MiB) | idle CPU (%) |",
+        "PSS idle (MiB) | idle CPU (%) |",
         "|---|---|---|---:|---:|---:|---:|",
     ]
     for name in order:
@@ -207,14 +210,16 @@ def render(results: dict[str, Any]) -> str:
         lines.append(
             f"| {s['label']} | {s['kind']} | {s.get('notes', '')} | {_num(s.get('startup_s'))} | "
             f"{_mib(s.get('idle_rss'))} / {_mib(s.get('peak_rss'))} | "
-            f"{_mib(s.get('idle_pss'))} / {_mib(s.get('peak_pss'))} | "
+            f"{_mib(s.get('idle_pss'))} | "
             f"{_num(s.get('idle_cpu_percent'))} |"
         )
     lines += [
         "",
         "RSS sums every process of a server's tree (vLLM runs three), counting shared pages once "
-        "per process; PSS divides shared pages among them, the tree's real footprint. Peak: the "
-        "highest sample (every 0.25 s) while the system was being driven.",
+        "per process; PSS divides shared pages among them, the tree's real footprint (read once, "
+        "at idle: reading it walks every page table). Peak RSS: the highest sample (every 0.5 s) "
+        "while the system was being driven. Idle: 3 s after the first ready answer, before any "
+        "request; idle CPU over the next 5 s.",
     ]
     for scen in results.get("scenarios_run", []):
         rows = med.get(scen, {})

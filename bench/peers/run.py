@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,7 @@ async def drive(
     pool: list[int],
     smoke: bool,
     results: dict[str, Any],
+    on_progress: Callable[[], None] | None = None,
 ) -> None:
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
@@ -151,17 +153,18 @@ async def drive(
                     load = round(os.getloadavg()[0], 2)
                     sampler = MemorySampler(s.proc.pid)
                     sampler.start()
+                    cpu0 = time.process_time()
                     timings, wall = await driver.run_requests(
                         client, s.base, s.system.kind, s.model, requests
                     )
+                    client_cpu = time.process_time() - cpu0
                     sampler.stop()
                     stats = driver.run_stats(timings, requests, wall)
                     stats["load_1m_before"] = load
+                    stats["client_cpu_s"] = round(client_cpu, 2)
                     results["scenarios"].setdefault(scen, {}).setdefault(name, []).append(stats)
                     entry = results["systems"][name]
-                    rss, pss = sampler.peak()
-                    entry["peak_rss"] = max(int(entry.get("peak_rss", 0)), rss)
-                    entry["peak_pss"] = max(int(entry.get("peak_pss", 0)), pss)
+                    entry["peak_rss"] = max(int(entry.get("peak_rss", 0)), sampler.peak())
                     results["load"].append(
                         {"scenario": scen, "repeat": rep, "system": name, "load_1m": load}
                     )
@@ -175,6 +178,8 @@ async def drive(
                         stats["itl"]["p99_ms"],
                         f", {stats['failed']} failed {stats['errors']}" if stats["failed"] else "",
                     )
+                if on_progress is not None:
+                    on_progress()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -196,6 +201,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     args = parse_args(argv)
     worker_src: Path | None = None
     commit = git_revision()
@@ -243,6 +249,24 @@ def main(argv: list[str] | None = None) -> int:
         "load": [],
         "notes": [],
     }
+
+    def write() -> None:
+        """The JSON and the doc section from what has been measured so far (after every
+        scenario repeat, so that a run cut short still leaves its numbers)."""
+        results["meta"]["uptime_after"] = uptime()
+        results["medians"] = {
+            scen: {name: report.medians(runs) for name, runs in per.items()}
+            for scen, per in results["scenarios"].items()
+        }
+        results["targets"] = [t.as_dict() for t in report.evaluate(results)]
+        out_json = args.out / "bench" / "peers.json"
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(results, indent=1) + "\n")
+        if not args.no_doc:
+            doc_path = args.out / "benchmarks.md"
+            doc = doc_path.read_text() if doc_path.exists() else "# Benchmarks\n"
+            doc_path.write_text(report.update_doc(doc, report.render(results)))
+
     log.info("tokenizing the corpus")
     pool = token_pool()
     running = start_all(systems, args.logs, results)
@@ -252,21 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for server in running.values():
             stop_server(server.proc)
-    results["meta"]["uptime_after"] = uptime()
-    results["medians"] = {
-        scen: {name: report.medians(runs) for name, runs in per.items()}
-        for scen, per in results["scenarios"].items()
-    }
-    results["targets"] = [t.as_dict() for t in report.evaluate(results)]
-    out_json = args.out / "bench" / "peers.json"
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(results, indent=1) + "\n")
-    log.info("wrote %s", out_json)
-    if not args.no_doc:
-        doc_path = args.out / "benchmarks.md"
-        doc = doc_path.read_text() if doc_path.exists() else "# Benchmarks\n"
-        doc_path.write_text(report.update_doc(doc, report.render(results)))
-        log.info("wrote the peers section of %s", doc_path)
+    results["meta"]["complete"] = True
+    write()
+    log.info("wrote %s", args.out / "bench" / "peers.json")
     return 0
 
 

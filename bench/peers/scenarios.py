@@ -17,7 +17,8 @@ from collections.abc import Callable
 from bench import workload
 from bench.workload import BenchRequest
 
-SCENARIOS = ("offline_mixed", "single_stream", "streams_16", "shared_prefix")
+# the order they run in: the short ones first, so a run cut short has them
+SCENARIOS = ("single_stream", "streams_16", "shared_prefix", "offline_mixed")
 SHARED_PREFIX_LEN = 400
 
 

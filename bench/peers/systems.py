@@ -177,7 +177,12 @@ def all_systems(paths: Paths, worker_src: Path | None = None) -> list[System]:
     )
     return [
         System(
-            "llmos_fp32", "llmos worker, fp32", "llmos", "fp32", (*worker, "--dtype", "float32")
+            "llmos_fp32",
+            "llmos worker, fp32",
+            "llmos",
+            "fp32",
+            (*worker, "--dtype", "float32"),
+            worker_env,
         ),
         System(
             "llmos_bf16",
@@ -224,34 +229,50 @@ def all_systems(paths: Paths, worker_src: Path | None = None) -> list[System]:
     ]
 
 
-def tree_memory(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) in bytes summed over a process and all its descendants. RSS counts pages that
-    several processes of the tree share once per process; PSS divides them, so its sum is the
-    tree's real footprint. PSS is 0 where /proc/PID/smaps_rollup cannot be read."""
+def _tree(pid: int) -> list[psutil.Process]:
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.Error:
-        return 0, 0
-    rss = pss = 0
-    for p in procs:
+        return []
+
+
+def tree_rss(pid: int) -> int:
+    """RSS in bytes summed over a process and its descendants (cheap: /proc/PID/statm), counting
+    pages that several processes of the tree share once per process."""
+    total = 0
+    for p in _tree(pid):
         try:
-            rss += p.memory_info().rss
-            pss += getattr(p.memory_full_info(), "pss", 0)
+            total += p.memory_info().rss
         except psutil.Error:
             continue
-    return rss, pss
+    return total
+
+
+def _pss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def tree_memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) in bytes summed over a process and all its descendants. PSS divides shared
+    pages among the processes sharing them, so its sum is the tree's real footprint; it is 0
+    where /proc/PID/smaps_rollup cannot be read. Why not sampled while driving: reading it walks
+    every page table, which costs CPU the measured servers need on a 2-core machine."""
+    procs = _tree(pid)
+    return tree_rss(pid), sum(_pss(p.pid) for p in procs)
 
 
 def tree_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process tree so far (to show idle servers stay idle)."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0.0
     total = 0.0
-    for p in procs:
+    for p in _tree(pid):
         try:
             t = p.cpu_times()
             total += t.user + t.system
@@ -261,13 +282,12 @@ def tree_cpu_seconds(pid: int) -> float:
 
 
 class MemorySampler:
-    """Samples a process tree's RSS/PSS in a thread; `peak()` is the maximum since `reset()`."""
+    """Samples a process tree's RSS in a thread; `peak()` is the maximum since `reset()`."""
 
-    def __init__(self, pid: int, interval_s: float = 0.25) -> None:
+    def __init__(self, pid: int, interval_s: float = 0.5) -> None:
         self.pid = pid
         self.interval_s = interval_s
         self._peak_rss = 0
-        self._peak_pss = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -281,18 +301,17 @@ class MemorySampler:
 
     def reset(self) -> None:
         with self._lock:
-            self._peak_rss = self._peak_pss = 0
+            self._peak_rss = 0
 
-    def peak(self) -> tuple[int, int]:
+    def peak(self) -> int:
         with self._lock:
-            return self._peak_rss, self._peak_pss
+            return self._peak_rss
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            rss, pss = tree_memory(self.pid)
+            rss = tree_rss(self.pid)
             with self._lock:
                 self._peak_rss = max(self._peak_rss, rss)
-                self._peak_pss = max(self._peak_pss, pss)
             self._stop.wait(self.interval_s)
 
 

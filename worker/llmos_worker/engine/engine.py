@@ -30,6 +30,7 @@ from llmos_worker.engine.outputs import (
     EngineStats,
     RequestMetrics,
     RequestOutput,
+    TokenLogprob,
 )
 from llmos_worker.engine.params import SamplingParams
 from llmos_worker.engine.sampler import Sampler, SamplingRow
@@ -114,6 +115,9 @@ class LLMEngine:
         self.eos_token_ids: frozenset[int] = frozenset(self.tokenizer.eos_token_ids)
         self.guides = GuideCache(getattr(self.tokenizer, "hf", None), self.vocab_size)
         self.requests: dict[str, Request] = {}
+        # request id -> logprobs of its prompt tokens so far ([0] is None), for prompt_logprobs
+        self.prompt_logprobs: dict[str, list[TokenLogprob | None]] = {}
+        self._prompt_rows: list[tuple[str, int]] = []  # this step's (request id, position)
         self.prompt_tokens = 0  # whole prompts of requests whose prefill finished
         self.cached_prompt_tokens = 0  # of those, tokens found in the prefix cache
         self.computed_prompt_tokens = 0  # prompt tokens run through the model (recompute too)
@@ -237,6 +241,11 @@ class LLMEngine:
                 else "prompt",
                 code="kv_cache_too_small",
             )
+        if params.prompt_logprobs is not None:
+            # why: a prefix found in the cache is not computed, so its logprobs would be missing;
+            # a salt of its own keeps this request from reusing (or lending) cached blocks
+            cache_salt = f"{cache_salt}\x00prompt-logprobs:{request_id}"
+            self.prompt_logprobs[request_id] = [None]
         now = self.clock()
         arrival = now if arrival_time is None else arrival_time
         seq = Sequence(
@@ -272,6 +281,7 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         """Forget a request and free its blocks; idempotent, and no output follows."""
         request = self.requests.pop(request_id, None)
+        self.prompt_logprobs.pop(request_id, None)
         if request is None:
             return
         for seq in request.seqs:
@@ -295,7 +305,9 @@ class LLMEngine:
         if out.copies:
             copy_kv_blocks(self.runner, out.copies)
         batch, sample_seqs = self._build_batch(out, now)
-        logits = self.runner.execute(batch)  # (len(sample_seqs), V)
+        logits = self.runner.execute(batch)  # (len(sample_seqs) + prompt rows, V)
+        if self._prompt_rows:
+            logits = self._record_prompt_logprobs(logits, len(sample_seqs))
         self.scheduler.update_after_step(out)
 
         rows: list[SamplingRow] = []
@@ -325,6 +337,7 @@ class LLMEngine:
             if r.finished:
                 r.metrics.finished_time = now
                 del self.requests[r.request_id]
+                self.prompt_logprobs.pop(r.request_id, None)
         return outputs
 
     def _build_batch(self, out: SchedulerOutput, now: float) -> tuple[ForwardBatch, list[Sequence]]:
@@ -337,6 +350,8 @@ class LLMEngine:
         tables: list[list[int]] = []
         logits_indices: list[int] = []
         sample_seqs: list[Sequence] = []
+        prompt_rows: list[tuple[str, int]] = []
+        prompt_indices: list[int] = []
         for item in out.scheduled:
             seq, n = item.seq, item.num_new_tokens
             c = seq.num_computed_tokens
@@ -355,6 +370,15 @@ class LLMEngine:
             if c + n == seq.num_tokens:
                 logits_indices.append(starts[-1] - 1)
                 sample_seqs.append(seq)
+            done = self.prompt_logprobs.get(seq.request_id)
+            if done is not None and seq.index == 0:
+                # positions whose logits score the next prompt token, not yet scored (a
+                # recompute after preemption does not score them twice)
+                for p in range(max(c, len(done) - 1), min(c + n, seq.num_prompt_tokens - 1)):
+                    prompt_rows.append((seq.request_id, p))
+                    prompt_indices.append(starts[-2] + p - c)
+        self._prompt_rows = prompt_rows
+        logits_indices += prompt_indices  # after the sampled rows, which keep their order
         width = max(len(t) for t in tables)
         batch = ForwardBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.long),
@@ -368,6 +392,21 @@ class LLMEngine:
             logits_indices=torch.tensor(logits_indices, dtype=torch.long),
         )
         return batch, sample_seqs
+
+    def _record_prompt_logprobs(self, logits: torch.Tensor, num_sampled: int) -> torch.Tensor:
+        """Score this step's prompt rows (the logits past `num_sampled`); the sampled rows."""
+        lp = torch.log_softmax(logits[num_sampled:].float(), dim=-1)
+        for (rid, p), row in zip(self._prompt_rows, lp, strict=True):
+            request = self.requests[rid]
+            k = request.params.prompt_logprobs or 0
+            token = request.prompt_token_ids[p + 1]
+            top: dict[int, float] = {}
+            if k:
+                vals, ids = torch.topk(row, k)
+                top = dict(zip(ids.tolist(), vals.tolist(), strict=True))
+            self.prompt_logprobs[rid].append(TokenLogprob(token, float(row[token]), top))
+        self._prompt_rows = []
+        return logits[:num_sampled]
 
     def _fork(self, request: Request, parent: Sequence) -> list[Sequence]:
         """Split a prefilled request into its n sequences, sharing the prompt's blocks."""
@@ -457,6 +496,7 @@ class LLMEngine:
             outputs=outs,
             finished=request.finished,
             metrics=request.metrics,
+            prompt_logprobs=self.prompt_logprobs.get(request.request_id),
         )
 
     # ---------------------------------------------------------------- introspection
