@@ -59,6 +59,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    # with `prompt_logprobs`: one per prompt token scored so far (the first has none)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass

@@ -136,8 +136,9 @@ async def create_chat_completion(
     created = int(time.time())
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
+        continuous = req.stream_options is not None and req.stream_options.continuous_usage_stats
         return GenerationStream(
-            _stream(state, generation, response_id, created, include_usage, req, tools),
+            _stream(state, generation, response_id, created, include_usage, req, tools, continuous),
             generation,
         )
     outputs = await collect_or_abort(request, generation)
@@ -183,6 +184,7 @@ def _stream(
     include_usage: bool,
     req: ChatCompletionRequest,
     tools: list[Tool],
+    continuous: bool = False,
 ) -> AsyncIterator[str]:
     want_logprobs = generation.params.logprobs is not None
     names = {t.function.name for t in tools}
@@ -192,7 +194,9 @@ def _stream(
         data = ChatCompletionChunk(
             id=response_id, created=created, model=state.model_name, choices=choices
         ).model_dump()
-        if not include_usage:
+        if continuous and include_usage and choices:  # vLLM's continuous_usage_stats
+            data["usage"] = generation.usage().model_dump()
+        elif not include_usage:
             del data["usage"]
         for choice in data["choices"]:  # why: OpenAI's deltas carry only the keys that changed
             choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
@@ -224,11 +228,9 @@ def _stream(
             )
         return chunk(choices) if choices else ""
 
-    opening = chunk(
-        [
-            ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
-            for i in range(generation.params.n)
-        ]
+    opening = "".join(
+        chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        for i in range(generation.params.n)
     )
     return stream_events(
         generation,

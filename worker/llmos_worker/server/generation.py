@@ -266,9 +266,10 @@ async def stream_events(
 ) -> AsyncIterator[str]:
     """The SSE events of a streamed generation, for either endpoint's chunk schema.
 
-    `opening` goes first; then, per coalesced update, `render` gets the choices with something to
-    send — new text, new logprobs or the finish, which is sent once — with each choice's index
-    `index_of(prompt index, completion index)`; `closing()` (the usage chunk) comes after the
+    `opening` goes first; then, per coalesced update, `render` gets each choice with something
+    to send (one chunk per choice, as OpenAI streams `n > 1`): new text, new logprobs or the
+    finish, which is sent once, with the choice's index `index_of(prompt index, completion
+    index)`; `closing()` (the usage chunk) comes after the
     last. An engine error after the stream began becomes one in-stream error event; the
     generation is closed however the stream ends, and `[DONE]` ends it.
     """
@@ -292,9 +293,10 @@ async def stream_events(
                     deltas.append(
                         ChoiceDelta(index, tracker, text, new_logprobs, reason, c.stop_reason)
                     )
-            event = render(deltas) if deltas else ""
-            if event:  # why: a renderer may hold everything back (a tool call in progress)
-                yield event
+            for delta in deltas:  # why: one choice per chunk, as OpenAI streams n > 1
+                event = render([delta])
+                if event:  # a renderer may hold everything back (a tool call in progress)
+                    yield event
         if closing is not None:
             yield closing()
     except WorkerError as exc:

@@ -259,6 +259,7 @@ class CompletionRequest(_Sampling):
     logprobs: StrictInt | None = None
     echo: StrictBool = False
     suffix: StrictStr | None = None
+    best_of: StrictInt | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -293,25 +294,49 @@ class CompletionRequest(_Sampling):
                 f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request, got {len(prompts)}",
                 param="prompt",
             )
-        if len(prompts) * self.n > MAX_CHOICES_PER_REQUEST:
+        n = max(self.n, self.best_of or 0)
+        if len(prompts) * n > MAX_CHOICES_PER_REQUEST:
             raise InvalidRequestError(
-                f"prompts x n must be at most {MAX_CHOICES_PER_REQUEST}, "
-                f"got {len(prompts)} x {self.n}",
-                param="n",
+                f"prompts x n must be at most {MAX_CHOICES_PER_REQUEST}, got {len(prompts)} x {n}",
+                param="n" if n == self.n else "best_of",
             )
         return prompts
 
+    @property
+    def prompt_only(self) -> bool:
+        """`echo` with `max_tokens: 0`: score the prompt, generate nothing (lm-eval-harness's
+        log-likelihood requests)."""
+        return self.echo and self.max_tokens == 0
+
     def to_sampling_params(self) -> SamplingParams:
+        """The engine's parameters; with `best_of`, `n` is `best_of` (the best `n` are kept)."""
         self.check_stream_options()
-        if self.echo:
-            raise InvalidRequestError("echo is not supported", param="echo", code="unsupported")
-        if self.suffix:
-            raise InvalidRequestError("suffix is not supported", param="suffix", code="unsupported")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise InvalidRequestError(
                 f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", param="logprobs"
             )
-        return self.sampling_params(max_tokens=self.max_tokens, logprobs=self.logprobs)
+        best_of = self.best_of if self.best_of is not None else self.n
+        if best_of < self.n:
+            raise InvalidRequestError(
+                f"best_of ({best_of}) must be at least n ({self.n})", param="best_of"
+            )
+        if best_of > self.n and self.stream:
+            raise InvalidRequestError("best_of greater than n cannot be streamed", param="best_of")
+        logprobs = self.logprobs
+        if best_of > self.n and logprobs is None:
+            logprobs = 0  # why: candidates are ranked by cumulative logprob
+        params = self.sampling_params(
+            max_tokens=1 if self.prompt_only else self.max_tokens, logprobs=logprobs
+        )
+        try:
+            params.n = best_of
+            params.__post_init__()
+        except InvalidRequestError as exc:
+            exc.param = "best_of"
+            raise
+        if self.echo and self.logprobs is not None:
+            params.prompt_logprobs = self.logprobs
+        return params
 
 
 class TextPart(_Strict):
