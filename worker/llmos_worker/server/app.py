@@ -1,6 +1,7 @@
 """The Starlette application: OpenAI routes, probes, metrics, and one error shape for all.
 
-Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`
+Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models` and
+`/v1/models/{id}`, `POST /tokenize` and `/detokenize` (vLLM's), `GET /health`
 (the process and its engine thread are alive), `GET /ready` (model loaded, engine stepping, not
 draining), `GET /metrics` (Prometheus text). Request bodies must be JSON objects (content type
 `application/json`, or none) of at most `max_body_bytes`; every failure, including unknown routes
@@ -40,6 +41,7 @@ from llmos_worker.server.async_engine import AsyncEngine, Engine
 from llmos_worker.server.chat import create_chat_completion
 from llmos_worker.server.completions import create_completion
 from llmos_worker.server.errors import HTTPError, error_json, error_response
+from llmos_worker.server.extras import detokenize, tokenize
 from llmos_worker.server.metrics import CONTENT_TYPE, ServerMetrics
 from llmos_worker.server.response import ModelCard, ModelList
 from llmos_worker.server.state import ServerState
@@ -235,12 +237,24 @@ def build_app(
             return error_json(
                 503, state.load_error or "the model is still loading", code="not_ready"
             )
-        card = ModelCard(
-            id=state.model_name,
-            created=state.created,
-            max_model_len=state.front.engine.max_model_len,
+        return JSONResponse(ModelList(data=model_cards(state, state.front)).model_dump())
+
+    async def model(request: Request) -> Response:
+        try:
+            identify(state, request)
+        except HTTPError as exc:
+            return error_response(exc)
+        if state.front is None:
+            return error_json(
+                503, state.load_error or "the model is still loading", code="not_ready"
+            )
+        wanted = request.path_params["model_id"]
+        for card in model_cards(state, state.front):
+            if card.id == wanted:
+                return JSONResponse(card.model_dump())
+        return error_json(
+            404, f"The model `{wanted}` does not exist.", param="model", code="model_not_found"
         )
-        return JSONResponse(ModelList(data=[card]).model_dump())
 
     transport_registry = CollectorRegistry(auto_describe=False)
     if state.transport is not None:
@@ -273,6 +287,9 @@ def build_app(
         Route("/v1/completions", _endpoint(state, create_completion), methods=["POST"]),
         Route("/v1/chat/completions", _endpoint(state, create_chat_completion), methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", model, methods=["GET"]),
+        Route("/tokenize", _endpoint(state, tokenize), methods=["POST"]),
+        Route("/detokenize", _endpoint(state, detokenize), methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
@@ -283,6 +300,15 @@ def build_app(
         middleware=[Middleware(ListenerGuard, state=state)],
         exception_handlers={HTTPException: http_exception, Exception: server_error},
     )
+
+
+def model_cards(state: ServerState, front: AsyncEngine) -> list[ModelCard]:
+    """What `/v1/models` lists: the served model."""
+    return [
+        ModelCard(
+            id=state.model_name, created=state.created, max_model_len=front.engine.max_model_len
+        )
+    ]
 
 
 def attach_engine(state: ServerState, engine: Engine, *, max_waiting_requests: int = 512) -> None:
