@@ -3,11 +3,12 @@
 The pool is `num_blocks` blocks of `block_size` token slots each, allocated once by the model
 runner; this module only does the bookkeeping. A sequence's block table maps its logical blocks to
 physical ones. Full blocks are identified by a hash chain `sha256(parent, salt, token ids)`, so a
-later sequence with the same prefix (and the same tenant salt) reuses their KV instead of
-recomputing it. Blocks whose ref count drops to zero go to the free list in LRU order and keep
-their hash until they are handed out again, so cached prefixes survive until memory is needed.
-Sequences forked from one parent share all its blocks; a shared, partially filled last block is
-copied on write (the copy itself is done by the runner, from the `(src, dst)` pairs returned here).
+later sequence with the same prefix (and the same tenant salt and LoRA adapter) reuses their KV
+instead of recomputing it. Blocks whose ref count drops to zero go to the free list in LRU order
+and keep their hash until they are handed out again, so cached prefixes survive until memory is
+needed. Sequences forked from one parent share all its blocks; a shared, partially filled last
+block is copied on write (the copy itself is done by the runner, from the `(src, dst)` pairs
+returned here).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class BlockManager:
         hashes = seq.block_hashes
         for i in range(len(hashes), seq.num_tokens // bs):
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs], seq.cache_salt))
+            hashes.append(hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs], seq.prefix_salt))
 
     # ---------------------------------------------------------------- admission
     def get_computed_blocks(self, seq: Sequence) -> list[int]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from llmos_worker.errors import InvalidRequestError
@@ -11,6 +11,8 @@ SchedulingPolicy = Literal["fcfs", "priority"]
 DType = Literal["float32", "bfloat16", "float16"]
 Quantization = Literal["none", "fp16", "int8", "bf16", "int4"]  # see llmos_worker.model.quant
 KVCacheDType = Literal["auto", "float16"]  # auto: the model's dtype
+MAX_LORA_SLOTS = 64
+MAX_LORA_RANK = 512
 
 
 @dataclass
@@ -35,6 +37,16 @@ class EngineConfig:
     kv_cache_dtype: KVCacheDType = "auto"  # opt-in fp16 cache, widened on read
     device: str = "cpu"
     seed: int = 0
+    # LoRA adapters (vLLM's names): `max_loras` in the model's stacked slots at once (a batch
+    # mixes them), `max_cpu_loras` parsed in host memory (LRU; more registered ones are re-read
+    # from their path), ranks up to `max_lora_rank`; `lora_modules` name -> path at start-up,
+    # which also enables LoRA. `lora_key_file` decrypts adapters stored encrypted.
+    enable_lora: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # None: max(max_loras, 32)
+    lora_modules: dict[str, str] = field(default_factory=dict)
+    lora_key_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -78,6 +90,25 @@ class EngineConfig:
                 f"kv_cache_dtype must be one of {list(get_args(KVCacheDType))}",
                 param="kv_cache_dtype",
             )
+        if self.lora_modules:
+            self.enable_lora = True
+        if not 1 <= self.max_loras <= MAX_LORA_SLOTS:
+            raise InvalidRequestError(
+                f"max_loras must be in [1, {MAX_LORA_SLOTS}]", param="max_loras"
+            )
+        if not 1 <= self.max_lora_rank <= MAX_LORA_RANK:
+            raise InvalidRequestError(
+                f"max_lora_rank must be in [1, {MAX_LORA_RANK}]", param="max_lora_rank"
+            )
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise InvalidRequestError(
+                "max_cpu_loras must be at least max_loras", param="max_cpu_loras"
+            )
+
+    @property
+    def cpu_lora_capacity(self) -> int:
+        """Adapters kept parsed in host memory."""
+        return self.max_cpu_loras if self.max_cpu_loras is not None else max(self.max_loras, 32)
 
     def kv_dtype(self) -> str:
         """The dtype name the KV cache is stored in."""

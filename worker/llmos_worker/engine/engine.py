@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from llmos_worker.engine.adapters import AdapterManager, AdapterNotFoundError
 from llmos_worker.engine.block_manager import BlockManager
 from llmos_worker.engine.config import EngineConfig
 from llmos_worker.engine.detokenizer import Detokenizer, init_offsets
@@ -104,11 +105,14 @@ class LLMEngine:
         self.block_manager = BlockManager(
             num_blocks, bs, enable_prefix_caching=config.enable_prefix_caching
         )
+        # LoRA adapters (`enable_lora`): slots in the model, the registry, the host-memory LRU
+        self.adapters = AdapterManager.attach(loaded, config) if config.enable_lora else None
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             policy=config.scheduling_policy,
+            slots=self.adapters,
         )
         self.sampler = Sampler(config.seed)
         self.detokenizer = Detokenizer(self.tokenizer)
@@ -187,8 +191,11 @@ class LLMEngine:
         priority: int = 0,
         cache_salt: str = "",
         arrival_time: float | None = None,
+        lora_name: str | None = None,
     ) -> None:
-        """Queue a request; refuses (InvalidRequestError) what could never be served."""
+        """Queue a request, run with the LoRA adapter registered as `lora_name` (None: the base
+        model); refuses (InvalidRequestError) what could never be served, and an unknown adapter
+        (`AdapterNotFoundError`)."""
         if request_id in self.requests:
             raise InvalidRequestError(
                 f"request id {request_id!r} is already in use",
@@ -199,6 +206,11 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"n ({params.n}) exceeds max_num_seqs ({self.config.max_num_seqs})", param="n"
             )
+        lora = None
+        if lora_name is not None:
+            if self.adapters is None:
+                raise AdapterNotFoundError(lora_name)
+            lora = self.adapters.resolve(lora_name)
         ids = (
             self.tokenizer.encode(prompt, add_special_tokens=True)
             if isinstance(prompt, str)
@@ -258,6 +270,7 @@ class LLMEngine:
             priority=priority,
             arrival_time=arrival,
             cache_salt=cache_salt,
+            lora=lora,
             num_seats=params.n,
         )
         seq.generator = self._generator(params, 0)
@@ -352,7 +365,9 @@ class LLMEngine:
         sample_seqs: list[Sequence] = []
         prompt_rows: list[tuple[str, int]] = []
         prompt_indices: list[int] = []
-        for item in out.scheduled:
+        lora_slots: list[int] = []
+        # why sorted: rows of one LoRA slot adjacent, one low-rank product per adapter present
+        for item in sorted(out.scheduled, key=lambda it: it.seq.lora_slot):
             seq, n = item.seq, item.num_new_tokens
             c = seq.num_computed_tokens
             metrics = self.requests[seq.request_id].metrics
@@ -365,6 +380,7 @@ class LLMEngine:
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(c, c + n)]
             starts.append(starts[-1] + n)
+            lora_slots += [seq.lora_slot] * n
             context_lens.append(c + n)
             tables.append(table)
             if c + n == seq.num_tokens:
@@ -390,6 +406,7 @@ class LLMEngine:
                 [t + [0] * (width - len(t)) for t in tables], dtype=torch.long
             ),
             logits_indices=torch.tensor(logits_indices, dtype=torch.long),
+            lora_slots=torch.tensor(lora_slots, dtype=torch.long) if lora_slots[-1] >= 0 else None,
         )
         return batch, sample_seqs
 

@@ -8,7 +8,10 @@ prefill is split over several steps (chunked prefill) while decodes keep flowing
 sequence needs a block and none is free, the lowest-priority, latest-arrived running sequence is
 preempted by recompute: its blocks are freed and it waits again with all its tokens as prompt.
 Under `fcfs` the head of the waiting queue is never overtaken (no starvation); under `priority`
-a waiting request may also preempt a running one of lower priority.
+a waiting request may also preempt a running one of lower priority. With LoRA adapters, a
+sequence also needs its adapter in one of the model's slots while it runs (`SlotPins`); when every
+slot is pinned by other adapters' running sequences the head of the queue waits, like for blocks,
+until one of them finishes (a preempted sequence gives its pin back).
 """
 
 from __future__ import annotations
@@ -16,12 +19,30 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from llmos_worker.engine.block_manager import BlockManager
 from llmos_worker.engine.config import SchedulingPolicy
 from llmos_worker.engine.sequence import Sequence, SequenceStatus
 
 SortKey = tuple[float, ...]
+
+
+class SlotPins(Protocol):
+    """Who holds the model's LoRA slots (`llmos_worker.engine.adapters.AdapterManager`)."""
+
+    def admit(self, seq: Sequence) -> bool:
+        """Pin a slot holding `seq`'s adapter (True at once for the base model); False while
+        every slot is pinned by other adapters."""
+        ...
+
+    def share(self, seq: Sequence) -> None:
+        """Pin the slot `seq` was forked with once more."""
+        ...
+
+    def leave(self, seq: Sequence) -> None:
+        """Drop `seq`'s pin, if it holds one."""
+        ...
 
 
 @dataclass
@@ -52,8 +73,10 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         policy: SchedulingPolicy = "fcfs",
+        slots: SlotPins | None = None,
     ):
         self.bm = block_manager
+        self.slots = slots
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.policy = policy
@@ -76,6 +99,8 @@ class Scheduler:
     def add_running(self, seq: Sequence) -> None:
         """Insert an already-computed sequence (a fork of a running one)."""
         seq.status = SequenceStatus.RUNNING
+        if self.slots is not None:
+            self.slots.share(seq)
         self.running.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -134,6 +159,8 @@ class Scheduler:
                 if self._preempt_for(seq, preempt):
                     continue
                 break
+            if self.slots is not None and not self.slots.admit(seq):
+                break  # why: every LoRA slot is pinned; running sequences will free one
             self.waiting.pop(0)
             copies[seq] = self.bm.allocate(seq, n, computed)
             seq.status = SequenceStatus.RUNNING
@@ -166,6 +193,8 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        if self.slots is not None:
+            self.slots.leave(seq)
         self.bm.free(seq)
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -182,6 +211,8 @@ class Scheduler:
         """Remove a finished or aborted sequence from wherever it is and free its blocks."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
+            if self.slots is not None:
+                self.slots.leave(seq)
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         self.bm.free(seq)

@@ -13,12 +13,15 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from llmos_worker.engine.outputs import FinishReason, RequestMetrics, TokenLogprob
 from llmos_worker.engine.params import SamplingParams
+
+if TYPE_CHECKING:
+    from llmos_worker.model.lora import LoRAAdapter
 
 
 class SequenceStatus(enum.Enum):
@@ -43,6 +46,8 @@ class Sequence:
     priority: int = 0
     arrival_time: float = 0.0
     cache_salt: str = ""
+    lora: LoRAAdapter | None = None  # the LoRA adapter it runs with; None: the base model
+    lora_slot: int = -1  # the adapter's slot in the model while the sequence runs (pinned)
     # why: an un-forked request with n > 1 occupies n seats once it forks; admission counts them
     num_seats: int = 1
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
@@ -80,6 +85,14 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     @property
+    def prefix_salt(self) -> str:
+        """What salts its prefix-cache hashes: the tenant's salt and, with an adapter, the
+        adapter's digest (the same tokens under another adapter have other K/V)."""
+        if self.lora is None:
+            return self.cache_salt
+        return f"{self.cache_salt}\x00lora:{self.lora.digest}"
+
+    @property
     def is_prefill(self) -> bool:
         """True while more than the last token still needs computing (prompt or recompute)."""
         return self.num_tokens - self.num_computed_tokens > 1
@@ -100,6 +113,8 @@ class Sequence:
             priority=self.priority,
             arrival_time=self.arrival_time,
             cache_salt=self.cache_salt,
+            lora=self.lora,
+            lora_slot=self.lora_slot,  # why: a fork shares its parent's slot (pinned again)
             status=self.status,
             num_computed_tokens=self.num_computed_tokens,
             num_cached_tokens=self.num_cached_tokens,

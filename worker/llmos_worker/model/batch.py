@@ -1,7 +1,8 @@
 """The flat batch one model forward consumes: all scheduled tokens of all sequences, concatenated.
 
 This is the contract between the scheduler side (which owns block tables) and the model runner
-(which owns the KV cache tensors). Prefill chunks and single-token decodes mix freely.
+(which owns the KV cache tensors). Prefill chunks and single-token decodes mix freely, and so do
+requests of different LoRA adapters and of the base model.
 """
 
 from __future__ import annotations
@@ -20,3 +21,6 @@ class ForwardBatch:
     context_lens: torch.Tensor  # (S,) int64: KV length of each sequence after this step
     block_tables: torch.Tensor  # (S, max_blocks) int64: physical blocks, padded with 0
     logits_indices: torch.Tensor  # (L,) int64: rows of input_ids whose next-token logits are needed
+    # (T,) int64 on the CPU: each token's LoRA slot, -1 for the base model; None: no adapter at
+    # all. Rows of one slot should be adjacent (one low-rank product per run of a slot)
+    lora_slots: torch.Tensor | None = None

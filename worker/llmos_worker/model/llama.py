@@ -27,6 +27,7 @@ from llmos_worker.model.kernels import (
     StackSpec,
     native_kernels,
 )
+from llmos_worker.model.lora import LoRARows, LoRAStack
 from llmos_worker.model.quant import HEAD_MODES, Linear, check_supported, make_linear
 from llmos_worker.model.rope import apply_rope, cos_sin_table, inverse_frequencies
 
@@ -56,9 +57,12 @@ class DecoderLayer(nn.Module):
     gate_up_mm: Linear
     down_mm: Linear
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, index: int = 0
+    ) -> None:
         super().__init__()
         self.cfg = cfg
+        self.index = index  # why: the layer's slice of a LoRA stack
         qkv_rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
         self.k_end = (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim  # end of K in qkv rows
         self.input_norm = _param(cfg.hidden_size, dtype=dtype, device=device)
@@ -106,20 +110,29 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         cache: torch.Tensor,
         plan: AttentionPlan,
+        lora: LoRARows | None = None,
     ) -> torch.Tensor:
         cfg = self.cfg
-        t = x.shape[0]
+        t, i = x.shape[0], self.index
         h = rms_norm(x, self.input_norm, cfg.rms_norm_eps)
         qkv = self.qkv_mm(h)  # (T, (H + 2 Hkv) D)
+        if lora is not None:
+            lora.add(i, "qkv", h, qkv)
         # q and k are adjacent in the fused output: rotate both in one go, (T, H + Hkv, D)
         qk = apply_rope(qkv[:, : self.k_end].view(t, -1, cfg.head_dim), cos, sin)
         q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
         v = qkv[:, self.k_end :].reshape(t, cfg.num_kv_heads, cfg.head_dim)
         attn = paged_attention(q, k, v, cache, plan, cfg.head_dim**-0.5)
-        x = x + self.o_mm(attn)
+        o = self.o_mm(attn)
+        x = x + (o if lora is None else lora.add(i, "o", attn, o))
         h = rms_norm(x, self.post_norm, cfg.rms_norm_eps)
-        gate, up = self.gate_up_mm(h).chunk(2, dim=-1)
-        return x + self.down_mm(F.silu(gate) * up)
+        gate_up = self.gate_up_mm(h)
+        if lora is not None:
+            lora.add(i, "gate_up", h, gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate) * up
+        down = self.down_mm(act)
+        return x + (down if lora is None else lora.add(i, "down", act, down))
 
     def forward_native(
         self,
@@ -130,6 +143,7 @@ class DecoderLayer(nn.Module):
         cache: torch.Tensor,
         plan: AttentionPlan,
         kernels: NativeKernels,
+        lora: LoRARows | None = None,
     ) -> torch.Tensor:
         """The same block with the native per-layer ops (CPU fp32), fewer dispatches per step.
 
@@ -138,16 +152,26 @@ class DecoderLayer(nn.Module):
         output, for the next block (or the final norm) to add.
         """
         cfg = self.cfg
-        t, hd = x.shape[0], cfg.head_dim
+        t, hd, i = x.shape[0], cfg.head_dim, self.index
         h = kernels.add_rms_norm(x, delta, self.input_norm, cfg.rms_norm_eps)
         qkv = self.qkv_mm(h, kernels)  # (T, (H + 2 Hkv) D), fresh and contiguous
+        if lora is not None:
+            lora.add(i, "qkv", h, qkv)  # why: before RoPE, as PEFT adds to q_proj's output
         kernels.rope_(qkv, cfg.num_heads + cfg.num_kv_heads, hd, positions, *rope)
         heads = qkv.view(t, -1, hd)
         q, k = heads[:, : cfg.num_heads], heads[:, cfg.num_heads : cfg.num_heads + cfg.num_kv_heads]
         v = heads[:, cfg.num_heads + cfg.num_kv_heads :]
         attn = paged_attention(q, k, v, cache, plan, hd**-0.5)
-        h = kernels.add_rms_norm(x, self.o_mm(attn, kernels), self.post_norm, cfg.rms_norm_eps)
-        return self.down_mm(kernels.silu_mul(self.gate_up_mm(h, kernels)), kernels)
+        o = self.o_mm(attn, kernels)
+        if lora is not None:
+            lora.add(i, "o", attn, o)
+        h = kernels.add_rms_norm(x, o, self.post_norm, cfg.rms_norm_eps)
+        gate_up = self.gate_up_mm(h, kernels)
+        if lora is not None:
+            lora.add(i, "gate_up", h, gate_up)
+        act = kernels.silu_mul(gate_up)
+        down = self.down_mm(act, kernels)
+        return down if lora is None else lora.add(i, "down", act, down)
 
 
 def _stack_layer(layer: DecoderLayer) -> StackLayer:
@@ -185,7 +209,9 @@ class LlamaModel(nn.Module):
         self.cfg = cfg
         self.dtype = dtype
         self.embed = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, dtype, device, i) for i in range(cfg.num_layers)
+        )
         self.norm = _param(cfg.hidden_size, dtype=dtype, device=device)
         self.lm_head = (
             None
@@ -204,6 +230,8 @@ class LlamaModel(nn.Module):
         # every projection packed (known once they are: see `_pack`)
         self._stack: DecoderStack | None = None
         self._stackable = False
+        # LoRA adapters' slots (`enable_lora`); None: the base model only
+        self.lora: LoRAStack | None = None
         cos, sin = cos_sin_table(
             inverse_frequencies(cfg, rope_factors), cfg.max_position_embeddings
         )
@@ -231,11 +259,15 @@ class LlamaModel(nn.Module):
         plan = AttentionPlan.from_batch(batch, block_size, device, self.dtype, kernels)
         positions = batch.positions.to(device)
         x = F.embedding(batch.input_ids.to(device), self.embed)  # (T, hidden)
+        lora = LoRARows.of(self.lora, batch.lora_slots)
         if kernels is not None:
             delta: torch.Tensor | None = None
             stack = self._decoder_stack(kernels)
             nd = plan.native
-            if stack is not None and nd is not None and nd.rows.shape[0] == x.shape[0]:
+            # why not with adapters: the whole-stack call has no LoRA products; such steps take
+            # the per-layer native ops, which add them between the kernels
+            whole = lora is None and nd is not None and nd.rows.shape[0] == x.shape[0]
+            if stack is not None and nd is not None and whole:
                 # every row is a native decode-kernel row (no blocked prefill): one call for all
                 stack(
                     x,
@@ -249,14 +281,16 @@ class LlamaModel(nn.Module):
             else:
                 rope = (self.rope_cos[:, 0], self.rope_sin[:, 0])  # (P, D) each
                 for layer, cache in zip(self.decoder_layers, caches, strict=True):
-                    delta = layer.forward_native(x, delta, positions, rope, cache, plan, kernels)
+                    delta = layer.forward_native(
+                        x, delta, positions, rope, cache, plan, kernels, lora
+                    )
             rows = batch.logits_indices.to(device)
             x, delta = x[rows], None if delta is None else delta[rows]
             h = kernels.add_rms_norm(x, delta, self.norm, self.cfg.rms_norm_eps)
             return self.head_mm(h, kernels)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, 1, D)
         for layer, cache in zip(self.decoder_layers, caches, strict=True):
-            x = layer(x, cos, sin, cache, plan)
+            x = layer(x, cos, sin, cache, plan, lora)
         x = x[batch.logits_indices.to(device)]  # why: norm + head only where logits are wanted
         x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
         return self.head_mm(x)
