@@ -34,7 +34,7 @@ from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmos_worker.server.admission import Caller
 from llmos_worker.server.async_engine import AsyncEngine, Engine
@@ -42,7 +42,7 @@ from llmos_worker.server.chat import create_chat_completion
 from llmos_worker.server.completions import create_completion
 from llmos_worker.server.errors import HTTPError, error_json, error_response
 from llmos_worker.server.extras import detokenize, tokenize
-from llmos_worker.server.metrics import CONTENT_TYPE, ServerMetrics
+from llmos_worker.server.metrics import CONTENT_TYPE, HttpMetrics, ServerMetrics
 from llmos_worker.server.response import ModelCard, ModelList
 from llmos_worker.server.state import ServerState
 from llmos_worker.server.transport import TransportCollector
@@ -148,14 +148,29 @@ class ListenerGuard:
     the count covers a request from its head to its response's last byte (streams included).
     """
 
-    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+    def __init__(self, app: ASGIApp, state: ServerState, http: HttpMetrics) -> None:
         self.app = app
         self.state = state
+        self.http = http
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        status = 500  # what the client sees if the app fails before answering
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_noting_status)
+        finally:
+            self.http.observe(scope["path"], scope["method"], status)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         state, path = self.state, scope["path"]
         if state.metrics_port is not None:
             server = scope.get("server")
@@ -259,6 +274,7 @@ def build_app(
     transport_registry = CollectorRegistry(auto_describe=False)
     if state.transport is not None:
         transport_registry.register(TransportCollector(state.transport, lambda: state))
+    http_metrics = HttpMetrics(transport_registry)
 
     async def metrics(request: Request) -> Response:
         if state.metrics_port is None:
@@ -297,7 +313,7 @@ def build_app(
     return Starlette(
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(ListenerGuard, state=state)],
+        middleware=[Middleware(ListenerGuard, state=state, http=http_metrics)],
         exception_handlers={HTTPException: http_exception, Exception: server_error},
     )
 

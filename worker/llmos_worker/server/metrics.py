@@ -91,6 +91,50 @@ _REQUEST_BUCKETS = (
 )
 
 
+# token counts per request: 1-2-5 steps, as vLLM's buckets (up to a million-token context)
+_TOKEN_COUNT_BUCKETS = tuple(m * 10**e for e in range(7) for m in (1, 2, 5))
+_N_BUCKETS = (1, 2, 5, 10, 20)
+
+
+class HttpMetrics:
+    """HTTP requests by route, method and status class (`2xx`, `4xx`, ...), as vLLM's
+    instrumentator counts them, so refused requests (400, 401, 429, 503) are visible too."""
+
+    ROUTES = frozenset(
+        {
+            "/v1/completions",
+            "/v1/chat/completions",
+            "/v1/models",
+            "/tokenize",
+            "/detokenize",
+            "/health",
+            "/ready",
+            "/metrics",
+        }
+    )
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "llmos_http_requests",
+            "HTTP requests by handler, method and status class.",
+            ["handler", "method", "status"],
+            registry=registry,
+        )
+
+    @classmethod
+    def handler(cls, path: str) -> str:
+        """The route template (bounded label values; unknown paths are `none`)."""
+        if path in cls.ROUTES:
+            return path
+        if path.startswith("/v1/models/"):
+            return "/v1/models/{model_id}"
+        return "none"
+
+    def observe(self, path: str, method: str, status: int) -> None:
+        method = method if method in ("GET", "POST", "HEAD", "OPTIONS") else "other"
+        self.requests.labels(self.handler(path), method, f"{status // 100}xx").inc()
+
+
 class _EngineStatsCollector(Collector):
     """Gauges and cumulative counters from the latest engine snapshot, at scrape time."""
 
@@ -126,6 +170,16 @@ class _EngineStatsCollector(Collector):
             stats.kv_cache_usage,
         )
         yield gauge(
+            "llmos_gpu_cache_usage_perc",
+            "The same as kv_cache_usage_perc, under vLLM's older name (dashboards, KEDA rules).",
+            stats.kv_cache_usage,
+        )
+        yield gauge(
+            "llmos_num_requests_swapped",
+            "Requests swapped out (always 0: preemption recomputes).",
+            stats.num_swapped,
+        )
+        yield gauge(
             "llmos_kv_cache_total_blocks",
             "KV-cache blocks allocated at start-up.",
             stats.num_total_blocks,
@@ -145,7 +199,21 @@ class _EngineStatsCollector(Collector):
             "Preemptions (recompute) of running requests.",
             stats.num_preemptions,
         )
-        yield counter("llmos_prompt_tokens", "Prompt tokens computed.", stats.prompt_tokens)
+        yield counter(
+            "llmos_prompt_tokens",
+            "Prompt tokens of requests whose prefill finished (cached ones included).",
+            stats.prompt_tokens,
+        )
+        yield counter(
+            "llmos_prompt_tokens_cached",
+            "Of prompt_tokens, those found in the prefix cache.",
+            stats.cached_prompt_tokens,
+        )
+        yield counter(
+            "llmos_prompt_tokens_computed",
+            "Prompt tokens run through the model (recomputation after preemption included).",
+            stats.computed_prompt_tokens,
+        )
         yield counter("llmos_generation_tokens", "Tokens generated.", stats.generation_tokens)
 
 
@@ -198,6 +266,55 @@ class ServerMetrics:
             buckets=_REQUEST_BUCKETS,
             registry=self.registry,
         )
+        self.prefill_time = Histogram(
+            "llmos_request_prefill_time_seconds",
+            "First scheduled to first token.",
+            label,
+            buckets=_REQUEST_BUCKETS,
+            registry=self.registry,
+        )
+        self.decode_time = Histogram(
+            "llmos_request_decode_time_seconds",
+            "First token to last token.",
+            label,
+            buckets=_REQUEST_BUCKETS,
+            registry=self.registry,
+        )
+        self.inference_time = Histogram(
+            "llmos_request_inference_time_seconds",
+            "First scheduled to last token.",
+            label,
+            buckets=_REQUEST_BUCKETS,
+            registry=self.registry,
+        )
+        self.prompt_len = Histogram(
+            "llmos_request_prompt_tokens",
+            "Prompt tokens per finished request.",
+            label,
+            buckets=_TOKEN_COUNT_BUCKETS,
+            registry=self.registry,
+        )
+        self.generation_len = Histogram(
+            "llmos_request_generation_tokens",
+            "Generated tokens per finished request (all its completions).",
+            label,
+            buckets=_TOKEN_COUNT_BUCKETS,
+            registry=self.registry,
+        )
+        self.max_generation_len = Histogram(
+            "llmos_request_max_num_generation_tokens",
+            "Tokens of the longest completion per finished request.",
+            label,
+            buckets=_TOKEN_COUNT_BUCKETS,
+            registry=self.registry,
+        )
+        self.params_n = Histogram(
+            "llmos_request_params_n",
+            "The n of finished requests.",
+            label,
+            buckets=_N_BUCKETS,
+            registry=self.registry,
+        )
         # request id -> (last token time seen, tokens seen): for inter-token latency
         self._progress: dict[str, tuple[float, int]] = {}
 
@@ -222,6 +339,19 @@ class ServerMetrics:
                 self.tpot.labels(self.model_name).observe(
                     max(0.0, m.last_token_time - m.first_token_time) / (generated - 1)
                 )
+        name = self.model_name
+        self.prompt_len.labels(name).observe(len(output.prompt_token_ids))
+        lengths = [len(c.token_ids) for c in output.outputs] or [0]
+        self.generation_len.labels(name).observe(sum(lengths))
+        self.max_generation_len.labels(name).observe(max(lengths))
+        self.params_n.labels(name).observe(len(output.outputs))
+        first, last, scheduled = m.first_token_time, m.last_token_time, m.first_scheduled_time
+        if first is not None and scheduled is not None:
+            self.prefill_time.labels(name).observe(max(0.0, first - scheduled))
+        if first is not None and last is not None:
+            self.decode_time.labels(name).observe(max(0.0, last - first))
+        if last is not None and scheduled is not None:
+            self.inference_time.labels(name).observe(max(0.0, last - scheduled))
         if m.finished_time is not None:
             self.e2e.labels(self.model_name).observe(max(0.0, m.finished_time - m.arrival_time))
         if m.first_scheduled_time is not None:
