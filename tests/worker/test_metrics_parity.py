@@ -83,7 +83,9 @@ def test_http_requests_are_counted_by_status_class(server: InProcessServer) -> N
     after = scrape(server)
 
     def count(text: str, handler: str, status: str) -> float:
-        series = f'llmos_http_requests_total{{handler="{handler}",method="{"GET" if handler == "none" else "POST"}",status="{status}"}}'
+        method = "GET" if handler == "none" else "POST"
+        labels = f'handler="{handler}",method="{method}",status="{status}"'
+        series = f"llmos_http_requests_total{{{labels}}}"
         return float(text.split(series + " ")[1].split()[0]) if series in text else 0.0
 
     assert count(after, "/v1/completions", "2xx") - count(before, "/v1/completions", "2xx") == 1
