@@ -272,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     running = start_all(systems, args.logs, results)
     try:
         names = [s.name for s in systems if s.name in running]
-        asyncio.run(drive(running, names, scenario_names, args.repeats, pool, args.smoke, results))
+        asyncio.run(
+            drive(running, names, scenario_names, args.repeats, pool, args.smoke, results, write)
+        )
     finally:
         for server in running.values():
             stop_server(server.proc)
