@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,11 @@ def make_adapter(
         for name, param in peft_model.named_parameters():
             if "lora_A" in name or "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
-    peft_model.save_pretrained(str(out_dir))
+    with warnings.catch_warnings():
+        # why: PEFT looks for the base model's config.json to check the embedding; a GGUF
+        # base has none (the adapter holds no embedding, so there is nothing to check)
+        warnings.filterwarnings("ignore", "Could not find a config file", UserWarning)
+        peft_model.save_pretrained(str(out_dir))
     peft_model.eval()
     return peft_model
 

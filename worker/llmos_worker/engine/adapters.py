@@ -11,14 +11,17 @@ later: admission only has to find a slot. A running sequence pins the slot holdi
 (`admit`, `share` for a fork, `leave` when it is preempted or ends); a slot nobody pins is reused
 for another adapter, least recently used first. Slots are keyed by the adapter's digest, so an
 adapter unloaded and loaded again with the same files finds its slot still filled. Reading an
-adapter (`read`) touches no engine state, so the server does it off the engine thread; every
-other method runs on the engine thread. `listing` is a snapshot other threads may read.
+adapter (`read`) touches no engine state, so the server does it off the engine thread; the
+registry and the host-memory cache (`register`, `unregister`, `resolve`) are guarded by a lock,
+as the server changes them from its event loop; the slots belong to the engine thread. `listing`
+is a snapshot other threads may read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -85,8 +88,11 @@ class AdapterManager:
         max_cpu_loras: int,
         base_name: str,
         key_file: str | None = None,
+        allow_runtime_updates: bool = False,
     ) -> None:
         self.config = config
+        self.allow_runtime_updates = allow_runtime_updates  # the HTTP load/unload routes
+        self._lock = threading.Lock()
         self.stack = stack
         self.max_rank = stack.max_rank
         self.max_cpu_loras = max_cpu_loras
@@ -119,6 +125,7 @@ class AdapterManager:
             max_cpu_loras=config.cpu_lora_capacity,
             base_name=loaded.name,
             key_file=config.lora_key_file,
+            allow_runtime_updates=config.allow_runtime_lora_updating,
         )
         for name, path in config.lora_modules.items():
             manager.register(manager.read(name, path))
@@ -144,10 +151,14 @@ class AdapterManager:
     def names(self) -> frozenset[str]:
         return frozenset(info.name for info in self.listing)
 
-    # ---- engine thread: the registry -----------------------------------------------------
+    # ---- any thread, under the lock: the registry ----------------------------------------
 
     def register(self, adapter: LoRAAdapter) -> AdapterInfo:
         """Make `adapter` servable under its name (refused if the name is taken)."""
+        with self._lock:
+            return self._register(adapter)
+
+    def _register(self, adapter: LoRAAdapter) -> AdapterInfo:
         name = adapter.name
         if not name or name == self.base_name:
             raise AdapterError(
@@ -173,14 +184,16 @@ class AdapterManager:
 
     def unregister(self, name: str) -> None:
         """Forget `name`: new requests may not use it; requests that have it run to their end."""
-        if self._registered.pop(name, None) is None:
-            raise AdapterNotFoundError(name)
-        self._cpu.pop(name, None)
-        self._publish()
+        with self._lock:
+            if self._registered.pop(name, None) is None:
+                raise AdapterNotFoundError(name)
+            self._cpu.pop(name, None)
+            self._publish()
         log.info("LoRA adapter %s unloaded", name)
 
     def info(self, name: str) -> AdapterInfo:
-        info = self._registered.get(name)
+        with self._lock:
+            info = self._registered.get(name)
         if info is None:
             raise AdapterNotFoundError(name)
         return info
@@ -189,10 +202,11 @@ class AdapterManager:
         """The parsed adapter registered as `name`, read again from its path if it left host
         memory (and refused if its files changed since it was registered)."""
         info = self.info(name)
-        adapter = self._cpu.get(name)
-        if adapter is not None:
-            self._cpu.move_to_end(name)
-            return adapter
+        with self._lock:
+            adapter = self._cpu.get(name)
+            if adapter is not None:
+                self._cpu.move_to_end(name)
+                return adapter
         adapter = self.read(name, info.path)
         if adapter.digest != info.digest:
             raise AdapterError(
@@ -200,7 +214,8 @@ class AdapterManager:
                 "unload and load it again",
                 code="lora_changed",
             )
-        self._cache(adapter)
+        with self._lock:
+            self._cache(adapter)
         return adapter
 
     # ---- engine thread: slots (the scheduler's `SlotPins`) -------------------------------

@@ -47,6 +47,7 @@ class EngineConfig:
     max_cpu_loras: int | None = None  # None: max(max_loras, 32)
     lora_modules: dict[str, str] = field(default_factory=dict)
     lora_key_file: str | None = None
+    allow_runtime_lora_updating: bool = False  # the HTTP load/unload routes (paths on disk)
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -90,7 +91,7 @@ class EngineConfig:
                 f"kv_cache_dtype must be one of {list(get_args(KVCacheDType))}",
                 param="kv_cache_dtype",
             )
-        if self.lora_modules:
+        if self.lora_modules or self.allow_runtime_lora_updating:
             self.enable_lora = True
         if not 1 <= self.max_loras <= MAX_LORA_SLOTS:
             raise InvalidRequestError(

@@ -193,9 +193,9 @@ class LLMEngine:
         arrival_time: float | None = None,
         lora_name: str | None = None,
     ) -> None:
-        """Queue a request, run with the LoRA adapter registered as `lora_name` (None: the base
-        model); refuses (InvalidRequestError) what could never be served, and an unknown adapter
-        (`AdapterNotFoundError`)."""
+        """Queue a request, run with the LoRA adapter registered as `lora_name` (None:
+        `params.lora_name`, and None there too: the base model); refuses (InvalidRequestError)
+        what could never be served, and an unknown adapter (`AdapterNotFoundError`)."""
         if request_id in self.requests:
             raise InvalidRequestError(
                 f"request id {request_id!r} is already in use",
@@ -207,6 +207,7 @@ class LLMEngine:
                 f"n ({params.n}) exceeds max_num_seqs ({self.config.max_num_seqs})", param="n"
             )
         lora = None
+        lora_name = params.lora_name if lora_name is None else lora_name
         if lora_name is not None:
             if self.adapters is None:
                 raise AdapterNotFoundError(lora_name)

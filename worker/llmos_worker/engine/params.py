@@ -45,6 +45,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to logit
     guide: Guide | None = None  # a grammar the output must follow (llmos_worker.engine.guided)
     prompt_logprobs: int | None = None  # logprobs of the prompt's tokens (+ top-k), e.g. echo
+    lora_name: str | None = None  # the LoRA adapter to run with (the request's `model`)
 
     def __post_init__(self) -> None:
         def bad(param: str, message: str) -> InvalidRequestError:

@@ -36,6 +36,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llmos_worker.server.adapters import adapter_cards, load_lora_adapter, unload_lora_adapter
 from llmos_worker.server.admission import Caller
 from llmos_worker.server.async_engine import AsyncEngine, Engine
 from llmos_worker.server.chat import create_chat_completion
@@ -306,6 +307,8 @@ def build_app(
         Route("/v1/models/{model_id:path}", model, methods=["GET"]),
         Route("/tokenize", _endpoint(state, tokenize), methods=["POST"]),
         Route("/detokenize", _endpoint(state, detokenize), methods=["POST"]),
+        Route("/v1/load_lora_adapter", _endpoint(state, load_lora_adapter), methods=["POST"]),
+        Route("/v1/unload_lora_adapter", _endpoint(state, unload_lora_adapter), methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
@@ -319,11 +322,12 @@ def build_app(
 
 
 def model_cards(state: ServerState, front: AsyncEngine) -> list[ModelCard]:
-    """What `/v1/models` lists: the served model."""
+    """What `/v1/models` lists: the served model, then its LoRA adapters."""
     return [
         ModelCard(
             id=state.model_name, created=state.created, max_model_len=front.engine.max_model_len
-        )
+        ),
+        *adapter_cards(state),
     ]
 
 

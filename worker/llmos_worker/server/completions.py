@@ -23,8 +23,8 @@ from starlette.responses import JSONResponse, Response
 
 from llmos_worker.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from llmos_worker.errors import InvalidRequestError
+from llmos_worker.server.adapters import resolve_model
 from llmos_worker.server.admission import Caller, admit
-from llmos_worker.server.errors import HTTPError
 from llmos_worker.server.generation import (
     ChoiceDelta,
     DeltaTracker,
@@ -128,11 +128,9 @@ async def create_completion(
 ) -> Response:
     req = CompletionRequest.model_validate(body)
     front = state.serving_front()
-    if req.model != state.model_name:
-        raise HTTPError(
-            404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found"
-        )
+    lora_name = resolve_model(state, req.model)  # 404 unless the base model or an adapter
     params = req.to_sampling_params()
+    params.lora_name = lora_name
     await check_guide(front, params)
     prompts = req.prompts()
     if req.suffix:

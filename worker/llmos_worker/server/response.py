@@ -127,6 +127,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "llmos"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model (vLLM's field)
     max_model_len: int | None = None
 
 
