@@ -129,8 +129,12 @@ class Sampler:
             # why: a matcher that allows nothing (its grammar failed) must not leave the row all
             # -inf; the engine ends such a sequence when the token is refused
             allowed[~allowed.any(dim=1)] = True
-            index = torch.tensor(guided)
-            logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+            if len(guided) < len(rows):  # unconstrained rows allow everything
+                full = torch.ones(len(rows), v, dtype=torch.bool)
+                full[torch.tensor(guided)] = allowed
+                allowed = full
+            # one pass over the batch (measured faster than masked_fill_ on this CPU)
+            logits = torch.where(allowed, logits, float("-inf"))
         return logits
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
