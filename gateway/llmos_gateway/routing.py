@@ -1,0 +1,162 @@
+"""Choosing a replica: round-robin, least-load, or prefix affinity with bounded load (CHWBL).
+
+Prefix routing hashes a chain over the prompt's leading blocks of `block_chars` characters (the
+chat messages' roles and contents in order, or the completion prompt), at most `max_blocks` deep,
+so requests that share a long leading prefix share a key while a short prompt is keyed by all of
+it. The key is placed on a consistent-hash ring with `vnodes` virtual nodes per replica (blake2b,
+so every gateway replica routes a prefix to the same worker). Walking the ring clockwise from the
+key, the first replica whose queue score plus this request stays within `load_factor` times the
+mean (ceil((total + 1) * factor / n)) and whose KV cache is not full with requests waiting takes
+it: the home replica while it has room, its ring successor when it is overloaded (consistent
+hashing with bounded loads). Replicas ejected after failures and ones already tried are left out.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from llmos_gateway.replicas import Replica
+
+Strategy = Literal["round-robin", "least-load", "prefix"]
+STRATEGIES: tuple[Strategy, ...] = ("round-robin", "least-load", "prefix")
+
+
+def _h64(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def prefix_text(body: dict[str, Any]) -> str:
+    """The text whose leading part keys prefix routing (chat messages or the prompt)."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        parts: list[str] = []
+        for m in messages:
+            if not isinstance(m, dict):
+                continue
+            content = m.get("content")
+            if isinstance(content, list):
+                content = "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+            parts.append(f"{m.get('role', '')}\x1f{content if content is not None else ''}\x1e")
+        return "".join(parts)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list):
+        prompt = prompt[0] if prompt and not isinstance(prompt[0], int) else prompt
+        if isinstance(prompt, list):
+            return ",".join(str(t) for t in prompt)
+    return str(prompt) if prompt is not None else ""
+
+
+def prefix_key(text: str, *, block_chars: int = 256, max_blocks: int = 4) -> int:
+    """The chain hash of the leading full blocks (all of a text shorter than one block)."""
+    data = text.encode("utf-8", "surrogatepass")
+    step = block_chars  # bytes ~ characters for ASCII; a stable cut is all that matters
+    if len(data) < step:
+        return _h64(data)
+    h = 0
+    for i in range(min(len(data) // step, max_blocks)):
+        h = _h64(h.to_bytes(8, "big") + data[i * step : (i + 1) * step])
+    return h
+
+
+class HashRing:
+    """Replica names on a ring, `vnodes` points each."""
+
+    def __init__(self, names: Sequence[str], vnodes: int = 100) -> None:
+        points = sorted(
+            (_h64(f"{name}#{i}".encode()), name) for name in names for i in range(vnodes)
+        )
+        self._hashes = [p[0] for p in points]
+        self._names = [p[1] for p in points]
+        self.names = frozenset(names)
+
+    def walk(self, key: int) -> list[str]:
+        """Distinct replica names clockwise from `key` (the home replica first)."""
+        if not self._hashes:
+            return []
+        start = bisect.bisect_left(self._hashes, key) % len(self._hashes)
+        seen: dict[str, None] = {}
+        for i in range(len(self._names)):
+            seen.setdefault(self._names[(start + i) % len(self._names)])
+            if len(seen) == len(self.names):
+                break
+        return list(seen)
+
+
+@dataclass
+class Decision:
+    replica: Replica
+    outcome: str  # round_robin | least_load | affinity | overflow
+
+
+class Router:
+    """Picks a replica for a request by the pool's strategy."""
+
+    def __init__(
+        self,
+        strategy: Strategy = "prefix",
+        *,
+        load_factor: float = 1.25,
+        vnodes: int = 100,
+        block_chars: int = 256,
+        max_blocks: int = 4,
+        kv_full: float = 0.95,
+    ) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown routing strategy {strategy!r}; one of {STRATEGIES}")
+        if load_factor < 1.0:
+            raise ValueError("load_factor must be at least 1.0")
+        self.strategy = strategy
+        self.load_factor = load_factor
+        self.vnodes = vnodes
+        self.block_chars = block_chars
+        self.max_blocks = max_blocks
+        self.kv_full = kv_full
+        self._counter = itertools.count()
+        self._ring: HashRing | None = None
+
+    def key_of(self, body: dict[str, Any]) -> int:
+        return prefix_key(
+            prefix_text(body), block_chars=self.block_chars, max_blocks=self.max_blocks
+        )
+
+    def ring(self, names: Sequence[str]) -> HashRing:
+        if self._ring is None or self._ring.names != frozenset(names):
+            self._ring = HashRing(names, self.vnodes)
+        return self._ring
+
+    def choose(
+        self, candidates: Sequence[Replica], key: int, all_replicas: Sequence[Replica]
+    ) -> Decision:
+        """One of `candidates` (non-empty); `all_replicas` define the ring and the mean load."""
+        if self.strategy == "round-robin":
+            return Decision(candidates[next(self._counter) % len(candidates)], "round_robin")
+        if self.strategy == "least-load":
+            offset = next(self._counter)
+            n = len(candidates)
+            best = min(
+                range(n),
+                key=lambda i: (
+                    candidates[i].score() + candidates[i].load.kv_usage,
+                    (i - offset) % n,
+                ),
+            )
+            return Decision(candidates[best], "least_load")
+        ring = self.ring([r.name for r in all_replicas])
+        by_name = {r.name: r for r in candidates}
+        total = sum(r.score() for r in all_replicas)
+        bound = math.ceil((total + 1) * self.load_factor / max(1, len(all_replicas)))
+        order = [by_name[n] for n in ring.walk(key) if n in by_name]
+        home = ring.walk(key)[0] if order else None
+        for replica in order:
+            full = replica.load.kv_usage >= self.kv_full and replica.load.waiting > 0
+            if replica.score() + 1 <= bound and not full:
+                return Decision(replica, "affinity" if replica.name == home else "overflow")
+        # why: every replica is over the bound; the least loaded one still serves
+        fallback = min(order or list(candidates), key=lambda r: r.score())
+        return Decision(fallback, "affinity" if fallback.name == home else "overflow")
