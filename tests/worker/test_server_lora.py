@@ -156,3 +156,23 @@ def test_runtime_updates_are_off_by_default(tiny_model_dir: Path, adapter_dirs: 
         assert resp.status_code == 403
         assert resp.json()["error"]["code"] == "lora_updates_disabled"
         assert complete(srv, "one").status_code == 200
+
+
+def test_serve_flags_reach_the_engine_config() -> None:
+    import argparse
+
+    from llmos_worker.server.main import add_arguments, engine_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = ["--lora", "sql=/a", "--lora-modules", "chat=/b"]
+    args = parser.parse_args([*flags, "--max-loras", "2", "--max-lora-rank", "8"])
+    config = engine_config(args)
+    assert config.enable_lora
+    assert config.lora_modules == {"sql": "/a", "chat": "/b"}
+    assert (config.max_loras, config.max_lora_rank) == (2, 8)
+    assert not engine_config(parser.parse_args([])).enable_lora
+    with pytest.raises(ValueError, match="twice"):
+        engine_config(parser.parse_args(["--lora", "a=/x", "--lora", "a=/y"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--lora", "no-path"])

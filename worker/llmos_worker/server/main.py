@@ -27,6 +27,7 @@ from llmos_worker.cli import env_default
 from llmos_worker.engine.config import DType, EngineConfig, KVCacheDType, Quantization
 from llmos_worker.errors import WorkerError
 from llmos_worker.server.logfilter import RateLimitFilter
+from llmos_worker.server.lora_flags import add_lora_arguments, lora_settings
 from llmos_worker.server.transport import TransportLimits, guarded_protocol
 
 if TYPE_CHECKING:
@@ -191,6 +192,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=_bool(e("access_log", "false") or "false"),
     )
+    add_lora_arguments(parser)
 
 
 class JsonFormatter(logging.Formatter):
@@ -237,6 +239,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_cache_dtype=args.kv_cache_dtype,
         device=args.device,
         seed=args.seed,
+        **lora_settings(args),
     )
 
 
