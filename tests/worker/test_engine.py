@@ -83,7 +83,7 @@ def make_engine(num_blocks: int = 64, **cfg: Any) -> LLMEngine:
     loaded = SimpleNamespace(
         name="fake",
         tokenizer=FakeTokenizer(),
-        config=SimpleNamespace(vocab_size=V, max_position_embeddings=512),
+        config=SimpleNamespace(vocab_size=V, hidden_size=8, max_position_embeddings=512),
     )
     runner = FakeRunner(num_blocks, config.block_size)
     return LLMEngine(loaded, config, runner=runner, num_blocks=num_blocks)  # type: ignore[arg-type]

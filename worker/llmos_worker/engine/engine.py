@@ -56,6 +56,20 @@ class Runner(Protocol):
 
     def execute(self, batch: ForwardBatch) -> torch.Tensor: ...
 
+    def execute_hidden(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits and the final hidden states of `batch.pool_indices` (embeddings)."""
+        ...
+
+
+class _Pooled:
+    """An embedding request's running sum of final hidden states over its prompt."""
+
+    __slots__ = ("count", "total")
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0  # prompt positions summed so far (a recompute does not add them twice)
+
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +96,7 @@ class LLMEngine:
         self.model_name: str = loaded.name
         self.tokenizer = loaded.tokenizer
         self.vocab_size: int = loaded.config.vocab_size
+        self.hidden_size: int = loaded.config.hidden_size  # the length of an embedding
         max_pos: int = loaded.config.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > max_pos:
             raise InvalidRequestError(
@@ -122,6 +137,9 @@ class LLMEngine:
         # request id -> logprobs of its prompt tokens so far ([0] is None), for prompt_logprobs
         self.prompt_logprobs: dict[str, list[TokenLogprob | None]] = {}
         self._prompt_rows: list[tuple[str, int]] = []  # this step's (request id, position)
+        self.pooled: dict[str, _Pooled] = {}  # embedding requests (`SamplingParams.embed`)
+        self._pool_rows: list[tuple[str, int]] = []  # this step's (request id, rows pooled)
+        self._pool_done: list[Sequence] = []  # embedding requests whose prompt ends this step
         self.prompt_tokens = 0  # whole prompts of requests whose prefill finished
         self.cached_prompt_tokens = 0  # of those, tokens found in the prefix cache
         self.computed_prompt_tokens = 0  # prompt tokens run through the model (recompute too)
@@ -227,6 +245,9 @@ class LLMEngine:
                 code="invalid_token_id",
             )
         plen, limit = len(ids), self.max_model_len
+        if params.embed:
+            self._add_embedding(request_id, ids, params, priority, cache_salt, arrival_time, lora)
+            return
         if plen >= limit:
             raise InvalidRequestError(
                 f"prompt has {plen} tokens but max_model_len is {limit}: no room for any "
@@ -286,6 +307,56 @@ class LLMEngine:
         self.requests[request_id] = request
         self.scheduler.add(seq)
 
+    def _add_embedding(
+        self,
+        request_id: str,
+        ids: list[int],
+        params: SamplingParams,
+        priority: int,
+        cache_salt: str,
+        arrival_time: float | None,
+        lora: Any,
+    ) -> None:
+        """Queue a prompt to be run for its embedding only: it takes KV blocks for its prompt
+        while it prefills (in batches with generation), and nothing is sampled."""
+        plen, limit = len(ids), self.max_model_len
+        if plen > limit:
+            raise InvalidRequestError(
+                f"input has {plen} tokens but max_model_len is {limit}",
+                param="input",
+                code="context_length_exceeded",
+            )
+        if self.block_manager.blocks_for(plen) > self.num_blocks:
+            raise InvalidRequestError(
+                f"input ({plen} tokens) needs more KV blocks than the cache has "
+                f"({self.num_blocks} of {self.config.block_size} tokens)",
+                param="input",
+                code="kv_cache_too_small",
+            )
+        now = self.clock()
+        arrival = now if arrival_time is None else arrival_time
+        seq = Sequence(
+            request_id=request_id,
+            index=0,
+            token_ids=ids,
+            num_prompt_tokens=plen,
+            params=params,
+            max_tokens=1,
+            priority=priority,
+            arrival_time=arrival,
+            # why: a prefix found in the cache is not computed, so its hidden states would be
+            # missing from the mean; a salt of its own keeps every position computed
+            cache_salt=f"{cache_salt}\x00embed:{request_id}",
+            lora=lora,
+            num_seats=1,
+        )
+        request = Request(
+            request_id, list(ids), params, RequestMetrics(arrival_time=arrival), seqs=[seq]
+        )
+        self.requests[request_id] = request
+        self.pooled[request_id] = _Pooled()
+        self.scheduler.add(seq)
+
     @staticmethod
     def _generator(params: SamplingParams, index: int) -> torch.Generator | None:
         if params.seed is None:
@@ -296,6 +367,7 @@ class LLMEngine:
         """Forget a request and free its blocks; idempotent, and no output follows."""
         request = self.requests.pop(request_id, None)
         self.prompt_logprobs.pop(request_id, None)
+        self.pooled.pop(request_id, None)
         if request is None:
             return
         for seq in request.seqs:
@@ -319,10 +391,15 @@ class LLMEngine:
         if out.copies:
             copy_kv_blocks(self.runner, out.copies)
         batch, sample_seqs = self._build_batch(out, now)
-        logits = self.runner.execute(batch)  # (len(sample_seqs) + prompt rows, V)
+        if batch.pool_indices is None:
+            logits = self.runner.execute(batch)  # (len(sample_seqs) + prompt rows, V)
+        else:
+            logits, hidden = self.runner.execute_hidden(batch)
+            self._record_pooled(hidden)
         if self._prompt_rows:
             logits = self._record_prompt_logprobs(logits, len(sample_seqs))
         self.scheduler.update_after_step(out)
+        embedded = self._finish_pooled(self.clock())
 
         rows: list[SamplingRow] = []
         targets: list[Sequence] = []
@@ -338,7 +415,7 @@ class LLMEngine:
                 row_of.append(i)
         if len(row_of) != len(sample_seqs):
             logits = logits[torch.tensor(row_of)]
-        sampled = self.sampler.sample(logits, rows)
+        sampled = self.sampler.sample(logits, rows) if rows else []
 
         now = self.clock()
         touched: dict[str, Request] = {}
@@ -346,7 +423,7 @@ class LLMEngine:
             request = self.requests[seq.request_id]
             self._append(request, seq, tok.token_id, tok.logprob, now)
             touched[request.request_id] = request
-        outputs = [self._output(r) for r in touched.values()]
+        outputs = [self._output(r) for r in touched.values()] + embedded
         for r in touched.values():
             if r.finished:
                 r.metrics.finished_time = now
@@ -366,6 +443,9 @@ class LLMEngine:
         sample_seqs: list[Sequence] = []
         prompt_rows: list[tuple[str, int]] = []
         prompt_indices: list[int] = []
+        pool_indices: list[int] = []
+        pool_rows: list[tuple[str, int]] = []
+        pool_done: list[Sequence] = []
         lora_slots: list[int] = []
         # why sorted: rows of one LoRA slot adjacent, one low-rank product per adapter present
         for item in sorted(out.scheduled, key=lambda it: it.seq.lora_slot):
@@ -384,6 +464,15 @@ class LLMEngine:
             lora_slots += [seq.lora_slot] * n
             context_lens.append(c + n)
             tables.append(table)
+            pooled = self.pooled.get(seq.request_id)
+            if pooled is not None:
+                # every prompt position not yet summed (a recompute does not add them twice)
+                first = max(c, pooled.count)
+                pool_indices += range(starts[-2] + first - c, starts[-1])
+                pool_rows.append((seq.request_id, max(0, c + n - first)))
+                if c + n == seq.num_tokens:
+                    pool_done.append(seq)
+                continue
             if c + n == seq.num_tokens:
                 logits_indices.append(starts[-1] - 1)
                 sample_seqs.append(seq)
@@ -395,6 +484,7 @@ class LLMEngine:
                     prompt_rows.append((seq.request_id, p))
                     prompt_indices.append(starts[-2] + p - c)
         self._prompt_rows = prompt_rows
+        self._pool_rows, self._pool_done = pool_rows, pool_done
         logits_indices += prompt_indices  # after the sampled rows, which keep their order
         width = max(len(t) for t in tables)
         batch = ForwardBatch(
@@ -408,8 +498,49 @@ class LLMEngine:
             ),
             logits_indices=torch.tensor(logits_indices, dtype=torch.long),
             lora_slots=torch.tensor(lora_slots, dtype=torch.long) if lora_slots[-1] >= 0 else None,
+            pool_indices=torch.tensor(pool_indices, dtype=torch.long) if pool_rows else None,
         )
         return batch, sample_seqs
+
+    def _record_pooled(self, hidden: torch.Tensor | None) -> None:
+        """Add this step's final hidden states to each embedding request's sum."""
+        at = 0
+        for rid, n in self._pool_rows:
+            pooled = self.pooled[rid]
+            if n and hidden is not None:
+                part = hidden[at : at + n].sum(dim=0, dtype=torch.float64)
+                pooled.total = part if pooled.total is None else pooled.total + part
+                pooled.count += n
+            at += n
+        self._pool_rows = []
+
+    def _finish_pooled(self, now: float) -> list[RequestOutput]:
+        """Outputs of the embedding requests whose whole prompt has been run: the mean of the
+        final hidden states over the prompt, L2-normalized."""
+        done: list[RequestOutput] = []
+        for seq in self._pool_done:
+            request = self.requests.pop(seq.request_id)
+            pooled = self.pooled.pop(seq.request_id)
+            self.scheduler.finish(seq)
+            seq.finish_reason = "stop"
+            assert pooled.total is not None and pooled.count == seq.num_prompt_tokens
+            mean = pooled.total / pooled.count
+            vector = torch.nn.functional.normalize(mean, dim=0).float()
+            metrics = request.metrics
+            metrics.first_token_time = metrics.last_token_time = metrics.finished_time = now
+            self.prompt_tokens += seq.num_prompt_tokens
+            done.append(
+                RequestOutput(
+                    request_id=request.request_id,
+                    prompt_token_ids=request.prompt_token_ids,
+                    outputs=[],
+                    finished=True,
+                    metrics=metrics,
+                    embedding=vector.tolist(),
+                )
+            )
+        self._pool_done = []
+        return done
 
     def _record_prompt_logprobs(self, logits: torch.Tensor, num_sampled: int) -> torch.Tensor:
         """Score this step's prompt rows (the logits past `num_sampled`); the sampled rows."""

@@ -61,6 +61,8 @@ class RequestOutput:
     metrics: RequestMetrics
     # with `prompt_logprobs`: one per prompt token scored so far (the first has none)
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # with `SamplingParams.embed`, once finished: the prompt's normalized mean-pooled embedding
+    embedding: list[float] | None = None
 
 
 @dataclass

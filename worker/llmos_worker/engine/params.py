@@ -46,6 +46,10 @@ class SamplingParams:
     guide: Guide | None = None  # a grammar the output must follow (llmos_worker.engine.guided)
     prompt_logprobs: int | None = None  # logprobs of the prompt's tokens (+ top-k), e.g. echo
     lora_name: str | None = None  # the LoRA adapter to run with (the request's `model`)
+    # run the prompt only and return its embedding (`RequestOutput.embedding`: the last hidden
+    # state, after the final norm, mean-pooled over every prompt token and L2-normalized);
+    # nothing is sampled and the other fields are ignored
+    embed: bool = False
 
     def __post_init__(self) -> None:
         def bad(param: str, message: str) -> InvalidRequestError:

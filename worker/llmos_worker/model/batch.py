@@ -24,3 +24,6 @@ class ForwardBatch:
     # (T,) int64 on the CPU: each token's LoRA slot, -1 for the base model; None: no adapter at
     # all. Rows of one slot should be adjacent (one low-rank product per run of a slot)
     lora_slots: torch.Tensor | None = None
+    # (P,) int64 or None: rows whose final hidden state (after the last norm) is wanted as well,
+    # for embeddings; `LlamaModel.forward_hidden` returns them after the logits
+    pool_indices: torch.Tensor | None = None

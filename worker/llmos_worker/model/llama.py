@@ -251,7 +251,19 @@ class LlamaModel(nn.Module):
         self, batch: ForwardBatch, caches: list[torch.Tensor], block_size: int
     ) -> torch.Tensor:
         """Logits (L, vocab) in the model dtype for `batch.logits_indices`."""
+        return self.forward_hidden(batch, caches, block_size)[0]
+
+    def forward_hidden(
+        self, batch: ForwardBatch, caches: list[torch.Tensor], block_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (L, vocab) for `batch.logits_indices` and, when `batch.pool_indices` is set,
+        the final hidden states (P, hidden) of those rows (after the last norm, as Hugging
+        Face's `last_hidden_state`), both in the model dtype."""
         device = self.device
+        rows = batch.logits_indices.to(device)
+        num_logits = rows.shape[0]
+        if batch.pool_indices is not None:
+            rows = torch.cat([rows, batch.pool_indices.to(device)])
         kernels = self._kernels()
         kv = caches[0].dtype if caches else torch.float32
         if kernels is not None and not kernels.reads_kv(kv):
@@ -284,16 +296,23 @@ class LlamaModel(nn.Module):
                     delta = layer.forward_native(
                         x, delta, positions, rope, cache, plan, kernels, lora
                     )
-            rows = batch.logits_indices.to(device)
             x, delta = x[rows], None if delta is None else delta[rows]
             h = kernels.add_rms_norm(x, delta, self.norm, self.cfg.rms_norm_eps)
-            return self.head_mm(h, kernels)
+            return self._split(h, num_logits, kernels)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, 1, D)
         for layer, cache in zip(self.decoder_layers, caches, strict=True):
             x = layer(x, cos, sin, cache, plan, lora)
-        x = x[batch.logits_indices.to(device)]  # why: norm + head only where logits are wanted
+        x = x[rows]  # why: norm + head only where logits (or hidden states) are wanted
         x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
-        return self.head_mm(x)
+        return self._split(x, num_logits, None)
+
+    def _split(
+        self, h: torch.Tensor, num_logits: int, kernels: NativeKernels | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head over the first `num_logits` rows; the rest are pooled hidden states."""
+        if h.shape[0] == num_logits:
+            return self.head_mm(h, kernels), None
+        return self.head_mm(h[:num_logits], kernels), h[num_logits:]
 
     @property
     def decoder_layers(self) -> list[DecoderLayer]:

@@ -85,3 +85,10 @@ class ModelRunner:
         with torch.inference_mode():
             logits: torch.Tensor = self.model(batch, self.layer_caches, self.block_size)
         return logits.float().cpu()
+
+    def execute_hidden(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`execute`'s logits and the final hidden states of `batch.pool_indices` (float32,
+        CPU; None without pool rows)."""
+        with torch.inference_mode():
+            logits, hidden = self.model.forward_hidden(batch, self.layer_caches, self.block_size)
+        return logits.float().cpu(), None if hidden is None else hidden.float().cpu()

@@ -1,7 +1,7 @@
 """The Starlette application: OpenAI routes, probes, metrics, and one error shape for all.
 
-Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models` and
-`/v1/models/{id}`, `POST /tokenize` and `/detokenize` (vLLM's), `GET /health`
+Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `POST /v1/embeddings`, `GET
+/v1/models` and `/v1/models/{id}`, `POST /tokenize` and `/detokenize` (vLLM's), `GET /health`
 (the process and its engine thread are alive), `GET /ready` (model loaded, engine stepping, not
 draining), `GET /metrics` (Prometheus text). Request bodies must be JSON objects (content type
 `application/json`, or none) of at most `max_body_bytes`; every failure, including unknown routes
@@ -41,6 +41,7 @@ from llmos_worker.server.admission import Caller
 from llmos_worker.server.async_engine import AsyncEngine, Engine
 from llmos_worker.server.chat import create_chat_completion
 from llmos_worker.server.completions import create_completion
+from llmos_worker.server.embeddings import create_embedding
 from llmos_worker.server.errors import HTTPError, error_json, error_response
 from llmos_worker.server.extras import detokenize, tokenize
 from llmos_worker.server.metrics import CONTENT_TYPE, HttpMetrics, ServerMetrics
@@ -303,6 +304,7 @@ def build_app(
     routes = [
         Route("/v1/completions", _endpoint(state, create_completion), methods=["POST"]),
         Route("/v1/chat/completions", _endpoint(state, create_chat_completion), methods=["POST"]),
+        Route("/v1/embeddings", _endpoint(state, create_embedding), methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", model, methods=["GET"]),
         Route("/tokenize", _endpoint(state, tokenize), methods=["POST"]),

@@ -312,4 +312,5 @@ def _copy(out: RequestOutput) -> RequestOutput:
         finished=out.finished,
         metrics=copy.copy(out.metrics),
         prompt_logprobs=None if out.prompt_logprobs is None else list(out.prompt_logprobs),
+        embedding=out.embedding,
     )

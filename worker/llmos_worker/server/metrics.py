@@ -104,6 +104,7 @@ class HttpMetrics:
         {
             "/v1/completions",
             "/v1/chat/completions",
+            "/v1/embeddings",
             "/v1/models",
             "/tokenize",
             "/detokenize",
@@ -334,7 +335,7 @@ class ServerMetrics:
         self.request_success.labels(self.model_name, reason or "stop").inc()
         if m.first_token_time is not None:
             self.ttft.labels(self.model_name).observe(max(0.0, m.first_token_time - m.arrival_time))
-            generated = max(len(c.token_ids) for c in output.outputs)
+            generated = max((len(c.token_ids) for c in output.outputs), default=0)
             if m.last_token_time is not None and generated > 1:
                 self.tpot.labels(self.model_name).observe(
                     max(0.0, m.last_token_time - m.first_token_time) / (generated - 1)
