@@ -130,6 +130,7 @@ class Gateway:
             if decision.outcome == "affinity":
                 self.metrics.affinity_hits.inc()
         decision.replica.inflight += 1
+        self.metrics.upstream_requests.labels(decision.replica.name, decision.replica.version).inc()
         return decision.replica
 
     def release(self, replica: Replica) -> None:
@@ -200,7 +201,8 @@ class Gateway:
         headers_out = {
             k: v
             for k, v in upstream.headers.items()
-            if k.lower() not in ("connection", "keep-alive", "transfer-encoding")
+            # why: uvicorn writes its own date and server headers; the upstream's would repeat
+            if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "date", "server")
         }
         response = RelayResponse(
             body_iter(), status_code=status, headers=headers_out, on_close=on_close

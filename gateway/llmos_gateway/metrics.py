@@ -96,6 +96,12 @@ class GatewayMetrics:
             ["result"],
             registry=r,
         )
+        self.upstream_requests = Counter(
+            "llmos_gateway_upstream_requests",
+            "Requests sent to each replica (retries included).",
+            ["replica", "version"],
+            registry=r,
+        )
         self.retries = Counter(
             "llmos_gateway_retries",
             "Requests retried on another replica, by reason.",
