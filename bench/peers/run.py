@@ -182,6 +182,27 @@ async def drive(
                     on_progress()
 
 
+def measure_roofline(results: dict[str, Any], pool: list[int]) -> None:
+    """The machine's rates (the better of this and an earlier measurement of the run) and the
+    ceilings they put on the offline-mixed (repeat 0's requests) and single-stream workloads."""
+    from bench import roofline
+    from bench.peers.convert_hf import bundled_gguf
+
+    size = roofline.gguf_model_size(bundled_gguf())
+    roof = roofline.measure(size, previous=results.get("roofline"))
+    roof["workloads"] = {
+        name: roofline.workload_ceiling(
+            size,
+            [(len(r.prompt_token_ids), r.max_tokens) for r in scenarios.build(name, pool, 0)],
+            roof["matmul_gflops_fp32"],
+            roof["matmul_gops_int8_native"],
+            roof["matmul_gflops_bf16_best"],
+        )
+        for name in ("offline_mixed", "single_stream")
+    }
+    results["roofline"] = roof
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.peers.run", description=__doc__)
     ap.add_argument("--out", type=Path, default=Path("docs"), help="docs folder to write into")
@@ -269,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
 
     log.info("tokenizing the corpus")
     pool = token_pool()
+    log.info("measuring the machine's roofline (before any server starts)")
+    measure_roofline(results, pool)
     running = start_all(systems, args.logs, results)
     try:
         names = [s.name for s in systems if s.name in running]
@@ -278,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for server in running.values():
             stop_server(server.proc)
+    log.info("measuring the machine's roofline again (servers stopped)")
+    measure_roofline(results, pool)
     results["meta"]["complete"] = True
     write()
     log.info("wrote %s", args.out / "bench" / "peers.json")

@@ -309,6 +309,39 @@ def test_targets_compare_each_mode_with_its_class_peer() -> None:
     assert verdicts[mem][1] == "not met"
 
 
+def test_roofline_ceilings_mark_targets_beyond_the_machine() -> None:
+    results = _results()
+    results["roofline"] = {
+        "matmul_gflops_fp32": 500.0,
+        "matmul_gflops_bf16_best": 900.0,
+        "memory_read_gbs": 50.0,
+        "batch1_mem_tok_s_fp32": 90.0,
+        "batch1_mem_tok_s_fp16": 180.0,
+        "batch1_mem_tok_s_int4": 500.0,
+        "workloads": {
+            "offline_mixed": {"compute_tok_s_fp32": 700.0, "compute_tok_s_bf16": 60.0},
+            "single_stream": {"compute_tok_s_fp32": 1000.0, "compute_tok_s_bf16": 2000.0},
+        },
+    }
+    targets = {t.what: t for t in report.evaluate(results)}
+    single = "single-stream decode tok/s, llmos_fp32 ÷ llama_server"
+    # fp32 weights: 90 tok/s at the bandwidth, llama-server decodes at the value in _results
+    llama = results["medians"]["single_stream"]["llama_server"]["decode_tok_s"]
+    assert targets[single].ceiling == pytest.approx(90.0 / llama)
+    assert targets[single].beyond_machine == (90.0 / llama < 1.2)
+    bf16 = targets["offline mixed output tok/s, llmos_bf16 ÷ vllm_bf16"]
+    vllm = results["medians"]["offline_mixed"]["vllm_bf16"]["output_tok_s"]
+    assert bf16.ceiling == pytest.approx(60.0 / vllm) and bf16.ceiling < 1.5
+    assert bf16.verdict == "not met (beyond this machine)"
+    fp32 = targets["offline mixed output tok/s, llmos_fp32 ÷ vllm_fp32"]
+    vllm = results["medians"]["offline_mixed"]["vllm_fp32"]["output_tok_s"]
+    assert fp32.verdict == "met" and fp32.ceiling == pytest.approx(700.0 / vllm)
+    assert all(t.ceiling is None for w, t in targets.items() if "ITL" in w or "memory" in w)
+    text = report.render(results)
+    assert "| best possible here |" in text and "not met (beyond this machine)" in text
+    assert "| memory read bandwidth (GB/s) | 50.0 |" in text
+
+
 def test_a_missing_system_gives_not_measured() -> None:
     results = _results()
     for per in results["medians"].values():
