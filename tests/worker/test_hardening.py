@@ -476,3 +476,15 @@ def test_the_log_filter_passes_a_burst_per_template_then_counts_what_it_dropped(
     first = record("Invalid HTTP request from %s", "x")
     assert flt.filter(first)
     assert "97 similar messages suppressed" in first.getMessage()
+
+
+def test_anonymous_ipv6_clients_share_a_bucket_per_64() -> None:
+    # why: one subscriber holds a /64 and may pick a fresh address per request
+    a = Caller.anonymous("2001:db8:1:2:aaaa::1")
+    b = Caller.anonymous("2001:db8:1:2:ffff:ffff:ffff:ffff")
+    other = Caller.anonymous("2001:db8:1:3::1")
+    assert a.rate_key == b.rate_key == "ip:2001:db8:1:2::/64"
+    assert other.rate_key != a.rate_key
+    assert Caller.anonymous("::ffff:10.0.0.9").rate_key == Caller.anonymous("10.0.0.9").rate_key
+    assert Caller.anonymous("10.0.0.9").rate_key != Caller.anonymous("10.0.0.10").rate_key
+    assert Caller.anonymous("testclient").rate_key == "ip:testclient"

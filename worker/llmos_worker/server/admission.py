@@ -6,8 +6,9 @@ unset) and gives back what it did not use when it ends, so a budget is charged f
 actually processed. Over the limit the caller gets 429 with the buckets' `Retry-After`.
 
 Buckets are keyed by who the caller provably is: the tenant of an authenticated API key, or,
-without an API key file, the client's IP address. A bearer token the server cannot check names
-nobody, so sending a fresh random token per request does not get a fresh bucket.
+without an API key file, the client's IP address (IPv6: its /64). A bearer token the server
+cannot check names nobody, so sending a fresh random token per request does not get a fresh
+bucket.
 
 Priority (lower is served first) has a floor: the best of the pool's QuotaPolicy priority (the
 rate-limit file) and the caller's grant (`priority` on its API key entry; callers without one get
@@ -16,6 +17,7 @@ the default 0). A request may ask to be served later than its floor, never soone
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from llmos_worker.engine.params import SamplingParams
@@ -41,7 +43,22 @@ class Caller:
 
     @classmethod
     def anonymous(cls, client_host: str | None) -> Caller:
-        return cls(rate_key=f"ip:{client_host}" if client_host else ANONYMOUS)
+        return cls(rate_key=f"ip:{client_network(client_host)}" if client_host else ANONYMOUS)
+
+
+def client_network(host: str) -> str:
+    """The bucket of an unauthenticated client: its IPv4 address, or the /64 of its IPv6 one
+    (one subscriber's allocation: a host picking fresh addresses in it shares one bucket);
+    an IPv4-mapped IPv6 address counts as the IPv4 address."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # why: not an IP (a unix socket path, a test client name): taken as is
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 @dataclass
