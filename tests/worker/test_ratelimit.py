@@ -158,3 +158,26 @@ def test_unreadable_file(tmp_path: Path) -> None:
     path.write_text("nope")
     with pytest.raises(RateLimitFileError, match="cannot read"):
         RateLimiter.from_file(path)
+
+
+def test_a_flood_of_new_callers_keeps_the_bucket_table_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from llmos_worker.server import ratelimit
+
+    monkeypatch.setattr(ratelimit, "MAX_TRACKED_KEYS", 64)
+    clock = Clock()
+    rl = limiter({"perApiKey": {"requestsPerMinute": 10}}, clock)
+    rl.check("regular", 0)
+    for i in range(1000):  # every new caller leaves a partly drained bucket
+        assert rl.check(f"ip:10.{i // 256}.{i % 256}.1", 0) is None
+        assert len(rl._buckets) <= 64 + 64 // 8
+    newest = "ip:10.3.231.1"  # its bucket is kept: 1 + 9 requests pass, the 11th waits
+    assert all(rl.check(newest, 0) is None for _ in range(9))
+    assert rl.check(newest, 0) is not None
+    # the oldest went first: "regular" got a fresh bucket of 10 again
+    assert all(rl.check("regular", 0) is None for _ in range(10))
+    clock.now += 60.0  # all refilled: full buckets are dropped at the next prune
+    for i in range(9):
+        rl.check(f"late-{i}", 0)
+    assert len(rl._buckets) <= 64

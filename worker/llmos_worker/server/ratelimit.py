@@ -27,6 +27,7 @@ first): `engine_priority` never lets a request ask for better.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -40,7 +41,7 @@ from typing import Any
 from llmos_worker.errors import RateLimitExceededError, WorkerError
 
 ENV_VAR = "LLMOS_RATE_LIMITS_FILE"
-MAX_TRACKED_KEYS = 10_000  # why: bound memory; full (idle) buckets are dropped beyond this
+MAX_TRACKED_KEYS = 10_000  # why: bound memory (see `RateLimiter._prune`)
 
 
 class RateLimitFileError(WorkerError):
@@ -263,11 +264,20 @@ class RateLimiter:
         return bucket
 
     def _prune(self, now: float) -> None:
-        if len(self._buckets) <= MAX_TRACKED_KEYS:
+        """Bound the tracked buckets. Once they exceed the limit by an eighth, full ones are
+        dropped (a full bucket is indistinguishable from a fresh one) and, if still over, the
+        oldest created: one scan per limit/8 new buckets, so a flood of new callers costs
+        amortised constant time per request, never a scan each."""
+        if len(self._buckets) <= MAX_TRACKED_KEYS + MAX_TRACKED_KEYS // 8:
             return
         for name, bucket in list(self._buckets.items()):
             bucket.refill(now)
-            if bucket.full:  # why: a full bucket is indistinguishable from a fresh one
+            if bucket.full:
+                del self._buckets[name]
+        excess = len(self._buckets) - MAX_TRACKED_KEYS
+        if excess > 0:
+            # why: dicts keep insertion order, so the first keys are the oldest buckets
+            for name in list(itertools.islice(self._buckets, excess)):
                 del self._buckets[name]
 
 
