@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 MODEL  ?= builtin://smollm2-135m-instruct
 
-.PHONY: install run test test-fast lint typecheck crds bench bench-peers clean
+.PHONY: install run test test-fast lint typecheck crds bench bench-peers bench-guided clean
 
 install: $(STAMP)
 
@@ -58,6 +58,10 @@ bench-peers: $(STAMP)
 	bash bench/peers/build_llama_server.sh || echo "llama-server could not be built; the report will say so"
 	$(BIN)/python -m bench.peers.convert_hf
 	$(BIN)/python -m bench.peers.run --out docs
+
+# grammar-constrained decoding's cost: a batch of 16, plain vs json_schema, interleaved
+bench-guided: $(STAMP)
+	$(BIN)/python -m bench.guided_bench --out docs
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
