@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 MODEL  ?= builtin://smollm2-135m-instruct
 
-.PHONY: install run test test-fast lint typecheck crds bench bench-peers bench-guided clean
+.PHONY: install run test test-fast lint typecheck crds bench bench-peers bench-guided bench-lora clean
 
 install: $(STAMP)
 
@@ -62,6 +62,9 @@ bench-peers: $(STAMP)
 # grammar-constrained decoding's cost: a batch of 16, plain vs json_schema, interleaved
 bench-guided: $(STAMP)
 	$(BIN)/python -m bench.guided_bench --out docs
+
+bench-lora: $(STAMP)
+	$(BIN)/python -m bench.lora_bench --out docs
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
