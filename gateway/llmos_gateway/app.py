@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from llmos_gateway.errors import HTTPError, error_response
+from llmos_gateway.errors import HTTPError, error_body, error_response
 from llmos_gateway.metrics import GatewayMetrics
 from llmos_gateway.proxy import Attempt, RelayResponse, forward_headers, send_with_failover
 from llmos_gateway.replicas import Pool, Replica
@@ -183,11 +183,28 @@ class Gateway:
         if attempt.first_byte_s is not None:
             self.metrics.upstream_ttfb.labels(version).observe(attempt.first_byte_s)
 
+        sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+
         async def body_iter() -> Any:
             if first:
                 yield first
-            async for chunk in rest:
-                yield chunk
+            try:
+                async for chunk in rest:
+                    yield chunk
+            except httpx.HTTPError as exc:
+                # why: tokens were sent, so no retry; an SSE client gets an error event in
+                # OpenAI's stream shape, any other body is cut (a clean end would look complete)
+                self.metrics.upstream_cut.inc()
+                log.warning("replica %s failed mid-response: %s", replica.name, type(exc).__name__)
+                self.pool.eject(replica)
+                if not sse:
+                    raise
+                yield (
+                    b"data: "
+                    + error_body(502, "the replica failed while streaming", "upstream_failed")
+                    + b"\n\n"
+                )
+                return
             response.completed = True
 
         async def on_close(completed: bool) -> None:

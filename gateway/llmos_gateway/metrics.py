@@ -122,6 +122,11 @@ class GatewayMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.upstream_cut = Counter(
+            "llmos_gateway_upstream_cut",
+            "Responses cut because the replica failed after the first byte (never retried).",
+            registry=r,
+        )
         self.client_aborts = Counter(
             "llmos_gateway_client_aborts",
             "Responses cut because the client went away (the upstream request is closed).",
