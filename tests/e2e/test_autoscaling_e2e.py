@@ -146,12 +146,17 @@ async def test_load_raises_replicas_and_idleness_lowers_them_after_the_window(
         await cluster.wait_for(lambda: at(MAX_REPLICAS), timeout=60, what="scale up under load")
         body = await cluster.get("inferencepools", POOL)
         assert body is not None and body["status"]["autoscaling"]["currentMetric"] > 0
-        await asyncio.sleep(1.5)  # load continues on all replicas
+
+        # load continues until it has reached every replica (a new pod turns ready first)
+        async def spread() -> bool:
+            return len(set(done)) == MAX_REPLICAS
+
+        await cluster.wait_for(spread, timeout=30, what="the load on every replica")
+        await asyncio.sleep(0.5)
     finally:
         stop.set()
         await asyncio.gather(*clients)
     idle_since = time.monotonic()
-    assert len(set(done)) == MAX_REPLICAS, "the load reached every new replica"
     await cluster.wait_for(lambda: at(1), timeout=30, what="scale down after the load")
     waited = time.monotonic() - idle_since
 
