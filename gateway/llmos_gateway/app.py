@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from llmos_gateway.errors import HTTPError, error_body, error_response
+from llmos_gateway.kube import IdleWatcher
 from llmos_gateway.metrics import GatewayMetrics
 from llmos_gateway.proxy import Attempt, RelayResponse, forward_headers, send_with_failover
 from llmos_gateway.replicas import Pool, Replica
@@ -66,6 +67,7 @@ class Gateway:
         self._ready = asyncio.Event()
         self._held = 0
         self._scale_task: asyncio.Task[bool] | None = None
+        self.idle: IdleWatcher | None = None  # set when the pool scales to zero when idle
         pool.on_change(self._pool_changed)
         self._pool_changed()
 
@@ -74,6 +76,10 @@ class Gateway:
             self._ready.set()
         else:
             self._ready.clear()
+
+    def busy(self) -> bool:
+        """Requests held or in flight (the idle watcher never scales a busy pool down)."""
+        return self._held > 0 or any(r.inflight for r in self.pool.all())
 
     # ---------------------------------------------------------------- holding
     async def wait_for_replica(self) -> None:
@@ -143,6 +149,8 @@ class Gateway:
         attempt = Attempt()
         status = 500
         tenant = "-"
+        if self.idle is not None:
+            self.idle.touch()
         try:
             body = await read_body(request, self.settings.max_body_bytes)
             parsed = parse_json(body)

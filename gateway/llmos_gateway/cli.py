@@ -24,6 +24,7 @@ from starlette.applications import Starlette
 
 from llmos_gateway.app import Gateway, GatewaySettings, build_app
 from llmos_gateway.errors import ConfigError
+from llmos_gateway.kube import IdleWatcher, PoolScaler, in_cluster_api, in_cluster_client
 from llmos_gateway.logfilter import RateLimitFilter
 from llmos_gateway.metrics import GatewayMetrics
 from llmos_gateway.replicas import LoadScraper, Pool, Replica
@@ -88,6 +89,19 @@ def parser() -> argparse.ArgumentParser:
     a("--body-read-timeout", type=float, default=float(env("body_read_timeout", "60") or 60))
     a("--keep-alive-timeout", type=float, default=float(env("keep_alive_timeout", "5") or 5))
     a(
+        "--pool-name",
+        default=env("pool_name"),
+        help="the InferencePool to scale from zero (and to zero when idle) via the Kubernetes API",
+    )
+    a("--pool-namespace", default=env("pool_namespace", os.environ.get("POD_NAMESPACE")))
+    a("--kube-api", default=env("kube_api"), help="API server URL (in a pod: the service env)")
+    a(
+        "--idle-scale-to-zero",
+        type=float,
+        default=float(env("idle_scale_to_zero", "0") or 0),
+        help="seconds without requests before asking for zero replicas (0: never)",
+    )
+    a(
         "--log-level",
         default=env("log_level", "info"),
         choices=["debug", "info", "warning", "error"],
@@ -138,20 +152,42 @@ def build(args: argparse.Namespace, transport_stats: Any = None) -> tuple[Gatewa
         hold_timeout_s=args.hold_timeout,
         max_held=args.max_held,
     )
+    scaler: PoolScaler | None = None
+    kube_client: httpx.AsyncClient | None = None
+    if args.pool_name:
+        api = args.kube_api or in_cluster_api()
+        if not api or not args.pool_namespace:
+            raise ConfigError("--pool-name needs --kube-api (or a pod's env) and --pool-namespace")
+        kube_client = httpx.AsyncClient(timeout=5.0) if args.kube_api else in_cluster_client()
+        scaler = PoolScaler(kube_client, api, args.pool_namespace, args.pool_name)
     gateway = Gateway(
-        pool, router, client, settings=settings, metrics=GatewayMetrics(pool, transport_stats)
+        pool,
+        router,
+        client,
+        settings=settings,
+        metrics=GatewayMetrics(pool, transport_stats),
+        scale_up=scaler.scale_up if scaler is not None else None,
     )
+    if scaler is not None and args.idle_scale_to_zero > 0:
+        gateway.idle = IdleWatcher(
+            scaler.scale_to_zero, gateway.busy, idle_s=args.idle_scale_to_zero
+        )
     scraper = LoadScraper(pool, client, interval_s=args.scrape_interval)
     app = build_app(gateway)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        task = asyncio.create_task(scraper.run())
+        tasks = [asyncio.create_task(scraper.run())]
+        if gateway.idle is not None:
+            tasks.append(asyncio.create_task(gateway.idle.run()))
         try:
             yield
         finally:
-            task.cancel()
+            for task in tasks:
+                task.cancel()
             await client.aclose()
+            if kube_client is not None:
+                await kube_client.aclose()
 
     app.router.lifespan_context = lifespan
     return gateway, app
