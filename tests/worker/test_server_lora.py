@@ -10,6 +10,7 @@ serving; without `allow_runtime_lora_updating` the routes answer 403.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ import pytest
 import torch
 
 from llmos_worker.engine import LLMEngine, SamplingParams
+from llmos_worker.engine.adapters import AdapterNotFoundError
 from llmos_worker.model import load_model
+from llmos_worker.server.errors import to_http_error
 from tests.worker.lora_util import make_adapter
 from tests.worker.server_harness import TINY_ENGINE, InProcessServer
 
@@ -80,6 +83,14 @@ def test_model_field_selects_adapter_and_routes_load_unload(
     one = complete(served, "one")
     assert base.status_code == one.status_code == 200
     assert base.json()["choices"][0]["text"] != one.json()["choices"][0]["text"]
+    assert (base.json()["model"], one.json()["model"]) == (base_name, "one")  # as vLLM echoes
+    streamed = httpx.post(
+        f"{served.url}/v1/completions",
+        json={"model": "one", "prompt": PROMPT, "max_tokens": 4, "stream": True},
+        timeout=60,
+    )
+    events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line[6:7] == "{"]
+    assert events and {e["model"] for e in events} == {"one"}
     tok = served.state.front.engine.tokenizer  # type: ignore[union-attr]
     assert one.json()["choices"][0]["text"] == tok.decode(
         expected(tiny_model_dir, adapter_dirs, "one")
@@ -115,6 +126,12 @@ def test_model_field_selects_adapter_and_routes_load_unload(
     assert complete(served, "two").status_code == 404
     unknown = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "two"})
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+
+
+def test_an_adapter_gone_before_queueing_is_a_404() -> None:
+    # unloaded between resolve_model and the engine's admission: still OpenAI's unknown model
+    err = to_http_error(AdapterNotFoundError("two"))
+    assert (err.status, err.code, err.param) == (404, "model_not_found", "model")
 
 
 def test_bad_adapters_are_400_and_the_server_keeps_serving(
@@ -158,6 +175,35 @@ def test_runtime_updates_are_off_by_default(tiny_model_dir: Path, adapter_dirs: 
         assert complete(srv, "one").status_code == 200
 
 
+def test_runtime_loads_stay_under_the_runtime_dirs(
+    tiny_model_dir: Path, adapter_dirs: list[str], tmp_path: Path
+) -> None:
+    allowed = Path(adapter_dirs[1]).parent
+    eng = engine(
+        tiny_model_dir,
+        adapter_dirs,
+        allow_runtime_lora_updating=True,
+        lora_runtime_dirs=(str(allowed),),
+    )
+    (allowed / "escape").symlink_to(tmp_path)
+    try:
+        with InProcessServer(lambda: eng) as srv:
+            for path in ["/etc", f"{allowed}/../{tmp_path.name}", f"{allowed}/escape"]:
+                resp = httpx.post(
+                    f"{srv.url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path}
+                )
+                assert resp.status_code == 403, (path, resp.text)
+                assert resp.json()["error"]["code"] == "lora_path_not_allowed"
+            resp = httpx.post(
+                f"{srv.url}/v1/load_lora_adapter",
+                json={"lora_name": "two", "lora_path": adapter_dirs[1]},
+            )
+            assert resp.status_code == 200, resp.text
+            assert complete(srv, "two").status_code == 200
+    finally:
+        (allowed / "escape").unlink()
+
+
 def test_serve_flags_reach_the_engine_config() -> None:
     import argparse
 
@@ -171,6 +217,8 @@ def test_serve_flags_reach_the_engine_config() -> None:
     assert config.enable_lora
     assert config.lora_modules == {"sql": "/a", "chat": "/b"}
     assert (config.max_loras, config.max_lora_rank) == (2, 8)
+    dirs = parser.parse_args(["--lora-runtime-dir", "/m/a", "--lora-runtime-dir", "/m/b"])
+    assert engine_config(dirs).lora_runtime_dirs == ("/m/a", "/m/b")
     assert not engine_config(parser.parse_args([])).enable_lora
     with pytest.raises(ValueError, match="twice"):
         engine_config(parser.parse_args(["--lora", "a=/x", "--lora", "a=/y"]))

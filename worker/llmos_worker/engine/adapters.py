@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -89,9 +90,12 @@ class AdapterManager:
         base_name: str,
         key_file: str | None = None,
         allow_runtime_updates: bool = False,
+        runtime_dirs: tuple[str, ...] = (),
     ) -> None:
         self.config = config
         self.allow_runtime_updates = allow_runtime_updates  # the HTTP load/unload routes
+        # why resolved once: a run-time path is compared after its own symlinks are resolved
+        self.runtime_dirs = tuple(os.path.realpath(d) for d in runtime_dirs)
         self._lock = threading.Lock()
         self.stack = stack
         self.max_rank = stack.max_rank
@@ -126,12 +130,21 @@ class AdapterManager:
             base_name=loaded.name,
             key_file=config.lora_key_file,
             allow_runtime_updates=config.allow_runtime_lora_updating,
+            runtime_dirs=config.lora_runtime_dirs,
         )
         for name, path in config.lora_modules.items():
             manager.register(manager.read(name, path))
         return manager
 
     # ---- any thread ----------------------------------------------------------------------
+
+    def runtime_path_allowed(self, path: str) -> bool:
+        """Whether a run-time load may read `path`: under one of `runtime_dirs` (symlinks
+        resolved, so `..` and links cannot leave them), or anywhere when none are set."""
+        if not self.runtime_dirs:
+            return True
+        real = os.path.realpath(path)
+        return any(os.path.commonpath([real, d]) == d for d in self.runtime_dirs)
 
     def read(self, name: str, path: str) -> LoRAAdapter:
         """Parse and check the adapter at `path` (no engine state is touched)."""

@@ -48,6 +48,7 @@ class EngineConfig:
     lora_modules: dict[str, str] = field(default_factory=dict)
     lora_key_file: str | None = None
     allow_runtime_lora_updating: bool = False  # the HTTP load/unload routes (paths on disk)
+    lora_runtime_dirs: tuple[str, ...] = ()  # run-time loads must lie under one (empty: any)
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):

@@ -109,6 +109,14 @@ async def load_lora_adapter(
             param="lora_name",
             code="lora_already_loaded",
         )
+    if not adapters.runtime_path_allowed(req.lora_path):
+        raise HTTPError(
+            403,
+            "lora_path is outside the directories this server loads adapters from "
+            "(--lora-runtime-dir)",
+            param="lora_path",
+            code="lora_path_not_allowed",
+        )
     # why a thread: reading (and maybe decrypting) the files must not stall the event loop
     adapter = await asyncio.to_thread(adapters.read, req.lora_name, req.lora_path)
     adapters.register(adapter)
@@ -127,5 +135,5 @@ async def unload_lora_adapter(
             param="lora_name",
             code="model_not_found",
         )
-    adapters.unregister(req.lora_name)
+    adapters.unregister(req.lora_name)  # a concurrent unload raises model_not_found: 404
     return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")

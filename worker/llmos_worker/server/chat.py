@@ -167,7 +167,7 @@ async def create_chat_completion(
     body_out = ChatCompletionResponse(
         id=response_id,
         created=created,
-        model=state.model_name,
+        model=req.model,  # the base model or the adapter asked for
         choices=choices,
         usage=generation.usage(),
     )
@@ -190,7 +190,7 @@ def _stream(
 
     def chunk(choices: list[ChatChunkChoice]) -> str:
         data = ChatCompletionChunk(
-            id=response_id, created=created, model=state.model_name, choices=choices
+            id=response_id, created=created, model=req.model, choices=choices
         ).model_dump()
         if continuous and include_usage and choices:  # vLLM's continuous_usage_stats
             data["usage"] = generation.usage().model_dump()
@@ -236,9 +236,7 @@ def _stream(
         render=render,
         opening=opening,
         closing=(
-            partial(
-                usage_event, ChatCompletionChunk, generation, response_id, created, state.model_name
-            )
+            partial(usage_event, ChatCompletionChunk, generation, response_id, created, req.model)
             if include_usage
             else None
         ),

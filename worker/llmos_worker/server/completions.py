@@ -178,7 +178,7 @@ async def create_completion(
     body_out = CompletionResponse(
         id=response_id,
         created=created,
-        model=state.model_name,
+        model=req.model,  # the base model or the adapter asked for
         choices=choices,
         usage=usage,
     )
@@ -260,7 +260,7 @@ def _stream(
                 )
             )
         data = CompletionResponse(
-            id=response_id, created=created, model=state.model_name, choices=choices
+            id=response_id, created=created, model=req.model, choices=choices
         ).model_dump()
         if continuous and include_usage:  # vLLM's continuous_usage_stats
             data["usage"] = generation.usage().model_dump()
@@ -273,9 +273,7 @@ def _stream(
         index_of=lambda prompt, completion: prompt * n + completion,
         render=render,
         closing=(
-            partial(
-                usage_event, CompletionResponse, generation, response_id, created, state.model_name
-            )
+            partial(usage_event, CompletionResponse, generation, response_id, created, req.model)
             if include_usage
             else None
         ),

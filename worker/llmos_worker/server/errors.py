@@ -96,7 +96,9 @@ def to_http_error(exc: Exception) -> HTTPError:
             message += f" (and {len(exc.errors()) - 1} more errors)"
         return HTTPError(400, message, param=param or None, code=first["type"])
     if isinstance(exc, InvalidRequestError):
-        return HTTPError(400, exc.message, param=exc.param, code=exc.code or "invalid_value")
+        # why: an adapter unloaded between routing and queueing is OpenAI's unknown model
+        status = 404 if exc.code == "model_not_found" else 400
+        return HTTPError(status, exc.message, param=exc.param, code=exc.code or "invalid_value")
     if isinstance(exc, EngineOverloadedError):
         retry = str(max(1, math.ceil(exc.retry_after_s)))
         limited = isinstance(exc, RateLimitExceededError)

@@ -49,6 +49,14 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter",
     )
+    a(
+        "--lora-runtime-dir",
+        dest="lora_runtime_dirs",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="run-time loads must name a path under DIR (repeatable; default: any path)",
+    )
 
 
 def lora_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -64,4 +72,5 @@ def lora_settings(args: argparse.Namespace) -> dict[str, Any]:
         "max_cpu_loras": args.max_cpu_loras,
         "lora_key_file": args.lora_key_file,
         "allow_runtime_lora_updating": args.allow_runtime_lora_updating,
+        "lora_runtime_dirs": tuple(args.lora_runtime_dirs),
     }
