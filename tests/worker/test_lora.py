@@ -4,9 +4,9 @@ Adapters are made at test time with PEFT (seeded, random non-zero A and B, saved
 `save_pretrained`): one on every projection, one on attention only with rsLoRA scaling and
 another rank. Each runs through the engine with the native kernels and with the pure-torch path;
 a mixed batch (base model + two adapters) runs in shared forwards and gives each request the
-tokens it gets alone; one slot for two adapters serialises them; the prefix cache never hands
-one adapter's K/V to another. Bad adapters are refused with a reason before anything reaches
-the model.
+tokens it gets alone, with the products taken for every slot at once and run by run; one slot
+for two adapters serialises them; the prefix cache never hands one adapter's K/V to another.
+Bad adapters are refused with a reason before anything reaches the model.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from llmos_worker.engine import EngineConfig, LLMEngine, SamplingParams
 from llmos_worker.engine.adapters import AdapterNotFoundError
 from llmos_worker.model import ForwardBatch, load_model
+from llmos_worker.model import lora as lora_module
 from llmos_worker.model.lora import AdapterError, read_adapter
 from tests.worker.lora_util import hf_greedy, make_adapter
 
@@ -110,9 +111,17 @@ def backend(request: pytest.FixtureRequest, tiny: Any) -> Any:
     tiny.model.set_backend("auto")
 
 
+@pytest.fixture(params=["dense", "runs"])
+def products(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The LoRA products every slot at once (short steps) or run by run (long ones)."""
+    if request.param == "runs":
+        monkeypatch.setattr(lora_module, "DENSE_ROWS", 0)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("name", ["full", "attn"])
 def test_adapter_greedy_equals_peft(
-    tiny: Any, adapters: dict[str, Any], backend: str, name: str
+    tiny: Any, adapters: dict[str, Any], backend: str, products: str, name: str
 ) -> None:
     engine = engine_for(tiny, adapters)
     got = run(engine, [(p, name) for p in PROMPTS])
@@ -120,7 +129,7 @@ def test_adapter_greedy_equals_peft(
 
 
 def test_mixed_batch_each_request_equals_alone(
-    tiny: Any, adapters: dict[str, Any], backend: str
+    tiny: Any, adapters: dict[str, Any], backend: str, products: str
 ) -> None:
     engine = engine_for(tiny, adapters)
     recorder = Recorder(engine.runner)
