@@ -8,7 +8,8 @@ server and the emulator lacks (the operator tests' `ApiServer` does not serve En
    reports the latest one in `metadata.resourceVersion` (kmock answers "...").
 3. failures on demand, as a real server has them: a list answered with an error status, a watch
    answered with a 410 Gone ERROR event (its resourceVersion expired), a watch the server ends
-   after some events (its `timeoutSeconds` ran out).
+   after some events (its `timeoutSeconds` ran out). A connection dropped mid-watch is made on
+   the client's side instead (`DroppingTransport`): kmock ends a failing stream cleanly.
 
 Not added: label-selector filtering (discovery ignores other Services' slices itself; the tests
 check the selector it sends) and watching from a resourceVersion (kmock replays every object as
@@ -363,3 +364,51 @@ async def test_unreachable_api_keeps_the_last_replicas_and_keeps_trying() -> Non
             await until(lambda: disco.failures >= 4, "several failed tries")
             assert not task.done()
         assert names(pool.all()) == ["w0"]
+
+
+class _Broken(httpx.AsyncByteStream):
+    def __init__(self, inner: httpx.AsyncByteStream) -> None:
+        self.inner = inner
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.inner:
+            yield chunk
+            raise httpx.ReadError("connection reset by peer")
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class DroppingTransport(httpx.AsyncBaseTransport):
+    """A real transport whose next `drops` watch streams break after their first chunk."""
+
+    def __init__(self, drops: int) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.drops = drops
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if request.url.params.get("watch") != "true" or not self.drops:
+            return response
+        self.drops -= 1
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        stream = _Broken(response.stream)
+        return httpx.Response(response.status_code, headers=response.headers, stream=stream)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_dropped_watch_relists(api: Api) -> None:
+    await api.create(slice_body("chat-abc", "chat", [endpoint("10.0.0.1", "s0")]))
+    pool = Pool()
+    transport = DroppingTransport(drops=1)
+    async with (
+        httpx.AsyncClient(timeout=5, transport=transport) as client,
+        running(discovery(api, pool, client)),
+    ):
+        await until(lambda: len(api.reads("WATCH")) == 2, "a watch after the dropped one")
+        assert len(api.reads("LIST")) == 2  # what happened while it was down is unknown: relist
+        assert transport.drops == 0
+        await api.patch("chat-abc", {"endpoints": [endpoint("10.0.0.1", "s0", ready=False)]})
+        await until(lambda: len(pool) == 0, "the change seen by the new watch")
