@@ -1,10 +1,13 @@
 """The gateway's ASGI app: the worker's OpenAI routes, proxied to the pool's replicas.
 
-Per request: read the body (bounded), parse it enough to route (model, messages/prompt), hold it
-while the pool has no ready replica (bounded number held, `hold_timeout_s`, then 503 +
-Retry-After; the first held request asks the operator to scale the pool up), choose a replica
-(`routing.Router`, canary version first), forward with failover (`proxy`), stream the answer
-back, count it in the metrics and write one structured access-log line.
+Per request: read the body (bounded), parse it enough to route (model, messages/prompt),
+authenticate the caller and charge its tenant's RPM/TPM (`tenants`: 401, 429 + Retry-After), hold
+it while the pool has no ready replica (bounded number held, `hold_timeout_s`, then 503 +
+Retry-After; the first held request asks the operator to scale the pool up), wait for a slot
+while the pool is saturated (`fairqueue`: weighted fair share across tenants, priority first),
+choose a version (`routing.CanarySplit`) and a replica of it (`routing.Router`), forward with
+failover (`proxy`), stream the answer back, count it in the metrics and write one structured
+access-log line.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from llmos_gateway.errors import HTTPError, error_body, error_response
+from llmos_gateway.fairqueue import FairQueue
 from llmos_gateway.kube import IdleWatcher
 from llmos_gateway.metrics import GatewayMetrics
 from llmos_gateway.proxy import Attempt, RelayResponse, forward_headers, send_with_failover
 from llmos_gateway.replicas import Pool, Replica
-from llmos_gateway.routing import Router
+from llmos_gateway.routing import CanarySplit, Router, prefix_text
+from llmos_gateway.tenants import Caller, Tenants, estimate_tokens
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("llmos_gateway.access")
@@ -43,6 +48,8 @@ class GatewaySettings:
     hold_timeout_s: float = 120.0
     max_held: int = 1024
     retry_after_s: int = 5
+    max_inflight_per_replica: int = 64  # 0: no fair-share queue, the workers queue everything
+    max_queued: int = 4096
 
 
 class Gateway:
@@ -57,6 +64,8 @@ class Gateway:
         settings: GatewaySettings = GatewaySettings(),
         metrics: GatewayMetrics | None = None,
         scale_up: ScaleUp | None = None,
+        tenants: Tenants | None = None,
+        split: CanarySplit | None = None,
     ) -> None:
         self.pool = pool
         self.router = router
@@ -64,6 +73,17 @@ class Gateway:
         self.settings = settings
         self.metrics = metrics or GatewayMetrics(pool)
         self.scale_up = scale_up
+        self.tenants = tenants or Tenants()
+        self.split = split or CanarySplit()
+        self.fair: FairQueue | None = None
+        if settings.max_inflight_per_replica > 0:
+            self.fair = FairQueue(
+                lambda: settings.max_inflight_per_replica * len(self.pool.available()),
+                max_queued=settings.max_queued,
+                timeout_s=settings.hold_timeout_s,
+                retry_after_s=settings.retry_after_s,
+            )
+            self.metrics.watch_queue(self.fair)
         self._ready = asyncio.Event()
         self._held = 0
         self._scale_task: asyncio.Task[bool] | None = None
@@ -76,10 +96,13 @@ class Gateway:
             self._ready.set()
         else:
             self._ready.clear()
+        if self.fair is not None:
+            self.fair.dispatch()  # why: new replicas are new slots for waiting requests
 
     def busy(self) -> bool:
         """Requests held or in flight (the idle watcher never scales a busy pool down)."""
-        return self._held > 0 or any(r.inflight for r in self.pool.all())
+        queued = self.fair is not None and self.fair.queued > 0
+        return self._held > 0 or queued or any(r.inflight for r in self.pool.all())
 
     # ---------------------------------------------------------------- holding
     async def wait_for_replica(self) -> None:
@@ -125,11 +148,16 @@ class Gateway:
         return ok
 
     # ---------------------------------------------------------------- routing
-    def pick(self, body: dict[str, Any], key: int, tried: set[str]) -> Replica | None:
-        candidates = [r for r in self.pool.available() if r.name not in tried]
+    def pick(self, version: str | None, key: int, tried: set[str]) -> Replica | None:
+        """A replica of `version` not tried yet (of any version once that one has none)."""
+        candidates = [r for r in self.pool.available(version) if r.name not in tried]
+        ring = [r for r in self.pool.all() if version is None or r.version == version]
+        if not candidates and version is not None:
+            candidates = [r for r in self.pool.available() if r.name not in tried]
+            ring = self.pool.all()
         if not candidates:
             return None
-        decision = self.router.choose(candidates, key, self.pool.all())
+        decision = self.router.choose(candidates, key, ring)
         self.metrics.decisions.labels(self.router.strategy, decision.outcome).inc()
         if self.router.strategy == "prefix" and not tried:
             self.metrics.affinity_lookups.inc()
@@ -149,13 +177,18 @@ class Gateway:
         attempt = Attempt()
         status = 500
         tenant = "-"
+        slot = False
         if self.idle is not None:
             self.idle.touch()
         try:
             body = await read_body(request, self.settings.max_body_bytes)
             parsed = parse_json(body)
-            await self.wait_for_replica()
+            client = request.client.host if request.client else None
+            caller = self.tenants.identify(request.headers.get("authorization"), client)
+            tenant = caller.label
+            slot = await self.admit(caller, parsed, route)
             key = self.router.key_of(parsed)
+            version = self.split.choose(self.pool.versions())
             headers = forward_headers(
                 request.headers.raw, request.client.host if request.client else None
             )
@@ -171,19 +204,24 @@ class Gateway:
                 path=route + _query(request),
                 headers=headers,
                 body=body,
-                pick=lambda tried: self.pick(parsed, key, tried),
+                pick=lambda tried: self.pick(version, key, tried),
                 on_failure=on_failure,
                 max_retries=self.settings.max_retries,
                 attempt=attempt,
             )
         except HTTPError as exc:
+            self._release_slot(slot)
             status = exc.status
             self._log(request, route, status, tenant, attempt, started)
             return exc.response()
         except ClientDisconnect:
+            self._release_slot(slot)
             status = 499
             self._log(request, route, status, tenant, attempt, started)
             return Response(status_code=400)
+        except BaseException:
+            self._release_slot(slot)
+            raise
         replica = attempt.replica
         assert replica is not None
         status = upstream.status_code
@@ -218,6 +256,7 @@ class Gateway:
         async def on_close(completed: bool) -> None:
             await upstream.aclose()
             self.release(replica)
+            self._release_slot(slot)
             if not completed:
                 self.metrics.client_aborts.inc()
             self.metrics.upstream_duration.labels(version).observe(time.monotonic() - started)
@@ -233,6 +272,33 @@ class Gateway:
             body_iter(), status_code=status, headers=headers_out, on_close=on_close
         )
         return response
+
+    async def admit(self, caller: Caller, body: dict[str, Any], route: str) -> bool:
+        """Rate limits, then a ready replica, then a slot in the fair queue; True: a slot
+        is held (give it back with `_release_slot`)."""
+        policy = self.tenants.policy(caller)
+        generates = route != "/v1/models"
+        tokens = estimate_tokens(body, prefix_text(body)) if generates else 0
+        try:
+            self.tenants.limiter.admit(caller.tenant, policy, tokens)
+        except HTTPError:
+            self.metrics.rate_limited.labels(caller.label).inc()
+            raise
+        await self.wait_for_replica()
+        if self.fair is None or not generates:
+            return False
+        queued = time.monotonic()
+        await self.fair.acquire(
+            caller.tenant,
+            weight=policy.weight,
+            priority=self.tenants.priority(caller, policy, body),
+        )
+        self.metrics.queue_wait.observe(time.monotonic() - queued)
+        return True
+
+    def _release_slot(self, held: bool) -> None:
+        if held and self.fair is not None:
+            self.fair.release()
 
     async def models(self, request: Request) -> Response:
         return await self.proxy(request)

@@ -28,7 +28,8 @@ from llmos_gateway.kube import IdleWatcher, PoolScaler, in_cluster_api, in_clust
 from llmos_gateway.logfilter import RateLimitFilter
 from llmos_gateway.metrics import GatewayMetrics
 from llmos_gateway.replicas import LoadScraper, Pool, Replica
-from llmos_gateway.routing import STRATEGIES, Router
+from llmos_gateway.routing import STRATEGIES, CanarySplit, Router
+from llmos_gateway.tenants import Tenants
 from llmos_gateway.transport import TransportLimits, guarded_protocol
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,32 @@ def parser() -> argparse.ArgumentParser:
     )
     a("--prefix-block-chars", type=int, default=int(env("prefix_block_chars", "256") or 256))
     a("--prefix-max-blocks", type=int, default=int(env("prefix_max_blocks", "4") or 4))
+    a(
+        "--canary-weight",
+        type=float,
+        default=float(env("canary_weight", "0") or 0),
+        help="percent of requests for the canary version's replicas while both are ready",
+    )
+    a(
+        "--api-keys-file",
+        default=env("api_keys_file"),
+        help="the workers' API key file (tenant + sha256 per key); without it callers are "
+        "anonymous, one tenant per client address",
+    )
+    a(
+        "--tenants-file",
+        default=env("tenants_file"),
+        help="the pool's rate-limit document (perApiKey RPM/TPM, priority, fairShareWeight) "
+        "with optional per-tenant overrides",
+    )
+    a(
+        "--max-inflight-per-replica",
+        type=int,
+        default=int(env("max_inflight_per_replica", "64") or 64),
+        help="requests each replica takes from this gateway at once; beyond, requests queue "
+        "fairly by tenant weight (0: no queue)",
+    )
+    a("--max-queued", type=int, default=int(env("max_queued", "4096") or 4096))
     a("--max-retries", type=int, default=int(env("max_retries", "2") or 2))
     a("--hold-timeout", type=float, default=float(env("hold_timeout", "120") or 120))
     a("--max-held", type=int, default=int(env("max_held", "1024") or 1024))
@@ -129,6 +156,10 @@ def build(args: argparse.Namespace, transport_stats: Any = None) -> tuple[Gatewa
     """The gateway and its app from parsed flags (the static replica list)."""
     if args.max_retries < 0 or args.hold_timeout <= 0 or args.max_held < 0:
         raise ConfigError("--max-retries, --max-held must be >= 0 and --hold-timeout > 0")
+    if args.max_inflight_per_replica < 0 or args.max_queued < 0:
+        raise ConfigError("--max-inflight-per-replica and --max-queued must be >= 0")
+    if not 0 <= args.canary_weight <= 100:
+        raise ConfigError("--canary-weight must be a percentage from 0 to 100")
     pool = Pool()
     pool.replace(parse_replica(s) for s in args.replica if s.strip())
     router = Router(
@@ -151,7 +182,10 @@ def build(args: argparse.Namespace, transport_stats: Any = None) -> tuple[Gatewa
         max_retries=args.max_retries,
         hold_timeout_s=args.hold_timeout,
         max_held=args.max_held,
+        max_inflight_per_replica=args.max_inflight_per_replica,
+        max_queued=args.max_queued,
     )
+    tenants = Tenants(api_keys_file=args.api_keys_file, tenants_file=args.tenants_file)
     scaler: PoolScaler | None = None
     kube_client: httpx.AsyncClient | None = None
     if args.pool_name:
@@ -167,6 +201,8 @@ def build(args: argparse.Namespace, transport_stats: Any = None) -> tuple[Gatewa
         settings=settings,
         metrics=GatewayMetrics(pool, transport_stats),
         scale_up=scaler.scale_up if scaler is not None else None,
+        tenants=tenants,
+        split=CanarySplit(args.canary_weight),
     )
     if scaler is not None and args.idle_scale_to_zero > 0:
         gateway.idle = IdleWatcher(

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from llmos_gateway.fairqueue import FairQueue
 from llmos_gateway.replicas import Pool
 from llmos_gateway.transport import TransportStats
 
@@ -19,6 +20,7 @@ class _LiveCollector:
     def __init__(self, pool: Pool, transport: TransportStats | None) -> None:
         self.pool = pool
         self.transport = transport
+        self.fair: FairQueue | None = None
 
     def collect(self) -> Iterator[Metric]:
         replicas = self.pool.all()
@@ -35,6 +37,21 @@ class _LiveCollector:
         for r in replicas:
             inflight.add_metric([r.name, r.version], r.inflight)
         yield inflight
+        if self.fair is not None:
+            queued = GaugeMetricFamily(
+                "llmos_gateway_queued_requests",
+                "Requests waiting for a slot of the saturated pool, by tenant.",
+                labels=["tenant"],
+            )
+            for tenant, n in sorted(self.fair.queued_by_tenant.items()):
+                # why: anonymous callers are one label, not one series per client address
+                queued.add_metric([tenant if not tenant.startswith("ip:") else "anonymous"], n)
+            yield queued
+            yield GaugeMetricFamily(
+                "llmos_gateway_admitted_requests",
+                "Requests holding one of the pool's slots.",
+                value=self.fair.inflight,
+            )
         if self.transport is not None:
             s = self.transport
             yield GaugeMetricFamily(
@@ -57,7 +74,8 @@ class _LiveCollector:
 class GatewayMetrics:
     def __init__(self, pool: Pool, transport: TransportStats | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_LiveCollector(pool, transport))
+        self._live = _LiveCollector(pool, transport)
+        self.registry.register(self._live)
         r = self.registry
         self.requests = Counter(
             "llmos_gateway_requests",
@@ -127,8 +145,23 @@ class GatewayMetrics:
             "Responses cut because the replica failed after the first byte (never retried).",
             registry=r,
         )
+        self.rate_limited = Counter(
+            "llmos_gateway_rate_limited",
+            "Requests refused with 429 by the tenant's RPM/TPM.",
+            ["tenant"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "llmos_gateway_queue_wait_seconds",
+            "Time a request waited for a slot of the saturated pool (0 when it had one).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.client_aborts = Counter(
             "llmos_gateway_client_aborts",
             "Responses cut because the client went away (the upstream request is closed).",
             registry=r,
         )
+
+    def watch_queue(self, fair: FairQueue) -> None:
+        self._live.fair = fair

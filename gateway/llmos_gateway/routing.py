@@ -25,6 +25,7 @@ from llmos_gateway.replicas import Replica
 
 Strategy = Literal["round-robin", "least-load", "prefix"]
 STRATEGIES: tuple[Strategy, ...] = ("round-robin", "least-load", "prefix")
+STABLE, CANARY = "stable", "canary"
 
 
 def _h64(data: bytes) -> int:
@@ -52,13 +53,15 @@ def prefix_text(body: dict[str, Any]) -> str:
     return str(prompt) if prompt is not None else ""
 
 
-def prefix_key(text: str, *, block_chars: int = 256, max_blocks: int = 4) -> int:
-    """The chain hash of the leading full blocks (all of a text shorter than one block)."""
+def prefix_key(text: str, *, block_chars: int = 256, max_blocks: int = 4, salt: str = "") -> int:
+    """The chain hash of the leading full blocks (all of a text shorter than one block), seeded
+    by `salt` (the request's model: a LoRA adapter's cached prefixes are its own)."""
     data = text.encode("utf-8", "surrogatepass")
+    seed = _h64(salt.encode("utf-8", "surrogatepass")) if salt else 0
     step = block_chars  # bytes ~ characters for ASCII; a stable cut is all that matters
     if len(data) < step:
-        return _h64(data)
-    h = 0
+        return _h64(seed.to_bytes(8, "big") + data) if salt else _h64(data)
+    h = seed
     for i in range(min(len(data) // step, max_blocks)):
         h = _h64(h.to_bytes(8, "big") + data[i * step : (i + 1) * step])
     return h
@@ -86,6 +89,29 @@ class HashRing:
             if len(seen) == len(self.names):
                 break
         return list(seen)
+
+
+class CanarySplit:
+    """Which version serves the next request: `weight` percent go to "canary" while the pool has
+    both versions ready. Smooth weighted round-robin (a credit of weight/100 per request), so any
+    run of N requests sends round(N * weight / 100) of them, give or take one, to the canary. The
+    split is per request: a session's turns may see both versions."""
+
+    def __init__(self, weight: float = 0.0) -> None:
+        if not 0.0 <= weight <= 100.0:
+            raise ValueError("the canary weight is a percentage from 0 to 100")
+        self.weight = weight
+        self._credit = 0.0
+
+    def choose(self, versions: set[str]) -> str | None:
+        """The version for the next request; None: no split (route over all replicas)."""
+        if CANARY not in versions or STABLE not in versions or self.weight <= 0:
+            return None
+        self._credit += self.weight / 100.0
+        if self._credit >= 1.0 - 1e-9:
+            self._credit -= 1.0
+            return CANARY
+        return STABLE
 
 
 @dataclass
@@ -121,8 +147,12 @@ class Router:
         self._ring: HashRing | None = None
 
     def key_of(self, body: dict[str, Any]) -> int:
+        model = body.get("model")
         return prefix_key(
-            prefix_text(body), block_chars=self.block_chars, max_blocks=self.max_blocks
+            prefix_text(body),
+            block_chars=self.block_chars,
+            max_blocks=self.max_blocks,
+            salt=model if isinstance(model, str) else "",
         )
 
     def ring(self, names: Sequence[str]) -> HashRing:

@@ -35,6 +35,19 @@ def test_prefix_key_shares_long_prefixes_only() -> None:
     )
 
 
+def test_adapters_key_their_own_prefixes() -> None:
+    """A LoRA adapter's requests (model = the adapter) share keys among themselves only: the
+    worker salts its prefix cache by adapter, so affinity must follow the same split."""
+    router = Router("prefix")
+    shared = "s" * 2000
+    base = {"model": "base", "prompt": shared + "a"}
+    sql = {"model": "sql-lora", "prompt": shared + "a"}
+    assert router.key_of(base) == router.key_of({"model": "base", "prompt": shared + "b"})
+    assert router.key_of(sql) == router.key_of({"model": "sql-lora", "prompt": shared + "c"})
+    assert router.key_of(base) != router.key_of(sql)
+    assert router.key_of({"model": "x", "prompt": "hi"}) != router.key_of({"prompt": "hi"})
+
+
 def test_same_prefix_same_replica_while_load_allows() -> None:
     pool = replicas(3)
     router = Router("prefix")
