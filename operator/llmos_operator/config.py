@@ -19,6 +19,8 @@ class OperatorConfig:
 
     worker_image: str = "ghcr.io/llmos-dev/llmos-worker:0.1.0"
     worker_image_pull_policy: str = "IfNotPresent"
+    # image of the pools' gateway pods (it needs `llmos-gateway`); "" uses worker_image
+    gateway_image: str = ""
     worker_port: int = 8000
     # why: /metrics on its own port, without an API key; the NetworkPolicy admits only the
     # operator and monitoring to it

@@ -66,6 +66,8 @@ RESOURCES: dict[str, Resource] = {
     "PodDisruptionBudget": Resource("policy", "v1", "poddisruptionbudgets"),
     "NetworkPolicy": Resource("networking.k8s.io", "v1", "networkpolicies"),
     "HorizontalPodAutoscaler": Resource("autoscaling", "v2", "horizontalpodautoscalers"),
+    "Role": Resource("rbac.authorization.k8s.io", "v1", "roles"),
+    "RoleBinding": Resource("rbac.authorization.k8s.io", "v1", "rolebindings"),
     "Namespace": Resource("", "v1", "namespaces", namespaced=False),
     "ResourceQuota": Resource("", "v1", "resourcequotas"),
     "ConfigMap": Resource("", "v1", "configmaps"),

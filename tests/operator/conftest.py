@@ -79,6 +79,9 @@ RESOURCES: dict[str, tuple[str, str, str, bool, set[str]]] = {
     "configmaps": ("", "v1", "ConfigMap", True, set()),
     "secrets": ("", "v1", "Secret", True, set()),
     "networkpolicies": ("networking.k8s.io", "v1", "NetworkPolicy", True, set()),
+    # each pool's gateway RBAC
+    "roles": ("rbac.authorization.k8s.io", "v1", "Role", True, set()),
+    "rolebindings": ("rbac.authorization.k8s.io", "v1", "RoleBinding", True, set()),
     "horizontalpodautoscalers": (
         "autoscaling", "v2", "HorizontalPodAutoscaler", True, {"status"}
     ),

@@ -24,7 +24,10 @@ def child_names(cluster: Cluster) -> dict[str, list[str]]:
 
 async def wait_children(cluster: Cluster) -> None:
     async def all_there() -> bool:
-        return all(cluster.names(plural) for plural in CHILDREN)
+        # why: the gateway's Deployment is applied last of the pool's children
+        return all(cluster.names(plural) for plural in CHILDREN) and any(
+            name.endswith("-gateway") for name in cluster.names("deployments")
+        )
 
     await cluster.wait_for(all_there, what="pool children")
 
@@ -47,9 +50,9 @@ async def test_pool_lifecycle(cluster: Cluster, operator: OperatorProcess) -> No
     await ready_model(cluster)
     await wait_children(cluster)
     assert child_names(cluster) == {
-        "serviceaccounts": ["chat-worker"],
-        "deployments": ["chat"],
-        "services": ["chat"],
+        "serviceaccounts": ["chat-gateway", "chat-worker"],
+        "deployments": ["chat", "chat-gateway"],
+        "services": ["chat", "chat-workers"],
         "poddisruptionbudgets": ["chat"],
     }
     for plural in CHILDREN:
@@ -209,9 +212,9 @@ async def test_invalid_pool_is_reported_and_never_half_created(
 
     await wait_children(cluster)  # the operator carries on with the valid pool
     assert child_names(cluster) == {
-        "serviceaccounts": ["good-worker"],
-        "deployments": ["good"],
-        "services": ["good"],
+        "serviceaccounts": ["good-gateway", "good-worker"],
+        "deployments": ["good", "good-gateway"],
+        "services": ["good", "good-workers"],
         "poddisruptionbudgets": ["good"],
     }
     unknown_model = sample("InferencePool")

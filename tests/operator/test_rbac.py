@@ -1,12 +1,17 @@
 """RBAC from evidence: every request the operator made is allowed by the ClusterRole in
-manifests/base, and the ClusterRole grants nothing the operator was never seen to use."""
+manifests/base, and the ClusterRole grants nothing the operator was never seen to use, except
+what it holds only to grant it to the pools' gateways (RBAC refuses a Role granting more than its
+creator holds)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from llmos_operator.builders.gateway import build_gateway_role
+from llmos_operator.builders.pool import PoolRef
 from tests.operator.conftest import Cluster, OperatorProcess
 from tests.operator.flows import finish_loader, mark_deployment_ready, model_status, sample
 from tests.operator.test_inferencepool import wait_children
@@ -15,8 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 Triple = tuple[str, str, str]
 
 
-def cluster_role_grants() -> set[Triple]:
-    role = yaml.safe_load((ROOT / "manifests" / "base" / "clusterrole.yaml").read_text())
+def rule_grants(role: dict[str, Any]) -> set[Triple]:
     grants: set[Triple] = set()
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"], "no wildcards"
@@ -24,6 +28,24 @@ def cluster_role_grants() -> set[Triple]:
             for resource in rule["resources"]:
                 grants |= {(group, resource, verb) for verb in rule["verbs"]}
     return grants
+
+
+def cluster_role_grants() -> set[Triple]:
+    return rule_grants(
+        yaml.safe_load((ROOT / "manifests" / "base" / "clusterrole.yaml").read_text())
+    )
+
+
+def gateway_grants() -> set[Triple]:
+    """What every pool's gateway Role grants (the operator must hold it to create the Role)."""
+    role = build_gateway_role(PoolRef("chat", "team-a", "uid"))
+    assert all(set(rule) <= {"apiGroups", "resources", "resourceNames", "verbs"}
+               for rule in role["rules"])  # fmt: skip
+    return rule_grants(role)
+
+
+def test_the_operator_holds_what_it_grants_the_gateways() -> None:
+    assert gateway_grants() - cluster_role_grants() == set()
 
 
 async def tamper(cluster: Cluster, objects: list[tuple[str, str]]) -> None:
@@ -69,6 +91,12 @@ async def test_cluster_role_matches_what_the_operator_does(
             ("services", "chat"),
             ("poddisruptionbudgets", "chat"),
             ("networkpolicies", "chat-worker"),
+            ("services", "chat-workers"),
+            ("serviceaccounts", "chat-gateway"),
+            ("roles", "chat-gateway"),
+            ("rolebindings", "chat-gateway"),
+            ("deployments", "chat-gateway"),
+            ("networkpolicies", "chat-gateway"),
         ],
     )
     await cluster.delete("services", "chat")
@@ -91,5 +119,5 @@ async def test_cluster_role_matches_what_the_operator_does(
     assert used, "no evidence recorded"
     assert used - grants == set(), "the operator made requests its ClusterRole does not allow"
     # why: other operator tests of this session (quota, autoscaling) add their evidence
-    unused = grants - used - operator_evidence
+    unused = grants - used - operator_evidence - gateway_grants()
     assert unused == set(), "the ClusterRole grants what the operator never used"

@@ -41,6 +41,28 @@ MODEL: dict[str, Any] = {"source": "builtin://smollm2-135m-instruct"}
             {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}},
             "spec.autoscaling",
         ),
+        ({"routing": {"strategy": "random"}}, "spec.routing.strategy"),
+        ({"routing": {"loadFactor": 0.9}}, "spec.routing.loadFactor"),
+        ({"routing": {"holdTimeoutSeconds": 0}}, "spec.routing.holdTimeoutSeconds"),
+        ({"routing": {"idleScaleToZeroSeconds": -1}}, "spec.routing.idleScaleToZeroSeconds"),
+        ({"routing": {"gateway": {"replicas": 0}}}, "spec.routing.gateway.replicas"),
+        (
+            {"routing": {"gateway": {"resources": {"cpu": "x"}}}},
+            "spec.routing.gateway.resources.cpu",
+        ),
+        ({"routing": {"gateway": {"enable": True}}}, "spec.routing.gateway.enable"),
+        ({"canary": {"modelRef": "next", "weight": 101}}, "spec.canary.weight"),
+        ({"canary": {"modelRef": "next", "weight": -1}}, "spec.canary.weight"),
+        ({"canary": {"modelRef": "Next!", "weight": 5}}, "spec.canary.modelRef"),
+        ({"canary": {"modelRef": "next"}}, "spec.canary.weight"),
+        ({"canary": {"modelRef": "next", "weight": 5, "replicas": -1}}, "spec.canary.replicas"),
+        (
+            {
+                "canary": {"modelRef": "next", "weight": 5},
+                "routing": {"gateway": {"enabled": False}},
+            },
+            "canary needs routing.gateway.enabled",
+        ),
     ],
 )
 def test_invalid_pool_spec_names_the_field(patch: dict[str, Any], field: str) -> None:
@@ -82,6 +104,24 @@ def test_valid_sources(source: str) -> None:
     assert LLMModelSpec.model_validate({"source": source}).source == source
     https = LLMModelSpec.model_validate({"source": "https://x.example/m.gguf", "sha256": "a" * 64})
     assert https.sha256 == "a" * 64
+
+
+def test_routing_defaults_and_canary() -> None:
+    spec = InferencePoolSpec.model_validate(POOL)
+    assert spec.canary is None
+    assert spec.routing.to_api() == {
+        "strategy": "prefix",
+        "loadFactor": 1.25,
+        "holdTimeoutSeconds": 120,
+        "idleScaleToZeroSeconds": 0,
+        "gateway": {"enabled": True, "replicas": 1, "resources": {"cpu": "1", "memory": "512Mi"}},
+    }
+    canary = InferencePoolSpec.model_validate({**POOL, "canary": {"modelRef": "next", "weight": 0}})
+    assert canary.canary is not None and canary.canary.to_api() == {
+        "modelRef": "next",
+        "weight": 0,
+        "replicas": 1,
+    }
 
 
 def test_defaults_round_trip_camel_case() -> None:

@@ -1,7 +1,9 @@
 """The InferencePool kind: the serving of one LLMModel by a set of worker pods.
 
 The spec says which model, how many replicas (or how to autoscale them), what each replica gets
-(GPUs, CPU, memory, placement), how its engine is tuned, and who may call it. The status is read
+(GPUs, CPU, memory, placement), how its engine is tuned, who may call it, how the pool's gateway
+routes requests over the replicas, and optionally a canary: a second set of workers serving
+another LLMModel that takes a share of the traffic. The status is read
 from the real Deployment: replicas, ready replicas, the label selector (for the scale
 subresource), the in-cluster endpoint, and the Ready / Progressing / Degraded conditions.
 """
@@ -163,6 +165,78 @@ class Autoscaling(ApiModel):
         return self
 
 
+class GatewayResources(ApiModel):
+    """What each gateway replica gets from the node."""
+
+    cpu: Quantity = Field(default="1", description="CPU request and limit per gateway replica.")
+    memory: Quantity = Field(
+        default="512Mi", description="Memory request and limit per gateway replica."
+    )
+
+
+class GatewaySettings(ApiModel):
+    """The pool's gateway: the Deployment behind the pool's Service that routes to the workers."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Run a gateway in front of the workers; when false the pool's Service "
+        "selects the workers directly (no routing, no holding while scaling from zero).",
+    )
+    replicas: int = Field(default=1, ge=1, le=100, description="Gateway pods to run.")
+    resources: GatewayResources = Field(
+        default_factory=GatewayResources, description="Per-replica gateway resources."
+    )
+
+
+class Routing(ApiModel):
+    """How the gateway spreads requests over the worker replicas."""
+
+    strategy: Literal["prefix", "least-load", "round-robin"] = Field(
+        default="prefix",
+        description="prefix: requests sharing a prompt prefix go to the same replica (its KV "
+        "cache holds the prefix) unless it is overloaded; least-load: the replica with the "
+        "least load; round-robin: in turn.",
+    )
+    load_factor: float = Field(
+        default=1.25,
+        ge=1.0,
+        le=100.0,
+        description="prefix routing: a replica takes a request while its load is at most "
+        "loadFactor times the mean load of the replicas.",
+    )
+    hold_timeout_seconds: int = Field(
+        default=120,
+        ge=1,
+        le=3600,
+        description="How long a request waits for a ready replica (while the pool scales up "
+        "from zero) before it is answered 503.",
+    )
+    idle_scale_to_zero_seconds: int = Field(
+        default=0,
+        ge=0,
+        le=604800,
+        description="Seconds without requests after which the gateway scales the pool to zero "
+        "replicas; 0 never does.",
+    )
+    gateway: GatewaySettings = Field(
+        default_factory=GatewaySettings, description="The gateway Deployment."
+    )
+
+
+class Canary(ApiModel):
+    """A second set of workers serving another LLMModel, given a share of the traffic."""
+
+    model_ref: str = Field(
+        max_length=253,
+        pattern=NAME_PATTERN,
+        description="Name of the LLMModel (same namespace) the canary workers serve.",
+    )
+    weight: int = Field(
+        ge=0, le=100, description="Percent of the requests the gateway sends to the canary."
+    )
+    replicas: int = Field(default=1, ge=0, le=1000, description="Canary worker pods to run.")
+
+
 class InferencePoolSpec(ApiModel):
     """Desired state of an InferencePool."""
 
@@ -180,6 +254,20 @@ class InferencePoolSpec(ApiModel):
     )
     access: PoolAccess | None = Field(default=None, description="Who may call the pool.")
     autoscaling: Autoscaling | None = Field(default=None, description="Autoscaling of replicas.")
+    routing: Routing = Field(
+        default_factory=Routing, description="Request routing by the pool's gateway."
+    )
+    canary: Canary | None = Field(
+        default=None,
+        description="Canary workers serving another model for a share of the traffic (needs "
+        "routing.gateway.enabled).",
+    )
+
+    @model_validator(mode="after")
+    def _canary_needs_gateway(self) -> InferencePoolSpec:
+        if self.canary is not None and not self.routing.gateway.enabled:
+            raise ValueError("canary needs routing.gateway.enabled: the gateway splits traffic")
+        return self
 
     @model_validator(mode="after")
     def _quantization_on_cpu(self) -> InferencePoolSpec:

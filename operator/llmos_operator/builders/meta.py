@@ -16,6 +16,9 @@ MANAGED_BY = "llmos-operator"
 POOL_LABEL = "llmos.dev/pool"
 MODEL_LABEL = "llmos.dev/model"
 LOAD_LABEL = "llmos.dev/load"
+# stable or canary: which of a pool's worker sets a pod belongs to
+VERSION_LABEL = "llmos.dev/version"
+APP_NAMES = {"inference": "llmos-worker", "gateway": "llmos-gateway"}
 
 
 def short_hash(*parts: str, length: int = 10) -> str:
@@ -47,7 +50,7 @@ def owner_reference(kind: str, name: str, uid: str) -> dict[str, Any]:
 def labels(component: str, instance: str, **extra: str) -> dict[str, str]:
     """The app.kubernetes.io/* labels plus any llmos.dev/* ones."""
     return {
-        "app.kubernetes.io/name": "llmos-worker" if component == "inference" else "llmos-loader",
+        "app.kubernetes.io/name": APP_NAMES.get(component, "llmos-loader"),
         "app.kubernetes.io/instance": instance,
         "app.kubernetes.io/component": component,
         "app.kubernetes.io/part-of": "llmos",

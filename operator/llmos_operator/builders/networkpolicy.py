@@ -6,6 +6,13 @@ the pool's own namespace when `access` names none, and the operator's pods (read
 metrics port, which serves `/metrics` without an API key, only from the operator's pods (the
 autoscaler's scraping) and the monitoring namespace (Prometheus). Egress is DNS only: a worker
 never calls out. Loader Job pods accept no ingress and may reach DNS and port 443 only.
+
+A pool with a gateway moves the `access` peers to the gateway's pods: the workers' serving port
+then admits only the gateway and the operator, and their metrics port also the gateway (it
+routes on the workers' load). The gateway pods take calls on their serving port from the
+`access` peers and the operator, and may reach DNS, the pool's worker pods (serving and metrics
+ports) and the Kubernetes API (TCP 443 and 6443 to any address: the API server is no pod a
+selector could name).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from llmos_operator.api.common import LabelSelector
 from llmos_operator.api.inferencepool import PoolAccess
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set on every namespace by the API server
+KUBE_API_PORTS = (443, 6443)  # why: the kubernetes Service's port and the API server's usual one
 
 
 @dataclass(frozen=True)
@@ -83,15 +91,22 @@ def build_worker_network_policy(
     metrics_port: int,
     access: PoolAccess | None,
     peers: ClusterPeers,
+    gateway_pods: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The NetworkPolicy of one pool's worker pods. `metadata` carries labels and owner refs."""
-    operator = {
-        "namespaceSelector": _namespace(peers.operator_namespace),
-        "podSelector": {"matchLabels": dict(peers.operator_pod_labels)},
-    }
+    """The NetworkPolicy of one pool's worker pods. `metadata` carries labels and owner refs.
+
+    With `gateway_pods` (the labels of the pool's gateway pods, same namespace) the serving port
+    admits the gateway instead of the `access` peers, and the metrics port admits it too.
+    """
+    operator = _operator(peers)
     scrapers: list[dict[str, Any]] = [operator]
     if peers.monitoring_namespace:
         scrapers.append({"namespaceSelector": _namespace(peers.monitoring_namespace)})
+    callers = access_peers(access)
+    if gateway_pods is not None:
+        gateway = {"podSelector": {"matchLabels": dict(gateway_pods)}}
+        callers = [gateway]
+        scrapers.append(gateway)
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -101,12 +116,62 @@ def build_worker_network_policy(
             "policyTypes": ["Ingress", "Egress"],
             "ingress": [
                 {
-                    "from": [*access_peers(access), operator],
+                    "from": [*callers, operator],
                     "ports": [{"protocol": "TCP", "port": port}],
                 },
                 {"from": scrapers, "ports": [{"protocol": "TCP", "port": metrics_port}]},
             ],
             "egress": [dns_egress()],
+        },
+    }
+
+
+def _operator(peers: ClusterPeers) -> dict[str, Any]:
+    return {
+        "namespaceSelector": _namespace(peers.operator_namespace),
+        "podSelector": {"matchLabels": dict(peers.operator_pod_labels)},
+    }
+
+
+def build_gateway_network_policy(
+    *,
+    name: str,
+    namespace: str,
+    metadata: dict[str, Any],
+    pod_selector: dict[str, str],
+    worker_pods: dict[str, str],
+    port: int,
+    worker_port: int,
+    worker_metrics_port: int,
+    access: PoolAccess | None,
+    peers: ClusterPeers,
+) -> dict[str, Any]:
+    """The NetworkPolicy of one pool's gateway pods: in from `access` and the operator; out to
+    DNS, the pool's workers and the Kubernetes API."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {**metadata, "name": name, "namespace": namespace},
+        "spec": {
+            "podSelector": {"matchLabels": dict(pod_selector)},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [
+                {
+                    "from": [*access_peers(access), _operator(peers)],
+                    "ports": [{"protocol": "TCP", "port": port}],
+                }
+            ],
+            "egress": [
+                dns_egress(),
+                {
+                    "to": [{"podSelector": {"matchLabels": dict(worker_pods)}}],
+                    "ports": [
+                        {"protocol": "TCP", "port": worker_port},
+                        {"protocol": "TCP", "port": worker_metrics_port},
+                    ],
+                },
+                {"ports": [{"protocol": "TCP", "port": p} for p in KUBE_API_PORTS]},
+            ],
         },
     }
 

@@ -1,4 +1,4 @@
-"""Children of an InferencePool: ServiceAccount, worker Deployment, Service, PDB, NetworkPolicy.
+"""Children of an InferencePool: ServiceAccount, worker Deployments, Services, PDB, NetworkPolicy.
 
 The worker container runs `llmos-worker serve --model <dir> --host 0.0.0.0 --port <port>` with
 its engine settings as the `LLMOS_*` environment variables the worker's CLI reads as flag
@@ -8,6 +8,14 @@ encrypted model adds its key file (`--model-key-file`) and digest (`--model-dige
 ConfigMap is mounted as a directory (env LLMOS_RATE_LIMITS_FILE). A change to any engine
 setting, to the served model version or to its key changes the pod template, which makes the
 Deployment roll.
+
+With the gateway enabled (the default; its own children are in `builders.gateway`) the pool's
+Service `<pool>` selects the gateway pods and the workers get the Service `<pool>-workers`,
+whose EndpointSlices the gateway watches. A canary is a second worker Deployment
+`<pool>-canary` from the same builder, serving `spec.canary.modelRef` under the stable model's
+name, with its own selector (the stable Deployment's selector is immutable, so canary pods carry
+another `app.kubernetes.io/instance` rather than the stable selector plus a version label) and
+its own Service `<pool>-canary-workers`.
 """
 
 from __future__ import annotations
@@ -48,6 +56,10 @@ class ServedModel:
     key_ref: SecretKeyRef | None = None
 
 
+STABLE = "stable"
+CANARY = "canary"
+
+
 def service_account_name(pool: str) -> str:
     return meta.child_name(pool, "worker")
 
@@ -60,6 +72,15 @@ def service_name(pool: str) -> str:
     return meta.child_name(pool)
 
 
+def canary_deployment_name(pool: str) -> str:
+    return meta.child_name(pool, "canary")
+
+
+def workers_service_name(pool: str, canary: bool = False) -> str:
+    """The Service of the stable (or canary) worker pods that the gateway discovers."""
+    return meta.child_name(pool, "canary-workers" if canary else "workers")
+
+
 def pdb_name(pool: str) -> str:
     return meta.child_name(pool)
 
@@ -69,7 +90,24 @@ def network_policy_name(pool: str) -> str:
 
 
 def selector_labels(pool: str) -> dict[str, str]:
+    """The stable worker pods (the Deployment's selector, the scale subresource's selector)."""
     return {"app.kubernetes.io/name": "llmos-worker", "app.kubernetes.io/instance": pool}
+
+
+def canary_selector_labels(pool: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "llmos-worker",
+        "app.kubernetes.io/instance": canary_deployment_name(pool),
+    }
+
+
+def worker_pod_labels(pool: str) -> dict[str, str]:
+    """Every worker pod of the pool, stable and canary (what the NetworkPolicy guards)."""
+    return {"app.kubernetes.io/name": "llmos-worker", meta.POOL_LABEL: pool}
+
+
+def gateway_selector_labels(pool: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "llmos-gateway", "app.kubernetes.io/instance": pool}
 
 
 def endpoint(ref: PoolRef, config: OperatorConfig) -> str:
@@ -78,11 +116,12 @@ def endpoint(ref: PoolRef, config: OperatorConfig) -> str:
     return f"http://{host}:{config.worker_port}/v1"
 
 
-def _metadata(ref: PoolRef, name: str) -> dict[str, Any]:
+def child_metadata(ref: PoolRef, name: str, component: str = "inference") -> dict[str, Any]:
+    """Name, namespace, labels and the controller owner reference of one child of the pool."""
     return {
         "name": name,
         "namespace": ref.namespace,
-        "labels": meta.labels("inference", ref.name, **{meta.POOL_LABEL: ref.name}),
+        "labels": meta.labels(component, ref.name, **{meta.POOL_LABEL: ref.name}),
         "ownerReferences": [meta.owner_reference(KIND, ref.name, ref.uid)],
     }
 
@@ -91,13 +130,18 @@ def build_service_account(ref: PoolRef) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": _metadata(ref, service_account_name(ref.name)),
+        "metadata": child_metadata(ref, service_account_name(ref.name)),
         "automountServiceAccountToken": False,  # why: workers never call the Kubernetes API
     }
 
 
-def worker_env(spec: InferencePoolSpec, model: ServedModel) -> list[dict[str, str]]:
-    """The LLMOS_* variables `llmos-worker serve` reads as defaults of its flags."""
+def worker_env(
+    spec: InferencePoolSpec, model: ServedModel, served_name: str | None = None
+) -> list[dict[str, str]]:
+    """The LLMOS_* variables `llmos-worker serve` reads as defaults of its flags.
+
+    `served_name` is the model name the worker answers to (the LLMModel's name by default).
+    """
     engine = spec.engine
     values: dict[str, str] = {
         "LLMOS_BLOCK_SIZE": str(engine.block_size),
@@ -109,7 +153,7 @@ def worker_env(spec: InferencePoolSpec, model: ServedModel) -> list[dict[str, st
         "LLMOS_QUANTIZATION": engine.quantization,
         "LLMOS_KV_CACHE_DTYPE": engine.kv_cache_dtype,
         "LLMOS_DEVICE": "cuda" if spec.resources.gpus > 0 else "cpu",
-        "LLMOS_SERVED_MODEL_NAME": model.name,
+        "LLMOS_SERVED_MODEL_NAME": served_name or model.name,
     }
     if engine.max_model_len is not None:
         values["LLMOS_MAX_MODEL_LEN"] = str(engine.max_model_len)
@@ -132,8 +176,20 @@ def _resources(spec: InferencePoolSpec) -> dict[str, Any]:
 
 
 def build_deployment(
-    ref: PoolRef, spec: InferencePoolSpec, model: ServedModel, config: OperatorConfig
+    ref: PoolRef,
+    spec: InferencePoolSpec,
+    model: ServedModel,
+    config: OperatorConfig,
+    *,
+    canary: bool = False,
 ) -> dict[str, Any]:
+    """The stable worker Deployment, or with `canary` the canary's (`spec.canary` must be set).
+
+    The canary runs `model` (spec.canary.modelRef's) with spec.canary.replicas, answering to the
+    stable model's name so that clients of the pool see one model whichever set serves them.
+    """
+    if canary and spec.canary is None:
+        raise ValueError("a canary Deployment needs spec.canary")
     port = config.worker_port
     model_dir = f"{config.models_mount_path}/{model.path}"
     tmp_volume, tmp_mount = security.scratch_volume("2Gi")
@@ -165,7 +221,7 @@ def build_deployment(
         "imagePullPolicy": config.worker_image_pull_policy,
         "command": ["llmos-worker", "serve"],
         "args": args,
-        "env": worker_env(spec, model),
+        "env": worker_env(spec, model, served_name=spec.model_ref if canary else None),
         "ports": [
             {"name": "http", "containerPort": port, "protocol": "TCP"},
             {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"},
@@ -217,17 +273,22 @@ def build_deployment(
         pod_spec["tolerations"] = [t.to_api() for t in spec.resources.tolerations]
     if spec.resources.priority_class_name:
         pod_spec["priorityClassName"] = spec.resources.priority_class_name
+    selector = canary_selector_labels(ref.name) if canary else selector_labels(ref.name)
     template_labels = {
         **meta.labels("inference", ref.name, **{meta.POOL_LABEL: ref.name}),
+        **selector,
         meta.MODEL_LABEL: model.name,
+        meta.VERSION_LABEL: CANARY if canary else STABLE,
     }
+    name = canary_deployment_name(ref.name) if canary else deployment_name(ref.name)
+    replicas = spec.canary.replicas if canary and spec.canary else spec.replicas
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(ref, deployment_name(ref.name)),
+        "metadata": child_metadata(ref, name),
         "spec": {
-            "replicas": spec.replicas,
-            "selector": {"matchLabels": selector_labels(ref.name)},
+            "replicas": replicas,
+            "selector": {"matchLabels": selector},
             "strategy": {
                 "type": "RollingUpdate",
                 "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
@@ -249,14 +310,15 @@ def build_deployment(
     }
 
 
-def build_service(ref: PoolRef, config: OperatorConfig) -> dict[str, Any]:
+def build_service(ref: PoolRef, config: OperatorConfig, *, gateway: bool = False) -> dict[str, Any]:
+    """The pool's client-facing Service (status.endpoint): the gateway pods, or the workers."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(ref, service_name(ref.name)),
+        "metadata": child_metadata(ref, service_name(ref.name)),
         "spec": {
             "type": "ClusterIP",
-            "selector": selector_labels(ref.name),
+            "selector": gateway_selector_labels(ref.name) if gateway else selector_labels(ref.name),
             "ports": [
                 {
                     "name": "http",
@@ -269,11 +331,40 @@ def build_service(ref: PoolRef, config: OperatorConfig) -> dict[str, Any]:
     }
 
 
+def build_workers_service(
+    ref: PoolRef, config: OperatorConfig, *, canary: bool = False
+) -> dict[str, Any]:
+    """The stable (or canary) workers' Service; the gateway reads its EndpointSlices."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": child_metadata(ref, workers_service_name(ref.name, canary)),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": canary_selector_labels(ref.name) if canary else selector_labels(ref.name),
+            "ports": [
+                {
+                    "name": "http",
+                    "port": config.worker_port,
+                    "targetPort": "http",
+                    "protocol": "TCP",
+                },
+                {
+                    "name": "metrics",
+                    "port": config.worker_metrics_port,
+                    "targetPort": "metrics",
+                    "protocol": "TCP",
+                },
+            ],
+        },
+    }
+
+
 def build_pdb(ref: PoolRef) -> dict[str, Any]:
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": _metadata(ref, pdb_name(ref.name)),
+        "metadata": child_metadata(ref, pdb_name(ref.name)),
         "spec": {
             "maxUnavailable": 1,
             "selector": {"matchLabels": selector_labels(ref.name)},
@@ -292,12 +383,15 @@ def cluster_peers(config: OperatorConfig) -> ClusterPeers:
 def build_network_policy(
     ref: PoolRef, spec: InferencePoolSpec, config: OperatorConfig
 ) -> dict[str, Any]:
-    """Ingress to the workers from `spec.access`, the operator and monitoring; egress DNS only."""
+    """Ingress to the workers (stable and canary) from the gateway (or, without one, from
+    `spec.access`), the operator and monitoring; egress DNS only."""
+    gateway = spec.routing.gateway.enabled
     return build_worker_network_policy(
         name=network_policy_name(ref.name),
         namespace=ref.namespace,
-        metadata=_metadata(ref, network_policy_name(ref.name)),
-        pod_selector=selector_labels(ref.name),
+        metadata=child_metadata(ref, network_policy_name(ref.name)),
+        pod_selector=worker_pod_labels(ref.name),
+        gateway_pods=gateway_selector_labels(ref.name) if gateway else None,
         port=config.worker_port,
         metrics_port=config.worker_metrics_port,
         access=spec.access,

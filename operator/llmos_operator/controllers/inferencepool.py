@@ -1,7 +1,12 @@
-"""InferencePool reconciler: wait for the model, then SA, Deployment, Service, PDB, NetworkPolicy.
+"""InferencePool reconciler: wait for the model, then the workers', the gateway's, the canary's.
 
 Nothing is created before the spec validates and the referenced LLMModel is Ready, so an invalid
-or premature pool never leaves half its children behind. Every pass re-applies the desired
+or premature pool never leaves half its children behind. The workers' children are the
+ServiceAccount, Deployment, Service, PDB and NetworkPolicy; with `routing.gateway.enabled` the
+gateway's (`builders.gateway`) and the `<pool>-workers` Service are applied too, and removed when
+it is turned off. A `spec.canary` adds the `<pool>-canary` Deployment once its LLMModel is Ready
+(the CanaryReady condition says how far it is) and its `<pool>-canary-workers` Service; both go
+when the canary is removed from the spec. Every pass re-applies the desired
 children (drift is undone) and derives the status from the Deployment's real status. The
 Deployment's replicas pass through an injected quota gate first (the QuotaPolicy handlers'
 `replicas_within_quota`), so the operator never grows a pool past its quota.
@@ -22,6 +27,7 @@ from llmos_operator.api import llmmodel
 from llmos_operator.api.common import ConditionStatus, SecretKeyRef, set_condition
 from llmos_operator.api.inferencepool import KIND, InferencePoolSpec
 from llmos_operator.builders import meta
+from llmos_operator.builders.gateway import GATEWAY_KINDS, build_gateway_children, gateway_name
 from llmos_operator.builders.pool import (
     PoolRef,
     ServedModel,
@@ -30,6 +36,8 @@ from llmos_operator.builders.pool import (
     build_pdb,
     build_service,
     build_service_account,
+    build_workers_service,
+    canary_deployment_name,
     deployment_name,
     endpoint,
     network_policy_name,
@@ -37,6 +45,7 @@ from llmos_operator.builders.pool import (
     selector_labels,
     service_account_name,
     service_name,
+    workers_service_name,
 )
 from llmos_operator.config import OperatorConfig
 from llmos_operator.controllers.errors import InvalidSpec, WaitingForDependency
@@ -193,14 +202,7 @@ async def reconcile_pool(
         raise WaitingForDependency(message)
 
     ref = PoolRef(name=name, namespace=namespace, uid=metadata["uid"])
-    served = ServedModel(
-        name=spec.model_ref,
-        claim_name=str(model_status.get("claimName") or f"{spec.model_ref}-weights"),
-        path=str(model_status["path"]),
-        version=str(model_status.get("servedVersion") or ""),
-        digest=str(model_status.get("digest") or ""),
-        key_ref=_key_ref(model_status.get("keySecretRef")),
-    )
+    served = _served(spec.model_ref, model_status)
     replicas, over_quota = spec.replicas, None
     if gate is not None:
         replicas, over_quota = await gate(body)
@@ -208,8 +210,20 @@ async def reconcile_pool(
     await kube.apply(build_service_account(ref))
     await kube.apply(build_network_policy(ref, spec, config))
     deployment, _ = await kube.apply(build_deployment(ref, running, served, config))
-    await kube.apply(build_service(ref, config))
+    gateway = spec.routing.gateway.enabled
+    await kube.apply(build_service(ref, config, gateway=gateway))
     await kube.apply(build_pdb(ref))
+    if gateway:
+        await kube.apply(build_workers_service(ref, config))
+        for child in build_gateway_children(ref, spec, config):
+            await kube.apply(child)
+    else:
+        await _delete_gateway(kube, namespace, name)
+    if spec.canary is None:
+        await _delete_canary(kube, namespace, name)
+    else:
+        canary = await _apply_canary(kube, config, ref, spec)
+        condition("CanaryReady", *canary)
 
     for type_, value, reason, message in deployment_conditions(deployment, replicas):
         if over_quota and type_ == "Ready":
@@ -226,6 +240,58 @@ async def reconcile_pool(
     return await write()
 
 
+def _served(model_ref: str, model_status: dict[str, Any]) -> ServedModel:
+    """What the Ready LLMModel `model_ref` (its status) offers a pool's workers."""
+    return ServedModel(
+        name=model_ref,
+        claim_name=str(model_status.get("claimName") or f"{model_ref}-weights"),
+        path=str(model_status["path"]),
+        version=str(model_status.get("servedVersion") or ""),
+        digest=str(model_status.get("digest") or ""),
+        key_ref=_key_ref(model_status.get("keySecretRef")),
+    )
+
+
+async def _apply_canary(
+    kube: KubeClient, config: OperatorConfig, ref: PoolRef, spec: InferencePoolSpec
+) -> tuple[ConditionStatus, str, str]:
+    """Apply the canary's Service, and its Deployment once its model is Ready: the condition.
+
+    While the canary's model is not Ready an existing canary Deployment is left as it is (its
+    model may be re-loading); the gateway sends the canary's share to the stable workers while
+    the canary Service has no ready endpoints.
+    """
+    assert spec.canary is not None
+    await kube.apply(build_workers_service(ref, config, canary=True))
+    model_ref = spec.canary.model_ref
+    model = await kube.get(llmmodel.KIND, ref.namespace, model_ref)
+    if model is None:
+        return "False", "ModelNotFound", f"spec.canary.modelRef: LLMModel {model_ref!r} not found"
+    model_status = model.get("status") or {}
+    if model_status.get("phase") != "Ready" or not model_status.get("path"):
+        phase = model_status.get("phase") or "Pending"
+        return "False", "ModelNotReady", f"waiting for LLMModel {model_ref!r} (phase {phase})"
+    served = _served(model_ref, model_status)
+    deployment, _ = await kube.apply(build_deployment(ref, spec, served, config, canary=True))
+    ready = int((deployment.get("status") or {}).get("readyReplicas") or 0)
+    desired = spec.canary.replicas
+    message = f"{ready}/{desired} canary replicas ready ({model_ref}, {spec.canary.weight}%)"
+    if ready >= desired:
+        return "True", "ReplicasReady", message
+    return "False", "ReplicasNotReady", message
+
+
+async def _delete_gateway(kube: KubeClient, namespace: str, name: str) -> None:
+    for kind in GATEWAY_KINDS:
+        await kube.delete(kind, namespace, gateway_name(name))
+    await kube.delete("Service", namespace, workers_service_name(name))
+
+
+async def _delete_canary(kube: KubeClient, namespace: str, name: str) -> None:
+    await kube.delete("Deployment", namespace, canary_deployment_name(name))
+    await kube.delete("Service", namespace, workers_service_name(name, canary=True))
+
+
 def _key_ref(value: Any) -> SecretKeyRef | None:
     """The model's status.keySecretRef as a SecretKeyRef (None: a plaintext model)."""
     return SecretKeyRef.model_validate(value) if isinstance(value, dict) else None
@@ -235,6 +301,8 @@ async def cleanup_pool(kube: KubeClient, body: dict[str, Any]) -> None:
     """Delete the pool's children (what garbage collection would do, done eagerly)."""
     metadata = body["metadata"]
     name, namespace = metadata["name"], metadata["namespace"]
+    await _delete_gateway(kube, namespace, name)
+    await _delete_canary(kube, namespace, name)
     await kube.delete("Deployment", namespace, deployment_name(name))
     await kube.delete("PodDisruptionBudget", namespace, pdb_name(name))
     await kube.delete("Service", namespace, service_name(name))

@@ -211,6 +211,10 @@ async def loader_job_event(
         await _recheck_model(_state(memo), _ns(namespace), model)
 
 
+def _pool_component(value: str | None, **_: Any) -> bool:
+    return value in ("inference", "gateway")
+
+
 def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> kopf.OperatorRegistry:
     """Wire every handler into `registry`; timer intervals come from `config`."""
     kopf.on.startup(registry=registry)(configure)
@@ -231,7 +235,8 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> kopf.Op
     kopf.on.delete(*pool, registry=registry, id="cleanup")(pool_deleted)
 
     managed = {"app.kubernetes.io/managed-by": meta.MANAGED_BY}
-    inference = {**managed, "app.kubernetes.io/component": "inference"}
+    # why: a pool's children are its workers' and its gateway's
+    inference: dict[str, Any] = {**managed, "app.kubernetes.io/component": _pool_component}
     for group, version, plural in (
         ("apps", "v1", "deployments"),
         ("", "v1", "services"),
