@@ -3,8 +3,10 @@
     llmos-gateway --replica http://127.0.0.1:8001 --replica http://127.0.0.1:8002 \
         --strategy prefix --port 8000
 
-A replica may carry its version, `canary=http://...`, and its metrics URL after a `|`. Every
-setting also reads env `LLMOS_GATEWAY_<FLAG>` (dashes as underscores), as a pod sets them.
+A replica may carry its version, `canary=http://...`, and its metrics URL after a `|`. In a
+cluster, `--discover stable=<pool>-workers,canary=<pool>-canary-workers` finds the ready workers
+of each version through the Services' EndpointSlices instead. Every setting also reads env
+`LLMOS_GATEWAY_<FLAG>` (dashes as underscores), as a pod sets them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from llmos_gateway.app import Gateway, GatewaySettings, build_app
+from llmos_gateway.discovery import EndpointSliceDiscovery
 from llmos_gateway.errors import ConfigError
 from llmos_gateway.kube import IdleWatcher, PoolScaler, in_cluster_api, in_cluster_client
 from llmos_gateway.logfilter import RateLimitFilter
@@ -53,6 +56,23 @@ def parse_replica(spec: str) -> Replica:
     )
 
 
+def parse_discover(spec: str) -> dict[str, str]:
+    """`stable=svc-a,canary=svc-b` (a bare `svc` is the stable version) -> version -> Service."""
+    services: dict[str, str] = {}
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        version, _, name = part.rpartition("=")
+        version, name = (version.strip() or "stable"), name.strip()
+        if not name or version in services:
+            raise ConfigError(f"--discover {spec!r}: expected version=Service, once per version")
+        services[version] = name
+    if not services:
+        raise ConfigError("--discover names no Service")
+    return services
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmos-gateway", description=__doc__.split("\n")[0])
     a = p.add_argument
@@ -62,6 +82,18 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         default=replicas.split(",") if replicas else [],
         help="a worker's base URL ([version=]URL[|metrics URL]); repeat for each",
+    )
+    a(
+        "--discover",
+        default=env("discover"),
+        help="version=Service[,version=Service]: the workers are the ready endpoints of these "
+        "Services in --pool-namespace, from the Kubernetes API (instead of --replica)",
+    )
+    a(
+        "--metrics-port",
+        type=int,
+        default=int(env("metrics_port", "0") or 0),
+        help="discovered workers serve /metrics on this port (0: on their API port)",
     )
     a("--host", default=env("host", "127.0.0.1"))
     a("--port", type=int, default=int(env("port", "8000") or 8000))
@@ -161,7 +193,11 @@ def build(args: argparse.Namespace, transport_stats: Any = None) -> tuple[Gatewa
     if not 0 <= args.canary_weight <= 100:
         raise ConfigError("--canary-weight must be a percentage from 0 to 100")
     pool = Pool()
-    pool.replace(parse_replica(s) for s in args.replica if s.strip())
+    static = [s for s in args.replica if s.strip()]
+    if static and args.discover:
+        raise ConfigError("--replica and --discover are exclusive: a static list or discovery")
+    pool.replace(parse_replica(s) for s in static)
+    services = parse_discover(args.discover) if args.discover else {}
     router = Router(
         args.strategy,
         load_factor=args.load_factor,
@@ -188,12 +224,25 @@ def build(args: argparse.Namespace, transport_stats: Any = None) -> tuple[Gatewa
     tenants = Tenants(api_keys_file=args.api_keys_file, tenants_file=args.tenants_file)
     scaler: PoolScaler | None = None
     kube_client: httpx.AsyncClient | None = None
-    if args.pool_name:
+    discovery: EndpointSliceDiscovery | None = None
+    if args.pool_name or services:
         api = args.kube_api or in_cluster_api()
         if not api or not args.pool_namespace:
-            raise ConfigError("--pool-name needs --kube-api (or a pod's env) and --pool-namespace")
+            raise ConfigError(
+                "--pool-name and --discover need --kube-api (or a pod's env) and --pool-namespace"
+            )
         kube_client = httpx.AsyncClient(timeout=5.0) if args.kube_api else in_cluster_client()
-        scaler = PoolScaler(kube_client, api, args.pool_namespace, args.pool_name)
+        if args.pool_name:
+            scaler = PoolScaler(kube_client, api, args.pool_namespace, args.pool_name)
+        if services:
+            discovery = EndpointSliceDiscovery(
+                kube_client,
+                api,
+                args.pool_namespace,
+                services,
+                pool,
+                metrics_port=args.metrics_port or None,
+            )
     gateway = Gateway(
         pool,
         router,
@@ -214,6 +263,8 @@ def build(args: argparse.Namespace, transport_stats: Any = None) -> tuple[Gatewa
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(scraper.run())]
+        if discovery is not None:
+            tasks.append(asyncio.create_task(discovery.run()))
         if gateway.idle is not None:
             tasks.append(asyncio.create_task(gateway.idle.run()))
         try:
@@ -244,11 +295,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("invalid settings: %s", exc)
         return 2
     log.info(
-        "gateway on http://%s:%d, %s routing over %d replica(s)",
+        "gateway on http://%s:%d, %s routing over %s",
         args.host,
         args.port,
         args.strategy,
-        len(args.replica),
+        f"the endpoints of {args.discover}" if args.discover else f"{len(args.replica)} replica(s)",
     )
     uvicorn.run(
         app,

@@ -29,13 +29,16 @@ import httpx
 import kmock
 import pytest
 
+from llmos_gateway.cli import build, parser
 from llmos_gateway.discovery import (
     SERVICE_LABEL,
     EndpointSliceDiscovery,
     WatchExpired,
     replicas_from_slices,
 )
+from llmos_gateway.errors import ConfigError
 from llmos_gateway.replicas import Pool, Replica
+from tests.gateway.conftest import GatewayServer, WorkerProcess
 
 NS = "team-a"
 SERVICES = {"stable": "chat", "canary": "chat-canary"}
@@ -412,3 +415,34 @@ async def test_dropped_watch_relists(api: Api) -> None:
         assert transport.drops == 0
         await api.patch("chat-abc", {"endpoints": [endpoint("10.0.0.1", "s0", ready=False)]})
         await until(lambda: len(pool) == 0, "the change seen by the new watch")
+
+
+# --- the gateway command with --discover ------------------------------------------------------
+
+
+async def test_gateway_routes_to_discovered_workers(api: Api, workers: list[WorkerProcess]) -> None:
+    """`llmos-gateway --discover` fills its pool from the slices and serves through them; the
+    canary Service's endpoints are the canary version."""
+    stable, canary = workers
+    for name, service, worker in (("chat-a", "chat", stable), ("canary-a", "chat-canary", canary)):
+        ports = [{"name": "http", "port": worker.port, "protocol": "TCP"}]
+        await api.create(slice_body(name, service, [endpoint("127.0.0.1", name)], ports=ports))
+    argv = ["--discover", "stable=chat,canary=chat-canary", "--canary-weight", "50"]
+    argv += ["--pool-namespace", NS, "--kube-api", api.url]
+    with GatewayServer(argv) as gw:
+        await until(lambda: len(gw.core.pool) == 2, "both discovered workers")
+        assert {r.version: r.url for r in gw.core.pool.all()} == {
+            "stable": stable.url,
+            "canary": canary.url,
+        }
+        async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
+            model = (await client.get("/v1/models")).json()["data"][0]["id"]
+            for i in range(4):
+                r = await client.post(
+                    "/v1/completions", json={"model": model, "prompt": f"hi {i}", "max_tokens": 2}
+                )
+                assert r.status_code == 200, r.text
+        await api.delete("canary-a")
+        await until(lambda: len(gw.core.pool) == 1, "the deleted slice's worker to leave")
+    with pytest.raises(ConfigError, match="exclusive"):
+        build(parser().parse_args(["--discover", "chat", "--replica", stable.url]))
