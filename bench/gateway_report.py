@@ -23,7 +23,7 @@ def medians(runs: Sequence[dict[str, Any]]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for f in FIELDS:
         values = [r[f] for r in runs if r.get(f) is not None]
-        out[f] = round(statistics.median(values), 3) if values else None
+        out[f] = round(float(statistics.median(values)), 3) if values else None
     return out
 
 
