@@ -1,0 +1,176 @@
+"""The gateway and the canary against the emulated API server: a pool gets its gateway (RBAC,
+Deployment, the client Service pointed at it, the workers' Service), a canary added to the spec
+gets its Deployment and Service and is removed with it, and turning the gateway off gives the
+pool back its direct Service."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.operator.conftest import Cluster, OperatorProcess
+from tests.operator.flows import (
+    finish_loader,
+    mark_deployment_ready,
+    model_status,
+    pool_condition,
+    ready_model,
+    sample,
+)
+from tests.operator.test_inferencepool import wait_children
+
+GATEWAY_LABELS = {"app.kubernetes.io/name": "llmos-gateway", "app.kubernetes.io/instance": "chat"}
+STABLE_LABELS = {"app.kubernetes.io/name": "llmos-worker", "app.kubernetes.io/instance": "chat"}
+CANARY = {"modelRef": "smollm2-next", "weight": 20, "replicas": 1}
+
+
+def gateway_env(deployment: dict[str, Any]) -> dict[str, Any]:
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+async def second_model(cluster: Cluster) -> None:
+    body = sample("LLMModel")
+    body["metadata"]["name"] = "smollm2-next"
+    body["spec"]["version"] = "0.2.0"
+    await cluster.create("llmmodels", body)
+    await finish_loader(cluster, "smollm2-next")
+
+    async def ready() -> bool:
+        return (await model_status(cluster, "smollm2-next")).get("phase") == "Ready"
+
+    await cluster.wait_for(ready, what="canary model Ready")
+
+
+async def test_pool_gets_its_gateway_and_canary(
+    cluster: Cluster, operator: OperatorProcess
+) -> None:
+    await ready_model(cluster)
+    body = sample("InferencePool")
+    body["spec"]["routing"] = {"strategy": "least-load", "idleScaleToZeroSeconds": 300}
+    pool = await cluster.create("inferencepools", body)
+    await wait_children(cluster)
+
+    gateway = await cluster.get("deployments", "chat-gateway")
+    assert gateway is not None
+    [owner] = gateway["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["uid"]) == ("InferencePool", pool["metadata"]["uid"])
+    env = gateway_env(gateway)
+    assert env["LLMOS_GATEWAY_STRATEGY"] == "least-load"
+    assert env["LLMOS_GATEWAY_IDLE_SCALE_TO_ZERO"] == "300"
+    assert env["LLMOS_GATEWAY_POOL_NAME"] == "chat"
+    assert env["LLMOS_GATEWAY_DISCOVER"] == "stable=chat-workers"
+    assert "LLMOS_GATEWAY_CANARY_WEIGHT" not in env
+    assert gateway["spec"]["template"]["spec"]["serviceAccountName"] == "chat-gateway"
+    for plural in ("serviceaccounts", "roles", "rolebindings", "networkpolicies"):
+        assert "chat-gateway" in cluster.names(plural), plural
+    role = await cluster.get("roles", "chat-gateway")
+    assert role is not None
+    assert {r["resources"][0] for r in role["rules"]} == {"endpointslices", "inferencepools"}
+    binding = await cluster.get("rolebindings", "chat-gateway")
+    assert binding is not None and binding["subjects"][0]["name"] == "chat-gateway"
+    # the client Service (status.endpoint) fronts the gateway; the workers have their own
+    front = await cluster.get("services", "chat")
+    workers = await cluster.get("services", "chat-workers")
+    assert front is not None and workers is not None
+    assert front["spec"]["selector"] == GATEWAY_LABELS
+    assert workers["spec"]["selector"] == STABLE_LABELS
+    policy = await cluster.get("networkpolicies", "chat-worker")
+    assert policy is not None
+    assert policy["spec"]["ingress"][0]["from"][0] == {
+        "podSelector": {"matchLabels": GATEWAY_LABELS}
+    }
+
+    # a canary: its Deployment and Service appear once its model is Ready, the gateway splits
+    await second_model(cluster)
+    await cluster.patch("inferencepools", "chat", {"spec": {"canary": CANARY}})
+
+    async def canary() -> dict[str, Any] | None:
+        return await cluster.get("deployments", "chat-canary")
+
+    dep = await cluster.wait_for(canary, what="canary Deployment")
+    assert dep["spec"]["replicas"] == 1
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert labels["llmos.dev/version"] == "canary" and labels["llmos.dev/model"] == "smollm2-next"
+    canary_service = await cluster.get("services", "chat-canary-workers")
+    assert canary_service is not None
+    assert canary_service["spec"]["selector"].items() <= labels.items()
+
+    async def split() -> dict[str, Any] | None:
+        dep = await cluster.get("deployments", "chat-gateway") or {}
+        env = gateway_env(dep) if dep else {}
+        return env if env.get("LLMOS_GATEWAY_CANARY_WEIGHT") == "20" else None
+
+    env = await cluster.wait_for(split, what="gateway told of the canary")
+    assert env["LLMOS_GATEWAY_DISCOVER"] == "stable=chat-workers,canary=chat-canary-workers"
+    await mark_deployment_ready(cluster, "chat-canary", 1)
+
+    async def canary_ready() -> dict[str, Any] | None:
+        cond = await pool_condition(cluster, "chat", "CanaryReady")
+        return cond if cond.get("status") == "True" else None
+
+    cond = await cluster.wait_for(canary_ready, what="CanaryReady")
+    assert "smollm2-next" in cond["message"]
+
+    # the canary removed from the spec: its children go, the gateway routes to stable only
+    await cluster.patch("inferencepools", "chat", {"spec": {"canary": None}})
+
+    async def canary_gone() -> bool:
+        dep = await cluster.get("deployments", "chat-gateway") or {}
+        return (
+            "chat-canary" not in cluster.names("deployments")
+            and "chat-canary-workers" not in cluster.names("services")
+            and bool(dep)
+            and "LLMOS_GATEWAY_CANARY_WEIGHT" not in gateway_env(dep)
+        )
+
+    await cluster.wait_for(canary_gone, what="canary removed")
+
+    # the gateway turned off: its children go and the client Service selects the workers again
+    await cluster.patch(
+        "inferencepools", "chat", {"spec": {"routing": {"gateway": {"enabled": False}}}}
+    )
+
+    async def direct() -> bool:
+        front = await cluster.get("services", "chat") or {}
+        return (
+            front.get("spec", {}).get("selector") == STABLE_LABELS
+            and not any(
+                "chat-gateway" in cluster.names(plural)
+                for plural in ("deployments", "serviceaccounts", "roles", "rolebindings")
+            )
+            and cluster.names("services") == ["chat"]
+        )
+
+    await cluster.wait_for(direct, what="gateway removed")
+    assert "chat-gateway" not in cluster.names("networkpolicies")
+
+    await cluster.delete("inferencepools", "chat")
+
+    async def cleaned() -> bool:
+        return not cluster.names("deployments") and not cluster.names("services")
+
+    await cluster.wait_for(cleaned, what="cleanup")
+    assert not operator.errors
+
+
+async def test_pool_delete_removes_gateway_and_canary(
+    cluster: Cluster, operator: OperatorProcess
+) -> None:
+    await ready_model(cluster)
+    await second_model(cluster)
+    body = sample("InferencePool")
+    body["spec"]["canary"] = CANARY
+    await cluster.create("inferencepools", body)
+
+    async def all_there() -> bool:
+        return {"chat", "chat-gateway", "chat-canary"} <= set(cluster.names("deployments"))
+
+    await cluster.wait_for(all_there, what="stable, canary and gateway Deployments")
+    assert {"chat", "chat-workers", "chat-canary-workers"} <= set(cluster.names("services"))
+    await cluster.delete("inferencepools", "chat")
+
+    async def cleaned() -> bool:
+        plurals = ("deployments", "services", "serviceaccounts", "roles", "rolebindings")
+        return not any(cluster.names(plural) for plural in plurals)
+
+    await cluster.wait_for(cleaned, what="every child removed")
