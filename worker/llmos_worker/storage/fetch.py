@@ -7,6 +7,8 @@ the sha256 (required for http(s): the model digest of digest.py must equal it), 
 digest and size from the pod's terminated state. On failure the termination log gets
 `{"error", "reason"}`, the exit status is 1 and nothing partial is left in `--dest`.
 Every flag defaults from `LLMOS_<FLAG>`; `--version` also from `LLMOS_MODEL_VERSION`.
+With `--adapter` the source is a PEFT LoRA adapter directory instead (peft.py): its two files
+are checked and stored the same way, and the result's format is `peft-lora`.
 Local sources (builtin, pvc) are hashed in a first pass: encryption binds the model digest into
 every chunk, so it must be known before the first byte is written.
 """
@@ -63,6 +65,7 @@ class FetchRequest:
     kek: bytes | None = None
     pvc_root: Path = Path(DEFAULT_PVC_ROOT)
     hf_mirror: str | None = None
+    adapter: bool = False
     chunk_size: int = DEFAULT_CHUNK_SIZE
     progress_bytes: int = DEFAULT_PROGRESS_BYTES
     transport: httpx.BaseTransport | None = None
@@ -73,6 +76,12 @@ def fetch_model(req: FetchRequest) -> Manifest:
     """Fetch, verify, (encrypt,) store and describe a model; return its manifest."""
     source = parse_source(req.source)
     expected = normalise_sha256(req.sha256, field="--sha256") if req.sha256 else None
+    if req.adapter:
+        from llmos_worker.storage.peft import fetch_adapter
+
+        if req.format is not None:
+            raise SourceError("--format does not apply to --adapter (an adapter is PEFT's)")
+        return fetch_adapter(req, expected)
     if req.format is not None and req.format not in FORMATS:
         raise SourceError(f"--format must be one of {', '.join(FORMATS)}, got {req.format!r}")
     if source.kind in ("http", "hf"):
@@ -202,6 +211,13 @@ def add_fetch_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=env_default("TERMINATION_LOG"),
         help=f"where to write the result JSON (default {DEFAULT_TERMINATION_LOG} if writable)",
     )
+    parser.add_argument(
+        "--adapter",
+        action="store_true",
+        default=(env_default("ADAPTER") or "").lower() in ("1", "true", "yes"),
+        help="the source is a PEFT LoRA adapter directory (adapter_config.json + "
+        "adapter_model.safetensors)",
+    )
     parser.add_argument("--pvc-root", default=env_default("PVC_ROOT", DEFAULT_PVC_ROOT))
     parser.add_argument("--hf-mirror", default=env_default("HF_MIRROR"))
     parser.add_argument(
@@ -229,6 +245,7 @@ def run_fetch_model(args: argparse.Namespace) -> int:
                 kek=load_key(args.encrypt_key_file) if args.encrypt_key_file else None,
                 pvc_root=Path(args.pvc_root),
                 hf_mirror=args.hf_mirror,
+                adapter=args.adapter,
                 chunk_size=args.chunk_size,
                 progress_bytes=max(1, args.progress_mb) * MIB,
             )
