@@ -74,6 +74,13 @@ async def test_pool_gets_its_gateway_and_canary(
     assert front is not None and workers is not None
     assert front["spec"]["selector"] == GATEWAY_LABELS
     assert workers["spec"]["selector"] == STABLE_LABELS
+    await mark_deployment_ready(cluster, "chat-gateway", 1)
+
+    async def gateway_ready() -> dict[str, Any] | None:
+        cond = await pool_condition(cluster, "chat", "GatewayReady")
+        return cond if cond.get("status") == "True" else None
+
+    await cluster.wait_for(gateway_ready, what="GatewayReady")
     policy = await cluster.get("networkpolicies", "chat-worker")
     assert policy is not None
     assert policy["spec"]["ingress"][0]["from"][0] == {
@@ -121,6 +128,7 @@ async def test_pool_gets_its_gateway_and_canary(
             and "chat-canary-workers" not in cluster.names("services")
             and bool(dep)
             and "LLMOS_GATEWAY_CANARY_WEIGHT" not in gateway_env(dep)
+            and await pool_condition(cluster, "chat", "CanaryReady") == {}
         )
 
     await cluster.wait_for(canary_gone, what="canary removed")
@@ -142,6 +150,11 @@ async def test_pool_gets_its_gateway_and_canary(
         )
 
     await cluster.wait_for(direct, what="gateway removed")
+
+    async def no_gateway_condition() -> bool:
+        return await pool_condition(cluster, "chat", "GatewayReady") == {}
+
+    await cluster.wait_for(no_gateway_condition, what="GatewayReady dropped")
     assert "chat-gateway" not in cluster.names("networkpolicies")
 
     await cluster.delete("inferencepools", "chat")

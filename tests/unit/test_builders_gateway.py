@@ -284,6 +284,9 @@ def test_canary_deployment_serves_its_model_under_the_stable_name() -> None:
         env_of(stable["spec"]["template"]["spec"]["containers"][0])["LLMOS_SERVED_MODEL_NAME"]
         == "smollm2"
     )
+    # a pool scaled to zero runs no canary either
+    idle = full.model_copy(update={"replicas": 0})
+    assert build_deployment(REF, idle, NEXT, CONFIG, canary=True)["spec"]["replicas"] == 0
     with pytest.raises(ValueError, match=r"spec\.canary"):
         build_deployment(REF, spec(PLAIN), NEXT, CONFIG, canary=True)
 

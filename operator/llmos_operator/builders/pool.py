@@ -185,8 +185,9 @@ def build_deployment(
 ) -> dict[str, Any]:
     """The stable worker Deployment, or with `canary` the canary's (`spec.canary` must be set).
 
-    The canary runs `model` (spec.canary.modelRef's) with spec.canary.replicas, answering to the
-    stable model's name so that clients of the pool see one model whichever set serves them.
+    The canary runs `model` (spec.canary.modelRef's) with spec.canary.replicas (none while
+    spec.replicas is 0), answering to the stable model's name so that clients of the pool see
+    one model whichever set serves them.
     """
     if canary and spec.canary is None:
         raise ValueError("a canary Deployment needs spec.canary")
@@ -281,7 +282,10 @@ def build_deployment(
         meta.VERSION_LABEL: CANARY if canary else STABLE,
     }
     name = canary_deployment_name(ref.name) if canary else deployment_name(ref.name)
-    replicas = spec.canary.replicas if canary and spec.canary else spec.replicas
+    replicas = spec.replicas
+    if canary and spec.canary:
+        # why: a pool scaled to zero (idle, or held back by quota) runs no canary either
+        replicas = spec.canary.replicas if spec.replicas > 0 else 0
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

@@ -4,12 +4,13 @@ Nothing is created before the spec validates and the referenced LLMModel is Read
 or premature pool never leaves half its children behind. The workers' children are the
 ServiceAccount, Deployment, Service, PDB and NetworkPolicy; with `routing.gateway.enabled` the
 gateway's (`builders.gateway`) and the `<pool>-workers` Service are applied too, and removed when
-it is turned off. A `spec.canary` adds the `<pool>-canary` Deployment once its LLMModel is Ready
-(the CanaryReady condition says how far it is) and its `<pool>-canary-workers` Service; both go
-when the canary is removed from the spec. Every pass re-applies the desired
-children (drift is undone) and derives the status from the Deployment's real status. The
-Deployment's replicas pass through an injected quota gate first (the QuotaPolicy handlers'
-`replicas_within_quota`), so the operator never grows a pool past its quota.
+it is turned off (the GatewayReady condition follows its Deployment). A `spec.canary` adds the
+`<pool>-canary` Deployment once its LLMModel is Ready (the CanaryReady condition says how far it
+is) and its `<pool>-canary-workers` Service; both go when the canary is removed from the spec.
+Every pass re-applies the desired children (drift is undone) and derives the status from the
+Deployment's real status. The Deployment's replicas pass through an injected quota gate first
+(the QuotaPolicy handlers' `replicas_within_quota`), so the operator never grows a pool past
+its quota.
 
 Status has several writers (this reconcile, the quota reconcile's QuotaExceeded condition and
 `status.quota`, the autoscaler's `status.autoscaling`): each re-reads the pool and patches only
@@ -146,6 +147,12 @@ async def reconcile_pool(
     conditions: Conditions = list(status.get("conditions") or [])
     owned_types: set[str] = set()
 
+    def drop_condition(type_: str) -> None:
+        """This reconcile owns `type_` and the pool no longer has it (e.g. no canary)."""
+        nonlocal conditions
+        owned_types.add(type_)
+        conditions = [c for c in conditions if c.get("type") != type_]
+
     def condition(type_: str, value: ConditionStatus, reason: str, message: str) -> None:
         nonlocal conditions
         owned_types.add(type_)
@@ -215,15 +222,19 @@ async def reconcile_pool(
     await kube.apply(build_pdb(ref))
     if gateway:
         await kube.apply(build_workers_service(ref, config))
+        front: dict[str, Any] = {}
         for child in build_gateway_children(ref, spec, config):
-            await kube.apply(child)
+            applied, _ = await kube.apply(child)
+            front = applied if child["kind"] == "Deployment" else front
+        condition("GatewayReady", *_readiness(front, spec.routing.gateway.replicas, "gateway"))
     else:
         await _delete_gateway(kube, namespace, name)
+        drop_condition("GatewayReady")
     if spec.canary is None:
         await _delete_canary(kube, namespace, name)
+        drop_condition("CanaryReady")
     else:
-        canary = await _apply_canary(kube, config, ref, spec)
-        condition("CanaryReady", *canary)
+        condition("CanaryReady", *await _apply_canary(kube, config, ref, running))
 
     for type_, value, reason, message in deployment_conditions(deployment, replicas):
         if over_quota and type_ == "Ready":
@@ -273,9 +284,19 @@ async def _apply_canary(
         return "False", "ModelNotReady", f"waiting for LLMModel {model_ref!r} (phase {phase})"
     served = _served(model_ref, model_status)
     deployment, _ = await kube.apply(build_deployment(ref, spec, served, config, canary=True))
+    desired = deployment["spec"]["replicas"]
+    what = f"canary ({model_ref}, {spec.canary.weight}%)"
+    return _readiness(deployment, desired, what)
+
+
+def _readiness(
+    deployment: dict[str, Any], desired: int, what: str
+) -> tuple[ConditionStatus, str, str]:
+    """(status, reason, message) of a gateway or canary condition from its Deployment."""
     ready = int((deployment.get("status") or {}).get("readyReplicas") or 0)
-    desired = spec.canary.replicas
-    message = f"{ready}/{desired} canary replicas ready ({model_ref}, {spec.canary.weight}%)"
+    message = f"{ready}/{desired} {what} replicas ready"
+    if desired == 0:
+        return "False", "ScaledToZero", f"{what}: 0 replicas"
     if ready >= desired:
         return "True", "ReplicasReady", message
     return "False", "ReplicasNotReady", message
