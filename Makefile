@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 MODEL  ?= builtin://smollm2-135m-instruct
 
-.PHONY: install run test test-fast lint typecheck crds bench bench-peers bench-guided bench-lora clean
+.PHONY: install run pool test test-fast lint typecheck crds bench bench-peers bench-guided bench-lora bench-gateway clean
 
 install: $(STAMP)
 
@@ -26,6 +26,11 @@ $(STAMP): pyproject.toml worker/pyproject.toml operator/pyproject.toml gateway/p
 
 run: $(STAMP)
 	$(BIN)/llmos-worker serve --model $(MODEL) --host $(HOST) --port $(PORT)
+
+# two workers of $(MODEL) on PORT+1, PORT+2 (one thread, a small KV cache each) behind an
+# llmos-gateway with prefix routing on PORT; Ctrl-C stops all three
+pool: $(STAMP)
+	$(BIN)/python -m bench.localpool --model $(MODEL) --workers 2 --port $(PORT) --strategy prefix
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
@@ -65,6 +70,11 @@ bench-guided: $(STAMP)
 
 bench-lora: $(STAMP)
 	$(BIN)/python -m bench.lora_bench --out docs
+
+# prefix routing vs round-robin through llmos-gateway over 3 local workers, the gateway's added
+# latency and its max requests/s (~10 min on 2 cores)
+bench-gateway: $(STAMP)
+	$(BIN)/python -m bench.gateway_bench --out docs
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

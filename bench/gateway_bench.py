@@ -230,6 +230,18 @@ def max_rate(logs: Path, connections: Sequence[int], seconds: float) -> dict[str
 
 
 # ---------------------------------------------------------------- main
+def changed_files() -> list[str]:
+    """Tracked files that differ from the commit (the `+dirty` of the revision)."""
+    done = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    return [line[3:] for line in done.stdout.splitlines() if len(line) > 3]
+
+
 def kv_tokens(log_path: Path | None) -> int | None:
     """Tokens the worker's KV cache holds, from its start-up log line."""
     if log_path is None or not log_path.exists():
@@ -274,12 +286,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # why: one line per request otherwise
-    args = parse_args(argv)
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv_list)
     text = corpus_text()
     meta: dict[str, Any] = {
-        "command": "python -m bench.gateway_bench" + (" --out docs" if args.out else ""),
+        "command": " ".join(["python -m bench.gateway_bench", *argv_list]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "commit": git_revision(),
+        "tracked_files_changed": changed_files(),
         "machine": machine(),
         "load_before": [round(v, 2) for v in os.getloadavg()],
         "uptime_before": uptime(),
@@ -358,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failed:
         notes.append(f"{failed} requests failed; their errors are in gateway.json")
     results["targets"] = report.targets(results)
-    results["notes"] = notes
+    results["notes"] = notes + report.explain(results)
     for t in results["targets"]:
         verdict = "met" if t["met"] else "NOT met"
         print(f"{t['target']}: measured {t['measured']} (target {t['required']}): {verdict}")

@@ -133,6 +133,36 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def explain(results: dict[str, Any]) -> list[str]:
+    """One note per missed target, from the run's own figures (what bounds it here)."""
+    notes: list[str] = []
+    w, med = results["workload"], results.get("medians", {})
+    prefix, rr = med.get("prefix", {}), med.get("round-robin", {})
+    load = results["meta"].get("load_before", [None])[0]
+    for t in results.get("targets", []):
+        if t["met"]:
+            continue
+        if t["target"].startswith("mean TTFT") or t["target"].startswith("output tok/s"):
+            notes.append(
+                f"{t['target']}: {w['sessions']} of the {w['sessions'] * w['turns']} requests of "
+                "a run are first turns, whose system prompt no worker has cached under any "
+                f"strategy; prefix-cache hit rate prefix {_pct(prefix.get('hit_rate'))} vs "
+                f"round-robin {_pct(rr.get('hit_rate'))}, with {w['workers']} workers sharing "
+                f"the machine's cores with other work (load average {_n(load, 2)} at the start)."
+            )
+        elif t["target"].startswith("gateway added latency"):
+            rps = results.get("max_rps") or {}
+            cpu = rps.get("gateway_cpu_us_per_request")
+            notes.append(
+                f"{t['target']}: the gateway process spends {_n(cpu, 0)} µs of CPU per proxied "
+                "request at its best rate against the fake upstream (body parsing, tenant and "
+                "rate-limit checks, routing, and the upstream call through httpx), and on a "
+                f"loaded machine (load average {_n(load, 2)} at the start) a request also waits "
+                "for a core."
+            )
+    return notes
+
+
 def _n(v: Any, digits: int = 1) -> str:
     if v is None:
         return "–"
@@ -152,7 +182,13 @@ def render(results: dict[str, Any]) -> str:
         BEGIN,
         "## Gateway: prefix routing vs round-robin, and the gateway's own cost",
         "",
-        f"- Command: `{m['command']}`; date {m['date']}; code at commit {m['commit']}",
+        f"- Command: `{m['command']}`; date {m['date']}; code at commit {m['commit']}"
+        + (
+            f" ({len(m['tracked_files_changed'])} tracked files changed in the tree, listed in "
+            "gateway.json)"
+            if m.get("tracked_files_changed")
+            else ""
+        ),
         f"- Machine: {m['machine']}",
         f"- Load average (1 min) before / after: {_n(m['load_before'][0], 2)} / "
         f"{_n(m['load_after'][0], 2)} (other work on the machine slows every number here)",

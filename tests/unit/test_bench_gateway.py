@@ -338,6 +338,26 @@ def test_render_lists_notes() -> None:
     assert "- 2 requests failed" in report.render(res)
 
 
+def test_missed_targets_are_explained_from_the_run_and_met_ones_not() -> None:
+    met = results(100, 400, 20, 20, 1.0)
+    assert report.explain(met) == []
+    missed = results(100, 250, 19, 20, 3.5)
+    notes = report.explain(missed)
+    assert len(notes) == 3
+    assert notes[0].startswith("mean TTFT, round-robin ÷ prefix: 12 of the 60 requests")
+    assert "hit rate prefix 90 % vs round-robin 20 %" in notes[0]
+    assert "load average 1.25" in notes[0]
+    assert notes[1].startswith("output tok/s")
+    assert "1,500 µs of CPU per proxied request" in notes[2]
+
+
+def test_render_names_a_changed_tree() -> None:
+    res = results(100, 400, 20, 20, 1.0)
+    assert "tracked files changed" not in report.render(res)
+    res["meta"]["tracked_files_changed"] = ["worker/a.py", "worker/b.c"]
+    assert "abc1234 (2 tracked files changed in the tree" in report.render(res)
+
+
 def test_update_doc_replaces_only_the_section() -> None:
     section = f"{report.BEGIN}\nnew\n{report.END}\n"
     doc = f"# Benchmarks\n\nintro\n\n{report.BEGIN}\nold\n{report.END}\n\n## Later\n\ntail\n"
