@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from llmos_gateway import cli
 from llmos_operator.api import InferencePoolSpec
 from llmos_operator.builders.gateway import (
     build_gateway_children,
@@ -328,3 +329,35 @@ def test_gateway_policy_takes_the_access_peers_and_reaches_workers_dns_and_the_a
     # no access named: the pool's own namespace
     [ingress] = build_gateway_network_policy(REF, spec(PLAIN), CONFIG)["spec"]["ingress"]
     assert ingress["from"] == [{"podSelector": {}}, OPERATOR_PEER]
+
+
+def test_every_gateway_variable_is_a_flag_of_the_gateway_cli(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The contract with `llmos-gateway`: each LLMOS_GATEWAY_* variable the operator sets is the
+    default of one of its flags, and the values parse to the spec's settings."""
+    [container] = build_gateway_deployment(REF, spec(FULL), CONFIG)["spec"]["template"]["spec"][
+        "containers"
+    ]
+    env = env_of(container)
+    env["LLMOS_GATEWAY_POOL_NAMESPACE"] = "team-a"  # what the downward API fills in
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    parser = cli.parser()
+    dests = {action.dest for action in parser._actions}
+    flags = {
+        n.removeprefix("LLMOS_GATEWAY_").lower() for n in env if n.startswith("LLMOS_GATEWAY_")
+    }
+    assert flags - dests == set(), "variables the gateway does not read"
+    args = parser.parse_args([])
+    assert (args.host, args.port, args.strategy) == ("0.0.0.0", 8000, "least-load")
+    assert (args.load_factor, args.hold_timeout, args.idle_scale_to_zero) == (1.5, 30, 600)
+    assert (args.pool_name, args.pool_namespace) == ("chat", "team-a")
+    assert args.discover == "stable=chat-workers,canary=chat-canary-workers"
+    assert cli.parse_discover(args.discover) == {
+        "stable": "chat-workers",
+        "canary": "chat-canary-workers",
+    }
+    assert (args.metrics_port, args.canary_weight) == (9090, 10)
+    assert args.api_keys_file == "/etc/llmos/api-keys/keys.json"
+    assert args.tenants_file == "/etc/llmos/ratelimits/ratelimits.json"
