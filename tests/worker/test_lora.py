@@ -22,8 +22,9 @@ import torch
 from llmos_worker.engine import EngineConfig, LLMEngine, SamplingParams
 from llmos_worker.engine.adapters import AdapterNotFoundError
 from llmos_worker.model import ForwardBatch, load_model
+from llmos_worker.model import kernels as kernels_module
 from llmos_worker.model import lora as lora_module
-from llmos_worker.model.lora import AdapterError, read_adapter
+from llmos_worker.model.lora import AdapterError, LoRAStack, read_adapter
 from tests.worker.lora_util import hf_greedy, make_adapter
 
 NEW_TOKENS = 12
@@ -104,7 +105,7 @@ class Recorder:
         return self.runner.execute(batch)  # type: ignore[no-any-return]
 
 
-@pytest.fixture(params=["auto", "torch"])
+@pytest.fixture(params=["auto", "ops", "torch"])
 def backend(request: pytest.FixtureRequest, tiny: Any) -> Any:
     tiny.model.set_backend(request.param)
     yield request.param
@@ -143,6 +144,48 @@ def test_mixed_batch_each_request_equals_alone(
     # the three kinds of rows shared forwards: one pass for all of them, not one per adapter
     assert any(len(s) == 3 for s in recorder.slots)
     assert engine.adapters is not None and engine.adapters.pinned() == 0
+
+
+def test_decode_steps_with_adapters_take_the_whole_stack_call(
+    tiny: Any, adapters: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With backend "auto", decode steps that carry adapters run every layer in one native call
+    with the adapters' products inside it (and still equal PEFT, tested above)."""
+    if not kernels_module.native_kernels():
+        pytest.skip("no native kernels on this CPU")
+    calls: list[bool] = []
+    original = kernels_module.DecoderStack.__call__
+
+    def spy(self: Any, *args: Any, **kw: Any) -> None:
+        lora = args[7] if len(args) > 7 else kw.get("lora")
+        calls.append(lora is not None)
+        original(self, *args, **kw)
+
+    monkeypatch.setattr(kernels_module.DecoderStack, "__call__", spy)
+    engine = engine_for(tiny, adapters)
+    got = run(engine, [(PROMPTS[0], "full"), (PROMPTS[1], None), (PROMPTS[2], "attn")])
+    assert got == [
+        adapters["expect"]["full"][0],
+        adapters["expect"]["base"][1],
+        adapters["expect"]["attn"][2],
+    ]
+    assert any(calls), "no decode step with adapters took the whole-stack call"
+
+
+def test_stack_refuses_a_bad_lora_descriptor(tiny: Any, adapters: dict[str, Any]) -> None:
+    if not kernels_module.native_kernels():
+        pytest.skip("no native kernels on this CPU")
+    stack = LoRAStack(tiny.config, slots=2, max_rank=4)
+    assert stack.native_table is not None
+    good = kernels_module.StackLoRA(
+        stack.native_table, stack.ranks, torch.tensor([0, -1]), stack.max_rank
+    )
+    assert good.descriptor(2, tiny.config.num_layers).shape == (5,)
+    with pytest.raises(ValueError, match="row slots"):
+        good.descriptor(3, tiny.config.num_layers)
+    too_deep = kernels_module.StackLoRA(stack.native_table, stack.ranks, torch.tensor([0]), 999)
+    with pytest.raises(ValueError, match="max rank"):
+        too_deep.descriptor(1, tiny.config.num_layers)
 
 
 def test_one_slot_serialises_adapters_and_keeps_base_rows_flowing(

@@ -276,10 +276,11 @@ class LlamaModel(nn.Module):
             delta: torch.Tensor | None = None
             stack = self._decoder_stack(kernels)
             nd = plan.native
-            # why not with adapters: the whole-stack call has no LoRA products; such steps take
-            # the per-layer native ops, which add them between the kernels
-            whole = lora is None and nd is not None and nd.rows.shape[0] == x.shape[0]
-            if stack is not None and nd is not None and whole:
+            # adapters' products run inside the whole-stack call when their stack is fp32 on
+            # the CPU; otherwise such steps take the per-layer ops, which add them in torch
+            stack_lora = None if lora is None else lora.native()
+            whole = nd is not None and nd.rows.shape[0] == x.shape[0]
+            if stack is not None and nd is not None and whole and (lora is None or stack_lora):
                 # every row is a native decode-kernel row (no blocked prefill): one call for all
                 stack(
                     x,
@@ -289,6 +290,7 @@ class LlamaModel(nn.Module):
                     nd.rows,
                     nd.block_tables,
                     nd.context_lens,
+                    stack_lora,
                 )
             else:
                 rope = (self.rope_cos[:, 0], self.rope_sin[:, 0])  # (P, D) each

@@ -37,6 +37,7 @@ import torch
 
 from llmos_worker.errors import InvalidRequestError
 from llmos_worker.model.config import ModelConfig
+from llmos_worker.model.kernels import STACK_LORA_MAX_RANK, StackLoRA
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -291,6 +292,18 @@ class LoRAStack:
         # (in, slots R) and Bt_all (slots R, out)
         self.a_all_t = [{p: t.view(-1, t.shape[-1]).t() for p, t in a.items()} for a in self.a]
         self.bt_all = [{p: t.view(-1, t.shape[-1]) for p, t in bt.items()} for bt in self.bt]
+        # for the whole-stack native call: each slot's rank (0: empty) and, per layer, the
+        # addresses of A and Bt of every projection (the tensors never move: `set` copies in)
+        self.ranks = torch.zeros(slots, dtype=torch.int64)
+        self.native_table: torch.Tensor | None = None
+        if dtype is torch.float32 and torch.device(device).type == "cpu":
+            self.native_table = torch.tensor(
+                [
+                    [t.data_ptr() for p in PROJECTIONS for t in (a[p], bt[p])]
+                    for a, bt in zip(self.a, self.bt, strict=True)
+                ],
+                dtype=torch.int64,
+            ).reshape(cfg.num_layers, 2 * len(PROJECTIONS))
 
     @property
     def nbytes(self) -> int:
@@ -309,8 +322,10 @@ class LoRAStack:
                 lo = part * self.max_rank
                 self.a[layer][proj][slot, lo : lo + r].copy_(a)
                 self.bt[layer][proj][slot, lo : lo + r, offset : offset + size].copy_(b.T)
+        self.ranks[slot] = r
 
     def clear(self, slot: int) -> None:
+        self.ranks[slot] = 0
         with torch.no_grad():
             for layer in range(self.cfg.num_layers):
                 for proj in PROJECTIONS:
@@ -326,6 +341,7 @@ class LoRARows:
     runs: tuple[tuple[int, int, int], ...]
     # projection -> (rows, slots R) 1 where a column belongs to the row's slot; None: by runs
     masks: dict[str, torch.Tensor] | None = None
+    slots: torch.Tensor | None = None  # (rows,) int64: each row's slot, -1 for the base model
 
     @classmethod
     def of(cls, stack: LoRAStack | None, slots: torch.Tensor | None) -> LoRARows | None:
@@ -344,15 +360,16 @@ class LoRARows:
             return None
         if any(not 0 <= s < stack.slots for s, _, _ in runs):
             raise ValueError(f"LoRA slot out of range [0, {stack.slots})")
+        row_slots = slots.to(torch.int64).contiguous()
         if len(values) > DENSE_ROWS:
-            return cls(stack, tuple(runs))
+            return cls(stack, tuple(runs), slots=row_slots)
         row_slot = torch.tensor(values, device=stack.a_all_t[0]["o"].device).unsqueeze(1)
         masks = {}
         for proj, (_, _, parts) in stack.layout.items():
             per_slot = len(parts) * stack.max_rank
             column_slot = torch.arange(stack.slots * per_slot, device=row_slot.device) // per_slot
             masks[proj] = (row_slot == column_slot).to(stack.dtype)  # base rows (-1): all zero
-        return cls(stack, tuple(runs), masks)
+        return cls(stack, tuple(runs), masks, row_slots)
 
     def add(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y += B (A x) for each run's adapter, in place; returns y. x (T, in), y (T, out)."""
@@ -363,6 +380,14 @@ class LoRARows:
         for slot, lo, hi in self.runs:
             y[lo:hi].addmm_(x[lo:hi] @ a[slot].T, bt[slot])
         return y
+
+    def native(self) -> StackLoRA | None:
+        """These rows' adapters for the whole-stack native call (None: an fp32 CPU stack only,
+        of a rank the native kernel takes)."""
+        table = self.stack.native_table
+        if table is None or self.slots is None or self.stack.max_rank > STACK_LORA_MAX_RANK:
+            return None
+        return StackLoRA(table, self.stack.ranks, self.slots, self.stack.max_rank)
 
     def row_slots(self, num_rows: int) -> torch.Tensor:
         """(num_rows,) int64 slot of each row, -1 where the base model runs."""

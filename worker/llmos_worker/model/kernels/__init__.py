@@ -77,11 +77,12 @@ class NativeKernels:
         self.bf16_dot_rows = int(lib.llmos_linear_bf16_rows())
         self._stack = lib.llmos_decoder_stack
         # dims, layer table, weight type, eps, attention scale, cos, sin, x, T, positions,
-        # slots, rows, block tables, context lengths, S, max blocks
+        # slots, rows, block tables, context lengths, S, max blocks, LoRA descriptor or NULL
         self._stack.argtypes = [_ptr, _ptr, ctypes.c_int, _f32, _f32, _ptr, _ptr, _ptr, _i64]
-        self._stack.argtypes += [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64]
+        self._stack.argtypes += [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr]
         self._stack.restype = ctypes.c_int
-        if (lib.llmos_stack_dims(), lib.llmos_stack_fields()) != (_STACK_DIMS, _STACK_FIELDS):
+        layout = (lib.llmos_stack_dims(), lib.llmos_stack_fields(), lib.llmos_stack_lora_fields())
+        if layout != (_STACK_DIMS, _STACK_FIELDS, _STACK_LORA_HEADER * 100 + _STACK_LORA_FIELDS):
             raise RuntimeError("cpu_kernels.c and this module disagree on the stack layout")
 
     def reads_kv(self, dtype: torch.dtype) -> bool:
@@ -402,6 +403,32 @@ class StackLayer:
     down: tuple[torch.Tensor, torch.Tensor | None]
 
 
+@dataclass(frozen=True)
+class StackLoRA:
+    """LoRA adapters for one whole-stack call: per layer the (A, Bt) of each projection
+    ("qkv", "o", "gate_up", "down"; A (slots, P*R, in), Bt (slots, P*R, out), fp32, contiguous,
+    P the projection's parts, R `max_rank`) as a (layers, 8) address table, every slot's rank
+    (slots,) and each row's slot (T,) (-1: the base model), all int64. The tensors must live
+    as long as the call; the table and ranks may be updated in place between calls."""
+
+    table: torch.Tensor
+    ranks: torch.Tensor
+    row_slots: torch.Tensor
+    max_rank: int
+
+    def descriptor(self, rows: int, layers: int) -> torch.Tensor:
+        slots = self.ranks.shape[0]
+        for v in (self.table, self.ranks, self.row_slots):
+            if v.dtype != torch.int64 or not v.is_contiguous() or not v.is_cpu:
+                raise ValueError("LoRA table, ranks and row slots: contiguous CPU int64")
+        if self.table.shape != (layers, _STACK_LORA_FIELDS) or self.row_slots.shape != (rows,):
+            raise ValueError(f"LoRA table must be ({layers}, 8) and row slots ({rows},)")
+        if not 1 <= self.max_rank <= STACK_LORA_MAX_RANK or slots < 1:
+            raise ValueError(f"LoRA max rank must be 1..{STACK_LORA_MAX_RANK}, slots >= 1")
+        header = [slots, self.max_rank, self.ranks.data_ptr(), self.row_slots.data_ptr()]
+        return torch.tensor([*header, self.table.data_ptr()], dtype=torch.int64)
+
+
 class DecoderStack:
     """Every decoder layer of a step in one native call (`llmos_decoder_stack`).
 
@@ -459,10 +486,11 @@ class DecoderStack:
         rows: torch.Tensor,
         block_tables: torch.Tensor,
         context_lens: torch.Tensor,
+        lora: StackLoRA | None = None,
     ) -> None:
         """x (T, hidden) fp32 in place; caches one (2, N, bs, Hkv, D) per layer, all fp32 or all
         fp16; positions, slots (T,); rows, context_lens (S,) and block_tables (S, nb) int64 as
-        for `paged_decode_attention`, rows covering x once."""
+        for `paged_decode_attention`, rows covering x once; `lora`: adapters per row."""
         spec = self.spec
         key = [(c.data_ptr(), c.shape, c.dtype) for c in caches]
         if key != self._caches:
@@ -480,6 +508,8 @@ class DecoderStack:
             rows.shape == context_lens.shape == (block_tables.shape[0],)
         ):
             raise ValueError("rows, block tables and lengths disagree on the number of rows")
+        # why a name: the descriptor must outlive the call that reads it
+        desc = None if lora is None else lora.descriptor(t, len(self.layers))
         status = self._fn(
             self.dims.data_ptr(),
             self.table.data_ptr(),
@@ -497,6 +527,7 @@ class DecoderStack:
             context_lens.data_ptr(),
             rows.shape[0],
             block_tables.shape[1],
+            None if desc is None else desc.data_ptr(),
         )
         if status != 0:
             why = _STACK_ERRORS.get(status, f"status {status}")
@@ -504,6 +535,9 @@ class DecoderStack:
 
 
 _STACK_DIMS, _STACK_FIELDS = 10, 12  # cpu_kernels.c STACK_DIMS, STACK_FIELDS
+# cpu_kernels.c SL_HEADER (slots, max rank, ranks, row slots, table), SL_FIELDS (A, Bt of each
+# projection per layer), STACK_LORA_MAX_RANK
+_STACK_LORA_HEADER, _STACK_LORA_FIELDS, STACK_LORA_MAX_RANK = 5, 8, 256
 _SD_KV_HALF = 9  # cpu_kernels.c SD_KV_HALF: set per cache
 _KV_DTYPES = (torch.float32, torch.float16)  # K/V cache dtypes the attention kernels read
 _SF_K_CACHE, _SF_V_CACHE = 10, 11  # cpu_kernels.c SF_K_CACHE, SF_V_CACHE: set per cache
@@ -514,7 +548,7 @@ _STACK_ERRORS = {
     4: "a block id outside the cache",
     5: "a row outside x",
     6: "a position outside the RoPE table, a slot outside the cache, or rows not covering x once",
-    7: "inconsistent dimensions",
+    7: "inconsistent dimensions or LoRA descriptor",
 }
 # cpu_kernels.c LLMOS_W_*; uint8: blocks of 32 (quant.pack_blocks), the type by their bytes
 _WEIGHT_TYPES = {

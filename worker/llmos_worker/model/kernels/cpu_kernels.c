@@ -2129,8 +2129,14 @@ int llmos_linear(const float *x, int64_t M, int64_t K, int64_t x_stride, const v
  * is the residual stream, updated in place. positions, slots (T,): RoPE row and KV slot of each
  * row; rows, block_tables, context_lens as for llmos_paged_decode_attention, and they must name
  * every row of x exactly once.
+ * lora: NULL, or LoRA adapters added to every projection (see SL_* below): per row of x its
+ * adapter slot (-1: the base model), per slot its rank, per layer the stacked A (slots, P*R, in)
+ * and transposed B (slots, P*R, out) of each projection, fp32, where P is the projection's part
+ * count (q, k, v; gate, up; else 1) and R the stack's max rank: part p of slot s owns rows
+ * [p*R, p*R + rank_s) of A and, of Bt, the same rows over p's output columns only.
  * Returns 0; the attention statuses above; 6 for a bad position, slot or row cover; 7 for
- * inconsistent dims; 1 without AVX2/FMA/F16C (nothing is computed on a non-zero status).
+ * inconsistent dims (or LoRA descriptor); 1 without AVX2/FMA/F16C (nothing is computed on a
+ * non-zero status).
  */
 enum {
     SD_HIDDEN, SD_HEADS, SD_KV_HEADS, SD_HEAD_DIM, SD_INTER, SD_LAYERS, SD_BLOCK_SIZE,
@@ -2141,8 +2147,16 @@ enum {
     SF_W_DOWN, SF_S_DOWN, SF_K_CACHE, SF_V_CACHE, STACK_FIELDS
 };
 
+/* the LoRA descriptor: int64 header, and per layer SL_FIELDS addresses (A, Bt per projection) */
+enum { SL_SLOTS, SL_MAX_RANK, SL_RANKS, SL_ROW_SLOTS, SL_TABLE, SL_HEADER };
+enum {
+    SL_A_QKV, SL_B_QKV, SL_A_O, SL_B_O, SL_A_GATE_UP, SL_B_GATE_UP, SL_A_DOWN, SL_B_DOWN, SL_FIELDS
+};
+#define STACK_LORA_MAX_RANK 256
+
 int llmos_stack_dims(void) { return STACK_DIMS; }
 int llmos_stack_fields(void) { return STACK_FIELDS; }
+int llmos_stack_lora_fields(void) { return SL_HEADER * 100 + SL_FIELDS; }
 
 #if defined(LLMOS_AVX2) && defined(__F16C__)
 /* A sense-reversing barrier that spins (then yields): the threads of one step meet ~8 times per
@@ -2182,13 +2196,70 @@ static void stack_linear(int wtype, const float *x, int64_t M, const void *w, in
     default: lin_i8_range(x, K, M, w, K, N, scale, y, p0, p1); break;
     }
 }
+
+/* y[r] += B_s (A_s x[r]) on this thread's rows r (tid, tid + nt, ...: the partition of the
+ * row-wise ops around it, so no barrier is needed before them), for rows with a slot s >= 0:
+ * per part p, rank_s dot products of x[r] with A's rows, then as many scaled rows of Bt added
+ * over p's columns [off[p], off[p] + len[p]). Zero-rank parts and base rows cost nothing. */
+static void stack_lora(const float *x, int64_t in, float *y, int64_t out, int64_t T,
+                       const int64_t *lora, const float *A, const float *Bt, int parts,
+                       const int64_t *off, const int64_t *len, int tid, int nt) {
+    const int64_t R = lora[SL_MAX_RANK];
+    const int64_t *ranks = (const int64_t *)(intptr_t)lora[SL_RANKS];
+    const int64_t *row_slot = (const int64_t *)(intptr_t)lora[SL_ROW_SLOTS];
+    float low[STACK_LORA_MAX_RANK];
+    for (int64_t r = tid; r < T; r += nt) {
+        const int64_t s = row_slot[r];
+        if (s < 0) continue;
+        const int64_t rank = ranks[s];
+        const float *xr = x + r * in;
+        for (int p = 0; p < parts; ++p) {
+            const int64_t first = (s * parts + p) * R; /* A's and Bt's first row of (s, p) */
+            const float *a = A + first * in;
+            for (int64_t i = 0; i < rank; ++i) {
+                const float *ai = a + i * in;
+                float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+                for (int64_t k = 0; k < in; ++k) acc += ai[k] * xr[k];
+                low[i] = acc;
+            }
+            float *yp = y + r * out + off[p];
+            const float *b = Bt + first * out + off[p];
+            const int64_t n = len[p];
+            for (int64_t i = 0; i < rank; ++i) {
+                const float li = low[i], *bi = b + i * out;
+#pragma omp simd
+                for (int64_t j = 0; j < n; ++j) yp[j] += li * bi[j];
+            }
+        }
+    }
+}
 #endif
+
+/* 0 when a LoRA descriptor fits T rows and L layers (ranks, slots in range), else 7. */
+static int check_stack_lora(const int64_t *lora, int64_t T, int64_t L) {
+    const int64_t slots = lora[SL_SLOTS], R = lora[SL_MAX_RANK];
+    if (slots < 1 || R < 1 || R > STACK_LORA_MAX_RANK || !lora[SL_RANKS] || !lora[SL_ROW_SLOTS] ||
+        (L > 0 && !lora[SL_TABLE]))
+        return 7;
+    const int64_t *ranks = (const int64_t *)(intptr_t)lora[SL_RANKS];
+    const int64_t *row_slot = (const int64_t *)(intptr_t)lora[SL_ROW_SLOTS];
+    for (int64_t s = 0; s < slots; ++s)
+        if (ranks[s] < 0 || ranks[s] > R) return 7;
+    for (int64_t r = 0; r < T; ++r)
+        if (row_slot[r] < -1 || row_slot[r] >= slots) return 7;
+    const int64_t *table = (const int64_t *)(intptr_t)lora[SL_TABLE];
+    for (int64_t i = 0; i < L * SL_FIELDS; ++i)
+        if (!table[i]) return 7;
+    return 0;
+}
 
 int llmos_decoder_stack(const int64_t *dims, const int64_t *layers, int wtype, float eps,
                         float attn_scale, const float *cos_t, const float *sin_t, float *x,
                         int64_t T, const int64_t *positions, const int64_t *slots,
                         const int64_t *rows, const int64_t *block_tables,
-                        const int64_t *context_lens, int64_t num_seqs, int64_t max_blocks) {
+                        const int64_t *context_lens, int64_t num_seqs, int64_t max_blocks,
+                        const int64_t *lora) {
 #if defined(LLMOS_AVX2) && defined(__F16C__)
     const int64_t hidden = dims[SD_HIDDEN], H = dims[SD_HEADS], Hkv = dims[SD_KV_HEADS];
     const int64_t D = dims[SD_HEAD_DIM], inter = dims[SD_INTER], L = dims[SD_LAYERS];
@@ -2210,6 +2281,7 @@ int llmos_decoder_stack(const int64_t *dims, const int64_t *layers, int wtype, f
         if (positions[r] < 0 || positions[r] >= dims[SD_NUM_POSITIONS] || slots[r] < 0 ||
             slots[r] >= num_blocks * bs)
             return 6;
+    if (lora != NULL && check_stack_lora(lora, T, L) != 0) return 7;
     if (num_seqs != T) return 6; /* one attention row per row of x ... */
     unsigned char *seen = calloc((size_t)T, 1);
     if (seen == NULL) return 3;
@@ -2222,6 +2294,11 @@ int llmos_decoder_stack(const int64_t *dims, const int64_t *layers, int wtype, f
     if (!cover) return 6;
 
     const int64_t group = H / Hkv, qkv_n = (H + 2 * Hkv) * D, att_n = H * D, kv_row = Hkv * D;
+    /* each projection's LoRA parts: output column offset and width */
+    const int64_t qkv_off[3] = {0, H * D, (H + Hkv) * D}, qkv_len[3] = {H * D, kv_row, kv_row};
+    const int64_t gu_off[2] = {0, inter}, gu_len[2] = {inter, inter};
+    const int64_t one_off[1] = {0}, hidden_len[1] = {hidden};
+    const int64_t *lora_table = lora != NULL ? (const int64_t *)(intptr_t)lora[SL_TABLE] : NULL;
     const int max_threads = omp_get_max_threads();
     /* scratch: h (T, hidden), qkv (T, qkv_n), att (T, att_n), gate_up (T, 2I), act (T, I),
      * delta (T, hidden), then (group, max_len) scores per thread */
@@ -2266,6 +2343,8 @@ int llmos_decoder_stack(const int64_t *dims, const int64_t *layers, int wtype, f
         }
         for (int64_t l = 0; l < L; ++l) {
             const int64_t *f = layers + l * STACK_FIELDS;
+            const int64_t *lw = lora_table != NULL ? lora_table + l * SL_FIELDS : NULL;
+#define LW(i) ((const float *)(intptr_t)lw[i])
             void *k_cache = (void *)(intptr_t)f[SF_K_CACHE];
             void *v_cache = (void *)(intptr_t)f[SF_V_CACHE];
             for (int64_t r = tid; r < T; r += nt) /* x += delta (the previous MLP); h = norm */
@@ -2275,6 +2354,9 @@ int llmos_decoder_stack(const int64_t *dims, const int64_t *layers, int wtype, f
             stack_linear(wtype, h, T, (const void *)(intptr_t)f[SF_W_QKV], hidden, qkv_n,
                          (const float *)(intptr_t)f[SF_S_QKV], qkv, tid, nt);
             stack_wait(&barrier, nt, &sense);
+            if (lw != NULL) /* before RoPE, as PEFT adds to q_proj's output */
+                stack_lora(h, hidden, qkv, qkv_n, T, lora, LW(SL_A_QKV), LW(SL_B_QKV), 3,
+                           qkv_off, qkv_len, tid, nt);
             for (int64_t r = tid; r < T; r += nt) { /* RoPE on q and k; k and v to the cache */
                 float *qr = qkv + r * qkv_n;
                 rope_row(qr, H + Hkv, D, cos_t + positions[r] * D, sin_t + positions[r] * D);
@@ -2301,6 +2383,9 @@ int llmos_decoder_stack(const int64_t *dims, const int64_t *layers, int wtype, f
             stack_linear(wtype, att, T, (const void *)(intptr_t)f[SF_W_O], att_n, hidden,
                          (const float *)(intptr_t)f[SF_S_O], delta, tid, nt);
             stack_wait(&barrier, nt, &sense);
+            if (lw != NULL)
+                stack_lora(att, att_n, delta, hidden, T, lora, LW(SL_A_O), LW(SL_B_O), 1,
+                           one_off, hidden_len, tid, nt);
             for (int64_t r = tid; r < T; r += nt) /* x += o; h = norm */
                 norm_row(x + r * hidden, delta + r * hidden,
                          (const float *)(intptr_t)f[SF_POST_NORM], h + r * hidden, hidden, eps);
@@ -2308,6 +2393,11 @@ int llmos_decoder_stack(const int64_t *dims, const int64_t *layers, int wtype, f
             stack_linear(wtype, h, T, (const void *)(intptr_t)f[SF_W_GATE_UP], hidden,
                          2 * inter, (const float *)(intptr_t)f[SF_S_GATE_UP], gate_up, tid, nt);
             stack_wait(&barrier, nt, &sense);
+            if (lw != NULL) { /* silu_mul below splits columns, not rows: wait for every row */
+                stack_lora(h, hidden, gate_up, 2 * inter, T, lora, LW(SL_A_GATE_UP),
+                           LW(SL_B_GATE_UP), 2, gu_off, gu_len, tid, nt);
+                stack_wait(&barrier, nt, &sense);
+            }
             for (int64_t r = 0; r < T; ++r)
                 silu_mul_span(gate_up + r * 2 * inter + c0, gate_up + r * 2 * inter + inter + c0,
                               act + r * inter + c0, c1 - c0);
@@ -2315,6 +2405,10 @@ int llmos_decoder_stack(const int64_t *dims, const int64_t *layers, int wtype, f
             stack_linear(wtype, act, T, (const void *)(intptr_t)f[SF_W_DOWN], inter, hidden,
                          (const float *)(intptr_t)f[SF_S_DOWN], delta, tid, nt);
             stack_wait(&barrier, nt, &sense);
+            if (lw != NULL)
+                stack_lora(act, inter, delta, hidden, T, lora, LW(SL_A_DOWN), LW(SL_B_DOWN), 1,
+                           one_off, hidden_len, tid, nt);
+#undef LW
         }
         if (L > 0)
             for (int64_t r = tid; r < T; r += nt) /* x += the last layer's MLP output */
@@ -2325,7 +2419,7 @@ int llmos_decoder_stack(const int64_t *dims, const int64_t *layers, int wtype, f
 #else
     (void)dims; (void)layers; (void)wtype; (void)eps; (void)attn_scale; (void)cos_t; (void)sin_t;
     (void)x; (void)T; (void)positions; (void)slots; (void)rows; (void)block_tables;
-    (void)context_lens; (void)num_seqs; (void)max_blocks;
+    (void)context_lens; (void)num_seqs; (void)max_blocks; (void)lora;
     return 1;
 #endif
 }
