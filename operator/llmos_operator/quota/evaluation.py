@@ -150,6 +150,7 @@ def _violations_at(
         gpus_per_replica=demand.gpus_per_replica,
         peak_replicas=replicas,  # why: only what would run now counts when granting
         model=demand.model,
+        canary_replicas=demand.canary_replicas,
     )
     return pool_violations(at, effective) + usage_violations(
         demand.namespace, usage.plus(at), effective

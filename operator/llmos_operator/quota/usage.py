@@ -3,6 +3,7 @@
 A pool's demand is read from its body: `spec.replicas` replicas of `spec.resources.gpus` GPUs
 each; its per-pool peak is the larger of `spec.replicas` and, when autoscaling is enabled,
 `spec.autoscaling.maxReplicas` (the autoscaler may go there without another admission). A
+`spec.canary` adds its replicas (each with the same resources) to the GPUs and the total. A
 namespace's usage sums its pools. Bodies are plain dicts, as kopf and the API server deliver.
 """
 
@@ -30,10 +31,11 @@ class PoolDemand:
     gpus_per_replica: int
     peak_replicas: int  # the most replicas this spec may run (autoscaling included)
     model: str
+    canary_replicas: int = 0  # spec.canary.replicas: worker pods beside the stable ones
 
     @property
     def gpus(self) -> int:
-        return self.replicas * self.gpus_per_replica
+        return (self.replicas + self.canary_replicas) * self.gpus_per_replica
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any], *, replicas: int | None = None) -> PoolDemand:
@@ -48,6 +50,8 @@ class PoolDemand:
             peak = max(peak, _count(autoscaling.get("maxReplicas"), 0))
         ref = spec.get("modelRef")
         model = ref.get("name", "") if isinstance(ref, Mapping) else str(ref or "")
+        canary = spec.get("canary")
+        canary_replicas = _count(canary.get("replicas"), 1) if isinstance(canary, Mapping) else 0
         return cls(
             namespace=str(meta.get("namespace", "")),
             name=str(meta.get("name", "")),
@@ -55,6 +59,7 @@ class PoolDemand:
             gpus_per_replica=_count(resources.get("gpus"), 0),
             peak_replicas=peak,
             model=model,
+            canary_replicas=canary_replicas,
         )
 
 
@@ -71,7 +76,7 @@ class Usage:
         return Usage(
             gpus=self.gpus + demand.gpus,
             inference_pools=self.inference_pools + 1,
-            total_replicas=self.total_replicas + demand.replicas,
+            total_replicas=self.total_replicas + demand.replicas + demand.canary_replicas,
             max_replicas_per_pool=max(self.max_replicas_per_pool, demand.peak_replicas),
         )
 
