@@ -8,7 +8,8 @@
    (`bench.gateway_workload`) through each gateway; per run mean and p90 TTFT, output tokens/s
    and each worker's prefix-cache hit rate (its /metrics counters before and after the run).
 3. Overhead: a cheap request (a completion of 1 token, and GET /v1/models) many times,
-   alternating direct to a worker and through the gateway; the median added latency.
+   alternating direct to a worker and through a gateway over that worker alone; the median of
+   the per-pair added latency.
 4. Max rate: a gateway in front of a fake upstream that answers at once, loaded by a raw-socket
    client (`bench.gateway_load`), each in its own process; also the client direct to the upstream.
 Writes `<out>/bench/gateway.json` and the gateway section of `<out>/benchmarks.md`.
@@ -22,12 +23,14 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import httpx
@@ -197,9 +200,12 @@ def _load(url: str, connections: int, seconds: float) -> dict[str, Any]:
     return result
 
 
-def max_rate(logs: Path, connections: Sequence[int], seconds: float) -> dict[str, Any]:
+def max_rate(
+    logs: Path, connections: Sequence[int], seconds: float, pairs: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Requests/s through a gateway over the fake upstream at each client connection count
-    (and the same client direct to the upstream), with the gateway's CPU per request."""
+    (and the same client direct to the upstream), with the gateway's CPU per request; and the
+    added latency of `pairs` interleaved requests on an upstream that costs nothing."""
     up_port, gw_port = free_port(), free_port()
     up_cmd = [sys.executable, "-m", "bench.gateway_load", "upstream", "--port", str(up_port)]
     upstream = localpool.start("fake-upstream", up_cmd, up_port, logs / "fake-upstream.log")
@@ -211,6 +217,7 @@ def max_rate(logs: Path, connections: Sequence[int], seconds: float) -> dict[str
         gw = localpool.start("gateway-fake", gw_cmd, gw_port, logs / "gateway-fake.log")
         procs.append(gw)
         localpool.wait_ready(gw, 30)
+        added = overhead(upstream.url, gw.url, pairs)
         _load(gw.url, max(connections), 1.0)  # warm-up
         sweep: list[dict[str, Any]] = []
         for n in connections:
@@ -226,7 +233,7 @@ def max_rate(logs: Path, connections: Sequence[int], seconds: float) -> dict[str
                 through["requests_per_s"],
                 direct["requests_per_s"],
             )
-    return {"seconds": seconds, "sweep": sweep, **report.best_rate(sweep)}
+    return {"seconds": seconds, "sweep": sweep, **report.best_rate(sweep)}, added
 
 
 # ---------------------------------------------------------------- main
@@ -258,7 +265,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a("--workers", type=int, default=3)
     a("--kv-mib", type=int, default=300, help="each worker's KV cache (MiB)")
     a("--threads", type=int, default=1)
-    a("--strategies", default="prefix,round-robin,least-load")
+    a(
+        "--strategies",
+        default="prefix,round-robin",
+        help="comma-separated; least-load may be added (each one adds a third to the run time)",
+    )
     a("--sessions", type=int, default=12)
     a("--turns", type=int, default=5)
     a("--system-chars", type=int, default=3400, help="system prompt length (~800 tokens)")
@@ -283,7 +294,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _raise_exit(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # why: SIGTERM must still run the `finally` that stops the workers and gateways started here
+    signal.signal(signal.SIGTERM, _raise_exit)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # why: one line per request otherwise
     argv_list = list(sys.argv[1:] if argv is None else argv)
@@ -339,7 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["overhead"] = overhead(workers[0].url, solo.url, args.overhead_pairs)
             kv = kv_tokens(workers[0].log_path)
         log.info("max rate against a fake upstream")
-        results["max_rps"] = max_rate(logs, args.rate_connection_counts, args.rate_seconds)
+        results["max_rps"], results["overhead_fake_upstream"] = max_rate(
+            logs, args.rate_connection_counts, args.rate_seconds, 2 * args.overhead_pairs
+        )
     system_tokens = [r["system_prompt_tokens_mean"] for rs in results["runs"].values() for r in rs]
     results["workload"] = {
         "model": args.model,

@@ -118,18 +118,20 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     for t in out:
         measured, threshold = t["measured"], float(t["threshold"])
         t["met"] = measured is not None and float(measured) >= threshold
-    over = results.get("overhead", {}).get("completion")
-    if over:
-        added = over["added_median_ms"]
-        out.append(
-            {
-                "target": "gateway added latency per request (median, completion max_tokens 1)",
-                "required": f"< {OVERHEAD_TARGET_MS:g} ms",
-                "measured": added,
-                "threshold": OVERHEAD_TARGET_MS,
-                "met": added < OVERHEAD_TARGET_MS,
-            }
-        )
+    for key, where in (("overhead", "a worker"), ("overhead_fake_upstream", "the fake upstream")):
+        over = results.get(key, {}).get("completion")
+        if over:
+            added = over["added_median_ms"]
+            out.append(
+                {
+                    "target": "gateway added latency per request (median, completion "
+                    f"max_tokens 1, to {where})",
+                    "required": f"< {OVERHEAD_TARGET_MS:g} ms",
+                    "measured": added,
+                    "threshold": OVERHEAD_TARGET_MS,
+                    "met": added < OVERHEAD_TARGET_MS,
+                }
+            )
     return out
 
 
@@ -226,16 +228,20 @@ def render(results: dict[str, Any]) -> str:
             for r in runs
         )
         lines.append(f"- {name}: {cells}")
-    over = results.get("overhead", {})
     lines += ["", "### Gateway overhead", ""]
-    for what, label in (
-        ("completion", "completion, max_tokens 1, not streamed"),
-        ("models", "GET /v1/models"),
+    for over, where in (
+        (results.get("overhead", {}), "to a worker"),
+        (results.get("overhead_fake_upstream", {}), "to the fake upstream (answers at once)"),
     ):
-        o = over.get(what)
-        if o:
+        for what, label in (
+            ("completion", "completion, max_tokens 1, not streamed"),
+            ("models", "GET /v1/models"),
+        ):
+            o = over.get(what)
+            if not o:
+                continue
             lines.append(
-                f"- {label}, {o['samples']} interleaved pairs: direct "
+                f"- {label}, {where}, {o['samples']} interleaved pairs: direct "
                 f"{_n(o['direct_median_ms'], 2)} ms, through the gateway "
                 f"{_n(o['gateway_median_ms'], 2)} ms (medians); added "
                 f"{_n(o['added_median_ms'], 2)} ms (median of per-pair differences)"

@@ -326,10 +326,22 @@ def test_render_shows_the_numbers_side_by_side_and_the_verdicts() -> None:
     assert "| round-robin | 250.0 | 500.0 | 20.00 | 20 % | 20 %, – |" in text
     assert "| mean TTFT, round-robin ÷ prefix | >= 3x | 2.50 | **not met** |" in text
     assert "| output tok/s, prefix ÷ round-robin | >= 1x | 1.25 | **met** |" in text
-    assert "< 2 ms | 3.50 | **not met** |" in text
+    assert "to a worker) | < 2 ms | 3.50 | **not met** |" in text
+    assert "fake upstream" not in text.split("### Gateway overhead")[1].split("Max rate")[0]
     assert "1.25 / 2.50" in text  # load average before / after
     assert "**500 requests/s**" in text
     assert "| 8 | 500 | 75 | 1,500 | 10,000 | 1.23 |" in text
+
+
+def test_the_fake_upstream_overhead_is_shown_and_judged_too() -> None:
+    res = results(100, 400, 20, 20, 3.0)
+    res["overhead_fake_upstream"] = {"completion": dict(res["overhead"]["completion"])}
+    res["overhead_fake_upstream"]["completion"]["added_median_ms"] = 0.9
+    res["targets"] = report.targets(res)
+    assert verdicts(res) == [True, True, False, True]
+    text = report.render(res)
+    assert "completion, max_tokens 1, not streamed, to the fake upstream (answers at once)" in text
+    assert "to the fake upstream) | < 2 ms | 0.90 | **met** |" in text
 
 
 def test_render_lists_notes() -> None:
@@ -453,7 +465,14 @@ def test_kv_tokens_from_the_worker_log(tmp_path: Path) -> None:
 
 def test_bench_arguments() -> None:
     args = gateway_bench.parse_args(["--rate-connections", "1,16"])
-    assert args.strategy_names == ["prefix", "round-robin", "least-load"]
+    assert args.strategy_names == ["prefix", "round-robin"]
+    assert gateway_bench.parse_args(
+        ["--strategies", "least-load, prefix,round-robin"]
+    ).strategy_names == [
+        "least-load",
+        "prefix",
+        "round-robin",
+    ]
     assert args.rate_connection_counts == [1, 16]
     for bad in (
         ["--strategies", "prefix,least-load"],
