@@ -215,3 +215,25 @@ def test_cli_adapter_writes_the_termination_log(tmp_path: Path) -> None:
     result = json.loads(log.read_text())
     assert result["digest"] == digest_of(files) and result["format"] == "peft-lora"
     assert result["version"] == "3" and result["sizeBytes"] == sum(map(len, files.values()))
+
+
+def test_rewrap_key_rotates_the_model_and_its_adapters_in_one_run(tmp_path: Path) -> None:
+    old, new = os.urandom(32), os.urandom(32)
+    (tmp_path / "old").write_bytes(old.hex().encode())
+    (tmp_path / "new").write_bytes(new.hex().encode())
+    files = adapter_dir(tmp_path / "src")
+    (tmp_path / "model.gguf").write_bytes(b"GGUF" + os.urandom(1000))
+    fetch_model(FetchRequest(str(tmp_path / "model.gguf"), tmp_path / "v-1", kek=old))
+    fetch_model(FetchRequest(str(tmp_path / "src"), tmp_path / "lora-1", kek=old, adapter=True))
+    rotate = ["--old-key-file", str(tmp_path / "old"), "--new-key-file", str(tmp_path / "new")]
+    paths = [str(tmp_path / "v-1"), str(tmp_path / "lora-1")]
+    assert main(["rewrap-key", *paths, *rotate]) == 0
+    assert main(["rewrap-key", *paths, *rotate]) == 0  # a retried Job finds it done
+    with open_model_source(str(tmp_path / "lora-1"), key_file=str(tmp_path / "new")) as plain:
+        assert (Path(plain) / "adapter_model.safetensors").read_bytes() == files[
+            "adapter_model.safetensors"
+        ]
+    with open_model_source(str(tmp_path / "v-1"), key_file=str(tmp_path / "new")) as plain:
+        assert Path(plain).read_bytes().startswith(b"GGUF")
+    # a path that is no encrypted model fails the run before anything changes
+    assert main(["rewrap-key", paths[0], str(tmp_path / "src"), *rotate]) == 1

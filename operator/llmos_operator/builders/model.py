@@ -5,13 +5,15 @@ weights into `<mount>/<load dir>` and writes its manifest JSON ({digest, sizeByt
 version, ...}) to the container's termination message, where the operator reads it back.
 Each distinct (source, version, format, encrypted or not) gets its own load key, Job name and
 directory, so a new version loads beside the old one and retries of the same load find the same
-Job. An encrypted model's loader gets the key Secret as a file (`--encrypt-key-file`); a key
+Job. Adapters (builders/adapters.py) are fetched by Jobs of the same shape (`build_fetch_job`).
+An encrypted model's loader gets the key Secret as a file (`--encrypt-key-file`); a key
 rotation Job (`llmos-worker rewrap-key`) gets the old and the new key and re-wraps the data key
 in place. A NetworkPolicy per model lets its loader and rotation pods reach DNS and 443 only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,9 +58,9 @@ def network_policy_name(model: str) -> str:
     return meta.child_name(model, "loader")
 
 
-def rotation_key(path: str, old: SecretKeyRef, new: SecretKeyRef) -> str:
-    """Hash naming one re-wrap of one load directory from `old` to `new`."""
-    return meta.short_hash(path, old.name, old.key, new.name, new.key)
+def rotation_key(path: str, old: SecretKeyRef, new: SecretKeyRef, also: Sequence[str] = ()) -> str:
+    """Hash naming one re-wrap of one load directory (and the `also` ones) from `old` to `new`."""
+    return meta.short_hash(path, old.name, old.key, new.name, new.key, *also)
 
 
 def rotation_job_name(model: str, key: str) -> str:
@@ -102,24 +104,53 @@ def build_pvc(ref: ModelRef, spec: LLMModelSpec) -> dict[str, Any]:
     }
 
 
-def _source_arg(spec: LLMModelSpec) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+def _source_arg(source: str) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
     """(--source value, extra volumes, extra mounts); pvc:// sources become a mounted path."""
-    if not spec.source.startswith("pvc://"):
-        return spec.source, [], []
-    claim, _, path = spec.source.removeprefix("pvc://").partition("/")
+    if not source.startswith("pvc://"):
+        return source, [], []
+    claim, _, path = source.removeprefix("pvc://").partition("/")
     volume = {"name": "source", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
     mount = {"name": "source", "mountPath": f"{SOURCES_MOUNT}/{claim}", "readOnly": True}
     return f"{SOURCES_MOUNT}/{claim}/{path}", [volume], [mount]
 
 
+@dataclass(frozen=True)
+class FetchJob:
+    """One `fetch-model` run: what to fetch and where; the Job is named `name`."""
+
+    name: str
+    key: str
+    source: str
+    dest_dir: str  # inside the model volume
+    version: str | None
+    sha256: str | None = None
+    args: tuple[str, ...] = ()  # extra fetch-model flags (--format, --adapter)
+    labels: tuple[tuple[str, str], ...] = ()  # extra labels of the Job and its pod
+
+
 def build_loader_job(ref: ModelRef, spec: LLMModelSpec, config: OperatorConfig) -> dict[str, Any]:
     key = load_key(spec)
-    source, extra_volumes, extra_mounts = _source_arg(spec)
-    args = ["--source", source, "--dest", f"{config.models_mount_path}/{load_dir(key)}"]
-    if spec.sha256:
-        args += ["--sha256", spec.sha256]
-    args += ["--format", spec.format]
-    kek = encryption_key(spec)
+    fetch = FetchJob(
+        name=job_name(ref.name, key),
+        key=key,
+        source=spec.source,
+        dest_dir=load_dir(key),
+        version=spec.version,
+        sha256=spec.sha256,
+        args=("--format", spec.format),
+    )
+    return build_fetch_job(ref, fetch, encryption_key(spec), config)
+
+
+def build_fetch_job(
+    ref: ModelRef, fetch: FetchJob, kek: SecretKeyRef | None, config: OperatorConfig
+) -> dict[str, Any]:
+    """The loader Job running `llmos-worker fetch-model` into the model volume; `kek` encrypts."""
+    source, extra_volumes, extra_mounts = _source_arg(fetch.source)
+    args = ["--source", source, "--dest", f"{config.models_mount_path}/{fetch.dest_dir}"]
+    if fetch.sha256:
+        args += ["--sha256", fetch.sha256]
+    args += list(fetch.args)
     if kek is not None:
         volume, mount, path = security.secret_file(
             "encryption-key", kek.name, kek.key, ENCRYPTION_KEY_DIR, "kek"
@@ -128,8 +159,8 @@ def build_loader_job(ref: ModelRef, spec: LLMModelSpec, config: OperatorConfig) 
         extra_mounts.append(mount)
         args += ["--encrypt-key-file", path]
     tmp_volume, tmp_mount = security.scratch_volume("4Gi")
-    extra = {meta.MODEL_LABEL: ref.name, meta.LOAD_LABEL: key}
-    pod_labels = meta.labels("loader", ref.name, **extra)
+    extra = {meta.LOAD_LABEL: fetch.key, **dict(fetch.labels)}
+    pod_labels = meta.labels("loader", ref.name, **{meta.MODEL_LABEL: ref.name}, **extra)
     container = {
         "name": "fetch",
         "image": config.worker_image,
@@ -139,7 +170,7 @@ def build_loader_job(ref: ModelRef, spec: LLMModelSpec, config: OperatorConfig) 
         "env": [
             {"name": "HOME", "value": "/tmp"},
             {"name": "HF_HOME", "value": "/tmp/hf"},
-            {"name": "LLMOS_MODEL_VERSION", "value": spec.version},
+            *([{"name": "LLMOS_MODEL_VERSION", "value": fetch.version}] if fetch.version else []),
         ],
         "resources": {
             "requests": {"cpu": "250m", "memory": "512Mi"},
@@ -155,7 +186,7 @@ def build_loader_job(ref: ModelRef, spec: LLMModelSpec, config: OperatorConfig) 
         "securityContext": security.container_security_context(),
     }
     return _job(
-        _metadata(ref, job_name(ref.name, key), **{meta.LOAD_LABEL: key}),
+        _metadata(ref, fetch.name, **extra),
         pod_labels,
         container,
         [_models_volume(ref), tmp_volume, *extra_volumes],
@@ -164,13 +195,20 @@ def build_loader_job(ref: ModelRef, spec: LLMModelSpec, config: OperatorConfig) 
 
 
 def build_rotation_job(
-    ref: ModelRef, path: str, old: SecretKeyRef, new: SecretKeyRef, config: OperatorConfig
+    ref: ModelRef,
+    path: str,
+    old: SecretKeyRef,
+    new: SecretKeyRef,
+    config: OperatorConfig,
+    *,
+    also: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The Job re-wrapping the data key of the load directory `path` from `old` to `new`.
+    """The Job re-wrapping the data key of the load directory `path` from `old` to `new`, and
+    those of the `also` directories (the model's adapters, encrypted under the same key).
 
     Only the small wrapped-key headers change; the weights are not re-encrypted.
     """
-    key = rotation_key(path, old, new)
+    key = rotation_key(path, old, new, also)
     old_volume, old_mount, old_file = security.secret_file(
         "old-key", old.name, old.key, OLD_KEY_DIR, "kek"
     )
@@ -185,6 +223,7 @@ def build_rotation_job(
         "command": ["llmos-worker", "rewrap-key"],
         "args": [
             f"{config.models_mount_path}/{path}",
+            *(f"{config.models_mount_path}/{p}" for p in also),
             "--old-key-file",
             old_file,
             "--new-key-file",

@@ -7,6 +7,10 @@ a new directory, while the previous version keeps being served until the new one
 An encrypted model records the key its data key is wrapped with in `status.keySecretRef`; when
 `spec.encryption.keySecretRef` later names another key, a rotation Job re-wraps the data key
 and only its success moves `status.keySecretRef` (condition KeyRotated), which the pools follow.
+Adapters (spec.adapters) load beside the model, one loader Job each, read back the same way into
+`status.adapters` (condition AdaptersReady); an entry keeps the directory of its last successful
+load until a new one succeeds, and a key rotation re-wraps the encrypted adapters with the model.
+Nothing on the volume is deleted: a pool may still be serving an older directory.
 """
 
 from __future__ import annotations
@@ -19,6 +23,12 @@ from pydantic import ValidationError
 from llmos_operator.api.common import ConditionStatus, SecretKeyRef, set_condition
 from llmos_operator.api.llmmodel import HISTORY_LIMIT, KIND, LLMModelSpec
 from llmos_operator.builders import meta
+from llmos_operator.builders.adapters import (
+    adapter_dir,
+    adapter_job_name,
+    adapter_load_key,
+    build_adapter_job,
+)
 from llmos_operator.builders.model import (
     ModelRef,
     build_loader_job,
@@ -120,6 +130,9 @@ async def reconcile_model(
     await kube.apply(build_pvc(ref, spec))
     await kube.apply(build_network_policy(ref))
     status["claimName"] = claim_name(name)
+    if spec.adapters or status.get("adapters"):
+        status["adapters"] = await _load_adapters(kube, config, ref, spec, status)
+        condition("AdaptersReady", *_adapters_condition(status["adapters"]))
     if status.get("loadKey") == key and status.get("phase") in ("Ready", "Failed"):
         # why: this load is settled; its Job may since have been cleaned up, never redo it
         phase = str(status["phase"])
@@ -197,7 +210,8 @@ async def _follow_key(
     if current == wanted.to_api():
         return "True", "KeyCurrent", f"data key wrapped with Secret {wanted.name}/{wanted.key}"
     old = SecretKeyRef.model_validate(current)
-    body = build_rotation_job(ref, str(status["path"]), old, wanted, config)
+    also = [str(a["path"]) for a in status.get("adapters") or [] if a.get("encrypted")]
+    body = build_rotation_job(ref, str(status["path"]), old, wanted, config, also=also)
     status["rotationJob"] = body["metadata"]["name"]
     job, _ = await kube.apply(body)
     outcome, reason, message = _job_outcome(job)
@@ -209,6 +223,82 @@ async def _follow_key(
         return "False", "RotationFailed", detail
     status["keySecretRef"] = wanted.to_api()
     return "True", "Rotated", f"data key re-wrapped with Secret {wanted.name}/{wanted.key}"
+
+
+_SERVED_FIELDS = ("digest", "sizeBytes", "rank", "encrypted", "path")
+
+
+async def _load_adapters(
+    kube: KubeClient,
+    config: OperatorConfig,
+    ref: ModelRef,
+    spec: LLMModelSpec,
+    status: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """The new status.adapters: each declared adapter's load driven one step, in spec order.
+
+    An adapter removed from the spec loses its entry (pools stop serving it); its directory and
+    Job stay, as a model's older versions do.
+    """
+    old = {str(e.get("name")): e for e in status.get("adapters") or [] if isinstance(e, dict)}
+    current = status.get("keySecretRef")
+    kek = SecretKeyRef.model_validate(current) if isinstance(current, dict) else None
+    entries = []
+    for adapter in spec.adapters:
+        key = adapter_load_key(spec, adapter)
+        prev = old.get(adapter.name, {})
+        if prev.get("loadKey") == key and prev.get("phase") in ("Ready", "Failed"):
+            entries.append(prev)  # why: settled; its Job may since have been cleaned up
+            continue
+        entry = {"name": adapter.name, **{k: prev[k] for k in _SERVED_FIELDS if k in prev}}
+        entry.update(loadKey=key, loadJob=adapter_job_name(ref.name, key))
+        job = await kube.get("Job", ref.namespace, entry["loadJob"])
+        if job is None:
+            # why get first: a Job's template is immutable, and the key it was made with may
+            # since have been rotated; the existing Job is this load's, whatever its key
+            job, _ = await kube.apply(build_adapter_job(ref, spec, adapter, config, kek=kek))
+        entries.append({**entry, **await _adapter_outcome(kube, ref, key, job)})
+    return entries
+
+
+async def _adapter_outcome(
+    kube: KubeClient, ref: ModelRef, key: str, job: dict[str, Any]
+) -> dict[str, Any]:
+    """Phase, message and (on success) the loaded adapter's fields from its loader Job."""
+    name = job["metadata"]["name"]
+    outcome, reason, message = _job_outcome(job)
+    if outcome == "running":
+        return {"phase": "Loading", "message": f"loader Job {name} is running"}
+    pods = await kube.list("Pod", ref.namespace, {meta.LOAD_LABEL: key, meta.MODEL_LABEL: ref.name})
+    messages = _terminated_messages(pods)
+    if outcome == "failed":
+        detail = f"{message} {messages[0][-500:]}".strip() if messages else message
+        return {"phase": "Failed", "message": f"loader Job {name} failed ({reason}): {detail}"}
+    manifest = _manifest(messages)
+    if manifest is None:
+        return {"phase": "Failed", "message": f"loader Job {name} succeeded but left no manifest"}
+    loaded = {
+        "phase": "Ready",
+        "digest": str(manifest["digest"]),
+        "sizeBytes": int(manifest.get("sizeBytes") or 0),
+        "encrypted": bool(manifest.get("encrypted")),
+        "path": adapter_dir(key),
+        "message": f"loaded ({manifest['digest']})",
+    }
+    rank = manifest.get("rank")
+    if isinstance(rank, int) and not isinstance(rank, bool) and rank > 0:
+        loaded["rank"] = rank
+    return loaded
+
+
+def _adapters_condition(entries: list[dict[str, Any]]) -> tuple[ConditionStatus, str, str]:
+    failed = [e["name"] for e in entries if e.get("phase") == "Failed"]
+    waiting = [e["name"] for e in entries if e.get("phase") not in ("Ready", "Failed")]
+    if failed:
+        return "False", "AdapterFailed", f"adapters failed to load: {', '.join(failed)}"
+    if waiting:
+        return "False", "AdaptersLoading", f"adapters loading: {', '.join(waiting)}"
+    return "True", "AdaptersLoaded", f"{len(entries)} adapters loaded"
 
 
 async def cleanup_model(kube: KubeClient, body: dict[str, Any]) -> None:

@@ -2,11 +2,11 @@
 
 `encrypt-model` encrypts one file (atomically, plaintext read once). `verify-model` makes a full
 authenticated pass over a file, or over every file of a `fetch-model` directory (binding each to
-the manifest's model digest and its own name). `rewrap-key` re-wraps the data key of a file or of
-every file of a directory under a new key-encryption key, rewriting headers only; it is
-idempotent, so the operator's rotation Job can simply be retried. Exit status: 0 success,
-1 a storage failure (wrong key, tampered, truncated, unreadable) with the reason on stderr,
-2 bad usage (argparse).
+the manifest's model digest and its own name). `rewrap-key` re-wraps the data key of files or of
+every file of directories (a model and its adapters) under a new key-encryption key, rewriting
+headers only; it is idempotent, so the operator's rotation Job can simply be retried.
+Exit status: 0 success, 1 a storage failure (wrong key, tampered, truncated, unreadable) with
+the reason on stderr, 2 bad usage (argparse).
 """
 
 from __future__ import annotations
@@ -99,7 +99,12 @@ def run_verify_model(args: argparse.Namespace) -> int:
 
 
 def add_rewrap_key_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", help="encrypted file, or a model directory with manifest.json")
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="encrypted files, or model/adapter directories with manifest.json",
+    )
     _key_argument(parser, "--old-key-file", "OLD_KEY_FILE")
     _key_argument(parser, "--new-key-file", "NEW_KEY_FILE")
 
@@ -108,7 +113,9 @@ def run_rewrap_key(args: argparse.Namespace) -> int:
     def body() -> str:
         old, new = load_key(args.old_key_file), load_key(args.new_key_file)
         lines = []
-        for path, _, _ in _model_files(Path(args.path)):
+        # why all listed first: a path that is no encrypted model fails before any is changed
+        files = [f for p in args.paths for f, _, _ in _model_files(Path(p))]
+        for path in files:
             header = rewrap(path, old, new)
             lines.append(f"rewrapped {path}: now under key id {header.key_id.hex()}")
         return "\n".join(lines)
