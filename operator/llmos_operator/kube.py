@@ -34,6 +34,18 @@ class KubeError(Exception):
         self.reason = reason
 
 
+class OwnershipConflict(KubeError):
+    """The object to apply exists and another controller owns it (a name two parents derive)."""
+
+
+def controller_uid(obj: dict[str, Any]) -> str | None:
+    """The uid of the object's controller owner reference (None: no controller)."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return str(ref.get("uid"))
+    return None
+
+
 @dataclass(frozen=True)
 class Resource:
     """One REST resource: where it lives in the API."""
@@ -260,6 +272,13 @@ class KubeClient:
                 existing = await self.get(kind, namespace, name)
                 if existing is None:
                     raise
+        mine, theirs = controller_uid(desired), controller_uid(existing)
+        if mine is not None and theirs is not None and mine != theirs:
+            # why: e.g. pool "chat"'s gateway and pool "chat-gateway" both name a Deployment
+            # chat-gateway; patching would hand one parent's object to the other
+            raise OwnershipConflict(
+                409, "OwnedByAnother", f"{kind} {name} exists and belongs to another owner"
+            )
         owned = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind", "status")}
         dropped = removals(_last_applied(existing), owned)
         if contains(existing, owned) and not holds_any(existing, dropped):

@@ -187,3 +187,43 @@ async def test_pool_delete_removes_gateway_and_canary(
         return not any(cluster.names(plural) for plural in plurals)
 
     await cluster.wait_for(cleaned, what="every child removed")
+
+
+async def test_a_pool_never_takes_or_deletes_another_pools_children(
+    cluster: Cluster, operator: OperatorProcess
+) -> None:
+    """Pool "chat"'s gateway Deployment is chat-gateway, the name a pool "chat-gateway" gives
+    its workers: the second pool reports the clash and leaves the first one's objects alone."""
+    await ready_model(cluster)
+    chat = await cluster.create("inferencepools", sample("InferencePool"))
+    await wait_children(cluster)
+    clash = sample("InferencePool")
+    clash["metadata"]["name"] = "chat-gateway"
+    await cluster.create("inferencepools", clash)
+
+    async def reported() -> dict[str, Any] | None:
+        cond = await pool_condition(cluster, "chat-gateway", "Ready")
+        return cond if cond.get("reason") == "NameConflict" else None
+
+    cond = await cluster.wait_for(reported, what="NameConflict")
+    assert "Deployment chat-gateway" in cond["message"]
+
+    async def owner_uid() -> str:
+        dep = await cluster.get("deployments", "chat-gateway") or {}
+        return str(dep["metadata"]["ownerReferences"][0]["uid"])
+
+    assert await owner_uid() == chat["metadata"]["uid"]
+    assert (
+        gateway_env(await cluster.get("deployments", "chat-gateway") or {})[
+            "LLMOS_GATEWAY_POOL_NAME"
+        ]
+        == "chat"
+    )
+    await cluster.delete("inferencepools", "chat-gateway")
+
+    async def gone() -> bool:
+        return await cluster.get("inferencepools", "chat-gateway") is None
+
+    await cluster.wait_for(gone, what="clashing pool deleted")
+    assert await owner_uid() == chat["metadata"]["uid"]  # chat's gateway survived the cleanup
+    assert "chat-gateway-worker" not in cluster.names("serviceaccounts")

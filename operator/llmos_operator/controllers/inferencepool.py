@@ -50,7 +50,7 @@ from llmos_operator.builders.pool import (
 )
 from llmos_operator.config import OperatorConfig
 from llmos_operator.controllers.errors import InvalidSpec, WaitingForDependency
-from llmos_operator.kube import KubeClient
+from llmos_operator.kube import KubeClient, OwnershipConflict, controller_uid
 from llmos_operator.quota.ratelimits import configmap_name
 from llmos_operator.status import Clock, invalid_spec_message, rfc3339
 
@@ -214,27 +214,34 @@ async def reconcile_pool(
     if gate is not None:
         replicas, over_quota = await gate(body)
     running = spec.model_copy(update={"replicas": replicas})
-    await kube.apply(build_service_account(ref))
-    await kube.apply(build_network_policy(ref, spec, config))
-    deployment, _ = await kube.apply(build_deployment(ref, running, served, config))
-    gateway = spec.routing.gateway.enabled
-    await kube.apply(build_service(ref, config, gateway=gateway))
-    await kube.apply(build_pdb(ref))
-    if gateway:
-        await kube.apply(build_workers_service(ref, config))
-        front: dict[str, Any] = {}
-        for child in build_gateway_children(ref, spec, config):
-            applied, _ = await kube.apply(child)
-            front = applied if child["kind"] == "Deployment" else front
-        condition("GatewayReady", *_readiness(front, spec.routing.gateway.replicas, "gateway"))
-    else:
-        await _delete_gateway(kube, namespace, name)
-        drop_condition("GatewayReady")
-    if spec.canary is None:
-        await _delete_canary(kube, namespace, name)
-        drop_condition("CanaryReady")
-    else:
-        condition("CanaryReady", *await _apply_canary(kube, config, ref, running))
+    try:
+        await kube.apply(build_service_account(ref))
+        await kube.apply(build_network_policy(ref, spec, config))
+        deployment, _ = await kube.apply(build_deployment(ref, running, served, config))
+        gateway = spec.routing.gateway.enabled
+        await kube.apply(build_service(ref, config, gateway=gateway))
+        await kube.apply(build_pdb(ref))
+        if gateway:
+            await kube.apply(build_workers_service(ref, config))
+            front: dict[str, Any] = {}
+            for child in build_gateway_children(ref, spec, config):
+                applied, _ = await kube.apply(child)
+                front = applied if child["kind"] == "Deployment" else front
+            condition("GatewayReady", *_readiness(front, spec.routing.gateway.replicas, "gateway"))
+        else:
+            await _delete_gateway(kube, ref)
+            drop_condition("GatewayReady")
+        if spec.canary is None:
+            await _delete_canary(kube, ref)
+            drop_condition("CanaryReady")
+        else:
+            condition("CanaryReady", *await _apply_canary(kube, config, ref, running))
+    except OwnershipConflict as exc:
+        message = f"{exc}: rename the pool (its children's names clash)"
+        condition("Ready", "False", "NameConflict", message)
+        condition("Degraded", "True", "NameConflict", message)
+        await write()
+        raise WaitingForDependency(message) from exc
 
     for type_, value, reason, message in deployment_conditions(deployment, replicas):
         if over_quota and type_ == "Ready":
@@ -302,15 +309,26 @@ def _readiness(
     return "False", "ReplicasNotReady", message
 
 
-async def _delete_gateway(kube: KubeClient, namespace: str, name: str) -> None:
+async def _delete_owned(kube: KubeClient, ref: PoolRef, kind: str, name: str) -> None:
+    """Delete the pool's child `kind`/`name` if it exists and the pool is its controller.
+
+    why: these names can be another pool's children (pool "chat"'s gateway Deployment is
+    chat-gateway, as is the stable Deployment of a pool named "chat-gateway").
+    """
+    existing = await kube.get(kind, ref.namespace, name)
+    if existing is not None and controller_uid(existing) == ref.uid:
+        await kube.delete(kind, ref.namespace, name)
+
+
+async def _delete_gateway(kube: KubeClient, ref: PoolRef) -> None:
     for kind in GATEWAY_KINDS:
-        await kube.delete(kind, namespace, gateway_name(name))
-    await kube.delete("Service", namespace, workers_service_name(name))
+        await _delete_owned(kube, ref, kind, gateway_name(ref.name))
+    await _delete_owned(kube, ref, "Service", workers_service_name(ref.name))
 
 
-async def _delete_canary(kube: KubeClient, namespace: str, name: str) -> None:
-    await kube.delete("Deployment", namespace, canary_deployment_name(name))
-    await kube.delete("Service", namespace, workers_service_name(name, canary=True))
+async def _delete_canary(kube: KubeClient, ref: PoolRef) -> None:
+    await _delete_owned(kube, ref, "Deployment", canary_deployment_name(ref.name))
+    await _delete_owned(kube, ref, "Service", workers_service_name(ref.name, canary=True))
 
 
 def _key_ref(value: Any) -> SecretKeyRef | None:
@@ -322,11 +340,13 @@ async def cleanup_pool(kube: KubeClient, body: dict[str, Any]) -> None:
     """Delete the pool's children (what garbage collection would do, done eagerly)."""
     metadata = body["metadata"]
     name, namespace = metadata["name"], metadata["namespace"]
-    await _delete_gateway(kube, namespace, name)
-    await _delete_canary(kube, namespace, name)
-    await kube.delete("Deployment", namespace, deployment_name(name))
+    ref = PoolRef(name=name, namespace=namespace, uid=str(metadata.get("uid") or ""))
+    await _delete_gateway(kube, ref)
+    await _delete_canary(kube, ref)
+    # why owner-checked: another pool's gateway or canary children may carry these names
+    await _delete_owned(kube, ref, "Deployment", deployment_name(name))
     await kube.delete("PodDisruptionBudget", namespace, pdb_name(name))
-    await kube.delete("Service", namespace, service_name(name))
+    await _delete_owned(kube, ref, "Service", service_name(name))
     await kube.delete("ServiceAccount", namespace, service_account_name(name))
     await kube.delete("NetworkPolicy", namespace, network_policy_name(name))
     await kube.delete("ConfigMap", namespace, configmap_name(name))
