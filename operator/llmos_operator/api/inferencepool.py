@@ -5,7 +5,8 @@ The spec says which model, how many replicas (or how to autoscale them), what ea
 routes requests over the replicas, and optionally a canary: a second set of workers serving
 another LLMModel that takes a share of the traffic. The status is read
 from the real Deployment: replicas, ready replicas, the label selector (for the scale
-subresource), the in-cluster endpoint, and the Ready / Progressing / Degraded conditions.
+subresource), the in-cluster endpoint, and the Ready / Progressing / Degraded conditions (plus
+GatewayReady and CanaryReady for the gateway's and the canary's Deployments).
 """
 
 from __future__ import annotations
@@ -306,7 +307,9 @@ class InferencePoolStatus(ApiModel):
         default=None, description="Quota usage notes from QuotaPolicy evaluation."
     )
     conditions: list[Condition] = Field(
-        default_factory=list, description="Ready, Progressing and Degraded."
+        default_factory=list,
+        description="Ready, Progressing and Degraded; GatewayReady with the gateway enabled, "
+        "CanaryReady with a canary.",
     )
     observed_generation: int | None = Field(
         default=None, description="The .metadata.generation this status describes."
