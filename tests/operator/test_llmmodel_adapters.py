@@ -168,3 +168,84 @@ async def test_two_adapters_load_to_ready_with_digests(
 
 async def _exists(cluster: Cluster, job_name: str) -> bool:
     return job_name in cluster.names("jobs")
+
+
+async def _rotation_job(cluster: Cluster, path: str) -> str | None:
+    """The rotation Job whose first directory argument is `path`, once it exists."""
+    for name in cluster.names("jobs"):
+        job = await cluster.get("jobs", name) or {}
+        c = job["spec"]["template"]["spec"]["containers"][0]
+        if c["command"] == ["llmos-worker", "rewrap-key"] and c["args"][0] == f"/models/{path}":
+            return str(name)
+    return None
+
+
+async def test_key_rotation_rewraps_adapters_loaded_under_the_old_key(
+    cluster: Cluster, operator: OperatorProcess
+) -> None:
+    old, new = {"name": "kek-2024", "key": "kek"}, {"name": "kek-2025", "key": "kek"}
+    body = sample("LLMModel-adapters")
+    body["spec"]["encryption"]["keySecretRef"] = old
+    sql, tone = body["spec"]["adapters"]
+    body["spec"]["adapters"] = [sql]
+    await cluster.create("llmmodels", body)
+    jobs = await adapter_jobs(cluster, 1)
+    await finish_job(
+        cluster, jobs["sql-helper"]["metadata"]["name"], message=manifest("1a" * 32, 10, 8)
+    )
+    await finish_loader(cluster, MODEL)
+
+    async def ready() -> dict[str, Any] | None:
+        status = await model_status(cluster, MODEL)
+        entries = status.get("adapters") or []
+        return status if status.get("phase") == "Ready" and entries[0]["phase"] == "Ready" else None
+
+    status = await cluster.wait_for(ready, what="model and adapter Ready")
+    assert status["keySecretRef"] == old
+    sql_path = status["adapters"][0]["path"]
+
+    # a second adapter starts loading under the current key; then the key is rotated
+    await cluster.patch("llmmodels", MODEL, {"spec": {"adapters": [sql, tone]}})
+    jobs = await adapter_jobs(cluster, 2)
+    tone_job = jobs["support-tone"]
+    volumes = {v["name"]: v for v in tone_job["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["encryption-key"]["secret"]["secretName"] == old["name"]
+    await cluster.patch("llmmodels", MODEL, {"spec": {"encryption": {"keySecretRef": new}}})
+    rekey = await cluster.wait_for(lambda: _rotation_job(cluster, status["path"]), what="rekey")
+    rekey_body = await cluster.get("jobs", rekey) or {}
+    # the served adapter is re-wrapped with the model in the same Job
+    assert rekey_body["spec"]["template"]["spec"]["containers"][0]["args"][1] == (
+        f"/models/{sql_path}"
+    )
+    done = {"conditions": [{"type": "Complete", "status": "True"}], "succeeded": 1}
+    await cluster.patch("jobs", rekey, {"status": done}, sub="status")
+
+    async def rotated() -> bool:
+        return (await model_status(cluster, MODEL)).get("keySecretRef") == new
+
+    await cluster.wait_for(rotated, what="model key rotated")
+
+    # the second adapter's loader used the old key: it is re-wrapped before it counts as Ready
+    await finish_job(cluster, tone_job["metadata"]["name"], message=manifest("2b" * 32, 10, 8))
+    tone_path = "lora-" + tone_job["metadata"]["labels"]["llmos.dev/load"]
+    tone_rekey = await cluster.wait_for(
+        lambda: _rotation_job(cluster, tone_path), what="adapter rekey Job"
+    )
+
+    async def tone_entry() -> dict[str, Any]:
+        entries = (await model_status(cluster, MODEL)).get("adapters") or []
+        return next(e for e in entries if e["name"] == "support-tone")
+
+    async def rewrapping() -> bool:
+        return "re-wraps" in (await tone_entry()).get("message", "")
+
+    await cluster.wait_for(rewrapping, what="adapter waits for its re-wrap")
+    assert (await tone_entry())["phase"] == "Loading"
+    await cluster.patch("jobs", tone_rekey, {"status": done}, sub="status")
+
+    async def tone_ready() -> dict[str, Any] | None:
+        entry = await tone_entry()
+        return entry if entry["phase"] == "Ready" else None
+
+    entry = await cluster.wait_for(tone_ready, what="second adapter Ready")
+    assert entry["path"] == tone_path and entry["digest"] == "2b" * 32

@@ -257,7 +257,13 @@ async def _load_adapters(
             # why get first: a Job's template is immutable, and the key it was made with may
             # since have been rotated; the existing Job is this load's, whatever its key
             job, _ = await kube.apply(build_adapter_job(ref, spec, adapter, config, kek=kek))
-        entries.append({**entry, **await _adapter_outcome(kube, ref, key, job)})
+        result = await _adapter_outcome(kube, ref, key, job)
+        used = _job_key(job)
+        if result["phase"] == "Ready" and kek is not None and used not in (None, kek.to_api()):
+            # why: the model's key was rotated while this loader ran; re-wrap the adapter's data
+            # key to the one the pools mount before it is served
+            result = await _rewrap_adapter(kube, config, ref, result, used, kek)
+        entries.append({**entry, **result})
     return entries
 
 
@@ -288,6 +294,26 @@ async def _adapter_outcome(
     rank = manifest.get("rank")
     if isinstance(rank, int) and not isinstance(rank, bool) and rank > 0:
         loaded["rank"] = rank
+    return loaded
+
+
+async def _rewrap_adapter(
+    kube: KubeClient,
+    config: OperatorConfig,
+    ref: ModelRef,
+    loaded: dict[str, Any],
+    used: dict[str, str] | None,
+    kek: SecretKeyRef,
+) -> dict[str, Any]:
+    """`loaded` once a rotation Job has moved its data key from `used` to `kek`."""
+    old = SecretKeyRef.model_validate(used)
+    job, _ = await kube.apply(build_rotation_job(ref, str(loaded["path"]), old, kek, config))
+    name = job["metadata"]["name"]
+    outcome, reason, message = _job_outcome(job)
+    if outcome == "running":
+        return {"phase": "Loading", "message": f"rotation Job {name} re-wraps the adapter's key"}
+    if outcome == "failed":
+        return {"phase": "Failed", "message": f"rotation Job {name} failed ({reason}): {message}"}
     return loaded
 
 
