@@ -63,6 +63,13 @@ MODEL: dict[str, Any] = {"source": "builtin://smollm2-135m-instruct"}
             },
             "canary needs routing.gateway.enabled",
         ),
+        (
+            {
+                "routing": {"idleScaleToZeroSeconds": 60},
+                "autoscaling": {"enabled": True, "minReplicas": 1},
+            },
+            "needs autoscaling.minReplicas 0",
+        ),
     ],
 )
 def test_invalid_pool_spec_names_the_field(patch: dict[str, Any], field: str) -> None:
@@ -104,6 +111,19 @@ def test_valid_sources(source: str) -> None:
     assert LLMModelSpec.model_validate({"source": source}).source == source
     https = LLMModelSpec.model_validate({"source": "https://x.example/m.gguf", "sha256": "a" * 64})
     assert https.sha256 == "a" * 64
+
+
+def test_scale_to_zero_with_autoscaling_from_zero() -> None:
+    spec = InferencePoolSpec.model_validate(
+        {**POOL, "routing": {"idleScaleToZeroSeconds": 60},
+         "autoscaling": {"enabled": True, "minReplicas": 0}}
+    )  # fmt: skip
+    assert spec.routing.idle_scale_to_zero_seconds == 60
+    # without autoscaling (or with it off) nothing raises an idle pool back
+    InferencePoolSpec.model_validate(
+        {**POOL, "routing": {"idleScaleToZeroSeconds": 60},
+         "autoscaling": {"enabled": False, "minReplicas": 2}}
+    )  # fmt: skip
 
 
 def test_routing_defaults_and_canary() -> None:

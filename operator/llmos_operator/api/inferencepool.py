@@ -217,7 +217,7 @@ class Routing(ApiModel):
         ge=0,
         le=604800,
         description="Seconds without requests after which the gateway scales the pool to zero "
-        "replicas; 0 never does.",
+        "replicas (with autoscaling enabled, minReplicas must be 0); 0 never does.",
     )
     gateway: GatewaySettings = Field(
         default_factory=GatewaySettings, description="The gateway Deployment."
@@ -263,6 +263,18 @@ class InferencePoolSpec(ApiModel):
         description="Canary workers serving another model for a share of the traffic (needs "
         "routing.gateway.enabled).",
     )
+
+    @model_validator(mode="after")
+    def _scale_to_zero_within_autoscaling(self) -> InferencePoolSpec:
+        # why: the autoscaler would raise an idle pool straight back to its minimum
+        scaler = self.autoscaling
+        idle = self.routing.idle_scale_to_zero_seconds > 0
+        if idle and scaler is not None and scaler.enabled and scaler.min_replicas > 0:
+            raise ValueError(
+                "routing.idleScaleToZeroSeconds needs autoscaling.minReplicas 0 "
+                f"(it is {scaler.min_replicas})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _canary_needs_gateway(self) -> InferencePoolSpec:
