@@ -249,3 +249,21 @@ async def test_key_rotation_rewraps_adapters_loaded_under_the_old_key(
 
     entry = await cluster.wait_for(tone_ready, what="second adapter Ready")
     assert entry["path"] == tone_path and entry["digest"] == "2b" * 32
+
+
+async def test_adapter_named_like_its_model_fails_without_a_job(
+    cluster: Cluster, operator: OperatorProcess
+) -> None:
+    body = sample("LLMModel-adapters")
+    body["spec"]["adapters"][0]["name"] = MODEL
+    await cluster.create("llmmodels", body)
+
+    async def settled() -> list[dict[str, Any]] | None:
+        entries = (await model_status(cluster, MODEL)).get("adapters") or []
+        return entries if [e["phase"] for e in entries] == ["Failed", "Loading"] else None
+
+    refused, tone = await cluster.wait_for(settled, what="one adapter refused, one loading")
+    assert refused["name"] == MODEL and "base model" in refused["message"]
+    assert "loadJob" not in refused
+    lora_jobs = [n for n in cluster.names("jobs") if n.startswith(f"{MODEL}-lora-")]
+    assert lora_jobs == [tone["loadJob"]]

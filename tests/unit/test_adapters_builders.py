@@ -184,12 +184,30 @@ def test_worker_lora_args_many_adapters_and_encryption() -> None:
         "--max-loras", "4", "--max-lora-rank", "8", "--max-cpu-loras", "40",
         "--lora-key-file", MODEL_KEY_FILE,
     ]  # fmt: skip
-    one = worker_lora_args(s, status(entry("a0", "lora-0", rank=8, encrypted=True)))
-    assert one[-2:] == ["--lora-key-file", MODEL_KEY_FILE]
-    assert worker_lora_args(s, status(entry("a0", "lora-0", key_file="x"), keySecretRef=KEY),
-                            key_file="/k")[-2:] == ["--lora-key-file", "/k"]  # fmt: skip
+    # no key in the pod (encryption being switched on): encrypted adapters cannot be served yet
+    mixed = status(entry("a0", "lora-0", rank=8, encrypted=True), entry("a1", "lora-1", rank=8))
+    assert worker_lora_args(s, mixed) == [
+        "--lora", "a1=/models/lora-1", "--max-loras", "1", "--max-lora-rank", "8"
+    ]  # fmt: skip
+    keyed = status(entry("a0", "lora-0", rank=2, encrypted=True), keySecretRef=KEY)
+    assert worker_lora_args(s, keyed, key_file="/k")[-2:] == ["--lora-key-file", "/k"]
 
 
 def test_key_file_is_where_the_pool_mounts_the_model_key() -> None:
     assert f"{pool.MODEL_KEY_DIR}/kek" == MODEL_KEY_FILE
     assert OperatorConfig().models_mount_path == "/models"
+
+
+def test_an_adapter_named_like_the_served_model_is_left_out() -> None:
+    s = spec()
+    st = status(entry("sql-helper", "lora-s", rank=8), entry("tone", "lora-t", rank=8))
+    got = worker_lora_args(s, st, served_name="tone")
+    assert got == [
+        "--lora",
+        "sql-helper=/models/lora-s",
+        "--max-loras",
+        "1",
+        "--max-lora-rank",
+        "8",
+    ]
+    assert worker_lora_args(s, status(entry("tone", "lora-t")), served_name="tone") == []

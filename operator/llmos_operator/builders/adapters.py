@@ -85,11 +85,17 @@ def served_adapters(
     model_spec: LLMModelSpec, model_status: Mapping[str, Any]
 ) -> list[dict[str, Any]]:
     """The `status.adapters` entries a pool serves, in spec order: adapters still declared
-    whose load has succeeded (an entry's `path` is that of its last successful load)."""
+    whose load has succeeded (an entry's `path` is that of its last successful load). An
+    encrypted adapter needs the model's key in the pod, which is mounted only while the served
+    model is encrypted (status.keySecretRef): without it the adapter is left out (only while
+    encryption is being switched on), as a pod that cannot open it would not start."""
+    keyed = bool(model_status.get("keySecretRef"))
     by_name = {
         str(entry.get("name")): entry
         for entry in model_status.get("adapters") or []
-        if isinstance(entry, Mapping) and entry.get("path")
+        if isinstance(entry, Mapping)
+        and entry.get("path")
+        and (keyed or not entry.get("encrypted"))
     }
     return [dict(by_name[a.name]) for a in model_spec.adapters if a.name in by_name]
 
@@ -100,6 +106,7 @@ def worker_lora_args(
     *,
     mount_path: str = DEFAULT_MODELS_MOUNT,
     key_file: str = MODEL_KEY_FILE,
+    served_name: str | None = None,
 ) -> list[str]:
     """`llmos-worker serve` flags serving the model's loaded adapters; [] when there are none.
 
@@ -107,12 +114,18 @@ def worker_lora_args(
     worker's 4 slots (fewer adapters need fewer GPU slots); `--max-lora-rank` the largest rank the
     loaders reported (at least 1; the worker's 16 when a rank is unknown); `--max-cpu-loras` the
     count when it exceeds the worker's 32, so that no declared adapter is ever evicted from host
-    memory; `--lora-key-file key_file` when the model is stored encrypted (status.keySecretRef,
-    the key the pod mounts for the model, which also wraps the adapters' data keys) or a served
-    adapter is. `mount_path` is where the pod mounts
-    the model volume (OperatorConfig.models_mount_path).
+    memory; `--lora-key-file key_file` when the model is stored encrypted (status.keySecretRef:
+    the key the pod mounts for the model, which also wraps the adapters' data keys).
+    `mount_path` is where the pod mounts the model volume (OperatorConfig.models_mount_path);
+    `served_name` the name the pod serves the base model under, if not the LLMModel's (a canary
+    answers to the stable model's name): an adapter of that name is left out, since the worker
+    would refuse to start with it.
     """
-    served = served_adapters(model_spec, model_status)
+    served = [
+        entry
+        for entry in served_adapters(model_spec, model_status)
+        if served_name is None or entry["name"] != served_name
+    ]
     if not served:
         return []
     args: list[str] = []
@@ -129,7 +142,7 @@ def worker_lora_args(
     args += ["--max-lora-rank", str(max_rank)]
     if len(served) > WORKER_MAX_CPU_LORAS:
         args += ["--max-cpu-loras", str(len(served))]
-    if model_status.get("keySecretRef") or any(entry.get("encrypted") for entry in served):
+    if model_status.get("keySecretRef"):
         args += ["--lora-key-file", key_file]
     return args
 

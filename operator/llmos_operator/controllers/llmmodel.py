@@ -247,6 +247,12 @@ async def _load_adapters(
     for adapter in spec.adapters:
         key = adapter_load_key(spec, adapter)
         prev = old.get(adapter.name, {})
+        if adapter.name == ref.name:
+            # why: the worker serves the base model under the model's name and refuses an
+            # adapter of that name at start-up; loading it would only break the pools
+            message = f"an adapter cannot be named {ref.name!r}: the base model is served as that"
+            entries.append({"name": adapter.name, "phase": "Failed", "message": message})
+            continue
         if prev.get("loadKey") == key and prev.get("phase") in ("Ready", "Failed"):
             entries.append(prev)  # why: settled; its Job may since have been cleaned up
             continue
