@@ -20,6 +20,10 @@ from tests.operator.test_inferencepool import wait_children
 
 GATEWAY_LABELS = {"app.kubernetes.io/name": "llmos-gateway", "app.kubernetes.io/instance": "chat"}
 STABLE_LABELS = {"app.kubernetes.io/name": "llmos-worker", "app.kubernetes.io/instance": "chat"}
+OPERATOR = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "llmos-system"}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "llmos-operator"}},
+}
 CANARY = {"modelRef": "smollm2-next", "weight": 20, "replicas": 1}
 
 
@@ -68,12 +72,22 @@ async def test_pool_gets_its_gateway_and_canary(
     assert {r["resources"][0] for r in role["rules"]} == {"endpointslices", "inferencepools"}
     binding = await cluster.get("rolebindings", "chat-gateway")
     assert binding is not None and binding["subjects"][0]["name"] == "chat-gateway"
-    # the client Service (status.endpoint) fronts the gateway; the workers have their own
-    front = await cluster.get("services", "chat")
+    # the workers have their own Service; until a gateway pod is ready the client Service
+    # (status.endpoint) still selects the workers, and the pool's callers still reach them
     workers = await cluster.get("services", "chat-workers")
-    assert front is not None and workers is not None
-    assert front["spec"]["selector"] == GATEWAY_LABELS
-    assert workers["spec"]["selector"] == STABLE_LABELS
+    assert workers is not None and workers["spec"]["selector"] == STABLE_LABELS
+    front = await cluster.get("services", "chat")
+    assert front is not None and front["spec"]["selector"] == STABLE_LABELS
+
+    async def gateway_waiting() -> dict[str, Any]:
+        return await pool_condition(cluster, "chat", "GatewayReady")
+
+    cond = await cluster.wait_for(gateway_waiting, what="GatewayReady reported")
+    assert cond["status"] == "False" and cond["reason"] == "ReplicasNotReady"
+    policy = await cluster.get("networkpolicies", "chat-worker")
+    assert policy is not None
+    gateway_peer = {"podSelector": {"matchLabels": GATEWAY_LABELS}}
+    assert policy["spec"]["ingress"][0]["from"] == [gateway_peer, {"podSelector": {}}, OPERATOR]
     await mark_deployment_ready(cluster, "chat-gateway", 1)
 
     async def gateway_ready() -> dict[str, Any] | None:
@@ -81,11 +95,16 @@ async def test_pool_gets_its_gateway_and_canary(
         return cond if cond.get("status") == "True" else None
 
     await cluster.wait_for(gateway_ready, what="GatewayReady")
-    policy = await cluster.get("networkpolicies", "chat-worker")
-    assert policy is not None
-    assert policy["spec"]["ingress"][0]["from"][0] == {
-        "podSelector": {"matchLabels": GATEWAY_LABELS}
-    }
+
+    async def fronted() -> dict[str, Any] | None:
+        front = await cluster.get("services", "chat") or {}
+        policy = await cluster.get("networkpolicies", "chat-worker") or {}
+        moved = front.get("spec", {}).get("selector") == GATEWAY_LABELS
+        return policy if moved else None
+
+    # a gateway pod is ready: the client Service fronts it, the workers admit only it
+    policy = await cluster.wait_for(fronted, what="Service on the gateway")
+    assert policy["spec"]["ingress"][0]["from"] == [gateway_peer, OPERATOR]
 
     # a canary: its Deployment and Service appear once its model is Ready, the gateway splits
     await second_model(cluster)

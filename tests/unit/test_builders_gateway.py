@@ -303,6 +303,9 @@ def test_worker_policy_admits_only_the_gateway_and_the_operator_on_the_api_port(
         "from": [OPERATOR_PEER, MONITORING_PEER, GATEWAY_PEER],
         "ports": [{"protocol": "TCP", "port": 9090}],
     }
+    # until a gateway pod is ready the pool's Service selects the workers: callers keep access
+    api, _ = build_network_policy(REF, spec(FULL), CONFIG, gateway_live=False)["spec"]["ingress"]
+    assert api["from"] == [GATEWAY_PEER, {"namespaceSelector": TEAM_A}, OPERATOR_PEER]
     # without the gateway the access peers call the workers, as before
     direct = {**FULL, "routing": {"gateway": {"enabled": False}}}
     direct.pop("canary")

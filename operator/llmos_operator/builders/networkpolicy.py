@@ -8,7 +8,8 @@ autoscaler's scraping) and the monitoring namespace (Prometheus). Egress is DNS 
 never calls out. Loader Job pods accept no ingress and may reach DNS and port 443 only.
 
 A pool with a gateway moves the `access` peers to the gateway's pods: the workers' serving port
-then admits only the gateway and the operator, and their metrics port also the gateway (it
+then admits only the gateway and the operator (the peers too until a gateway pod is ready and
+the pool's Service points at the gateway), and their metrics port also the gateway (it
 routes on the workers' load). The gateway pods take calls on their serving port from the
 `access` peers and the operator, and may reach DNS, the pool's worker pods (serving and metrics
 ports) and the Kubernetes API (TCP 443 and 6443 to any address: the API server is no pod a
@@ -92,11 +93,13 @@ def build_worker_network_policy(
     access: PoolAccess | None,
     peers: ClusterPeers,
     gateway_pods: dict[str, str] | None = None,
+    direct_access: bool = False,
 ) -> dict[str, Any]:
     """The NetworkPolicy of one pool's worker pods. `metadata` carries labels and owner refs.
 
     With `gateway_pods` (the labels of the pool's gateway pods, same namespace) the serving port
-    admits the gateway instead of the `access` peers, and the metrics port admits it too.
+    admits the gateway instead of the `access` peers (and besides them with `direct_access`,
+    while the pool's Service still points at the workers), and the metrics port admits it too.
     """
     operator = _operator(peers)
     scrapers: list[dict[str, Any]] = [operator]
@@ -105,7 +108,7 @@ def build_worker_network_policy(
     callers = access_peers(access)
     if gateway_pods is not None:
         gateway = {"podSelector": {"matchLabels": dict(gateway_pods)}}
-        callers = [gateway]
+        callers = [gateway, *callers] if direct_access else [gateway]
         scrapers.append(gateway)
     return {
         "apiVersion": "networking.k8s.io/v1",

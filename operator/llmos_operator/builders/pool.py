@@ -10,7 +10,8 @@ setting, to the served model version or to its key changes the pod template, whi
 Deployment roll.
 
 With the gateway enabled (the default; its own children are in `builders.gateway`) the pool's
-Service `<pool>` selects the gateway pods and the workers get the Service `<pool>-workers`,
+Service `<pool>` selects the gateway pods (once one is ready: until then, as when a pool gains
+its gateway, the workers keep serving directly) and the workers get the Service `<pool>-workers`,
 whose EndpointSlices the gateway watches. A canary is a second worker Deployment
 `<pool>-canary` from the same builder, serving `spec.canary.modelRef` under the stable model's
 name, with its own selector (the stable Deployment's selector is immutable, so canary pods carry
@@ -385,10 +386,14 @@ def cluster_peers(config: OperatorConfig) -> ClusterPeers:
 
 
 def build_network_policy(
-    ref: PoolRef, spec: InferencePoolSpec, config: OperatorConfig
+    ref: PoolRef, spec: InferencePoolSpec, config: OperatorConfig, *, gateway_live: bool = True
 ) -> dict[str, Any]:
     """Ingress to the workers (stable and canary) from the gateway (or, without one, from
-    `spec.access`), the operator and monitoring; egress DNS only."""
+    `spec.access`), the operator and monitoring; egress DNS only.
+
+    `gateway_live` False: the gateway is enabled but the pool's Service still selects the
+    workers (no gateway pod is ready yet), so the `access` peers keep reaching them meanwhile.
+    """
     gateway = spec.routing.gateway.enabled
     return build_worker_network_policy(
         name=network_policy_name(ref.name),
@@ -396,6 +401,7 @@ def build_network_policy(
         metadata=child_metadata(ref, network_policy_name(ref.name)),
         pod_selector=worker_pod_labels(ref.name),
         gateway_pods=gateway_selector_labels(ref.name) if gateway else None,
+        direct_access=not gateway_live,
         port=config.worker_port,
         metrics_port=config.worker_metrics_port,
         access=spec.access,

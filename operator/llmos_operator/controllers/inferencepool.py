@@ -4,7 +4,8 @@ Nothing is created before the spec validates and the referenced LLMModel is Read
 or premature pool never leaves half its children behind. The workers' children are the
 ServiceAccount, Deployment, Service, PDB and NetworkPolicy; with `routing.gateway.enabled` the
 gateway's (`builders.gateway`) and the `<pool>-workers` Service are applied too, and removed when
-it is turned off (the GatewayReady condition follows its Deployment). A `spec.canary` adds the
+it is turned off (the GatewayReady condition follows its Deployment); the pool's Service selects
+the gateway once one of its pods is ready, the workers before. A `spec.canary` adds the
 `<pool>-canary` Deployment once its LLMModel is Ready (the CanaryReady condition says how far it
 is) and its `<pool>-canary-workers` Service; both go when the canary is removed from the spec.
 Every pass re-applies the desired children (drift is undone) and derives the status from the
@@ -214,12 +215,15 @@ async def reconcile_pool(
     if gate is not None:
         replicas, over_quota = await gate(body)
     running = spec.model_copy(update={"replicas": replicas})
+    gateway = spec.routing.gateway.enabled
+    # why: the pool's Service moves to the gateway only once a gateway pod is ready (a pool
+    # gaining its gateway, e.g. after an operator upgrade, keeps serving meanwhile)
+    live = gateway and await _gateway_live(kube, ref)
     try:
         await kube.apply(build_service_account(ref))
-        await kube.apply(build_network_policy(ref, spec, config))
+        await kube.apply(build_network_policy(ref, spec, config, gateway_live=live))
         deployment, _ = await kube.apply(build_deployment(ref, running, served, config))
-        gateway = spec.routing.gateway.enabled
-        await kube.apply(build_service(ref, config, gateway=gateway))
+        await kube.apply(build_service(ref, config, gateway=live))
         await kube.apply(build_pdb(ref))
         if gateway:
             await kube.apply(build_workers_service(ref, config))
@@ -307,6 +311,14 @@ def _readiness(
     if ready >= desired:
         return "True", "ReplicasReady", message
     return "False", "ReplicasNotReady", message
+
+
+async def _gateway_live(kube: KubeClient, ref: PoolRef) -> bool:
+    """Whether the pool's own gateway Deployment has a ready replica."""
+    front = await kube.get("Deployment", ref.namespace, gateway_name(ref.name))
+    if front is None or controller_uid(front) != ref.uid:
+        return False
+    return int((front.get("status") or {}).get("readyReplicas") or 0) > 0
 
 
 async def _delete_owned(kube: KubeClient, ref: PoolRef, kind: str, name: str) -> None:
