@@ -53,7 +53,7 @@ async def test_pool_lifecycle(cluster: Cluster, operator: OperatorProcess) -> No
         "serviceaccounts": ["chat-gateway", "chat-worker"],
         "deployments": ["chat", "chat-gateway"],
         "services": ["chat", "chat-workers"],
-        "poddisruptionbudgets": ["chat"],
+        "poddisruptionbudgets": ["chat", "chat-gateway"],
     }
     for plural in CHILDREN:
         child = await cluster.get(plural, cluster.names(plural)[0])
@@ -215,7 +215,7 @@ async def test_invalid_pool_is_reported_and_never_half_created(
         "serviceaccounts": ["good-gateway", "good-worker"],
         "deployments": ["good", "good-gateway"],
         "services": ["good", "good-workers"],
-        "poddisruptionbudgets": ["good"],
+        "poddisruptionbudgets": ["good", "good-gateway"],
     }
     unknown_model = sample("InferencePool")
     unknown_model["metadata"]["name"] = "orphan"

@@ -14,6 +14,7 @@ from llmos_operator.builders.gateway import (
     build_gateway_children,
     build_gateway_deployment,
     build_gateway_network_policy,
+    build_gateway_pdb,
     build_gateway_role,
     build_gateway_role_binding,
     build_gateway_service_account,
@@ -119,6 +120,7 @@ def test_gateway_children_are_named_after_the_pool() -> None:
         ("Role", "chat-gateway"),
         ("RoleBinding", "chat-gateway"),
         ("NetworkPolicy", "chat-gateway"),
+        ("PodDisruptionBudget", "chat-gateway"),
         ("Deployment", "chat-gateway"),
     ]  # fmt: skip
     for child in build_gateway_children(REF, spec(PLAIN), CONFIG):
@@ -238,6 +240,8 @@ def test_services_and_deployments_select_the_right_pods() -> None:
     assert selected(stable["spec"]["selector"]["matchLabels"]) == {"stable"}
     assert selected(canary["spec"]["selector"]["matchLabels"]) == {"canary"}
     assert selected(gateway["spec"]["selector"]["matchLabels"]) == {"gateway"}
+    pdb = build_gateway_pdb(REF)
+    assert selected(pdb["spec"]["selector"]["matchLabels"]) == {"gateway"}
     # the client-facing Service: the gateway when enabled, the workers without one
     assert selected(build_service(REF, CONFIG, gateway=True)["spec"]["selector"]) == {"gateway"}
     assert selected(build_service(REF, CONFIG)["spec"]["selector"]) == {"stable"}

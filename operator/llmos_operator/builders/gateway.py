@@ -1,4 +1,4 @@
-"""The gateway of an InferencePool: ServiceAccount, Role, RoleBinding, Deployment, NetworkPolicy.
+"""The gateway of an InferencePool: ServiceAccount, Role, RoleBinding, Deployment, PDB, policy.
 
 The gateway (`llmos-gateway`, configured by its `LLMOS_GATEWAY_*` environment variables) is the
 pool's front door: the pool's Service selects its pods, and it routes each request to a worker
@@ -201,6 +201,19 @@ def build_gateway_deployment(
     }
 
 
+def build_gateway_pdb(ref: PoolRef) -> dict[str, Any]:
+    """At most one gateway pod evicted at a time (drains roll the gateway like a rollout)."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(ref),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": gateway_selector_labels(ref.name)},
+        },
+    }
+
+
 def build_gateway_network_policy(
     ref: PoolRef, spec: InferencePoolSpec, config: OperatorConfig
 ) -> dict[str, Any]:
@@ -221,15 +234,23 @@ def build_gateway_network_policy(
 def build_gateway_children(
     ref: PoolRef, spec: InferencePoolSpec, config: OperatorConfig
 ) -> list[dict[str, Any]]:
-    """Every gateway child, in the order they are applied (identity and RBAC before pods)."""
+    """Every gateway child, in the order they are applied (identity, RBAC, policy before pods)."""
     return [
         build_gateway_service_account(ref),
         build_gateway_role(ref),
         build_gateway_role_binding(ref),
         build_gateway_network_policy(ref, spec, config),
+        build_gateway_pdb(ref),
         build_gateway_deployment(ref, spec, config),
     ]
 
 
-GATEWAY_KINDS = ("Deployment", "NetworkPolicy", "RoleBinding", "Role", "ServiceAccount")
+GATEWAY_KINDS = (
+    "PodDisruptionBudget",
+    "Deployment",
+    "NetworkPolicy",
+    "RoleBinding",
+    "Role",
+    "ServiceAccount",
+)
 """The kinds of the gateway children (all named `gateway_name(pool)`), in deletion order."""
