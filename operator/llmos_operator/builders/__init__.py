@@ -1,5 +1,6 @@
 """Pure functions from a spec to Kubernetes manifests (dicts): no I/O, unit-tested directly."""
 
+from llmos_operator.builders.gateway import build_gateway_children
 from llmos_operator.builders.model import ModelRef, build_loader_job, build_pvc
 from llmos_operator.builders.pool import (
     PoolRef,
@@ -8,6 +9,7 @@ from llmos_operator.builders.pool import (
     build_pdb,
     build_service,
     build_service_account,
+    build_workers_service,
 )
 
 __all__ = [
@@ -15,9 +17,11 @@ __all__ = [
     "PoolRef",
     "ServedModel",
     "build_deployment",
+    "build_gateway_children",
     "build_loader_job",
     "build_pdb",
     "build_pvc",
     "build_service",
     "build_service_account",
+    "build_workers_service",
 ]
