@@ -44,6 +44,7 @@ MONITORING_PEER = {
     "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
 }
 GATEWAY_LABELS = {"app.kubernetes.io/name": "llmos-gateway", "app.kubernetes.io/instance": "chat"}
+STABLE_SELECTOR = {"app.kubernetes.io/name": "llmos-worker", "app.kubernetes.io/instance": "chat"}
 GATEWAY_PEER = {"podSelector": {"matchLabels": GATEWAY_LABELS}}
 
 PLAIN: dict[str, Any] = {"modelRef": "smollm2"}
@@ -368,3 +369,11 @@ def test_every_gateway_variable_is_a_flag_of_the_gateway_cli(
     assert (args.metrics_port, args.canary_weight) == (9090, 10)
     assert args.api_keys_file == "/etc/llmos/api-keys/keys.json"
     assert args.tenants_file == "/etc/llmos/ratelimits/ratelimits.json"
+
+
+def test_the_stable_selector_is_the_one_existing_deployments_have() -> None:
+    """A Deployment's selector is immutable: pools created before the gateway and the canary
+    keep theirs, so only the pod template (one rollout) changes on upgrade."""
+    for raw in (PLAIN, FULL):
+        dep = build_deployment(REF, spec(raw), STABLE, CONFIG)
+        assert dep["spec"]["selector"] == {"matchLabels": STABLE_SELECTOR}
