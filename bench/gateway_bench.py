@@ -136,8 +136,12 @@ def run_strategy(
     )
     load = os.getloadavg()[0]
     before = scrape(workers)
+    routed = wl.routing_outcomes(httpx.get(gateway.url + "/metrics", timeout=10).text)
     stats = asyncio.run(_drive(gateway.url, sessions, args))
     after = scrape(workers)
+    stats["routing"] = wl.outcome_shares(
+        routed, wl.routing_outcomes(httpx.get(gateway.url + "/metrics", timeout=10).text)
+    )
     per = [wl.hit_rate(b, a) for b, a in zip(before, after, strict=True)]
     stats["per_replica_hit_rate"] = [None if v is None else round(v, 3) for v in per]
     total = {k: sum(a[k] - b[k] for b, a in zip(before, after, strict=True)) for k in before[0]}
@@ -148,14 +152,17 @@ def run_strategy(
     stats["per_replica_prompt_tokens"] = [
         int(a[wl.QUERIES] - b[wl.QUERIES]) for b, a in zip(before, after, strict=True)
     ]
+    # why: the prefill work the workers did; at a fixed concurrency TTFT follows it
+    stats["computed_prompt_tokens"] = int(total[wl.QUERIES] - total[wl.HITS])
     log.info(
-        "%s (%s): mean TTFT %.0f ms, p90 %.0f ms, %.1f tok/s, hit rate %s, failed %d",
+        "%s (%s): mean TTFT %.0f ms, p90 %.0f ms, %.1f tok/s, hit rate %s, routing %s, failed %d",
         name,
         salt,
         stats["ttft_mean_ms"],
         stats["ttft_p90_ms"],
         stats["output_tok_s"],
         stats["hit_rate"],
+        stats["routing"],
         stats["failed"],
     )
     return stats

@@ -15,7 +15,15 @@ END = "<!-- gateway:end -->"
 TTFT_TARGET = 3.0  # round-robin mean TTFT / prefix mean TTFT
 THROUGHPUT_TARGET = 1.0  # prefix output tok/s / round-robin output tok/s
 OVERHEAD_TARGET_MS = 2.0
-FIELDS = ("ttft_mean_ms", "ttft_p90_ms", "output_tok_s", "hit_rate")
+FIELDS = (
+    "ttft_mean_ms",
+    "ttft_p90_ms",
+    "ttft_first_turn_mean_ms",
+    "ttft_later_turns_mean_ms",
+    "output_tok_s",
+    "hit_rate",
+    "computed_prompt_tokens",
+)
 
 
 def medians(runs: Sequence[dict[str, Any]]) -> dict[str, float | None]:
@@ -145,12 +153,24 @@ def explain(results: dict[str, Any]) -> list[str]:
         if t["met"]:
             continue
         if t["target"].startswith("mean TTFT") or t["target"].startswith("output tok/s"):
+            key = "ttft_later_turns_mean_ms"
+            later = _ratio(rr.get(key), prefix.get(key))
+            work = _ratio(rr.get("computed_prompt_tokens"), prefix.get("computed_prompt_tokens"))
             notes.append(
-                f"{t['target']}: {w['sessions']} of the {w['sessions'] * w['turns']} requests of "
+                f"{t['target']}: prompt tokens the workers had to compute (not found cached) per "
+                f"run: {_n(prefix.get('computed_prompt_tokens'), 0)} with prefix routing vs "
+                f"{_n(rr.get('computed_prompt_tokens'), 0)} with round-robin ({_n(work, 2)}x): "
+                "with a fixed number of requests in flight, TTFT and throughput follow that "
+                f"work. {w['sessions']} of the {w['sessions'] * w['turns']} requests of "
                 "a run are first turns, whose system prompt no worker has cached under any "
                 f"strategy; prefix-cache hit rate prefix {_pct(prefix.get('hit_rate'))} vs "
-                f"round-robin {_pct(rr.get('hit_rate'))}, with {w['workers']} workers sharing "
-                f"the machine's cores with other work (load average {_n(load, 2)} at the start)."
+                f"round-robin {_pct(rr.get('hit_rate'))}; mean TTFT of first turns "
+                f"{_n(prefix.get('ttft_first_turn_mean_ms'), 0)} ms (prefix) vs "
+                f"{_n(rr.get('ttft_first_turn_mean_ms'), 0)} ms (round-robin), of later turns "
+                f"{_n(prefix.get('ttft_later_turns_mean_ms'), 0)} vs "
+                f"{_n(rr.get('ttft_later_turns_mean_ms'), 0)} ms (ratio "
+                f"{_n(later, 2)}); {w['workers']} workers share the machine's cores with "
+                f"other work (load average {_n(load, 2)} at the start)."
             )
         elif t["target"].startswith("gateway added latency"):
             rps = results.get("max_rps") or {}
@@ -168,7 +188,7 @@ def explain(results: dict[str, Any]) -> list[str]:
 def _n(v: Any, digits: int = 1) -> str:
     if v is None:
         return "–"
-    if isinstance(v, float):
+    if isinstance(v, int | float) and not isinstance(v, bool):
         return f"{v:,.{digits}f}"
     return str(v)
 
@@ -204,27 +224,32 @@ def render(results: dict[str, Any]) -> str:
         f"{w['concurrency']} requests in flight; a fresh salt per run (nothing cached from "
         f"earlier runs); {w['repeats']} interleaved repeats, strategy order rotated",
         "",
-        "| strategy | mean TTFT ms | p90 TTFT ms | output tok/s | prefix-cache hit rate "
-        "(all replicas) | per replica |",
-        "|---|---:|---:|---:|---:|---|",
+        "| strategy | mean TTFT ms | p90 TTFT ms | mean TTFT ms, first turns | mean TTFT ms, "
+        "later turns | output tok/s | prefix-cache hit rate (all replicas) | per replica | "
+        "prompt tokens computed |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for name, med in results["medians"].items():
         per = results["per_replica_hit_rate"].get(name, [])
         lines.append(
             f"| {name} | {_n(med['ttft_mean_ms'])} | {_n(med['ttft_p90_ms'])} | "
+            f"{_n(med.get('ttft_first_turn_mean_ms'))} | "
+            f"{_n(med.get('ttft_later_turns_mean_ms'))} | "
             f"{_n(med['output_tok_s'], 2)} | {_pct(med['hit_rate'])} | "
             + ", ".join(_pct(v) for v in per)
-            + " |"
+            + f" | {_n(med.get('computed_prompt_tokens'), 0)} |"
         )
     lines += [
         "",
-        "Each repeat (mean TTFT ms / output tok/s / hit rate / load average at its start):",
+        "Each repeat (mean TTFT ms / output tok/s / hit rate / load average at its start / the "
+        "gateway's replica choices):",
         "",
     ]
     for name, runs in results["runs"].items():
         cells = "; ".join(
             f"{_n(r['ttft_mean_ms'])} / {_n(r['output_tok_s'], 2)} / {_pct(r['hit_rate'])} / "
-            f"{_n(r.get('load_1m_before'), 2)}"
+            f"{_n(r.get('load_1m_before'), 2)} / "
+            + (", ".join(f"{k} {_pct(v)}" for k, v in (r.get("routing") or {}).items()) or "–")
             for r in runs
         )
         lines.append(f"- {name}: {cells}")

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.metrics import RequestTiming, summarize
 
 HITS, QUERIES = "llmos_prefix_cache_hits", "llmos_prefix_cache_queries"
+DECISIONS = "llmos_gateway_routing_decisions"
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,26 @@ def prefix_counters(metrics_text: str) -> dict[str, float]:
     return out
 
 
+def routing_outcomes(metrics_text: str) -> dict[str, float]:
+    """The gateway's replica choices by outcome (affinity, overflow, round_robin, least_load)
+    from its /metrics page, summed over strategies."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != DECISIONS:
+            continue
+        for s in family.samples:
+            if s.name in (DECISIONS, DECISIONS + "_total") and "outcome" in s.labels:
+                out[s.labels["outcome"]] = out.get(s.labels["outcome"], 0.0) + s.value
+    return out
+
+
+def outcome_shares(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+    """Each outcome's share of the choices made between two scrapes (empty: none made)."""
+    made = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    total = sum(made.values())
+    return {k: round(v / total, 3) for k, v in sorted(made.items()) if v > 0} if total else {}
+
+
 def hit_rate(before: Mapping[str, float], after: Mapping[str, float]) -> float | None:
     """Prompt tokens found in the cache over those looked up between two scrapes (None: none)."""
     queries = after[QUERIES] - before[QUERIES]
@@ -137,10 +158,13 @@ def hit_rate(before: Mapping[str, float], after: Mapping[str, float]) -> float |
 
 
 def run_stats(timings: Sequence[RequestTiming], wall_s: float) -> dict[str, Any]:
-    """One run of one strategy: TTFT mean / median / p90 (ms) and output tokens per second
-    over the run's wall time (first send to last reply), with the counts."""
+    """One run of one strategy: TTFT mean / median / p90 (ms), mean TTFT of first and of later
+    turns (request ids `SESSION/TURN`), and output tokens per second over the run's wall time
+    (first send to last reply), with the counts."""
     done = [t for t in timings if t.ok]
     ttft = summarize([t.ttft for t in done])
+    first = [t.ttft for t in done if t.request_id.endswith("/0")]
+    later = [t.ttft for t in done if not t.request_id.endswith("/0")]
     tokens = sum(t.output_len for t in done)
     errors = sorted({t.error for t in timings if t.error})
     return {
@@ -150,6 +174,10 @@ def run_stats(timings: Sequence[RequestTiming], wall_s: float) -> dict[str, Any]
         "ttft_mean_ms": round(ttft["mean_ms"], 1),
         "ttft_median_ms": round(ttft["median_ms"], 1),
         "ttft_p90_ms": round(ttft["p90_ms"], 1),
+        # why: a session's first turn finds nothing cached under any strategy; later turns are
+        # where the routing makes its difference
+        "ttft_first_turn_mean_ms": round(summarize(first)["mean_ms"], 1) if first else None,
+        "ttft_later_turns_mean_ms": round(summarize(later)["mean_ms"], 1) if later else None,
         "output_tokens": tokens,
         "wall_s": round(wall_s, 2),
         "output_tok_s": round(tokens / wall_s, 2) if wall_s > 0 else 0.0,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from bench import gateway_bench, gateway_load, localpool
@@ -154,6 +154,26 @@ def test_prefix_counters_parse_a_worker_metrics_page() -> None:
     assert wl.prefix_counters("other_metric 1\n") == {wl.HITS: 0.0, wl.QUERIES: 0.0}
 
 
+def gateway_page(outcomes: dict[tuple[str, str], float]) -> str:
+    registry = CollectorRegistry()
+    c = Counter(wl.DECISIONS, "doc", ["strategy", "outcome"], registry=registry)
+    for (strategy, outcome), n in outcomes.items():
+        c.labels(strategy, outcome).inc(n)
+    return generate_latest(registry).decode()
+
+
+def test_routing_outcomes_and_their_shares_between_scrapes() -> None:
+    before = wl.routing_outcomes(gateway_page({("prefix", "affinity"): 4}))
+    assert before == {"affinity": 4.0}
+    after = wl.routing_outcomes(
+        gateway_page({("prefix", "affinity"): 10, ("prefix", "overflow"): 2})
+    )
+    assert after == {"affinity": 10.0, "overflow": 2.0}
+    assert wl.outcome_shares(before, after) == {"affinity": 0.75, "overflow": 0.25}
+    assert wl.outcome_shares(after, after) == {}
+    assert wl.routing_outcomes("other 1\n") == {}
+
+
 def test_hit_rate_is_the_ratio_of_the_counter_increments() -> None:
     before = {wl.HITS: 100.0, wl.QUERIES: 400.0}
     assert wl.hit_rate(before, {wl.HITS: 400.0, wl.QUERIES: 800.0}) == pytest.approx(0.75)
@@ -170,9 +190,9 @@ def timing(rid: str, send: float, chunks: list[float], out: int, error: str | No
 
 def test_run_stats_count_only_completed_requests() -> None:
     timings = [
-        timing("a", 0.0, [0.1, 0.2], 2),
-        timing("b", 0.0, [0.3, 0.5], 2),
-        timing("c", 0.0, [], 0, error="HTTP 503: b'busy'"),
+        timing("s-00/0", 0.0, [0.1, 0.2], 2),
+        timing("s-00/1", 0.0, [0.3, 0.5], 2),
+        timing("s-01/0", 0.0, [], 0, error="HTTP 503: b'busy'"),
     ]
     s = wl.run_stats(timings, wall_s=2.0)
     assert (s["requests"], s["completed"], s["failed"]) == (3, 2, 1)
@@ -181,6 +201,10 @@ def test_run_stats_count_only_completed_requests() -> None:
     assert s["ttft_p90_ms"] == pytest.approx(280.0)  # numpy's linear interpolation
     assert s["output_tokens"] == 4 and s["output_tok_s"] == pytest.approx(2.0)
     assert s["errors"] == ["HTTP 503: b'busy'"]
+    assert s["ttft_first_turn_mean_ms"] == pytest.approx(100.0)  # the failed one left out
+    assert s["ttft_later_turns_mean_ms"] == pytest.approx(300.0)
+    only_first = wl.run_stats(timings[:1], wall_s=1.0)
+    assert only_first["ttft_later_turns_mean_ms"] is None
     assert wl.run_stats([], 0.0)["output_tok_s"] == 0.0
 
 
@@ -189,6 +213,10 @@ def run(ttft: float, tok_s: float, hit: float | None) -> dict[str, Any]:
     return {
         "ttft_mean_ms": ttft,
         "ttft_p90_ms": 2 * ttft,
+        "ttft_first_turn_mean_ms": 3 * ttft,
+        "ttft_later_turns_mean_ms": ttft / 2,
+        "computed_prompt_tokens": 1000.0 * (1 - hit) if hit is not None else None,
+        "routing": {"affinity": 0.75, "overflow": 0.25},
         "output_tok_s": tok_s,
         "hit_rate": hit,
         "per_replica_hit_rate": [hit, hit],
@@ -198,7 +226,15 @@ def run(ttft: float, tok_s: float, hit: float | None) -> dict[str, Any]:
 
 def test_medians_over_repeats_skip_missing_values() -> None:
     m = report.medians([run(100, 10, 0.5), run(300, 30, None), run(200, 20, 0.7)])
-    assert m == {"ttft_mean_ms": 200, "ttft_p90_ms": 400, "output_tok_s": 20, "hit_rate": 0.6}
+    assert m == {
+        "ttft_mean_ms": 200,
+        "ttft_p90_ms": 400,
+        "ttft_first_turn_mean_ms": 600,
+        "ttft_later_turns_mean_ms": 100,
+        "output_tok_s": 20,
+        "hit_rate": 0.6,
+        "computed_prompt_tokens": 400,
+    }
     assert report.medians([])["ttft_mean_ms"] is None
 
 
@@ -322,8 +358,9 @@ def test_targets_without_a_measurement_are_not_met() -> None:
 def test_render_shows_the_numbers_side_by_side_and_the_verdicts() -> None:
     text = report.render(results(100, 250, 25, 20, 3.5))
     assert text.startswith(report.BEGIN) and text.rstrip().endswith(report.END)
-    assert "| prefix | 100.0 | 200.0 | 25.00 | 90 % | 90 %, 88 % |" in text
-    assert "| round-robin | 250.0 | 500.0 | 20.00 | 20 % | 20 %, – |" in text
+    assert "| prefix | 100.0 | 200.0 | 300.0 | 50.0 | 25.00 | 90 % | 90 %, 88 % | 100 |" in text
+    assert "| round-robin | 250.0 | 500.0 | 750.0 | 125.0 | 20.00 | 20 % | 20 %, – | 800 |" in text
+    assert "- prefix: 100.0 / 25.00 / 90 % / 1.50 / affinity 75 %, overflow 25 %" in text
     assert "| mean TTFT, round-robin ÷ prefix | >= 3x | 2.50 | **not met** |" in text
     assert "| output tok/s, prefix ÷ round-robin | >= 1x | 1.25 | **met** |" in text
     assert "to a worker) | < 2 ms | 3.50 | **not met** |" in text
@@ -356,8 +393,12 @@ def test_missed_targets_are_explained_from_the_run_and_met_ones_not() -> None:
     missed = results(100, 250, 19, 20, 3.5)
     notes = report.explain(missed)
     assert len(notes) == 3
-    assert notes[0].startswith("mean TTFT, round-robin ÷ prefix: 12 of the 60 requests")
+    assert notes[0].startswith("mean TTFT, round-robin ÷ prefix: prompt tokens the workers")
+    assert "100 with prefix routing vs 800 with round-robin (8.00x)" in notes[0]
+    assert "12 of the 60 requests" in notes[0]
     assert "hit rate prefix 90 % vs round-robin 20 %" in notes[0]
+    assert "first turns 300 ms (prefix) vs 750 ms (round-robin)" in notes[0]
+    assert "later turns 50 vs 125 ms (ratio 2.50)" in notes[0]
     assert "load average 1.25" in notes[0]
     assert notes[1].startswith("output tok/s")
     assert "1,500 µs of CPU per proxied request" in notes[2]
