@@ -20,7 +20,9 @@ from the QuotaPolicies selecting the pool's namespace (the workers' `ratelimits.
 Rates are token buckets holding a minute's worth. Tokens are charged at admission as an estimate
 (a quarter of the prompt's UTF-8 bytes plus the request's max_tokens, 256 when unset); the
 workers count exact tokens against their own limits. Both files are re-read when they change
-(kubelet updates mounted Secrets and ConfigMaps in place), at most once per `reload_s`.
+(kubelet updates mounted Secrets and ConfigMaps in place), at most once per `reload_s`. A missing
+tenants file means no policies until it appears (its ConfigMap is created after the pool); a
+missing or unreadable key file is an error at start, so keys are never silently off.
 """
 
 from __future__ import annotations
@@ -148,13 +150,27 @@ def parse_keys(document: Any, where: str) -> list[tuple[bytes, str, int | None]]
 class _WatchedFile:
     """A JSON file re-parsed when its modification time or size changes."""
 
-    def __init__(self, path: str, parse: Callable[[Any, str], Any], reload_s: float) -> None:
+    def __init__(
+        self,
+        path: str,
+        parse: Callable[[Any, str], Any],
+        reload_s: float,
+        *,
+        missing: Any = None,
+    ) -> None:
+        """`missing`: the document to use while the file does not exist (None: an error)."""
         self.path = path
         self.parse = parse
         self.reload_s = reload_s
+        self.missing = missing
         self._stamp = self._stat()
-        self.value = parse(self._read(), path)  # why: a bad file at start is a config error
+        self.value = parse(self._document(), path)  # why: a bad file at start is a config error
         self._checked = time.monotonic()
+
+    def _document(self) -> Any:
+        if self._stamp is None and self.missing is not None:
+            return self.missing
+        return self._read()
 
     def _stat(self) -> tuple[int, int] | None:
         try:
@@ -178,7 +194,7 @@ class _WatchedFile:
         if stamp != self._stamp:
             self._stamp = stamp
             try:
-                self.value = self.parse(self._read(), self.path)
+                self.value = self.parse(self._document(), self.path)
                 log.info("reloaded %s", self.path)
             except ConfigError as exc:  # why: a bad update keeps the last good settings
                 log.warning("keeping the previous settings: %s", exc)
@@ -282,7 +298,9 @@ class Tenants:
     ) -> None:
         self._keys = _WatchedFile(api_keys_file, parse_keys, reload_s) if api_keys_file else None
         self._policies = (
-            _WatchedFile(tenants_file, parse_policies, reload_s) if tenants_file else None
+            _WatchedFile(tenants_file, parse_policies, reload_s, missing={})
+            if tenants_file
+            else None
         )
         self.limiter = RateLimiter(clock)
 

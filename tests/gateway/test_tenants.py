@@ -264,3 +264,16 @@ def test_keys_and_rate_limits_at_the_gateway(workers: list[WorkerProcess], tmp_p
         text = httpx.get(gw.url + "/metrics").text
         assert 'llmos_gateway_rate_limited_total{tenant="limited"} 1.0' in text
         assert 'tenant="light"' in text
+
+
+def test_tenants_file_may_appear_later_and_bad_updates_keep_the_last(tmp_path: Path) -> None:
+    path = tmp_path / "ratelimits.json"
+    tenants = Tenants(tenants_file=str(path), reload_s=0.0)
+    caller = Caller("team-a", "team-a", authenticated=True)
+    assert tenants.policy(caller) == TenantPolicy()
+    path.write_text(json.dumps({"tenants": {"team-a": {"fairShareWeight": 2}}}))
+    assert tenants.policy(caller).weight == 2.0
+    path.write_text(json.dumps({"tenants": {"team-a": {"fairShareWeight": -1}}, "pad": 1}))
+    assert tenants.policy(caller).weight == 2.0  # refused update: the last good one stays
+    with pytest.raises(ConfigError, match="cannot read"):
+        Tenants(api_keys_file=str(tmp_path / "absent.json"))
