@@ -126,6 +126,21 @@ async def test_two_adapters_load_to_ready_with_digests(
         "--max-loras", "2", "--max-lora-rank", "8", "--lora-key-file", "/etc/llmos/model-key/kek"
     ]  # fmt: skip
 
+    # a pool of the model serves its adapters: the worker Deployment carries those flags
+    pool = sample("InferencePool")
+    pool["metadata"]["name"] = "lora-pool"
+    pool["spec"]["modelRef"] = MODEL
+    await cluster.create("inferencepools", pool)
+
+    async def worker_args() -> list[str] | None:
+        dep = await cluster.get("deployments", "lora-pool")
+        return dep["spec"]["template"]["spec"]["containers"][0]["args"] if dep else None
+
+    args = await cluster.wait_for(worker_args, what="the pool's worker Deployment")
+    start = args.index("--lora")
+    assert args[start : start + len(flags)] == flags
+    assert args.count("--lora") == 2
+
     # a new version of one adapter: a new Job; it fails, the old directory stays served
     adapters = body["spec"]["adapters"]
     adapters[0]["version"] = "4"

@@ -168,6 +168,7 @@ def test_gateway_runs_with_the_routing_settings_canary_and_api_keys() -> None:
         "LLMOS_GATEWAY_HOLD_TIMEOUT": "30",
         "LLMOS_GATEWAY_IDLE_SCALE_TO_ZERO": "600",
         "LLMOS_GATEWAY_POOL_NAME": "chat",
+        "LLMOS_GATEWAY_MAX_INFLIGHT_PER_REPLICA": "64",
         "LLMOS_GATEWAY_POOL_NAMESPACE": {"fieldRef": {"fieldPath": "metadata.namespace"}},
         "LLMOS_GATEWAY_DISCOVER": "stable=chat-workers,canary=chat-canary-workers",
         "LLMOS_GATEWAY_METRICS_PORT": "9090",
@@ -367,6 +368,7 @@ def test_every_gateway_variable_is_a_flag_of_the_gateway_cli(
         "canary": "chat-canary-workers",
     }
     assert (args.metrics_port, args.canary_weight) == (9090, 10)
+    assert args.max_inflight_per_replica == 64  # the workers' maxNumSeqs
     assert args.api_keys_file == "/etc/llmos/api-keys/keys.json"
     assert args.tenants_file == "/etc/llmos/ratelimits/ratelimits.json"
 

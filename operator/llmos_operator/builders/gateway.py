@@ -107,6 +107,8 @@ def gateway_env(
         "LLMOS_GATEWAY_HOLD_TIMEOUT": str(routing.hold_timeout_seconds),
         "LLMOS_GATEWAY_IDLE_SCALE_TO_ZERO": str(routing.idle_scale_to_zero_seconds),
         "LLMOS_GATEWAY_POOL_NAME": ref.name,
+        # why: a worker runs maxNumSeqs at once; beyond that the gateway queues by tenant share
+        "LLMOS_GATEWAY_MAX_INFLIGHT_PER_REPLICA": str(spec.engine.max_num_seqs),
     }
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in values.items()]
     env.append(

@@ -55,6 +55,8 @@ class ServedModel:
     digest: str
     # the key the model's data key is wrapped with (LLMModel status.keySecretRef); None: plain
     key_ref: SecretKeyRef | None = None
+    # `serve` flags for the model's loaded LoRA adapters (builders.adapters.worker_lora_args)
+    lora_args: tuple[str, ...] = ()
 
 
 STABLE = "stable"
@@ -208,6 +210,7 @@ def build_deployment(
         volumes.append(volume)
         mounts.append(mount)
         args += ["--model-key-file", path, "--model-digest", model.digest]
+    args += model.lora_args  # why no mount: adapters live on the model volume, under its key
     api_keys = spec.access.api_key_secret_ref if spec.access else None
     if api_keys is not None:
         volume, mount, path = security.secret_file(

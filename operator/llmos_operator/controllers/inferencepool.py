@@ -28,9 +28,12 @@ from pydantic import ValidationError
 from llmos_operator.api import llmmodel
 from llmos_operator.api.common import ConditionStatus, SecretKeyRef, set_condition
 from llmos_operator.api.inferencepool import KIND, InferencePoolSpec
+from llmos_operator.api.llmmodel import LLMModelSpec
 from llmos_operator.builders import meta
+from llmos_operator.builders.adapters import worker_lora_args
 from llmos_operator.builders.gateway import GATEWAY_KINDS, build_gateway_children, gateway_name
 from llmos_operator.builders.pool import (
+    MODEL_KEY_DIR,
     PoolRef,
     ServedModel,
     build_deployment,
@@ -210,7 +213,7 @@ async def reconcile_pool(
         raise WaitingForDependency(message)
 
     ref = PoolRef(name=name, namespace=namespace, uid=metadata["uid"])
-    served = _served(spec.model_ref, model_status)
+    served = _served(spec.model_ref, model, config)
     replicas, over_quota = spec.replicas, None
     if gate is not None:
         replicas, over_quota = await gate(body)
@@ -262,8 +265,29 @@ async def reconcile_pool(
     return await write()
 
 
-def _served(model_ref: str, model_status: dict[str, Any]) -> ServedModel:
-    """What the Ready LLMModel `model_ref` (its status) offers a pool's workers."""
+def _served(
+    model_ref: str,
+    model: dict[str, Any],
+    config: OperatorConfig,
+    *,
+    served_name: str | None = None,
+) -> ServedModel:
+    """What the Ready LLMModel `model_ref` offers a pool's workers: its volume, version, key
+    and loaded LoRA adapters (`served_name`: the name the workers answer to, if not the
+    model's)."""
+    model_status = model.get("status") or {}
+    try:
+        model_spec = LLMModelSpec.model_validate(model.get("spec") or {})
+    except ValidationError:  # why: the model's own reconcile reports it; serve no adapters
+        lora: list[str] = []
+    else:
+        lora = worker_lora_args(
+            model_spec,
+            model_status,
+            mount_path=config.models_mount_path,
+            key_file=f"{MODEL_KEY_DIR}/kek",
+            served_name=served_name,
+        )
     return ServedModel(
         name=model_ref,
         claim_name=str(model_status.get("claimName") or f"{model_ref}-weights"),
@@ -271,6 +295,7 @@ def _served(model_ref: str, model_status: dict[str, Any]) -> ServedModel:
         version=str(model_status.get("servedVersion") or ""),
         digest=str(model_status.get("digest") or ""),
         key_ref=_key_ref(model_status.get("keySecretRef")),
+        lora_args=tuple(lora),
     )
 
 
@@ -293,7 +318,7 @@ async def _apply_canary(
     if model_status.get("phase") != "Ready" or not model_status.get("path"):
         phase = model_status.get("phase") or "Pending"
         return "False", "ModelNotReady", f"waiting for LLMModel {model_ref!r} (phase {phase})"
-    served = _served(model_ref, model_status)
+    served = _served(model_ref, model, config, served_name=spec.model_ref)
     deployment, _ = await kube.apply(build_deployment(ref, spec, served, config, canary=True))
     desired = deployment["spec"]["replicas"]
     what = f"canary ({model_ref}, {spec.canary.weight}%)"
