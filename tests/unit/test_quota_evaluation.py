@@ -125,6 +125,12 @@ def test_model_sources_must_match_every_listing_policy() -> None:
     )
     model["spec"]["source"] = "builtin://smollm2-135m-instruct"
     assert check_model(model, eff).allowed
+    # an adapter's source is a model source too: no way around the policy through spec.adapters
+    model["spec"]["adapters"] = [
+        {"name": "ok", "source": "builtin://lora-a"},
+        {"name": "bad", "source": "https://elsewhere.example/lora"},
+    ]
+    assert check_model(model, eff).message.startswith("LLMModel ns/m spec.adapters[1]: ")
 
 
 def test_model_size_limit_accepts_quantities() -> None:

@@ -92,8 +92,9 @@ def check_pool(
 
 
 def check_model(proposed: Mapping[str, Any], effective: Effective) -> Verdict:
-    """Admission of an LLMModel create/update: its source must match every policy's patterns;
-    its size, once known (status.sizeBytes), must fit maxModelSizeBytes."""
+    """Admission of an LLMModel create/update: its source and each adapter's source must match
+    every policy's patterns; its size, once known (status.sizeBytes), must fit
+    maxModelSizeBytes."""
     meta = proposed.get("metadata") or {}
     spec = proposed.get("spec") or {}
     status = proposed.get("status") or {}
@@ -102,6 +103,11 @@ def check_model(proposed: Mapping[str, Any], effective: Effective) -> Verdict:
     source = spec.get("source")
     if isinstance(source, str) and (why := effective.source_refusal(source)) is not None:
         violations.append(f"LLMModel {name}: {why}")
+    adapters = spec.get("adapters")
+    for i, adapter in enumerate(adapters if isinstance(adapters, list) else []):
+        source = adapter.get("source") if isinstance(adapter, Mapping) else None
+        if isinstance(source, str) and (why := effective.source_refusal(source)) is not None:
+            violations.append(f"LLMModel {name} spec.adapters[{i}]: {why}")
     size = status.get("sizeBytes")
     if isinstance(size, int) and not isinstance(size, bool):
         violations += model_size_violations(name, size, effective)
