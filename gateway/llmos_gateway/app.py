@@ -25,6 +25,7 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llmos_gateway.errors import HTTPError, error_body, error_response
 from llmos_gateway.fairqueue import FairQueue
@@ -366,7 +367,11 @@ def parse_json(body: bytes) -> dict[str, Any]:
     return value
 
 
-def build_app(gateway: Gateway) -> Starlette:
+def build_app(gateway: Gateway, *, metrics_port: int | None = None) -> Starlette:
+    """The routes; with `metrics_port`, /metrics is served only on that port and nothing else
+    is; without it, /metrics is on the API port, behind the API key when keys are configured
+    (its series name tenants)."""
+
     async def health(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -374,8 +379,14 @@ def build_app(gateway: Gateway) -> Starlette:
         # why: a pool at zero is still served (requests are held), so the gateway stays ready
         return JSONResponse({"status": "ready", "replicas": len(gateway.pool)})
 
-    async def metrics(_: Request) -> Response:
+    async def metrics(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        if metrics_port is None and gateway.tenants.requires_key:
+            try:
+                gateway.tenants.identify(request.headers.get("authorization"), None)
+            except HTTPError as exc:
+                return exc.response()
 
         return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -393,4 +404,25 @@ def build_app(gateway: Gateway) -> Starlette:
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed})
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed})
+    if metrics_port is not None:
+        app.add_middleware(_MetricsPortOnly, metrics_port=metrics_port)
+    return app
+
+
+class _MetricsPortOnly:
+    """/metrics only on the metrics port, and only /metrics there (scope["server"]'s port)."""
+
+    def __init__(self, app: ASGIApp, metrics_port: int) -> None:
+        self.app = app
+        self.metrics_port = metrics_port
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            server = scope.get("server")
+            on_metrics_port = server is not None and server[1] == self.metrics_port
+            if on_metrics_port != (scope["path"] == "/metrics"):
+                response = error_response(404, f"no route {scope['path']}", code="not_found")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

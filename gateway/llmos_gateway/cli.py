@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -90,10 +91,17 @@ def parser() -> argparse.ArgumentParser:
         "Services in --pool-namespace, from the Kubernetes API (instead of --replica)",
     )
     a(
+        "--worker-metrics-port",
+        type=int,
+        default=int(env("worker_metrics_port", "0") or 0),
+        help="discovered workers serve /metrics on this port (0: on their API port)",
+    )
+    a(
         "--metrics-port",
         type=int,
         default=int(env("metrics_port", "0") or 0),
-        help="discovered workers serve /metrics on this port (0: on their API port)",
+        help="serve the gateway's own /metrics on this port only (0: on --port, behind the API "
+        "key when keys are configured)",
     )
     a("--host", default=env("host", "127.0.0.1"))
     a("--port", type=int, default=int(env("port", "8000") or 8000))
@@ -241,7 +249,7 @@ def build(args: argparse.Namespace, transport_stats: Any = None) -> tuple[Gatewa
                 args.pool_namespace,
                 services,
                 pool,
-                metrics_port=args.metrics_port or None,
+                metrics_port=args.worker_metrics_port or None,
             )
     gateway = Gateway(
         pool,
@@ -258,7 +266,7 @@ def build(args: argparse.Namespace, transport_stats: Any = None) -> tuple[Gatewa
             scaler.scale_to_zero, gateway.busy, idle_s=args.idle_scale_to_zero
         )
     scraper = LoadScraper(pool, client, interval_s=args.scrape_interval)
-    app = build_app(gateway)
+    app = build_app(gateway, metrics_port=args.metrics_port or None)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -278,6 +286,16 @@ def build(args: argparse.Namespace, transport_stats: Any = None) -> tuple[Gatewa
 
     app.router.lifespan_context = lifespan
     return gateway, app
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket as uvicorn binds one (SO_REUSEADDR, IPv6 when the host is)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -301,7 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.strategy,
         f"the endpoints of {args.discover}" if args.discover else f"{len(args.replica)} replica(s)",
     )
-    uvicorn.run(
+    if args.metrics_port:
+        log.info("gateway /metrics on port %d only", args.metrics_port)
+    config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
@@ -311,7 +331,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         lifespan="on",
         timeout_keep_alive=args.keep_alive_timeout,
         timeout_graceful_shutdown=5,
+        backlog=min(4096, args.max_connections),
     )
+    try:
+        sockets = [bind(args.host, args.port)]
+        if args.metrics_port:
+            sockets.append(bind(args.host, args.metrics_port))
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", args.host, exc)
+        return 1
+    server = uvicorn.Server(config)
+    server.run(sockets=sockets)
+    if not server.started:
+        return 1
     return 0
 
 

@@ -261,7 +261,9 @@ def test_keys_and_rate_limits_at_the_gateway(workers: list[WorkerProcess], tmp_p
             headers={"Authorization": "Bearer sk-light"},
         )
         assert other.status_code == 200
-        text = httpx.get(gw.url + "/metrics").text
+        # its series name tenants: /metrics is behind the key on the API port
+        assert httpx.get(gw.url + "/metrics").status_code == 401
+        text = httpx.get(gw.url + "/metrics", headers=auth).text
         assert 'llmos_gateway_rate_limited_total{tenant="limited"} 1.0' in text
         assert 'tenant="light"' in text
 
@@ -277,3 +279,24 @@ def test_tenants_file_may_appear_later_and_bad_updates_keep_the_last(tmp_path: P
     assert tenants.policy(caller).weight == 2.0  # refused update: the last good one stays
     with pytest.raises(ConfigError, match="cannot read"):
         Tenants(api_keys_file=str(tmp_path / "absent.json"))
+
+
+async def test_metrics_port_serves_metrics_only_and_the_api_port_everything_else() -> None:
+    from llmos_gateway.app import Gateway, build_app
+    from llmos_gateway.replicas import Pool
+    from llmos_gateway.routing import Router
+
+    upstream = httpx.AsyncClient()
+    app = build_app(Gateway(Pool(), Router(), upstream), metrics_port=9090)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        httpx.AsyncClient(transport=transport, base_url="http://gw:8000") as api,
+        httpx.AsyncClient(transport=transport, base_url="http://gw:9090") as metrics,
+    ):
+        assert (await metrics.get("/metrics")).status_code == 200
+        assert "llmos_gateway_replicas_ready" in (await metrics.get("/metrics")).text
+        assert (await metrics.get("/health")).status_code == 404
+        assert (await metrics.post("/v1/completions", json={})).status_code == 404
+        assert (await api.get("/metrics")).status_code == 404
+        assert (await api.get("/health")).status_code == 200
+    await upstream.aclose()

@@ -171,13 +171,17 @@ def test_gateway_runs_with_the_routing_settings_canary_and_api_keys() -> None:
         "LLMOS_GATEWAY_MAX_INFLIGHT_PER_REPLICA": "64",
         "LLMOS_GATEWAY_POOL_NAMESPACE": {"fieldRef": {"fieldPath": "metadata.namespace"}},
         "LLMOS_GATEWAY_DISCOVER": "stable=chat-workers,canary=chat-canary-workers",
+        "LLMOS_GATEWAY_WORKER_METRICS_PORT": "9090",
         "LLMOS_GATEWAY_METRICS_PORT": "9090",
         "LLMOS_GATEWAY_TENANTS_FILE": "/etc/llmos/ratelimits/ratelimits.json",
         "LLMOS_GATEWAY_CANARY_WEIGHT": "10",
         "LLMOS_GATEWAY_API_KEYS_FILE": "/etc/llmos/api-keys/keys.json",
         "HOME": "/tmp",
     }
-    assert gateway["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert gateway["ports"] == [
+        {"name": "http", "containerPort": 8000, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": 9090, "protocol": "TCP"},
+    ]
     assert gateway["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert gateway["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     amounts = {"cpu": "500m", "memory": "256Mi"}
@@ -323,11 +327,14 @@ def test_worker_policy_admits_only_the_gateway_and_the_operator_on_the_api_port(
 def test_gateway_policy_takes_the_access_peers_and_reaches_workers_dns_and_the_api() -> None:
     policy = build_gateway_network_policy(REF, spec(FULL), CONFIG)
     assert policy["metadata"]["name"] == "chat-gateway"
-    [ingress] = policy["spec"]["ingress"]
+    ingress, scrape = policy["spec"]["ingress"]
     assert ingress == {
         "from": [{"namespaceSelector": TEAM_A}, OPERATOR_PEER],
         "ports": [{"protocol": "TCP", "port": 8000}],
     }
+    # the gateway's own metrics port: the operator and monitoring, never the clients
+    assert scrape["ports"] == [{"protocol": "TCP", "port": 9090}]
+    assert OPERATOR_PEER in scrape["from"] and {"namespaceSelector": TEAM_A} not in scrape["from"]
     dns, workers, api = policy["spec"]["egress"]
     assert {p["port"] for p in dns["ports"]} == {53}
     assert workers["ports"] == [
@@ -336,7 +343,7 @@ def test_gateway_policy_takes_the_access_peers_and_reaches_workers_dns_and_the_a
     ]
     assert "to" not in api and {p["port"] for p in api["ports"]} == {443, 6443}
     # no access named: the pool's own namespace
-    [ingress] = build_gateway_network_policy(REF, spec(PLAIN), CONFIG)["spec"]["ingress"]
+    ingress, _ = build_gateway_network_policy(REF, spec(PLAIN), CONFIG)["spec"]["ingress"]
     assert ingress["from"] == [{"podSelector": {}}, OPERATOR_PEER]
 
 
@@ -367,7 +374,7 @@ def test_every_gateway_variable_is_a_flag_of_the_gateway_cli(
         "stable": "chat-workers",
         "canary": "chat-canary-workers",
     }
-    assert (args.metrics_port, args.canary_weight) == (9090, 10)
+    assert (args.worker_metrics_port, args.metrics_port, args.canary_weight) == (9090, 9090, 10)
     assert args.max_inflight_per_replica == 64  # the workers' maxNumSeqs
     assert args.api_keys_file == "/etc/llmos/api-keys/keys.json"
     assert args.tenants_file == "/etc/llmos/ratelimits/ratelimits.json"

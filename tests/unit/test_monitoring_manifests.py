@@ -232,3 +232,28 @@ def test_pod_monitor_selects_the_pods_the_operator_renders() -> None:
     port_names = {p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
     for endpoint in monitor["spec"]["podMetricsEndpoints"]:
         assert endpoint["port"] in port_names
+
+
+def test_gateway_pod_monitor_selects_the_gateway_pods_on_their_metrics_port() -> None:
+    from llmos_operator.builders.gateway import (
+        build_gateway_deployment,
+        build_gateway_network_policy,
+    )
+
+    (monitor,) = load_yaml_docs(MONITORING / "podmonitor-gateways.yaml")
+    assert "podmonitor-gateways.yaml" in (MONITORING / "kustomization.yaml").read_text()
+    spec = InferencePoolSpec.model_validate({"modelRef": "m"})
+    ref, config = PoolRef("p", "ns", "uid"), OperatorConfig()
+    template = build_gateway_deployment(ref, spec, config)["spec"]["template"]
+    pod_labels = template["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    (container,) = template["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    # the NetworkPolicy admits scrapers on that port, and the gateway serves /metrics there
+    policy = build_gateway_network_policy(ref, spec, config)
+    admitted = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert ports["metrics"] in admitted
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["LLMOS_GATEWAY_METRICS_PORT"] == str(ports["metrics"])

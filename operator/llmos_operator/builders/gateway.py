@@ -119,6 +119,8 @@ def gateway_env(
     )
     more = {
         "LLMOS_GATEWAY_DISCOVER": discover(ref.name, spec),
+        "LLMOS_GATEWAY_WORKER_METRICS_PORT": str(config.worker_metrics_port),
+        # why its own port: the series name tenants; only the operator and monitoring reach it
         "LLMOS_GATEWAY_METRICS_PORT": str(config.worker_metrics_port),
         # why: the pool's rate limits (the ConfigMap the workers mount) set tenant fair shares
         "LLMOS_GATEWAY_TENANTS_FILE": ratelimits.worker_env()["value"],
@@ -156,7 +158,10 @@ def build_gateway_deployment(
         "imagePullPolicy": config.worker_image_pull_policy,
         "command": ["llmos-gateway"],
         "env": gateway_env(ref, spec, config, api_keys_file),
-        "ports": [{"name": "http", "containerPort": config.worker_port, "protocol": "TCP"}],
+        "ports": [
+            {"name": "http", "containerPort": config.worker_port, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": config.worker_metrics_port, "protocol": "TCP"},
+        ],
         "livenessProbe": {
             "httpGet": {"path": "/health", **http_get},
             "periodSeconds": 10,
@@ -226,6 +231,7 @@ def build_gateway_network_policy(
         pod_selector=gateway_selector_labels(ref.name),
         worker_pods=worker_pod_labels(ref.name),
         port=config.worker_port,
+        metrics_port=config.worker_metrics_port,
         worker_port=config.worker_port,
         worker_metrics_port=config.worker_metrics_port,
         access=spec.access,

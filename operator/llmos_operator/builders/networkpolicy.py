@@ -144,13 +144,18 @@ def build_gateway_network_policy(
     pod_selector: dict[str, str],
     worker_pods: dict[str, str],
     port: int,
+    metrics_port: int,
     worker_port: int,
     worker_metrics_port: int,
     access: PoolAccess | None,
     peers: ClusterPeers,
 ) -> dict[str, Any]:
-    """The NetworkPolicy of one pool's gateway pods: in from `access` and the operator; out to
-    DNS, the pool's workers and the Kubernetes API."""
+    """The NetworkPolicy of one pool's gateway pods: in from `access` and the operator, its
+    metrics port from the operator and monitoring; out to DNS, the pool's workers and the
+    Kubernetes API."""
+    scrapers: list[dict[str, Any]] = [_operator(peers)]
+    if peers.monitoring_namespace:
+        scrapers.append({"namespaceSelector": _namespace(peers.monitoring_namespace)})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -162,7 +167,8 @@ def build_gateway_network_policy(
                 {
                     "from": [*access_peers(access), _operator(peers)],
                     "ports": [{"protocol": "TCP", "port": port}],
-                }
+                },
+                {"from": scrapers, "ports": [{"protocol": "TCP", "port": metrics_port}]},
             ],
             "egress": [
                 dns_egress(),
