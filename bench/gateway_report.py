@@ -15,6 +15,7 @@ END = "<!-- gateway:end -->"
 TTFT_TARGET = 3.0  # round-robin mean TTFT / prefix mean TTFT
 THROUGHPUT_TARGET = 1.0  # prefix output tok/s / round-robin output tok/s
 OVERHEAD_TARGET_MS = 2.0
+WAITING_FACTOR = 5  # added latency over this multiple of the gateway's CPU per request: waiting
 FIELDS = (
     "ttft_mean_ms",
     "ttft_p90_ms",
@@ -175,13 +176,22 @@ def explain(results: dict[str, Any]) -> list[str]:
         elif t["target"].startswith("gateway added latency"):
             rps = results.get("max_rps") or {}
             cpu = rps.get("gateway_cpu_us_per_request")
-            notes.append(
+            note = (
                 f"{t['target']}: the gateway process spends {_n(cpu, 0)} µs of CPU per proxied "
                 "request at its best rate against the fake upstream (body parsing, tenant and "
                 "rate-limit checks, routing, and the upstream call through httpx), and on a "
                 f"loaded machine (load average {_n(load, 2)} at the start) a request also waits "
                 "for a core."
             )
+            if cpu and float(t["measured"]) * 1000 > WAITING_FACTOR * float(cpu):
+                note += (
+                    f" The {_n(t['measured'], 1)} ms added is over {WAITING_FACTOR}x that CPU "
+                    "time, so the request mostly waits rather than computes; a near-constant "
+                    "~40 ms per request on a reused connection is the signature of Nagle's "
+                    "algorithm meeting delayed ACKs (a response written in two pieces on a "
+                    "socket without TCP_NODELAY)."
+                )
+            notes.append(note)
     return notes
 
 

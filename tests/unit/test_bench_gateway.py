@@ -402,6 +402,11 @@ def test_missed_targets_are_explained_from_the_run_and_met_ones_not() -> None:
     assert "load average 1.25" in notes[0]
     assert notes[1].startswith("output tok/s")
     assert "1,500 µs of CPU per proxied request" in notes[2]
+    assert "waits rather than computes" not in notes[2]  # 3.5 ms added vs 1.5 ms of CPU
+    stalled = results(100, 400, 20, 20, 44.0)
+    (note,) = report.explain(stalled)
+    assert "The 44.0 ms added is over 5x that CPU time" in note
+    assert "TCP_NODELAY" in note
 
 
 def test_render_names_a_changed_tree() -> None:
