@@ -6,8 +6,11 @@ Figures per strategy are medians over the interleaved repeats; each target compa
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 BEGIN = "<!-- gateway:begin -->"
@@ -179,9 +182,9 @@ def explain(results: dict[str, Any]) -> list[str]:
             note = (
                 f"{t['target']}: the gateway process spends {_n(cpu, 0)} µs of CPU per proxied "
                 "request at its best rate against the fake upstream (body parsing, tenant and "
-                "rate-limit checks, routing, and the upstream call through httpx), and on a "
-                f"loaded machine (load average {_n(load, 2)} at the start) a request also waits "
-                "for a core."
+                "rate-limit checks, routing, and the upstream call through httpx); with other "
+                f"work on the 2 cores (load average {_n(load, 2)} at the start) a request may "
+                "also wait for a core."
             )
             if cpu and float(t["measured"]) * 1000 > WAITING_FACTOR * float(cpu):
                 note += (
@@ -216,7 +219,7 @@ def render(results: dict[str, Any]) -> str:
         "",
         f"- Command: `{m['command']}`; date {m['date']}; code at commit {m['commit']}"
         + (
-            f" ({len(m['tracked_files_changed'])} tracked files changed in the tree, listed in "
+            f" (tracked files changed in the tree: {len(m['tracked_files_changed'])}, listed in "
             "gateway.json)"
             if m.get("tracked_files_changed")
             else ""
@@ -324,3 +327,23 @@ def update_doc(doc: str, section: str) -> str:
         return doc[:start] + section.rstrip("\n") + "\n" + ("\n" + tail if tail else "")
     sep = "" if doc.endswith("\n\n") or not doc else ("\n" if doc.endswith("\n") else "\n\n")
     return doc + sep + section.rstrip("\n") + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Rewrite the section of a benchmarks.md from a saved gateway.json, with notes added to it
+    (an analysis made after the run: `--note TEXT`, repeatable); the JSON keeps the notes."""
+    p = argparse.ArgumentParser(prog="python -m bench.gateway_report", description=main.__doc__)
+    p.add_argument("results", type=Path, help="a gateway.json written by bench.gateway_bench")
+    p.add_argument("--doc", type=Path, required=True, help="the benchmarks.md to update")
+    p.add_argument("--note", action="append", default=[], help="a note to add (repeatable)")
+    args = p.parse_args(argv)
+    results = json.loads(args.results.read_text())
+    results["notes"] = [*results.get("notes", []), *(n for n in args.note if n.strip())]
+    args.results.write_text(json.dumps(results, indent=1) + "\n")
+    doc = args.doc.read_text() if args.doc.exists() else "# Benchmarks\n"
+    args.doc.write_text(update_doc(doc, render(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

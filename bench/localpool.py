@@ -52,11 +52,15 @@ def _spawn(cmd: list[str], log_path: Path | None, env: dict[str, str]) -> subpro
         log_path.parent.mkdir(parents=True, exist_ok=True)
         out = log_path.open("wb")
     try:
+        # why: a session of its own, so that a terminal's Ctrl-C reaches only this process,
+        # which then stops each server once (SIGTERM: drain, exit); a second signal in the
+        # middle of a server's shutdown cuts it short with a traceback
         return subprocess.Popen(
             cmd,
             stdout=out,
             stderr=subprocess.STDOUT if out is not None else None,
             env=os.environ | {"HF_HUB_OFFLINE": "1"} | env,
+            start_new_session=True,
         )
     finally:
         if out is not None:

@@ -413,7 +413,18 @@ def test_render_names_a_changed_tree() -> None:
     res = results(100, 400, 20, 20, 1.0)
     assert "tracked files changed" not in report.render(res)
     res["meta"]["tracked_files_changed"] = ["worker/a.py", "worker/b.c"]
-    assert "abc1234 (2 tracked files changed in the tree" in report.render(res)
+    assert "abc1234 (tracked files changed in the tree: 2" in report.render(res)
+
+
+def test_rerender_from_the_saved_results_with_a_note(tmp_path: Path) -> None:
+    saved, doc = tmp_path / "gateway.json", tmp_path / "benchmarks.md"
+    saved.write_text(json.dumps(results(100, 400, 20, 20, 1.0)))
+    doc.write_text(f"# Benchmarks\n\n{report.BEGIN}\nold\n{report.END}\n\n## Later\n")
+    assert report.main([str(saved), "--doc", str(doc), "--note", "measured after a fix"]) == 0
+    text = doc.read_text()
+    assert "\nold\n" not in text and text.endswith("## Later\n")
+    assert "- measured after a fix" in text
+    assert json.loads(saved.read_text())["notes"] == ["measured after a fix"]
 
 
 def test_update_doc_replaces_only_the_section() -> None:
