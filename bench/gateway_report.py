@@ -315,6 +315,9 @@ def render(results: dict[str, Any]) -> str:
     notes = results.get("notes") or []
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    analysis = results.get("analysis") or []
+    if analysis:
+        lines += ["", "Analysis after the run:", ""] + [f"- {n}" for n in analysis]
     lines += [END, ""]
     return "\n".join(lines)
 
@@ -330,15 +333,19 @@ def update_doc(doc: str, section: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Rewrite the section of a benchmarks.md from a saved gateway.json, with notes added to it
-    (an analysis made after the run: `--note TEXT`, repeatable); the JSON keeps the notes."""
+    """Rewrite the section of a benchmarks.md from a saved gateway.json, with the notes on
+    missed targets made afresh and an analysis made after the run added (`--note TEXT`,
+    repeatable, kept in the JSON under `analysis`)."""
     p = argparse.ArgumentParser(prog="python -m bench.gateway_report", description=main.__doc__)
     p.add_argument("results", type=Path, help="a gateway.json written by bench.gateway_bench")
     p.add_argument("--doc", type=Path, required=True, help="the benchmarks.md to update")
     p.add_argument("--note", action="append", default=[], help="a note to add (repeatable)")
     args = p.parse_args(argv)
     results = json.loads(args.results.read_text())
-    results["notes"] = [*results.get("notes", []), *(n for n in args.note if n.strip())]
+    automatic = tuple(f"{t['target']}:" for t in results.get("targets", []))
+    kept = [n for n in results.get("notes", []) if not n.startswith(automatic)]
+    results["notes"] = kept + explain(results)
+    results["analysis"] = [*results.get("analysis", []), *(n for n in args.note if n.strip())]
     args.results.write_text(json.dumps(results, indent=1) + "\n")
     doc = args.doc.read_text() if args.doc.exists() else "# Benchmarks\n"
     args.doc.write_text(update_doc(doc, render(results)))

@@ -418,13 +418,19 @@ def test_render_names_a_changed_tree() -> None:
 
 def test_rerender_from_the_saved_results_with_a_note(tmp_path: Path) -> None:
     saved, doc = tmp_path / "gateway.json", tmp_path / "benchmarks.md"
-    saved.write_text(json.dumps(results(100, 400, 20, 20, 1.0)))
+    res = results(100, 250, 20, 20, 1.0)
+    res["notes"] = ["mean TTFT, round-robin ÷ prefix: an older wording", "3 requests failed"]
+    saved.write_text(json.dumps(res))
     doc.write_text(f"# Benchmarks\n\n{report.BEGIN}\nold\n{report.END}\n\n## Later\n")
     assert report.main([str(saved), "--doc", str(doc), "--note", "measured after a fix"]) == 0
     text = doc.read_text()
     assert "\nold\n" not in text and text.endswith("## Later\n")
-    assert "- measured after a fix" in text
-    assert json.loads(saved.read_text())["notes"] == ["measured after a fix"]
+    assert "Analysis after the run:\n\n- measured after a fix" in text
+    again = json.loads(saved.read_text())
+    assert again["analysis"] == ["measured after a fix"]
+    assert again["notes"][0] == "3 requests failed"  # kept; the automatic one made afresh
+    assert again["notes"][1:] == report.explain(res)
+    assert "an older wording" not in text
 
 
 def test_update_doc_replaces_only_the_section() -> None:
