@@ -26,7 +26,7 @@ from typing import IO
 import httpx
 
 BUILTIN = "builtin://smollm2-135m-instruct"
-KV_MIB = 64  # why: a few thousand tokens per worker, enough for a handful of long sessions
+KV_MIB = 256  # why: ~5,800 tokens per worker in float32 (the context length is capped by it)
 
 
 @dataclass
