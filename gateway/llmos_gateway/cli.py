@@ -220,6 +220,12 @@ def build(args: argparse.Namespace, transport_stats: Any = None) -> tuple[Gatewa
             pool=args.connect_timeout,
         ),
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        # why: a request's head and body are written apart; Nagle's algorithm must never hold
+        # the body until the worker ACKs the head
+        transport=httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+        ),
     )
     settings = GatewaySettings(
         max_body_bytes=args.max_body_bytes,
@@ -289,10 +295,16 @@ def build(args: argparse.Namespace, transport_stats: Any = None) -> tuple[Gatewa
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening socket as uvicorn binds one (SO_REUSEADDR, IPv6 when the host is)."""
+    """A listening socket as uvicorn binds one (SO_REUSEADDR, IPv6 when the host is).
+
+    Its protocol is IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only
+    when their socket says TCP, and with Nagle's algorithm on, a response written in parts (head,
+    then body) waited for the client's delayed ACK, ~40 ms a request. TCP_NODELAY is set on the
+    listener too (accepted sockets inherit it)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
     sock.set_inheritable(True)
     return sock
