@@ -9,6 +9,11 @@ key, the first replica whose queue score plus this request stays within `load_fa
 mean (ceil((total + 1) * factor / n)) and whose KV cache is not full with requests waiting takes
 it: the home replica while it has room, its ring successor when it is overloaded (consistent
 hashing with bounded loads). Replicas ejected after failures and ones already tried are left out.
+
+A prefix that overflowed is cached where it went, not at home: the router remembers the last
+replicas that served each key (a bounded LRU) and offers them before its home, so a
+session that spilled to another replica stays there while it has room instead of missing the
+cache on every overflow (outcome `cached`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import bisect
 import hashlib
 import itertools
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -117,7 +123,7 @@ class CanarySplit:
 @dataclass
 class Decision:
     replica: Replica
-    outcome: str  # round_robin | least_load | affinity | overflow
+    outcome: str  # round_robin | least_load | affinity | cached | overflow
 
 
 class Router:
@@ -132,6 +138,7 @@ class Router:
         block_chars: int = 256,
         max_blocks: int = 4,
         kv_full: float = 0.95,
+        max_remembered: int = 65536,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown routing strategy {strategy!r}; one of {STRATEGIES}")
@@ -145,6 +152,9 @@ class Router:
         self.kv_full = kv_full
         self._counter = itertools.count()
         self._ring: HashRing | None = None
+        # prefix key -> names of the replicas that served it last (most recent first)
+        self._served: OrderedDict[int, tuple[str, ...]] = OrderedDict()
+        self.max_remembered = max_remembered
 
     def key_of(self, body: dict[str, Any]) -> int:
         model = body.get("model")
@@ -181,12 +191,33 @@ class Router:
         by_name = {r.name: r for r in candidates}
         total = sum(r.score() for r in all_replicas)
         bound = math.ceil((total + 1) * self.load_factor / max(1, len(all_replicas)))
-        order = [by_name[n] for n in ring.walk(key) if n in by_name]
-        home = ring.walk(key)[0] if order else None
+        walk = ring.walk(key)
+        home = walk[0] if walk else None
+        served = self._served.get(key, ())
+        # where the prefix was served last is where it is cached: there first, then home
+        names = [n for n in (*served, home, *walk[1:]) if n is not None]
+        order = [by_name[n] for n in dict.fromkeys(names) if n in by_name]
+
+        def outcome(replica: Replica) -> str:
+            if replica.name == home:
+                return "affinity"
+            return "cached" if replica.name in served else "overflow"
+
+        chosen: Replica | None = None
         for replica in order:
             full = replica.load.kv_usage >= self.kv_full and replica.load.waiting > 0
             if replica.score() + 1 <= bound and not full:
-                return Decision(replica, "affinity" if replica.name == home else "overflow")
-        # why: every replica is over the bound; the least loaded one still serves
-        fallback = min(order or list(candidates), key=lambda r: r.score())
-        return Decision(fallback, "affinity" if fallback.name == home else "overflow")
+                chosen = replica
+                break
+        if chosen is None:
+            # why: every replica is over the bound; the least loaded one still serves
+            chosen = min(order or list(candidates), key=lambda r: r.score())
+        self._remember(key, chosen.name)
+        return Decision(chosen, outcome(chosen))
+
+    def _remember(self, key: int, name: str) -> None:
+        """`name` served `key`: first of its recent servers (two kept), the key most recent."""
+        previous = self._served.pop(key, ())
+        self._served[key] = (name, *(n for n in previous if n != name))[:2]
+        while len(self._served) > self.max_remembered:
+            self._served.popitem(last=False)

@@ -195,7 +195,9 @@ def test_overflow_under_skew(gw: GatewayServer, model: str) -> None:
         for s in f.samples
         if s.name.endswith("_total")
     }
-    assert outcomes.get("overflow", 0) >= 2
+    # the first spill is an overflow; later ones go where that prefix is now cached
+    assert outcomes.get("overflow", 0) >= 1
+    assert outcomes.get("overflow", 0) + outcomes.get("cached", 0) >= 2
 
 
 def test_upstream_4xx_passes_through(gw: GatewayServer, model: str) -> None:

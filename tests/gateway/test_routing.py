@@ -86,6 +86,27 @@ def test_overflow_under_skew_goes_to_the_ring_successor() -> None:
     assert bound <= math.ceil(30 * 1.25 / 3)  # no replica above factor x mean
 
 
+def test_an_overflowed_prefix_stays_where_it_is_cached() -> None:
+    """A prefix that spilled to another replica is cached there: its next request goes there
+    (outcome cached) while that replica has room, even once its home is free again."""
+    pool = replicas(3)
+    router = Router("prefix", load_factor=1.0)
+    key = router.key_of({"prompt": "session " * 500})
+    home = router.choose(pool, key, pool).replica
+    assert router.choose(pool, key, pool).outcome == "affinity"
+    home.inflight = 5  # the home replica is busy with other prefixes
+    spilled = router.choose(pool, key, pool)
+    assert spilled.outcome == "overflow" and spilled.replica is not home
+    home.inflight = 0
+    again = router.choose(pool, key, pool)
+    assert again.replica is spilled.replica and again.outcome == "cached"
+    # the memory is bounded
+    small = Router("prefix", max_remembered=2)
+    for k in range(5):
+        small.choose(pool, k, pool)
+    assert len(small._served) == 2
+
+
 def test_a_full_kv_cache_with_waiters_is_skipped() -> None:
     pool = replicas(2)
     router = Router("prefix")
