@@ -162,7 +162,7 @@ class Gateway:
         self.metrics.decisions.labels(self.router.strategy, decision.outcome).inc()
         if self.router.strategy == "prefix" and not tried:
             self.metrics.affinity_lookups.inc()
-            if decision.outcome == "affinity":
+            if decision.outcome in ("affinity", "cached"):
                 self.metrics.affinity_hits.inc()
         decision.replica.inflight += 1
         self.metrics.upstream_requests.labels(decision.replica.name, decision.replica.version).inc()

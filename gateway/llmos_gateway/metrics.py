@@ -85,7 +85,7 @@ class GatewayMetrics:
         )
         self.decisions = Counter(
             "llmos_gateway_routing_decisions",
-            "Replica choices by strategy and outcome (affinity, overflow, least_load, "
+            "Replica choices by strategy and outcome (affinity, cached, overflow, least_load, "
             "round_robin).",
             ["strategy", "outcome"],
             registry=r,
@@ -95,7 +95,8 @@ class GatewayMetrics:
         )
         self.affinity_hits = Counter(
             "llmos_gateway_prefix_affinity_hits",
-            "Prefix-routed requests that went to their prefix's home replica.",
+            "Prefix-routed requests that went to their prefix's home replica or to the replica "
+            "that served it last.",
             registry=r,
         )
         self.held = Gauge(
