@@ -196,6 +196,11 @@ class Gateway:
 
             def on_failure(replica: Replica, reason: str) -> None:
                 self.release(replica)
+                if reason == "read_timeout":
+                    # why: a slow answer is not a broken replica (and is not retried); ejecting
+                    # it would push its prefixes onto the others
+                    self.metrics.upstream_timeouts.inc()
+                    return
                 self.pool.eject(replica)
                 self.metrics.retries.labels(reason).inc()
 

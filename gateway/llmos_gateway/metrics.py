@@ -141,6 +141,12 @@ class GatewayMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.upstream_timeouts = Counter(
+            "llmos_gateway_upstream_timeouts",
+            "Requests answered 504 because the replica did not answer within the read timeout "
+            "(not retried; the replica stays in rotation).",
+            registry=r,
+        )
         self.upstream_cut = Counter(
             "llmos_gateway_upstream_cut",
             "Responses cut because the replica failed after the first byte (never retried).",

@@ -363,6 +363,14 @@ def test_upstream_stall_gives_504() -> None:
     with fake(stall) as up:
         with GatewayServer(["--replica", up.url, "--upstream-read-timeout", "0.3"]) as gw:
             r = httpx.post(gw.url + "/v1/completions", json={}, timeout=20)
+            # a slow replica is not a broken one: it stays in rotation, and nothing was retried
+            assert not any(rep.ejected(time.monotonic()) for rep in gw.core.pool.all())
+            registry = gw.core.metrics.registry
+            assert registry.get_sample_value("llmos_gateway_upstream_timeouts_total") == 1
+            retried = registry.get_sample_value(
+                "llmos_gateway_retries_total", {"reason": "read_timeout"}
+            )
+            assert retried is None
         release.set()
     assert r.status_code == 504
     assert r.json()["error"]["code"] == "upstream_timeout"
