@@ -102,9 +102,7 @@ def build_worker_network_policy(
     while the pool's Service still points at the workers), and the metrics port admits it too.
     """
     operator = _operator(peers)
-    scrapers: list[dict[str, Any]] = [operator]
-    if peers.monitoring_namespace:
-        scrapers.append({"namespaceSelector": _namespace(peers.monitoring_namespace)})
+    scrapers = _scrapers(peers)
     callers = access_peers(access)
     if gateway_pods is not None:
         gateway = {"podSelector": {"matchLabels": dict(gateway_pods)}}
@@ -127,6 +125,14 @@ def build_worker_network_policy(
             "egress": [dns_egress()],
         },
     }
+
+
+def _scrapers(peers: ClusterPeers) -> list[dict[str, Any]]:
+    """Who may read a metrics port: the operator, and the monitoring namespace when set."""
+    scrapers = [_operator(peers)]
+    if peers.monitoring_namespace:
+        scrapers.append({"namespaceSelector": _namespace(peers.monitoring_namespace)})
+    return scrapers
 
 
 def _operator(peers: ClusterPeers) -> dict[str, Any]:
@@ -153,9 +159,7 @@ def build_gateway_network_policy(
     """The NetworkPolicy of one pool's gateway pods: in from `access` and the operator, its
     metrics port from the operator and monitoring; out to DNS, the pool's workers and the
     Kubernetes API."""
-    scrapers: list[dict[str, Any]] = [_operator(peers)]
-    if peers.monitoring_namespace:
-        scrapers.append({"namespaceSelector": _namespace(peers.monitoring_namespace)})
+    scrapers = _scrapers(peers)
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
