@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import Response
+from starlette.routing import Route
 
 from llmos_gateway.app import Gateway
 from llmos_gateway.cli import build, parser
@@ -99,6 +102,44 @@ class GatewayServer:
     @property
     def core(self) -> Gateway:
         return self.gateway
+
+
+class FakeUpstream:
+    """A starlette app under uvicorn in a thread, for faults a worker does not make on demand."""
+
+    def __init__(self, app: Starlette) -> None:
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="off")
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()))
+
+    def __enter__(self) -> FakeUpstream:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self._thread.is_alive()
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self._thread.join(30)
+
+    @property
+    def url(self) -> str:
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+
+def fake(handler: object) -> FakeUpstream:
+    """An upstream whose /v1/completions is `handler` and whose /metrics is empty."""
+    return FakeUpstream(
+        Starlette(
+            routes=[
+                Route("/v1/completions", handler, methods=["POST"]),  # type: ignore[arg-type]
+                Route("/metrics", lambda _: Response(""), methods=["GET"]),
+            ]
+        )
+    )
 
 
 def kill(proc: subprocess.Popen[bytes]) -> None:

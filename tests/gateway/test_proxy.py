@@ -20,13 +20,10 @@ from contextlib import ExitStack
 
 import httpx
 import pytest
-import uvicorn
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
 
-from tests.gateway.conftest import GatewayServer, WorkerProcess
+from tests.gateway.conftest import GatewayServer, WorkerProcess, fake
 
 LONG = "You are a careful assistant who answers questions about the weather. " * 12
 
@@ -257,43 +254,6 @@ def test_raw_garbage_does_not_hurt_the_gateway(gw: GatewayServer, model: str) ->
 
 
 # --------------------------------------------------------------------------- fake upstreams
-class FakeUpstream:
-    """A starlette app under uvicorn in a thread, for faults a worker does not make on demand."""
-
-    def __init__(self, app: Starlette) -> None:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="off")
-        self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()))
-
-    def __enter__(self) -> FakeUpstream:
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self._thread.is_alive()
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self._thread.join(30)
-
-    @property
-    def url(self) -> str:
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-
-def fake(handler: object) -> FakeUpstream:
-    return FakeUpstream(
-        Starlette(
-            routes=[
-                Route("/v1/completions", handler, methods=["POST"]),  # type: ignore[arg-type]
-                Route("/metrics", lambda _: Response(""), methods=["GET"]),
-            ]
-        )
-    )
-
-
 def test_sse_is_relayed_without_buffering() -> None:
     """The upstream sends one event, then waits until the client has seen it via the gateway:
     a gateway that buffered the stream would never deliver it (and the test would time out)."""

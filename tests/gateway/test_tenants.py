@@ -1,8 +1,9 @@
 """Tenants at the gateway: API keys, RPM/TPM, weighted fair share under saturation, priority.
 
 The fair queue and the rate limiter are tested directly (deterministic, no clock but a fake one);
-the whole path runs through the real gateway in front of the session's two tiny workers, with
-each worker given one slot, so that requests of two tenants queue and are served by weight.
+fair share runs through the real gateway in front of two gated upstreams given one slot each, so
+that requests of two tenants queue whatever the machine's speed and are served by weight; keys
+and rate limits run in front of the session's two tiny workers.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import time
+import threading
 from pathlib import Path
 
 import httpx
 import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from llmos_gateway.errors import ConfigError, HTTPError
 from llmos_gateway.fairqueue import FairQueue
@@ -27,7 +30,7 @@ from llmos_gateway.tenants import (
     estimate_tokens,
     parse_policies,
 )
-from tests.gateway.conftest import GatewayServer, WorkerProcess
+from tests.gateway.conftest import GatewayServer, WorkerProcess, fake
 
 
 # ---------------------------------------------------------------- the fair queue alone
@@ -191,50 +194,67 @@ def _body(model: str, max_tokens: int) -> dict[str, object]:
     }
 
 
-def test_fair_share_between_two_tenants_follows_weights(
-    workers: list[WorkerProcess], tmp_path: Path
-) -> None:
+def test_fair_share_between_two_tenants_follows_weights(tmp_path: Path) -> None:
+    """Two replicas that answer only once the test opens a gate, one slot each: the first two
+    requests take the slots and all 60 others queue whatever this machine's speed; the order
+    the replicas then see them in is the fair queue's."""
     keys, policies = _key_files(tmp_path)
-    model = httpx.get(workers[0].url + "/v1/models").json()["data"][0]["id"]
-    argv = [a for w in workers for a in ("--replica", w.url)]
-    argv += ["--api-keys-file", str(keys), "--tenants-file", str(policies)]
-    argv += ["--max-inflight-per-replica", "1", "--strategy", "least-load"]
-    with GatewayServer(argv) as gw:
-        fair = gw.core.fair
-        assert fair is not None
+    gate = threading.Event()
+    seen: list[str] = []
 
-        async def run() -> list[str]:
-            order: list[str] = []
-            async with httpx.AsyncClient(base_url=gw.url, timeout=120) as client:
+    async def gated(request: Request) -> Response:
+        body = await request.json()
+        while not gate.is_set():
+            await asyncio.sleep(0.005)
+        seen.append(body["user"])
+        return JSONResponse(
+            {
+                "id": "cmpl-1",
+                "object": "text_completion",
+                "created": 0,
+                "model": "m",
+                "choices": [{"index": 0, "text": "ok", "finish_reason": "length"}],
+                "usage": {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6},
+            }
+        )
 
-                async def call(tenant: str, max_tokens: int) -> None:
-                    r = await client.post(
-                        "/v1/completions",
-                        json=_body(model, max_tokens),
-                        headers={"Authorization": f"Bearer sk-{tenant}"},
-                    )
-                    assert r.status_code == 200, r.text
-                    order.append(tenant)
+    with fake(gated) as a, fake(gated) as b:
+        argv = ["--replica", a.url, "--replica", b.url]
+        argv += ["--api-keys-file", str(keys), "--tenants-file", str(policies)]
+        argv += ["--max-inflight-per-replica", "1", "--strategy", "least-load"]
+        with GatewayServer(argv) as gw:
+            fair = gw.core.fair
+            assert fair is not None
 
-                # two long requests take both slots, so everything after them queues
-                blockers = [asyncio.create_task(call("blocker", 96)) for _ in range(2)]
-                while fair.inflight < 2:
-                    await asyncio.sleep(0.005)
-                tasks = [asyncio.create_task(call("light", 4)) for _ in range(30)]
-                tasks += [asyncio.create_task(call("heavy", 4)) for _ in range(30)]
-                deadline = time.monotonic() + 30
-                while fair.queued < 60:
-                    assert time.monotonic() < deadline, "requests did not queue"
-                    await asyncio.sleep(0.005)
-                await asyncio.gather(*blockers, *tasks)
-            return [t for t in order if t != "blocker"]
+            async def run() -> None:
+                async with httpx.AsyncClient(base_url=gw.url, timeout=120) as client:
 
-        order = asyncio.run(run())
+                    async def call(tenant: str) -> None:
+                        body = {**_body("m", 4), "user": tenant}
+                        r = await client.post(
+                            "/v1/completions",
+                            json=body,
+                            headers={"Authorization": f"Bearer sk-{tenant}"},
+                        )
+                        assert r.status_code == 200, r.text
+
+                    blockers = [asyncio.create_task(call("blocker")) for _ in range(2)]
+                    while fair.inflight < 2:
+                        await asyncio.sleep(0.005)
+                    tasks = [asyncio.create_task(call("light")) for _ in range(30)]
+                    tasks += [asyncio.create_task(call("heavy")) for _ in range(30)]
+                    while fair.queued < 60:
+                        await asyncio.sleep(0.005)
+                    gate.set()
+                    await asyncio.gather(*blockers, *tasks)
+
+            asyncio.run(run())
+    order = [t for t in seen if t != "blocker"]
+    assert len(order) == 60
     # while both were backlogged (the first 40 served: heavy still had 30 waiting)
     window = order[:40]
     ratio = window.count("heavy") / max(1, window.count("light"))
     assert 3.0 * 0.8 <= ratio <= 3.0 * 1.2, (ratio, window)
-    assert len(order) == 60
 
 
 def test_keys_and_rate_limits_at_the_gateway(workers: list[WorkerProcess], tmp_path: Path) -> None:
