@@ -120,6 +120,12 @@ async def test_pool_gets_its_gateway_and_canary(
     canary_service = await cluster.get("services", "chat-canary-workers")
     assert canary_service is not None
     assert canary_service["spec"]["selector"].items() <= labels.items()
+    # a drain evicts one canary pod at a time, and the stable budget does not count them
+    budget = await cluster.get("poddisruptionbudgets", "chat-canary")
+    assert budget is not None and budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    stable_budget = await cluster.get("poddisruptionbudgets", "chat") or {}
+    assert not stable_budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
     async def split() -> dict[str, Any] | None:
         dep = await cluster.get("deployments", "chat-gateway") or {}
@@ -145,6 +151,7 @@ async def test_pool_gets_its_gateway_and_canary(
         return (
             "chat-canary" not in cluster.names("deployments")
             and "chat-canary-workers" not in cluster.names("services")
+            and "chat-canary" not in cluster.names("poddisruptionbudgets")
             and bool(dep)
             and "LLMOS_GATEWAY_CANARY_WEIGHT" not in gateway_env(dep)
             and await pool_condition(cluster, "chat", "CanaryReady") == {}
@@ -199,10 +206,12 @@ async def test_pool_delete_removes_gateway_and_canary(
 
     await cluster.wait_for(all_there, what="stable, canary and gateway Deployments")
     assert {"chat", "chat-workers", "chat-canary-workers"} <= set(cluster.names("services"))
+    assert {"chat", "chat-canary"} <= set(cluster.names("poddisruptionbudgets"))
     await cluster.delete("inferencepools", "chat")
 
     async def cleaned() -> bool:
         plurals = ("deployments", "services", "serviceaccounts", "roles", "rolebindings")
+        plurals += ("poddisruptionbudgets",)
         return not any(cluster.names(plural) for plural in plurals)
 
     await cluster.wait_for(cleaned, what="every child removed")

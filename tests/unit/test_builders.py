@@ -70,6 +70,7 @@ def _children() -> list[dict[str, Any]]:
             build_deployment(POOL_REF, pool, SERVED, CONFIG),
             build_service(POOL_REF, CONFIG),
             build_pdb(POOL_REF),
+            build_pdb(POOL_REF, canary=True),
         ]
     return out
 

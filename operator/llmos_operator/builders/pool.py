@@ -84,8 +84,8 @@ def workers_service_name(pool: str, canary: bool = False) -> str:
     return meta.child_name(pool, "canary-workers" if canary else "workers")
 
 
-def pdb_name(pool: str) -> str:
-    return meta.child_name(pool)
+def pdb_name(pool: str, canary: bool = False) -> str:
+    return canary_deployment_name(pool) if canary else meta.child_name(pool)
 
 
 def network_policy_name(pool: str) -> str:
@@ -368,15 +368,14 @@ def build_workers_service(
     }
 
 
-def build_pdb(ref: PoolRef) -> dict[str, Any]:
+def build_pdb(ref: PoolRef, *, canary: bool = False) -> dict[str, Any]:
+    """At most one stable (or canary) worker pod evicted at a time by a node drain."""
+    selector = canary_selector_labels(ref.name) if canary else selector_labels(ref.name)
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": child_metadata(ref, pdb_name(ref.name)),
-        "spec": {
-            "maxUnavailable": 1,
-            "selector": {"matchLabels": selector_labels(ref.name)},
-        },
+        "metadata": child_metadata(ref, pdb_name(ref.name, canary)),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}},
     }
 
 

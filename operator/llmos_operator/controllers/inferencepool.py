@@ -310,6 +310,7 @@ async def _apply_canary(
     """
     assert spec.canary is not None
     await kube.apply(build_workers_service(ref, config, canary=True))
+    await kube.apply(build_pdb(ref, canary=True))
     model_ref = spec.canary.model_ref
     model = await kube.get(llmmodel.KIND, ref.namespace, model_ref)
     if model is None:
@@ -366,6 +367,7 @@ async def _delete_gateway(kube: KubeClient, ref: PoolRef) -> None:
 async def _delete_canary(kube: KubeClient, ref: PoolRef) -> None:
     await _delete_owned(kube, ref, "Deployment", canary_deployment_name(ref.name))
     await _delete_owned(kube, ref, "Service", workers_service_name(ref.name, canary=True))
+    await _delete_owned(kube, ref, "PodDisruptionBudget", pdb_name(ref.name, canary=True))
 
 
 def _key_ref(value: Any) -> SecretKeyRef | None:
