@@ -384,7 +384,7 @@ async def cleanup_pool(kube: KubeClient, body: dict[str, Any]) -> None:
     await _delete_canary(kube, ref)
     # why owner-checked: another pool's gateway or canary children may carry these names
     await _delete_owned(kube, ref, "Deployment", deployment_name(name))
-    await kube.delete("PodDisruptionBudget", namespace, pdb_name(name))
+    await _delete_owned(kube, ref, "PodDisruptionBudget", pdb_name(name))
     await _delete_owned(kube, ref, "Service", service_name(name))
     await kube.delete("ServiceAccount", namespace, service_account_name(name))
     await kube.delete("NetworkPolicy", namespace, network_policy_name(name))
