@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +245,41 @@ def tight_caps(
 KEY = {"Authorization": "Bearer key-a"}
 
 
+def wait_metric(w: Worker, name: str, done: Callable[[float], bool]) -> None:
+    """Poll the metrics port until `name` satisfies `done` (a page refused at the connection
+    cap is not an answer yet): the server has seen what the test did, however slow it is."""
+    deadline = time.monotonic() + 30
+    while True:
+        page = httpx.get(w.metrics_url, timeout=10)
+        if page.status_code == 200:
+            value = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in page.text.splitlines()
+                if line.startswith(name) and not line.startswith("#")
+            )
+            if done(value):
+                return
+        assert time.monotonic() < deadline, f"{name} never reached the wanted value"
+        time.sleep(0.02)
+
+
+def wait_inside_a_request(socks: list[socket.socket], refused: int) -> None:
+    """Block until `refused` of `socks` were answered 503 too_many_requests_in_flight: each such
+    answer means the in-flight cap was full, so every head was read and every connection is
+    inside a request (the rest wait for their bodies), not idle and open to eviction."""
+    answered: set[int] = set()
+    deadline = time.monotonic() + 30
+    while len(answered) < refused:
+        assert time.monotonic() < deadline, f"only {len(answered)} of {refused} refused"
+        waiting = [s for i, s in enumerate(socks) if i not in answered]
+        readable, _, _ = select.select(waiting, [], [], 0.1)
+        for sock in readable:
+            got = sock.recv(65536, socket.MSG_PEEK)
+            assert got.startswith(b"HTTP/1.1 503"), got[:200]
+            if b"too_many_requests_in_flight" in got:
+                answered.add(socks.index(sock))
+
+
 def open_request(port: int) -> socket.socket:
     """A connection inside a request: head sent, body still to come."""
     sock = connect(port)
@@ -257,7 +293,8 @@ def open_request(port: int) -> socket.socket:
 def test_in_flight_requests_past_the_cap_get_503_with_retry_after(tight_caps: Worker) -> None:
     pending = [open_request(tight_caps.port) for _ in range(4)]
     try:
-        time.sleep(0.5)
+        # all four heads read (they wait for their bodies): the cap is full
+        wait_metric(tight_caps, "llmos_http_requests_in_flight", lambda n: n == 4)
         refused = tight_caps.complete(**KEY)
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "1"
@@ -270,13 +307,16 @@ def test_in_flight_requests_past_the_cap_get_503_with_retry_after(tight_caps: Wo
     finally:
         for sock in pending:
             sock.close()
+    # why: a client may read a response before the server counted its request out
+    wait_metric(tight_caps, "llmos_http_requests_in_flight", lambda n: n == 0)
     assert tight_caps.complete(**KEY).status_code == 200
 
 
 def test_when_every_connection_is_busy_a_new_one_gets_503(tight_caps: Worker) -> None:
     busy = [open_request(tight_caps.port) for _ in range(16)]
     try:
-        time.sleep(0.5)
+        # four in flight wait for their bodies, twelve were refused past the in-flight cap of 4
+        wait_inside_a_request(busy, refused=12)
         with connect(tight_caps.port) as sock:
             closed, got = closed_within(sock, 15)
         assert closed
@@ -286,7 +326,8 @@ def test_when_every_connection_is_busy_a_new_one_gets_503(tight_caps: Worker) ->
     finally:
         for sock in busy:
             sock.close()
-    time.sleep(0.5)
+    # the server has seen the sixteen go (only the metrics page's own connection is open)
+    wait_metric(tight_caps, "llmos_http_open_connections", lambda n: n <= 1)
     assert tight_caps.complete(**KEY).status_code == 200
     assert tight_caps.metric("llmos_http_connections_refused_total") >= 1
 
