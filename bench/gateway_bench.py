@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -57,9 +58,18 @@ async def _session(
     gate: asyncio.Semaphore,
     timings: list[RequestTiming],
     prompt_tokens: list[int],
+    *,
+    start_s: float = 0.0,
+    think_s: float = 0.0,
 ) -> None:
+    """The session's turns in order; `start_s` after the run starts, `think_s` between a reply
+    and the next turn (a user reading and typing)."""
     replies: list[str] = []
+    if start_s > 0:
+        await asyncio.sleep(start_s)
     for turn in range(len(session.users)):
+        if turn and think_s > 0:
+            await asyncio.sleep(think_s)
         body = wl.chat_body(model, wl.messages(session, replies), max_tokens)
         async with gate:
             timing = RequestTiming(f"{session.sid}/{turn}", 0, time.perf_counter())
@@ -98,18 +108,52 @@ def scrape(workers: Sequence[localpool.Process]) -> list[dict[str, float]]:
     return [wl.prefix_counters(httpx.get(w.url + "/metrics", timeout=10).text) for w in workers]
 
 
-async def _drive(base: str, sessions: list[wl.Session], args: argparse.Namespace) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Mode:
+    """How a run's sessions arrive: all at once with at most `concurrency` requests in flight
+    (saturated), or one every `stagger_s` with `think_s` between turns and no cap (paced)."""
+
+    name: str
+    sessions: int
+    turns: int
+    concurrency: int
+    stagger_s: float = 0.0
+    think_s: float = 0.0
+
+
+def modes(args: argparse.Namespace) -> list[Mode]:
+    out = [Mode("saturated", args.sessions, args.turns, args.concurrency)]
+    if args.paced_repeats > 0:
+        n = args.paced_sessions
+        out.append(Mode("paced", n, args.paced_turns, n, args.stagger_s, args.think_s))
+    return out
+
+
+async def _drive(
+    base: str, sessions: list[wl.Session], mode: Mode, max_tokens: int
+) -> dict[str, Any]:
     timings: list[RequestTiming] = []
     prompts: list[int] = []
-    gate = asyncio.Semaphore(args.concurrency)
-    limits = httpx.Limits(max_connections=args.concurrency + 4)
+    gate = asyncio.Semaphore(mode.concurrency)
+    limits = httpx.Limits(max_connections=mode.concurrency + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         model = (await client.get(base + "/v1/models")).json()["data"][0]["id"]
         t0 = time.perf_counter()
         await asyncio.gather(
             *(
-                _session(client, base, model, s, args.max_tokens, gate, timings, prompts)
-                for s in sessions
+                _session(
+                    client,
+                    base,
+                    model,
+                    s,
+                    max_tokens,
+                    gate,
+                    timings,
+                    prompts,
+                    start_s=i * mode.stagger_s,
+                    think_s=mode.think_s,
+                )
+                for i, s in enumerate(sessions)
             )
         )
         wall = time.perf_counter() - t0
@@ -125,11 +169,12 @@ def run_strategy(
     salt: str,
     text: str,
     args: argparse.Namespace,
+    mode: Mode,
 ) -> dict[str, Any]:
     sessions = wl.make_sessions(
         text,
-        sessions=args.sessions,
-        turns=args.turns,
+        sessions=mode.sessions,
+        turns=mode.turns,
         system_chars=args.system_chars,
         user_chars=args.user_chars,
         salt=salt,
@@ -137,7 +182,7 @@ def run_strategy(
     load = os.getloadavg()[0]
     before = scrape(workers)
     routed = wl.routing_outcomes(httpx.get(gateway.url + "/metrics", timeout=10).text)
-    stats = asyncio.run(_drive(gateway.url, sessions, args))
+    stats = asyncio.run(_drive(gateway.url, sessions, mode, args.max_tokens))
     after = scrape(workers)
     stats["routing"] = wl.outcome_shares(
         routed, wl.routing_outcomes(httpx.get(gateway.url + "/metrics", timeout=10).text)
@@ -155,7 +200,9 @@ def run_strategy(
     # why: the prefill work the workers did; at a fixed concurrency TTFT follows it
     stats["computed_prompt_tokens"] = int(total[wl.QUERIES] - total[wl.HITS])
     log.info(
-        "%s (%s): mean TTFT %.0f ms, p90 %.0f ms, %.1f tok/s, hit rate %s, routing %s, failed %d",
+        "%s, %s (%s): mean TTFT %.0f ms, p90 %.0f ms, %.1f tok/s, hit rate %s, routing %s, "
+        "failed %d",
+        mode.name,
         name,
         salt,
         stats["ttft_mean_ms"],
@@ -282,8 +329,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a("--system-chars", type=int, default=3400, help="system prompt length (~800 tokens)")
     a("--user-chars", type=int, default=160)
     a("--max-tokens", type=int, default=24)
-    a("--concurrency", type=int, default=6)
-    a("--repeats", type=int, default=2)
+    a("--concurrency", type=int, default=6, help="saturated runs: requests in flight")
+    a("--repeats", type=int, default=2, help="saturated runs per strategy")
+    a("--paced-repeats", type=int, default=2, help="paced runs per strategy (0: none)")
+    a("--paced-sessions", type=int, default=12)
+    a("--paced-turns", type=int, default=8)
+    a("--think-s", type=float, default=8.0, help="paced runs: seconds between reply and turn")
+    a("--stagger-s", type=float, default=2.0, help="paced runs: seconds between session starts")
     a("--overhead-pairs", type=int, default=200)
     a("--rate-connections", default="1,8,32", help="client connection counts, comma-separated")
     a("--rate-seconds", type=float, default=5.0)
@@ -293,6 +345,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--strategies must include prefix and round-robin (the targets compare them)")
     if args.workers < 2 or args.repeats < 1 or args.concurrency < 1:
         p.error("--workers must be >= 2, --repeats and --concurrency >= 1")
+    if args.paced_repeats < 0 or args.paced_sessions < 1 or args.paced_turns < 1:
+        p.error("--paced-repeats must be >= 0, --paced-sessions and --paced-turns >= 1")
+    if args.think_s < 0 or args.stagger_s < 0:
+        p.error("--think-s and --stagger-s must not be negative")
     args.strategy_names = names
     try:
         args.rate_connection_counts = report.parse_counts(args.rate_connections)
@@ -322,7 +378,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load_before": [round(v, 2) for v in os.getloadavg()],
         "uptime_before": uptime(),
     }
-    results: dict[str, Any] = {"meta": meta, "runs": {n: [] for n in args.strategy_names}}
+    run_modes = modes(args)
+    results: dict[str, Any] = {
+        "meta": meta,
+        "runs": {n: [] for n in args.strategy_names},
+        "paced_runs": {n: [] for n in args.strategy_names},
+    }
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
         logs = Path(tmp)
@@ -347,12 +408,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 gateways[name] = localpool.start(f"gw-{name}", cmd, port, logs / f"{name}.log")
                 procs.append(gateways[name])
                 localpool.wait_ready(gateways[name], 30)
-            for rep in range(args.repeats):
-                for k, name in enumerate(rotated(args.strategy_names, rep)):
-                    salt = f"r{rep}{k}{int(time.time()) % 10000}"
-                    results["runs"][name].append(
-                        run_strategy(name, gateways[name], workers, salt, text, args)
-                    )
+            for mode in run_modes:
+                key = "runs" if mode.name == "saturated" else "paced_runs"
+                repeats = args.repeats if mode.name == "saturated" else args.paced_repeats
+                for rep in range(repeats):
+                    for k, name in enumerate(rotated(args.strategy_names, rep)):
+                        salt = f"{mode.name[0]}{rep}{k}{int(time.time()) % 10000}"
+                        results[key][name].append(
+                            run_strategy(name, gateways[name], workers, salt, text, args, mode)
+                        )
+            # why: the strategies' gateways scrape every worker each second; stopped, they
+            # leave the machine as quiet for the overhead pairs as for the direct requests
+            localpool.stop(list(gateways.values()))
             # why: a gateway over workers[0] alone, so that both paths end at the same worker
             port = free_port()
             cmd = localpool.gateway_command([workers[0].url], port, "prefix", ["--no-access-log"])
@@ -366,7 +433,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["max_rps"], results["overhead_fake_upstream"] = max_rate(
             logs, args.rate_connection_counts, args.rate_seconds, 2 * args.overhead_pairs
         )
-    system_tokens = [r["system_prompt_tokens_mean"] for rs in results["runs"].values() for r in rs]
+    system_tokens = [
+        r["system_prompt_tokens_mean"]
+        for key in ("runs", "paced_runs")
+        for rs in results[key].values()
+        for r in rs
+    ]
     results["workload"] = {
         "model": args.model,
         "workers": args.workers,
@@ -383,18 +455,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         "max_tokens": args.max_tokens,
         "concurrency": args.concurrency,
         "repeats": args.repeats,
+        "paced": {
+            "sessions": args.paced_sessions,
+            "turns": args.paced_turns,
+            "think_s": args.think_s,
+            "stagger_s": args.stagger_s,
+            "repeats": args.paced_repeats,
+        }
+        if args.paced_repeats
+        else None,
     }
     results["medians"] = {n: report.medians(rs) for n, rs in results["runs"].items()}
-    results["per_replica_hit_rate"] = {
-        n: [
-            report.medians([{"hit_rate": r["per_replica_hit_rate"][i]} for r in rs])["hit_rate"]
-            for i in range(args.workers)
-        ]
-        for n, rs in results["runs"].items()
-    }
+    results["paced_medians"] = (
+        {n: report.medians(rs) for n, rs in results["paced_runs"].items()}
+        if args.paced_repeats
+        else {}
+    )
+    for key, runs_key in (("per_replica_hit_rate", "runs"), ("paced_per_replica", "paced_runs")):
+        results[key] = {
+            n: [
+                report.medians([{"hit_rate": r["per_replica_hit_rate"][i]} for r in rs])["hit_rate"]
+                for i in range(args.workers)
+            ]
+            for n, rs in results[runs_key].items()
+            if rs
+        }
     meta["load_after"] = [round(v, 2) for v in os.getloadavg()]
     meta["uptime_after"] = uptime()
-    failed = sum(r["failed"] for rs in results["runs"].values() for r in rs)
+    failed = sum(
+        r["failed"] for key in ("runs", "paced_runs") for rs in results[key].values() for r in rs
+    )
     if failed:
         notes.append(f"{failed} requests failed; their errors are in gateway.json")
     results["targets"] = report.targets(results)

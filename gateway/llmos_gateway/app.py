@@ -16,10 +16,11 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -35,6 +36,7 @@ from llmos_gateway.proxy import Attempt, RelayResponse, forward_headers, send_wi
 from llmos_gateway.replicas import Pool, Replica
 from llmos_gateway.routing import CanarySplit, Router, prefix_text
 from llmos_gateway.tenants import Caller, Tenants, estimate_tokens
+from llmos_gateway.upstream import HttpxUpstream, Upstream, UpstreamError, UpstreamResponse
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("llmos_gateway.access")
@@ -51,6 +53,7 @@ class GatewaySettings:
     retry_after_s: int = 5
     max_inflight_per_replica: int = 64  # 0: no fair-share queue, the workers queue everything
     max_queued: int = 4096
+    max_buffered_bytes: int = 1024 * 1024  # non-streamed answers up to this are sent whole
 
 
 class Gateway:
@@ -60,7 +63,7 @@ class Gateway:
         self,
         pool: Pool,
         router: Router,
-        client: httpx.AsyncClient,
+        client: Upstream | httpx.AsyncClient,
         *,
         settings: GatewaySettings = GatewaySettings(),
         metrics: GatewayMetrics | None = None,
@@ -70,7 +73,9 @@ class Gateway:
     ) -> None:
         self.pool = pool
         self.router = router
-        self.client = client
+        self.upstream: Upstream = (
+            HttpxUpstream(client) if isinstance(client, httpx.AsyncClient) else client
+        )
         self.settings = settings
         self.metrics = metrics or GatewayMetrics(pool)
         self.scale_up = scale_up
@@ -205,7 +210,7 @@ class Gateway:
                 self.metrics.retries.labels(reason).inc()
 
             upstream, first, rest = await send_with_failover(
-                self.client,
+                self.upstream,
                 method=request.method,
                 path=route + _query(request),
                 headers=headers,
@@ -235,7 +240,7 @@ class Gateway:
         if attempt.first_byte_s is not None:
             self.metrics.upstream_ttfb.labels(version).observe(attempt.first_byte_s)
 
-        sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        sse = (upstream.header("content-type") or "").startswith("text/event-stream")
 
         async def body_iter() -> Any:
             if first:
@@ -243,7 +248,7 @@ class Gateway:
             try:
                 async for chunk in rest:
                     yield chunk
-            except httpx.HTTPError as exc:
+            except UpstreamError as exc:
                 # why: tokens were sent, so no retry; an SSE client gets an error event in
                 # OpenAI's stream shape, any other body is cut (a clean end would look complete)
                 self.metrics.upstream_cut.inc()
@@ -259,25 +264,62 @@ class Gateway:
                 return
             response.completed = True
 
-        async def on_close(completed: bool) -> None:
+        async def on_close(completed: bool, sent: int | None = None) -> None:
+            """`sent`: the status the client got instead of the upstream's (a cut body)."""
             await upstream.aclose()
             self.release(replica)
             self._release_slot(slot)
-            if not completed:
+            if not completed and sent is None:
                 self.metrics.client_aborts.inc()
             self.metrics.upstream_duration.labels(version).observe(time.monotonic() - started)
-            self._log(request, route, status if completed else 499, tenant, attempt, started)
+            final = sent if sent is not None else status if completed else 499
+            self._log(request, route, final, tenant, attempt, started)
 
-        headers_out = {
-            k: v
-            for k, v in upstream.headers.items()
+        headers_out: dict[str, str] = {}
+        for k, v in upstream.header_items():
+            name = k.lower()
             # why: uvicorn writes its own date and server headers; the upstream's would repeat
-            if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "date", "server")
-        }
+            if name not in ("connection", "keep-alive", "transfer-encoding", "date", "server"):
+                headers_out[name] = f"{headers_out[name]}, {v}" if name in headers_out else v
+        length = upstream.header("content-length") or ""
+        if not sse and length.isdigit() and int(length) <= self.settings.max_buffered_bytes:
+            # why: a small whole answer (non-streamed completion, /v1/models) is read and sent
+            # as one response; relaying it as a stream costs a task group per request
+            return await self._buffered(replica, upstream, first, rest, headers_out, on_close)
         response = RelayResponse(
             body_iter(), status_code=status, headers=headers_out, on_close=on_close
         )
         return response
+
+    async def _buffered(
+        self,
+        replica: Replica,
+        upstream: UpstreamResponse,
+        first: bytes,
+        rest: AsyncIterator[bytes],
+        headers: dict[str, str],
+        on_close: Callable[..., Awaitable[None]],
+    ) -> Response:
+        """The upstream's whole (small) body as one response; a cut body is a 502 (nothing
+        was sent yet, but the replica did the work: not retried)."""
+        chunks = [first]
+        try:
+            async for chunk in rest:
+                chunks.append(chunk)
+        except UpstreamError as exc:
+            self.metrics.upstream_cut.inc()
+            log.warning("replica %s failed mid-response: %s", replica.name, type(exc).__name__)
+            self.pool.eject(replica)
+            await on_close(False, 502)
+            return error_response(
+                502, "the pool's replica failed while answering", code="upstream_failed"
+            )
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await on_close(False)
+            raise
+        await on_close(True)
+        return Response(b"".join(chunks), status_code=upstream.status_code, headers=headers)
 
     async def admit(self, caller: Caller, body: dict[str, Any], route: str) -> bool:
         """Rate limits, then a ready replica, then a slot in the fair queue; True: a slot

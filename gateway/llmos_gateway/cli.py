@@ -35,6 +35,7 @@ from llmos_gateway.replicas import LoadScraper, Pool, Replica
 from llmos_gateway.routing import STRATEGIES, CanarySplit, Router
 from llmos_gateway.tenants import Tenants
 from llmos_gateway.transport import TransportLimits, guarded_protocol
+from llmos_gateway.upstream import AiohttpUpstream
 
 log = logging.getLogger(__name__)
 
@@ -212,19 +213,14 @@ def build(args: argparse.Namespace, transport_stats: Any = None) -> tuple[Gatewa
         block_chars=args.prefix_block_chars,
         max_blocks=args.prefix_max_blocks,
     )
+    upstream = AiohttpUpstream(
+        connect_timeout_s=args.connect_timeout, read_timeout_s=args.upstream_read_timeout
+    )
+    # why: the load scraper's GETs are one per replica a second; httpx is fine for those
     client = httpx.AsyncClient(
-        timeout=httpx.Timeout(
-            connect=args.connect_timeout,
-            read=args.upstream_read_timeout,
-            write=30.0,
-            pool=args.connect_timeout,
-        ),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-        # why: a request's head and body are written apart; Nagle's algorithm must never hold
-        # the body until the worker ACKs the head
+        timeout=httpx.Timeout(args.connect_timeout),
         transport=httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
         ),
     )
     settings = GatewaySettings(
@@ -260,7 +256,7 @@ def build(args: argparse.Namespace, transport_stats: Any = None) -> tuple[Gatewa
     gateway = Gateway(
         pool,
         router,
-        client,
+        upstream,
         settings=settings,
         metrics=GatewayMetrics(pool, transport_stats),
         scale_up=scaler.scale_up if scaler is not None else None,
@@ -286,6 +282,7 @@ def build(args: argparse.Namespace, transport_stats: Any = None) -> tuple[Gatewa
         finally:
             for task in tasks:
                 task.cancel()
+            await upstream.aclose()
             await client.aclose()
             if kube_client is not None:
                 await kube_client.aclose()

@@ -19,12 +19,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import anyio
-import httpx
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from llmos_gateway.errors import HTTPError
 from llmos_gateway.replicas import Replica
+from llmos_gateway.upstream import (
+    ConnectTimedOut,
+    ReadTimedOut,
+    Upstream,
+    UpstreamError,
+    UpstreamResponse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +92,7 @@ def forward_headers(headers: list[tuple[bytes, bytes]], client: str | None) -> d
 
 
 async def send_with_failover(
-    client: httpx.AsyncClient,
+    upstream: Upstream,
     *,
     method: str,
     path: str,
@@ -96,14 +102,14 @@ async def send_with_failover(
     on_failure: Callable[[Replica, str], None],
     max_retries: int,
     attempt: Attempt,
-) -> tuple[httpx.Response, bytes, AsyncIterator[bytes]]:
+) -> tuple[UpstreamResponse, bytes, AsyncIterator[bytes]]:
     """The upstream response, its first chunk and the rest, from the first replica that answers.
 
     `pick(excluded_names)` chooses a replica (and counts it in flight); `on_failure` is told
     about each failed try (and releases it). Raises `HTTPError` when every try failed."""
     tried: set[str] = set()
     last_error: HTTPError | None = None
-    last_response: tuple[httpx.Response, bytes] | None = None
+    last_response: tuple[UpstreamResponse, bytes] | None = None
     while attempt.attempts <= max_retries:
         replica = pick(tried)
         if replica is None:
@@ -112,24 +118,22 @@ async def send_with_failover(
         attempt.attempts += 1
         attempt.replica = replica
         started = time.monotonic()
-        request = client.build_request(method, replica.url + path, headers=headers, content=body)
         reason: str
         try:
-            response = await client.send(request, stream=True)
-        except httpx.TimeoutException as exc:
-            if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
-                reason = "connect_timeout"
-                last_error = HTTPError(
-                    504,
-                    "the pool's replica did not accept the connection in time",
-                    code="upstream_timeout",
-                )
-            else:  # why: a slow generation is not retried: that would double the pool's work
-                on_failure(replica, "read_timeout")
-                raise HTTPError(
-                    504, "the pool's replica did not answer in time", code="upstream_timeout"
-                ) from exc
-        except httpx.TransportError as exc:
+            response = await upstream.open(method, replica.url + path, headers, body)
+        except ConnectTimedOut:
+            reason = "connect_timeout"
+            last_error = HTTPError(
+                504,
+                "the pool's replica did not accept the connection in time",
+                code="upstream_timeout",
+            )
+        except ReadTimedOut as exc:  # why: a slow generation is not retried: double the work
+            on_failure(replica, "read_timeout")
+            raise HTTPError(
+                504, "the pool's replica did not answer in time", code="upstream_timeout"
+            ) from exc
+        except UpstreamError as exc:
             reason = "connect_error"
             log.warning("replica %s unreachable: %s", replica.name, type(exc).__name__)
             last_error = HTTPError(
@@ -139,13 +143,13 @@ async def send_with_failover(
             stream = response.aiter_raw()
             try:
                 first = await anext(stream, b"")
-            except httpx.TimeoutException as exc:
+            except ReadTimedOut as exc:
                 await response.aclose()
                 on_failure(replica, "read_timeout")
                 raise HTTPError(
                     504, "the pool's replica did not answer in time", code="upstream_timeout"
                 ) from exc
-            except httpx.TransportError:
+            except UpstreamError:
                 await response.aclose()
                 reason = "died_before_first_byte"
                 log.warning("replica %s failed before its first byte", replica.name)
@@ -184,5 +188,5 @@ async def _drain(stream: AsyncIterator[bytes], limit: int = 64 * 1024) -> AsyncI
             if size > limit:
                 return
             yield chunk
-    except httpx.HTTPError:
+    except UpstreamError:
         return

@@ -361,8 +361,12 @@ def test_render_shows_the_numbers_side_by_side_and_the_verdicts() -> None:
     assert "| prefix | 100.0 | 200.0 | 300.0 | 50.0 | 25.00 | 90 % | 90 %, 88 % | 100 |" in text
     assert "| round-robin | 250.0 | 500.0 | 750.0 | 125.0 | 20.00 | 20 % | 20 %, – | 800 |" in text
     assert "- prefix: 100.0 / 25.00 / 90 % / 1.50 / affinity 75 %, overflow 25 %" in text
-    assert "| mean TTFT, round-robin ÷ prefix | >= 3x | 2.50 | **not met** |" in text
-    assert "| output tok/s, prefix ÷ round-robin | >= 1x | 1.25 | **met** |" in text
+    assert (
+        "| mean TTFT, round-robin ÷ prefix (saturated: 6 requests in flight) | >= 3x | 2.50 | "
+        "**not met** |"
+    ) in text
+    assert "| output tok/s, prefix ÷ round-robin (saturated) | >= 1x | 1.25 | **met** |" in text
+    assert "### Paced" not in text  # no paced runs in these results
     assert "to a worker) | < 2 ms | 3.50 | **not met** |" in text
     assert "fake upstream" not in text.split("### Gateway overhead")[1].split("Max rate")[0]
     assert "1.25 / 2.50" in text  # load average before / after
@@ -393,7 +397,10 @@ def test_missed_targets_are_explained_from_the_run_and_met_ones_not() -> None:
     missed = results(100, 250, 19, 20, 3.5)
     notes = report.explain(missed)
     assert len(notes) == 3
-    assert notes[0].startswith("mean TTFT, round-robin ÷ prefix: prompt tokens the workers")
+    assert notes[0].startswith(
+        "mean TTFT, round-robin ÷ prefix (saturated: 6 requests in flight): prompt tokens the "
+        "workers"
+    )
     assert "100 with prefix routing vs 800 with round-robin (8.00x)" in notes[0]
     assert "12 of the 60 requests" in notes[0]
     assert "hit rate prefix 90 % vs round-robin 20 %" in notes[0]
@@ -409,6 +416,36 @@ def test_missed_targets_are_explained_from_the_run_and_met_ones_not() -> None:
     assert "TCP_NODELAY" in note
 
 
+def test_paced_runs_get_their_own_table_and_ttft_target() -> None:
+    res = results(100, 250, 25, 20, 1.0)
+    paced = {"prefix": [run(200, 10, 0.8)], "round-robin": [run(900, 9, 0.4)]}
+    res["paced_runs"] = paced
+    res["paced_medians"] = {n: report.medians(rs) for n, rs in paced.items()}
+    res["paced_per_replica"] = {"prefix": [0.8, 0.8], "round-robin": [0.4, 0.4]}
+    res["workload"]["paced"] = {
+        "sessions": 12,
+        "turns": 8,
+        "think_s": 8.0,
+        "stagger_s": 2.0,
+        "repeats": 1,
+    }
+    res["targets"] = report.targets(res)
+    by_name = {t["target"]: t for t in res["targets"]}
+    paced_t = by_name["mean TTFT, round-robin ÷ prefix (paced sessions: think time between turns)"]
+    assert (paced_t["measured"], paced_t["met"]) == (4.5, True)
+    saturated = by_name["mean TTFT, round-robin ÷ prefix (saturated: 6 requests in flight)"]
+    assert (saturated["measured"], saturated["met"]) == (2.5, False)
+    text = report.render(res)
+    section = text.split("### Paced")[1].split("### Gateway overhead")[0]
+    assert "12 chat sessions x 8 turns, a session starting every 2.0 s, 8.0 s between" in section
+    assert "| prefix | 200.0 | 400.0 | 600.0 | 100.0 | 10.00 | 80 % | 80 %, 80 % |" in section
+    assert "- round-robin: 900.0 / 9.00 / 40 % /" in section
+    res["paced_medians"]["prefix"]["ttft_mean_ms"] = 400.0
+    res["targets"] = report.targets(res)
+    (note,) = [n for n in report.explain(res) if "(paced" in n]
+    assert "hit rate prefix 80 % vs round-robin 40 %" in note
+
+
 def test_render_names_a_changed_tree() -> None:
     res = results(100, 400, 20, 20, 1.0)
     assert "tracked files changed" not in report.render(res)
@@ -419,7 +456,10 @@ def test_render_names_a_changed_tree() -> None:
 def test_rerender_from_the_saved_results_with_a_note(tmp_path: Path) -> None:
     saved, doc = tmp_path / "gateway.json", tmp_path / "benchmarks.md"
     res = results(100, 250, 20, 20, 1.0)
-    res["notes"] = ["mean TTFT, round-robin ÷ prefix: an older wording", "3 requests failed"]
+    res["notes"] = [
+        "mean TTFT, round-robin ÷ prefix (saturated: 6 requests in flight): an older wording",
+        "3 requests failed",
+    ]
     saved.write_text(json.dumps(res))
     doc.write_text(f"# Benchmarks\n\n{report.BEGIN}\nold\n{report.END}\n\n## Later\n")
     assert report.main([str(saved), "--doc", str(doc), "--note", "measured after a fix"]) == 0
@@ -537,11 +577,21 @@ def test_bench_arguments() -> None:
         "round-robin",
     ]
     assert args.rate_connection_counts == [1, 16]
+    saturated, paced = gateway_bench.modes(args)
+    assert (saturated.name, saturated.concurrency, saturated.think_s) == ("saturated", 6, 0.0)
+    assert (paced.name, paced.sessions, paced.turns) == ("paced", 12, 8)
+    assert paced.concurrency == paced.sessions and paced.think_s > 0
+    assert [
+        m.name for m in gateway_bench.modes(gateway_bench.parse_args(["--paced-repeats", "0"]))
+    ] == ["saturated"]
     for bad in (
         ["--strategies", "prefix,least-load"],
         ["--workers", "1"],
         ["--repeats", "0"],
         ["--rate-connections", "0"],
+        ["--paced-repeats", "-1"],
+        ["--think-s", "-1"],
+        ["--paced-turns", "0"],
     ):
         with pytest.raises(SystemExit):
             gateway_bench.parse_args(bad)
