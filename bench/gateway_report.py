@@ -210,7 +210,7 @@ def explain(results: dict[str, Any]) -> list[str]:
             note = (
                 f"{t['target']}: the gateway process spends {_n(cpu, 0)} µs of CPU per proxied "
                 "request at its best rate against the fake upstream (body parsing, tenant and "
-                "rate-limit checks, routing, and the upstream call through httpx); with other "
+                "rate-limit checks, routing, and the upstream call through aiohttp); with other "
                 f"work on the 2 cores (load average {_n(load, 2)} at the start) a request may "
                 "also wait for a core."
             )

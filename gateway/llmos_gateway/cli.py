@@ -113,6 +113,12 @@ def parser() -> argparse.ArgumentParser:
         default=float(env("load_factor", "1.25") or 1.25),
         help="prefix routing: a replica takes a request while its load <= factor * mean",
     )
+    a(
+        "--min-load-bound",
+        type=int,
+        default=int(env("min_load_bound", "4") or 4),
+        help="prefix routing: the load bound is never below this many requests in flight",
+    )
     a("--prefix-block-chars", type=int, default=int(env("prefix_block_chars", "256") or 256))
     a("--prefix-max-blocks", type=int, default=int(env("prefix_max_blocks", "4") or 4))
     a(
@@ -201,6 +207,8 @@ def build(args: argparse.Namespace, transport_stats: Any = None) -> tuple[Gatewa
         raise ConfigError("--max-inflight-per-replica and --max-queued must be >= 0")
     if not 0 <= args.canary_weight <= 100:
         raise ConfigError("--canary-weight must be a percentage from 0 to 100")
+    if args.min_load_bound < 1:
+        raise ConfigError("--min-load-bound must be at least 1")
     pool = Pool()
     static = [s for s in args.replica if s.strip()]
     if static and args.discover:
@@ -210,6 +218,7 @@ def build(args: argparse.Namespace, transport_stats: Any = None) -> tuple[Gatewa
     router = Router(
         args.strategy,
         load_factor=args.load_factor,
+        min_bound=args.min_load_bound,
         block_chars=args.prefix_block_chars,
         max_blocks=args.prefix_max_blocks,
     )

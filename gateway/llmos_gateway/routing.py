@@ -6,9 +6,16 @@ so requests that share a long leading prefix share a key while a short prompt is
 it. The key is placed on a consistent-hash ring with `vnodes` virtual nodes per replica (blake2b,
 so every gateway replica routes a prefix to the same worker). Walking the ring clockwise from the
 key, the first replica whose queue score plus this request stays within `load_factor` times the
-mean (ceil((total + 1) * factor / n)) and whose KV cache is not full with requests waiting takes
-it: the home replica while it has room, its ring successor when it is overloaded (consistent
-hashing with bounded loads). Replicas ejected after failures and ones already tried are left out.
+mean (ceil((total + 1) * factor / n)), but never below `min_bound`, and whose KV cache is not full
+with requests waiting takes it: the home replica while it has room, its ring successor when it is
+overloaded (consistent hashing with bounded loads). Replicas ejected after failures and ones
+already tried are left out.
+
+The floor is what makes the bound worth obeying on a lightly loaded pool: with 2 requests in
+flight over 3 replicas the plain bound is ceil(3 * 1.25 / 3) = 2, so a home replica busy with one
+request would send the next one away, to a replica that must recompute the whole prefix (about
+as long as the prompt's prefill) instead of batching it (a worker runs many sequences per step).
+Below `min_bound` requests in flight a replica keeps its prefixes.
 
 A prefix that overflowed is cached where it went, not at home: the router remembers the last
 replicas that served each key (a bounded LRU) and offers them before its home, so a
@@ -139,11 +146,15 @@ class Router:
         max_blocks: int = 4,
         kv_full: float = 0.95,
         max_remembered: int = 65536,
+        min_bound: int = 4,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown routing strategy {strategy!r}; one of {STRATEGIES}")
         if load_factor < 1.0:
             raise ValueError("load_factor must be at least 1.0")
+        if min_bound < 1:
+            raise ValueError("min_bound must be at least 1")
+        self.min_bound = min_bound
         self.strategy = strategy
         self.load_factor = load_factor
         self.vnodes = vnodes
@@ -190,7 +201,9 @@ class Router:
         ring = self.ring([r.name for r in all_replicas])
         by_name = {r.name: r for r in candidates}
         total = sum(r.score() for r in all_replicas)
-        bound = math.ceil((total + 1) * self.load_factor / max(1, len(all_replicas)))
+        bound = max(
+            self.min_bound, math.ceil((total + 1) * self.load_factor / max(1, len(all_replicas)))
+        )
         walk = ring.walk(key)
         home = walk[0] if walk else None
         served = self._served.get(key, ())

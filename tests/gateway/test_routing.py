@@ -80,10 +80,30 @@ def test_overflow_under_skew_goes_to_the_ring_successor() -> None:
         decision.replica.inflight += 1
         picks.append(decision)
     bound = max(r.inflight for r in pool)
-    assert home.inflight == bound
-    assert any(d.outcome == "overflow" for d in picks)
+    # the home takes the first ones, up to the floor of the bound, before any overflow
+    assert [d.replica for d in picks[: router.min_bound]] == [home] * router.min_bound
+    assert picks[router.min_bound].outcome == "overflow"
     assert sum(r.inflight for r in pool) == 30
     assert bound <= math.ceil(30 * 1.25 / 3)  # no replica above factor x mean
+
+
+def test_a_lightly_loaded_home_keeps_its_prefix_up_to_the_floor() -> None:
+    """With 2 in flight over 3 replicas the plain bound is 2; the floor (min_bound) keeps the
+    request where its prefix is cached until the home has min_bound requests in flight."""
+    pool = replicas(3)
+    key = Router("prefix").key_of({"prompt": "session " * 500})
+    plain = Router("prefix", min_bound=1)
+    home = plain.choose(pool, key, pool).replica
+    home.inflight = 2
+    assert plain.choose(pool, key, pool).outcome == "overflow"
+    floored = Router("prefix", min_bound=4)
+    for inflight, outcome in ((2, "affinity"), (3, "affinity"), (4, "overflow")):
+        home.inflight = inflight
+        decision = floored.choose(pool, key, pool)
+        assert decision.outcome == outcome, inflight
+        floored._served.clear()  # judge each load afresh, not from where the last one went
+    with pytest.raises(ValueError, match="min_bound"):
+        Router("prefix", min_bound=0)
 
 
 def test_an_overflowed_prefix_stays_where_it_is_cached() -> None:

@@ -43,6 +43,7 @@ MODEL: dict[str, Any] = {"source": "builtin://smollm2-135m-instruct"}
         ),
         ({"routing": {"strategy": "random"}}, "spec.routing.strategy"),
         ({"routing": {"loadFactor": 0.9}}, "spec.routing.loadFactor"),
+        ({"routing": {"minLoadBound": 0}}, "spec.routing.minLoadBound"),
         ({"routing": {"holdTimeoutSeconds": 0}}, "spec.routing.holdTimeoutSeconds"),
         ({"routing": {"idleScaleToZeroSeconds": -1}}, "spec.routing.idleScaleToZeroSeconds"),
         ({"routing": {"gateway": {"replicas": 0}}}, "spec.routing.gateway.replicas"),
@@ -132,6 +133,7 @@ def test_routing_defaults_and_canary() -> None:
     assert spec.routing.to_api() == {
         "strategy": "prefix",
         "loadFactor": 1.25,
+        "minLoadBound": 4,
         "holdTimeoutSeconds": 120,
         "idleScaleToZeroSeconds": 0,
         "gateway": {"enabled": True, "replicas": 1, "resources": {"cpu": "1", "memory": "512Mi"}},

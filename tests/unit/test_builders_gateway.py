@@ -58,6 +58,7 @@ FULL: dict[str, Any] = {
     "routing": {
         "strategy": "least-load",
         "loadFactor": 1.5,
+        "minLoadBound": 2,
         "holdTimeoutSeconds": 30,
         "idleScaleToZeroSeconds": 600,
         "gateway": {"replicas": 2, "resources": {"cpu": "500m", "memory": "256Mi"}},
@@ -165,6 +166,7 @@ def test_gateway_runs_with_the_routing_settings_canary_and_api_keys() -> None:
         "LLMOS_GATEWAY_PORT": "8000",
         "LLMOS_GATEWAY_STRATEGY": "least-load",
         "LLMOS_GATEWAY_LOAD_FACTOR": "1.5",
+        "LLMOS_GATEWAY_MIN_LOAD_BOUND": "2",
         "LLMOS_GATEWAY_HOLD_TIMEOUT": "30",
         "LLMOS_GATEWAY_IDLE_SCALE_TO_ZERO": "600",
         "LLMOS_GATEWAY_POOL_NAME": "chat",
@@ -368,6 +370,7 @@ def test_every_gateway_variable_is_a_flag_of_the_gateway_cli(
     args = parser.parse_args([])
     assert (args.host, args.port, args.strategy) == ("0.0.0.0", 8000, "least-load")
     assert (args.load_factor, args.hold_timeout, args.idle_scale_to_zero) == (1.5, 30, 600)
+    assert args.min_load_bound == 2
     assert (args.pool_name, args.pool_namespace) == ("chat", "team-a")
     assert args.discover == "stable=chat-workers,canary=chat-canary-workers"
     assert cli.parse_discover(args.discover) == {

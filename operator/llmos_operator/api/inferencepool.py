@@ -205,6 +205,14 @@ class Routing(ApiModel):
         description="prefix routing: a replica takes a request while its load is at most "
         "loadFactor times the mean load of the replicas.",
     )
+    min_load_bound: int = Field(
+        default=4,
+        ge=1,
+        le=10000,
+        description="prefix routing: the load bound is never below this many requests in "
+        "flight, so a lightly loaded replica keeps its prefixes instead of sending a request "
+        "where the prefix must be computed again.",
+    )
     hold_timeout_seconds: int = Field(
         default=120,
         ge=1,

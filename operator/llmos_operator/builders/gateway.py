@@ -104,6 +104,7 @@ def gateway_env(
         "LLMOS_GATEWAY_PORT": str(config.worker_port),
         "LLMOS_GATEWAY_STRATEGY": routing.strategy,
         "LLMOS_GATEWAY_LOAD_FACTOR": repr(routing.load_factor),
+        "LLMOS_GATEWAY_MIN_LOAD_BOUND": str(routing.min_load_bound),
         "LLMOS_GATEWAY_HOLD_TIMEOUT": str(routing.hold_timeout_seconds),
         "LLMOS_GATEWAY_IDLE_SCALE_TO_ZERO": str(routing.idle_scale_to_zero_seconds),
         "LLMOS_GATEWAY_POOL_NAME": ref.name,
