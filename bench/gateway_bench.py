@@ -325,7 +325,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="comma-separated; least-load may be added (each one adds a third to the run time)",
     )
     a("--sessions", type=int, default=12)
-    a("--turns", type=int, default=5)
+    a("--turns", type=int, default=8, help="saturated runs (the paced ones: --paced-turns)")
     a("--system-chars", type=int, default=3400, help="system prompt length (~800 tokens)")
     a("--user-chars", type=int, default=160)
     a("--max-tokens", type=int, default=24)
