@@ -200,3 +200,58 @@ async def _usage(cluster: Cluster) -> Any:
 
 def test_manifest_dir_exists() -> None:
     assert (Path(__file__).resolve().parents[2] / "manifests" / "rbac-roles").is_dir()
+
+
+def model_review(obj: dict[str, Any]) -> dict[str, Any]:
+    out = review(obj)
+    out["request"]["kind"] = {"group": "llmos.dev", "version": "v1alpha1", "kind": "LLMModel"}
+    out["request"]["resource"] = {
+        "group": "llmos.dev",
+        "version": "v1alpha1",
+        "resource": "llmmodels",
+    }
+    return out
+
+
+async def test_admission_refuses_an_invalid_spec_naming_the_field(
+    cluster: Cluster, quota_operator: tuple[Any, int]
+) -> None:
+    """With no QuotaPolicy at all: a spec the API models reject is refused at admission, each
+    error naming its field; an update that leaves such a spec as it is (a finalizer's removal)
+    still passes, so an object admitted before can always be deleted."""
+    _, port = quota_operator
+    bad = pool("bad", replicas=1, gpus=0)
+    bad["spec"]["routing"] = {"loadFactor": 0.5}
+    bad["spec"]["replicas"] = -1
+    await wait_listening(port)
+    async with await https_client(port) as client:
+        denied = (await client.post("/quota-pools", json=review(bad))).json()["response"]
+        assert denied["allowed"] is False
+        assert denied["status"]["code"] == 422
+        message = denied["status"]["message"]
+        assert "spec.replicas:" in message and "spec.routing.loadFactor:" in message
+
+        changed = pool("bad", replicas=1, gpus=0)
+        changed["spec"]["routing"] = {"strategy": "random"}
+        update = review(changed, "UPDATE", old=pool("bad", replicas=1, gpus=0))
+        refused = (await client.post("/quota-pools", json=update)).json()["response"]
+        assert refused["allowed"] is False
+        assert "spec.routing.strategy" in refused["status"]["message"]
+
+        finalizer_gone = {**bad, "metadata": {**bad["metadata"], "finalizers": []}}
+        same_spec = review(finalizer_gone, "UPDATE", old=bad)
+        assert (await client.post("/quota-pools", json=same_spec)).json()["response"][
+            "allowed"
+        ] is True
+
+        good = (await client.post("/quota-pools", json=review(pool("ok", 1, 0)))).json()
+        assert good["response"]["allowed"] is True
+
+        model = {
+            "apiVersion": "llmos.dev/v1alpha1",
+            "kind": "LLMModel",
+            "metadata": {"name": "m", "namespace": NS},
+            "spec": {"source": "builtin://smollm2-135m-instruct", "turbo": True},
+        }
+        got = (await client.post("/quota-models", json=model_review(model))).json()["response"]
+        assert got["allowed"] is False and "spec.turbo" in got["status"]["message"]

@@ -7,7 +7,9 @@ also configures kopf's admission server (`AdmissionServer`, settings from an inj
 `WebhookConfig` in `memo["webhook"]` or env `LLMOS_WEBHOOK_*`).
 
 - validating admission (`quota-pools`, `quota-models`) for InferencePool / LLMModel CREATE and
-  UPDATE: refuses what would exceed the strictest selecting policy, naming it and the numbers;
+  UPDATE: refuses a spec the API models reject (422, one message per error naming its field; on a
+  create or an update that changes the spec, so an object admitted earlier still takes metadata
+  edits), then what would exceed the strictest selecting policy, naming it and the numbers;
 - `reconcile_quotas` (on QuotaPolicy changes, a timer, and pool/model/namespace events): writes
   per-namespace usage into each policy's status, keeps one ResourceQuota per (policy, namespace)
   and deletes the stale ones, renders each pool's rate-limit ConfigMap, and sets each pool's
@@ -28,8 +30,10 @@ from typing import Any, Literal
 
 import httpx
 import kopf
+from pydantic import ValidationError
 
-from llmos_operator.api.common import GROUP, VERSION, set_condition
+from llmos_operator.api import InferencePoolSpec, LLMModelSpec
+from llmos_operator.api.common import GROUP, VERSION, ApiModel, set_condition
 from llmos_operator.builders.meta import MANAGED_BY
 from llmos_operator.kube import KubeClient, KubeError
 from llmos_operator.metrics import OPERATOR_METRICS
@@ -46,7 +50,7 @@ from llmos_operator.quota.ratelimits import build_rate_limits_configmap
 from llmos_operator.quota.resourcequota import POLICY_LABEL, build_resource_quota
 from llmos_operator.quota.usage import PoolDemand, namespace_usage
 from llmos_operator.quota.webhook import AdmissionServer, WebhookConfig
-from llmos_operator.status import rfc3339, utc_now
+from llmos_operator.status import invalid_spec_message, rfc3339, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -143,10 +147,34 @@ def _admitted(kind: str, operation: str | None, allowed: bool) -> None:
     OPERATOR_METRICS.record_admission(kind, operation or "", allowed=allowed)
 
 
+def spec_problem(body: kopf.Body, spec_model: type[ApiModel], kwargs: dict[str, Any]) -> str | None:
+    """Why the object's spec is invalid (each error naming its field), or None.
+
+    Only a create, or an update that changes the spec, is judged: an object admitted before
+    (or before this rule) must still take metadata edits -- above all its finalizer's removal
+    while it is deleted -- or it could never go away."""
+    if kwargs.get("subresource") or body.get("metadata", {}).get("deletionTimestamp"):
+        return None
+    spec = body.get("spec")
+    if kwargs.get("operation") == "UPDATE":
+        old = kwargs.get("old") or {}
+        if old.get("spec") == spec:
+            return None
+    try:
+        spec_model.model_validate(spec if spec is not None else {})
+    except ValidationError as exc:
+        return invalid_spec_message(exc)
+    return None
+
+
 async def validate_pool(
     body: kopf.Body, namespace: str | None, memo: kopf.Memo, **kwargs: Any
 ) -> None:
     operation = kwargs.get("operation")  # why: kopf passes it, its WebhookFn type omits it
+    problem = spec_problem(body, InferencePoolSpec, kwargs)
+    if problem is not None:
+        _admitted("InferencePool", operation, False)
+        raise kopf.AdmissionError(problem, code=422)
     kube, ns = _kube(memo), namespace or body.get("metadata", {}).get("namespace", "")
     async with _state(memo).locks[ns]:
         effective = await _effective(kube, ns)
@@ -165,6 +193,10 @@ async def validate_model(
     body: kopf.Body, namespace: str | None, memo: kopf.Memo, **kwargs: Any
 ) -> None:
     operation = kwargs.get("operation")  # why: kopf passes it, its WebhookFn type omits it
+    problem = spec_problem(body, LLMModelSpec, kwargs)
+    if problem is not None:
+        _admitted("LLMModel", operation, False)
+        raise kopf.AdmissionError(problem, code=422)
     kube, ns = _kube(memo), namespace or body.get("metadata", {}).get("namespace", "")
     verdict = check_model(dict(body), await _effective(kube, ns))
     _admitted("LLMModel", operation, verdict.allowed)
