@@ -5,8 +5,10 @@
    that a worker can hold the prefixes of its share of the sessions but not of all of them) and
    one gateway per strategy over the same workers.
 2. Repeats, interleaved with the strategy order rotated: the chat-session workload
-   (`bench.gateway_workload`) through each gateway; per run mean and p90 TTFT, output tokens/s
-   and each worker's prefix-cache hit rate (its /metrics counters before and after the run).
+   (`bench.gateway_workload`) through each gateway, first saturated (every session at once, a
+   fixed number of requests in flight), then paced (sessions starting one by one, a user's think
+   time between turns); per run mean and p90 TTFT, output tokens/s and each worker's
+   prefix-cache hit rate (its /metrics counters before and after the run).
 3. Overhead: a cheap request (a completion of 1 token, and GET /v1/models) many times,
    alternating direct to a worker and through a gateway over that worker alone; the median of
    the per-pair added latency.
