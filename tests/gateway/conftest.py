@@ -8,6 +8,8 @@ gateway's guarded protocol in a thread, so tests talk to it over TCP and can rea
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import subprocess
 import threading
 import time
@@ -140,6 +142,36 @@ def fake(handler: object) -> FakeUpstream:
             ]
         )
     )
+
+
+@contextlib.contextmanager
+def raw_upstream(answer: bytes) -> Iterator[str]:
+    """A TCP server (its base URL) that reads each request and answers `answer` then closes:
+    for bytes no HTTP server would send (garbage, a body shorter than it declares)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(65536)
+                conn.sendall(answer)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
 
 
 def kill(proc: subprocess.Popen[bytes]) -> None:

@@ -23,7 +23,7 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from tests.gateway.conftest import GatewayServer, WorkerProcess, fake
+from tests.gateway.conftest import GatewayServer, WorkerProcess, fake, raw_upstream
 
 LONG = "You are a careful assistant who answers questions about the weather. " * 12
 
@@ -338,70 +338,26 @@ def test_upstream_stall_gives_504() -> None:
 
 def test_garbage_from_upstream_gives_502() -> None:
     """A replica that answers bytes that are not HTTP costs the client a clean 502."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    port = listener.getsockname()[1]
-    stop = threading.Event()
-
-    def serve() -> None:
-        listener.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.recv(65536)
-                conn.sendall(b"\x00garbage\xff\r\n\r\n")
-
-    t = threading.Thread(target=serve)
-    t.start()
-    try:
-        with GatewayServer(["--replica", f"http://127.0.0.1:{port}"]) as gw:
-            r = httpx.post(gw.url + "/v1/completions", json={}, timeout=20)
-            assert r.status_code == 502
-            assert "error" in r.json()
-            assert httpx.get(gw.url + "/health").status_code == 200
-    finally:
-        stop.set()
-        t.join(5)
-        listener.close()
+    with (
+        raw_upstream(b"\x00garbage\xff\r\n\r\n") as url,
+        GatewayServer(["--replica", url]) as gw,
+    ):
+        r = httpx.post(gw.url + "/v1/completions", json={}, timeout=20)
+        assert r.status_code == 502
+        assert "error" in r.json()
+        assert httpx.get(gw.url + "/health").status_code == 200
 
 
 def test_a_non_streamed_body_cut_short_gives_502() -> None:
     """A replica that declares a whole JSON body and closes halfway: nothing was sent to the
     client yet (small answers are read whole), so it gets an OpenAI-shaped 502, not a torso."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    port = listener.getsockname()[1]
-    stop = threading.Event()
-
-    def serve() -> None:
-        listener.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.recv(65536)
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                    b'content-length: 400\r\n\r\n{"id": "cmpl-1", "choices": ['
-                )
-
-    t = threading.Thread(target=serve)
-    t.start()
-    try:
-        with GatewayServer(["--replica", f"http://127.0.0.1:{port}"]) as gw:
-            r = httpx.post(gw.url + "/v1/completions", json={"prompt": "x"}, timeout=20)
-            assert r.status_code == 502
-            assert r.json()["error"]["code"] == "upstream_failed"
-            cut = gw.core.metrics.registry.get_sample_value("llmos_gateway_upstream_cut_total")
-            assert cut == 1
-    finally:
-        stop.set()
-        t.join(5)
-        listener.close()
+    cut = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+        b'content-length: 400\r\n\r\n{"id": "cmpl-1", "choices": ['
+    )
+    with raw_upstream(cut) as url, GatewayServer(["--replica", url]) as gw:
+        r = httpx.post(gw.url + "/v1/completions", json={"prompt": "x"}, timeout=20)
+        assert r.status_code == 502
+        assert r.json()["error"]["code"] == "upstream_failed"
+        cuts = gw.core.metrics.registry.get_sample_value("llmos_gateway_upstream_cut_total")
+        assert cuts == 1

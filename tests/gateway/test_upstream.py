@@ -1,8 +1,8 @@
 """The upstream clients: aiohttp (the gateway's) and httpx behave the same at the proxy's seams.
 
 Both are driven against real servers on loopback: a fake upstream for the answers and faults a
-worker does not make on demand, a socket nobody listens on, and a raw TCP server that cuts a
-response in the middle of its body.
+worker does not make on demand, a socket nobody listens on, and a raw TCP server (`raw_upstream`)
+that cuts a response in the middle of its body.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
@@ -25,7 +25,7 @@ from llmos_gateway.upstream import (
     ReadTimedOut,
     Upstream,
 )
-from tests.gateway.conftest import fake
+from tests.gateway.conftest import fake, raw_upstream
 
 Make = Callable[[float], Upstream]
 
@@ -124,41 +124,16 @@ async def test_a_slow_answer_is_read_timed_out(make: Make) -> None:
     await upstream.aclose()
 
 
-async def _cut_server(
-    body: bytes, declared: int
-) -> tuple[asyncio.Server, str, Callable[[], Awaitable[None]]]:
-    """A raw server that declares `declared` body bytes, sends `body` and closes."""
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(
-            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-            + f"content-length: {declared}\r\n\r\n".encode()
-            + body
-        )
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-
-    async def stop() -> None:
-        server.close()
-        await server.wait_closed()
-
-    return server, f"http://127.0.0.1:{port}", stop
-
-
 @CLIENTS
 async def test_a_body_cut_short_is_read_failed(make: Make) -> None:
-    _, url, stop = await _cut_server(b'{"partial": ', 500)
+    cut = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n{"
     upstream = make(5.0)
-    r = await upstream.open("POST", url + "/v1/completions", {"content-length": "2"}, b"{}")
-    with pytest.raises(ReadFailed):
-        await _body(r)
-    await r.aclose()
+    with raw_upstream(cut) as url:
+        r = await upstream.open("POST", url + "/v1/completions", {"content-length": "2"}, b"{}")
+        with pytest.raises(ReadFailed):
+            await _body(r)
+        await r.aclose()
     await upstream.aclose()
-    await stop()
 
 
 async def test_aiohttp_reuses_its_keep_alive_connection() -> None:
