@@ -982,10 +982,21 @@ static void lin_quantize_rows(const float *x, int64_t x_stride, int64_t rows, in
     }
 }
 
+#ifndef LIN_PF_AHEAD
+#define LIN_PF_AHEAD 2048 /* bytes: measured best of 1, 2 and 4 KB at batch 1 */
+#endif
+#ifndef LIN_PF_HINT
+#define LIN_PF_HINT 3
+#endif
+#ifndef LIN_TILE_PF
+#define LIN_TILE_PF 1
+#endif
+
 /* Panel p of int8 weights ((K, 16) as stored) into wq as (kp / 2, 16, 2) int16: each 32-bit
  * lane holds one output channel's weights at k and k + 1, as vpmaddwd pairs them. */
 static void lin_widen_pairs(const int8_t *w, int64_t K, int64_t kp, int16_t *wq) {
     for (int64_t k = 0; k < kp; k += 2) {
+        if ((k & 3) == 0) __builtin_prefetch(w + k * LIN_PNR + LIN_PF_AHEAD, 0, LIN_PF_HINT);
         const __m128i r0 = _mm_loadu_si128((const __m128i *)(w + k * LIN_PNR));
         const __m128i r1 = k + 1 < K ? _mm_loadu_si128((const __m128i *)(w + (k + 1) * LIN_PNR))
                                      : _mm_setzero_si128();
@@ -1254,6 +1265,7 @@ static inline __attribute__((always_inline)) void lin_zstore(float *y, int64_t N
     _mm512_mask_storeu_ps(y + row * N + n0, mask, a);
 }
 
+
 /* mt (<= LIN_ZMR) rows of x from m0 against np (1 or 2; constants at each call site)
  * panels from p, panel j's weights at element bases[j] of w. */
 static inline __attribute__((always_inline)) void lin_ztile(const float *x, int64_t x_stride,
@@ -1267,7 +1279,13 @@ static inline __attribute__((always_inline)) void lin_ztile(const float *x, int6
     const float *xr = x + m0 * x_stride;
 #pragma GCC unroll 12
     for (int i = 0; i < mt; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    const int64_t esize = wt == LLMOS_W_F32 ? 4 : wt == LLMOS_W_I8 ? 1 : 2;
+    const char *s0 = (const char *)w + base0 * esize, *s1 = (const char *)w + base1 * esize;
     for (int64_t k = 0; k < K; ++k) {
+        if (LIN_TILE_PF) { /* see LIN_PF_AHEAD */
+            __builtin_prefetch(s0 + k * LIN_PNR * esize + LIN_PF_AHEAD, 0, LIN_PF_HINT);
+            if (np == 2) __builtin_prefetch(s1 + k * LIN_PNR * esize + LIN_PF_AHEAD, 0, LIN_PF_HINT);
+        }
         const __m512 w0 = load_w16(w, wt, base0 + k * LIN_PNR);
         const __m512 w1 = np == 2 ? load_w16(w, wt, base1 + k * LIN_PNR) : w0;
 #pragma GCC unroll 12
@@ -1284,7 +1302,7 @@ static inline __attribute__((always_inline)) void lin_ztile(const float *x, int6
     }
 }
 
-#define LIN_PF_AHEAD 2048 /* bytes: measured best of 1, 2 and 4 KB at batch 1 */
+
 
 /* One row of x against np panels from p: four k phases in separate accumulators, so enough
  * FMA chains are in flight for a single row. */
@@ -1305,8 +1323,8 @@ static inline __attribute__((always_inline)) void lin_zrow1(const float *x, cons
          * LIN_PF_AHEAD bytes ahead of both streams so a page's first lines are already on the
          * way (one row: the step is bound by the weights' memory traffic) */
         for (int64_t c = 0; c < step; c += 64) {
-            __builtin_prefetch(s0 + k * LIN_PNR * esize + LIN_PF_AHEAD + c, 0, 0);
-            if (np == 2) __builtin_prefetch(s1 + k * LIN_PNR * esize + LIN_PF_AHEAD + c, 0, 0);
+            __builtin_prefetch(s0 + k * LIN_PNR * esize + LIN_PF_AHEAD + c, 0, LIN_PF_HINT);
+            if (np == 2) __builtin_prefetch(s1 + k * LIN_PNR * esize + LIN_PF_AHEAD + c, 0, LIN_PF_HINT);
         }
 #pragma GCC unroll 4
         for (int u = 0; u < 4; ++u) {
@@ -1558,6 +1576,7 @@ static void lin_bf16_rows(const float *x, int64_t x_stride, int64_t rows, int64_
  * one output's weights at k (low half) and k + 1 (high half; 0 past K). */
 static void lin_bf16_pairs(const uint16_t *w, int64_t K, int64_t kp, uint16_t *wb) {
     for (int64_t k = 0; k < kp; k += 2) {
+        __builtin_prefetch((const char *)(w + k * 16) + LIN_PF_AHEAD, 0, LIN_PF_HINT);
         const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + k * 16)));
         const __m512i hi =
             k + 1 < K ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + (k + 1) * 16)))
@@ -1836,7 +1855,7 @@ static inline __attribute__((always_inline)) void lin_blk_tile(const float *x, i
         for (int i = 0; i < np; ++i) {
             const char *blk = (const char *)base[i] + b * bytes;
             for (int c = 0; c < bytes; c += 64) /* see LIN_PF_AHEAD */
-                __builtin_prefetch(blk + LIN_PF_AHEAD + c, 0, 0);
+                __builtin_prefetch(blk + LIN_PF_AHEAD + c, 0, LIN_PF_HINT);
         }
 #pragma GCC unroll 4
         for (int r = 0; r < mt; ++r)
@@ -1888,7 +1907,7 @@ static inline __attribute__((always_inline)) void lin_blk_row1(const float *x, c
         for (int i = 0; i < np; ++i) {
             const char *blk = (const char *)base[i] + b * bytes;
             for (int c = 0; c < bytes; c += 64) /* see LIN_PF_AHEAD */
-                __builtin_prefetch(blk + LIN_PF_AHEAD + c, 0, 0);
+                __builtin_prefetch(blk + LIN_PF_AHEAD + c, 0, LIN_PF_HINT);
             a[i][0][0] = a[i][0][1] = a[i][1][0] = a[i][1][1] = _mm512_setzero_ps();
         }
 #pragma GCC unroll 16
