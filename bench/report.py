@@ -26,8 +26,14 @@ def _isa(results: dict[str, Any]) -> str:
 
 
 def _bf16_note(results: dict[str, Any]) -> str:
-    dot = results.get("roofline", {}).get("bf16_dot_rows")
-    return ", bf16-rounded rows (AVX512_BF16)" if dot else ", fp32 rows (no AVX512_BF16)"
+    roof = results.get("roofline", {})
+    if roof.get("bf16_amx"):
+        return ", bf16-rounded rows on AMX tiles"
+    return (
+        ", bf16-rounded rows (AVX512_BF16)"
+        if roof.get("bf16_dot_rows")
+        else ", fp32 rows (no AVX512_BF16)"
+    )
 
 
 def _pct(x: float | None) -> str:

@@ -179,6 +179,15 @@ def bf16_dot_rows() -> int | None:
     return kernels.bf16_dot_rows if kernels is not None and kernels.has_linear else None
 
 
+def bf16_amx() -> bool | None:
+    """Whether the worker's bf16 products of rounded rows run on AMX tiles here; None without
+    the kernel."""
+    from llmos_worker.model.kernels import native_kernels
+
+    kernels = native_kernels()
+    return kernels.bf16_amx if kernels is not None and kernels.has_linear else None
+
+
 def native_read_gbs(nbytes: int = 256 * 2**20, repeats: int = 10) -> float | None:
     """Best read bandwidth in GB/s as the worker's decode reads weights: its linear kernel on one
     row against an fp32 weight of `nbytes` (far larger than the caches). None without the kernel.
@@ -260,6 +269,7 @@ def measure(
         "matmul_gflops_bf16_best": _best(bf16, bf16_native),
         "linear_vector_bits": linear_vector_bits(),
         "bf16_dot_rows": bf16_dot_rows(),
+        "bf16_amx": bf16_amx(),
         "threads": torch.get_num_threads(),
         "measurements": prev.get("measurements", 0) + 1,
     }

@@ -342,6 +342,30 @@ def test_linear_matches_dense(kernels: NativeKernels, mode: str, rows: int, n: i
         assert (dense.float() - weight).abs().max() <= weight.abs().amax(1).max() / 254 + 1e-6
 
 
+@pytest.mark.parametrize("rows", [12, 16, 31, 33, 64, 200])
+@pytest.mark.parametrize(("n", "k"), [(80, 576), (37, 1536), (48, 96)])
+def test_bf16_rounded_rows_at_model_shapes(
+    kernels: NativeKernels, rows: int, n: int, k: int
+) -> None:
+    """K a multiple of 32, as in the model's layers: where the CPU has AMX-BF16 these products
+    run on AMX tiles (x padded to whole 16-row tiles, 32-row blocks, passes of rows, a single
+    last panel), else on vdpbf16ps; either way they are x rounded to bf16 times the stored
+    weights, summed in fp32, and the padding rows never reach the output. A build without
+    AVX512_BF16 multiplies fp32 rows."""
+    g = torch.Generator().manual_seed(rows + n)
+    mm = make_linear(torch.randn(n, k, generator=g), "bf16")
+    dense = mm.dense().double()
+    mm.pack()
+    x = torch.randn(rows, k, generator=g)
+    got = mm(x, kernels)
+    rounded = 0 < kernels.bf16_dot_rows <= rows
+    want = (x.to(torch.bfloat16) if rounded else x).double() @ dense.T
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    # the last row repeated alone gives its numbers inside the batch (padding does not leak)
+    alone = mm(torch.cat([x[-1:]] * 12), kernels)
+    torch.testing.assert_close(alone, got[-1:].expand(12, n), atol=1e-5, rtol=1e-5)
+
+
 def assert_within_integer_bound(
     got: torch.Tensor, x: torch.Tensor, dense: torch.Tensor, want: torch.Tensor
 ) -> None:

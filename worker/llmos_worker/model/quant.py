@@ -14,7 +14,9 @@ Modes (`QUANTIZATIONS`):
 - "bf16": weights stored in bfloat16 (rounded to nearest even; half the bytes, fp32's exponent
   range). Where the CPU has AVX512_BF16, steps of 12+ rows also round each activation to bf16
   (relative error <= 2^-9) and the native kernel multiplies pairs with vdpbf16ps, accumulating
-  in fp32: twice the multiply-adds per instruction of fp32 FMAs. Below 12 rows, or without
+  in fp32: twice the multiply-adds per instruction of fp32 FMAs; where the CPU also has
+  AMX-BF16 (and K is a multiple of 32), the same products run on AMX tiles (tdpbf16ps, fp32
+  sums): on a 2-core Xeon, 512 prompt tokens in 216 ms instead of 690. Below 12 rows, or without
   AVX512_BF16, the weights are widened and multiply fp32 activations. Perplexity within 1 % of
   fp32 (tests/worker/test_quantization.py; measured +0.03 % with bf16-rounded activations).
 - "int4": 4-bit weights in blocks of 32 along K, each block with an fp16 scale d and minimum m

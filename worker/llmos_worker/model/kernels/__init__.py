@@ -75,6 +75,9 @@ class NativeKernels:
         # from this many rows, bf16 weights multiply rows rounded to bf16 (vdpbf16ps); 0 when
         # the build has no AVX512_BF16 (then fp32 rows at every count)
         self.bf16_dot_rows = int(lib.llmos_linear_bf16_rows())
+        # those bf16 products run on AMX tiles (K a multiple of 32): the CPU has AMX-BF16 and
+        # Linux granted the process the tile state
+        self.bf16_amx = bool(lib.llmos_linear_bf16_amx())
         self._stack = lib.llmos_decoder_stack
         # dims, layer table, weight type, eps, attention scale, cos, sin, x, T, positions,
         # slots, rows, block tables, context lengths, S, max blocks, LoRA descriptor or NULL

@@ -30,6 +30,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #define MAX_GROUP 16 /* query heads per KV head handled in one item (GQA ratio) */
 
@@ -1585,6 +1589,87 @@ static void lin_bf16_pairs(const uint16_t *w, int64_t K, int64_t kp, uint16_t *w
     }
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__) && defined(SYS_arch_prctl)
+/* ---- bf16 products on AMX tiles (the build's -march=native has AMX-BF16): the same rounded
+ * rows and interleaved panels as vdpbf16ps above, but tdpbf16ps multiplies a 16 x 32 tile of x
+ * by a 32 x 16 tile of weights (one panel's 16 k pairs, exactly the interleaved layout) into a
+ * 16 x 16 fp32 tile: 16 times the multiply-adds per instruction of vdpbf16ps. Sums stay fp32,
+ * so the result is the vdpbf16ps path's up to the order of the additions. Tiles 0-3 hold a
+ * 32-row x 32-output block of sums, 4-5 two 16-row tiles of x, 6-7 two panels' weights. Linux
+ * hands out the tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM, once per process);
+ * refused, the vdpbf16ps tiles run instead. Needs K a multiple of 32. */
+#define LLMOS_AMX 1
+#define LIN_AMX_ROWS 16 /* rows of a tile of x; x is padded with zero rows to a multiple */
+
+static int lin_amx_state; /* 0: not asked yet, 1: granted, -1: refused */
+
+static int lin_amx_ready(void) {
+    int s = __atomic_load_n(&lin_amx_state, __ATOMIC_ACQUIRE);
+    if (s == 0) {
+        /* 0x1023: ARCH_REQ_XCOMP_PERM; 18: XFEATURE_XTILEDATA (asking twice is harmless) */
+        s = syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 1 : -1;
+        __atomic_store_n(&lin_amx_state, s, __ATOMIC_RELEASE);
+    }
+    return s == 1;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} lin_tilecfg;
+
+static void lin_amx_begin(void) {
+    lin_tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+    _tile_loadconfig(&cfg);
+}
+
+/* Rows [0, rows16) of xb (bf16, rows of kp values, rows16 a multiple of 16, rows past the real
+ * ones zero) against np (1 or 2) interleaved panels from p; real rows [0, rows) go to rows
+ * y_base.. of y. */
+static void lin_amx_panels(const uint16_t *xb, int64_t kp, int64_t rows, int64_t rows16,
+                           const uint16_t *wb0, const uint16_t *wb1, int np, int64_t p,
+                           int64_t N, float *y, int64_t y_base) {
+    float c[32][32];
+    const int64_t xs = kp * 2; /* bytes per row of xb */
+    for (int64_t m = 0; m < rows16; m += 32) {
+        const int two = m + 16 < rows16;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t kb = 0; kb < kp; kb += 32) {
+            _tile_loadd(4, xb + m * kp + kb, xs);
+            _tile_loadd(6, wb0 + kb * 16, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            if (np == 2) {
+                _tile_loadd(7, wb1 + kb * 16, 64);
+                _tile_dpbf16ps(1, 4, 7);
+            }
+            if (two) {
+                _tile_loadd(5, xb + (m + 16) * kp + kb, xs);
+                _tile_dpbf16ps(2, 5, 6);
+                if (np == 2) _tile_dpbf16ps(3, 5, 7);
+            }
+        }
+        _tile_stored(0, &c[0][0], 128);
+        if (np == 2) _tile_stored(1, &c[0][16], 128);
+        if (two) {
+            _tile_stored(2, &c[16][0], 128);
+            if (np == 2) _tile_stored(3, &c[16][16], 128);
+        }
+        const int64_t end = m + 32 < rows ? m + 32 : rows;
+        for (int64_t r = m; r < end; ++r)
+            for (int j = 0; j < np; ++j)
+                lin_zstore(y, N, y_base + r, (p + j) * LIN_PNR,
+                           _mm512_loadu_ps(&c[r - m][16 * j]), NULL);
+    }
+}
+#endif
+
 /* mt (<= LIN_ZMR) bf16 rows from xb row m against np interleaved panels (wb0, wb1) from p,
  * into rows y_base + m.. of y. */
 static inline __attribute__((always_inline)) void lin_zbtile(const uint16_t *xb, int64_t kp,
@@ -1626,11 +1711,18 @@ static inline __attribute__((always_inline)) void lin_zbtile(const uint16_t *xb,
 static int lin_zb_range(const float *x, int64_t x_stride, int64_t M, const void *w, int64_t K,
                         int64_t N, float *y, int64_t p0, int64_t p1) {
     const int64_t kp = K + (K & 1);
+#if defined(LLMOS_AMX)
+    const int amx = K % 32 == 0 && lin_amx_ready();
+#else
+    const int amx = 0;
+#endif
     int64_t mb = (192 * 1024 / 2) / kp;
-    mb -= mb % LIN_ZMR;
-    if (mb < LIN_ZMR) mb = LIN_ZMR;
+    const int64_t unit = amx ? 32 : LIN_ZMR;
+    mb -= mb % unit;
+    if (mb < unit) mb = unit;
     if (mb > M) mb = M;
-    uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)(mb * kp));
+    const int64_t mb16 = (mb + 15) / 16 * 16; /* AMX: whole tiles of x, the rest zero */
+    uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)(mb16 * kp));
     uint16_t *wb = malloc(sizeof(uint16_t) * (size_t)(2 * kp * LIN_PNR));
     if (xb == NULL || wb == NULL) {
         free(xb);
@@ -1638,20 +1730,36 @@ static int lin_zb_range(const float *x, int64_t x_stride, int64_t M, const void 
         return 0;
     }
     const uint16_t *wb1 = wb + kp * LIN_PNR;
+#if defined(LLMOS_AMX)
+    if (amx) lin_amx_begin();
+#endif
     for (int64_t m0 = 0; m0 < M; m0 += mb) {
         const int64_t rows = m0 + mb < M ? mb : M - m0;
+        const int64_t rows16 = (rows + 15) / 16 * 16;
         lin_bf16_rows(x + m0 * x_stride, x_stride, rows, K, kp, xb);
+        if (amx && rows16 > rows)
+            memset(xb + rows * kp, 0, sizeof(uint16_t) * (size_t)((rows16 - rows) * kp));
         for (int64_t p = p0; p < p1; p += 2) {
+            const int np = p + 2 <= p1 ? 2 : 1;
             lin_bf16_pairs((const uint16_t *)w + p * K * LIN_PNR, K, kp, wb);
-            if (p + 2 <= p1) {
+            if (np == 2)
                 lin_bf16_pairs((const uint16_t *)w + (p + 1) * K * LIN_PNR, K, kp,
                                wb + kp * LIN_PNR);
-                LIN_ZTILES(0, rows, lin_zbtile, xb, kp, wb, wb1, p, N, y, m0, 2);
-            } else {
-                LIN_ZTILES(0, rows, lin_zbtile, xb, kp, wb, wb1, p, N, y, m0, 1);
+#if defined(LLMOS_AMX)
+            if (amx) {
+                lin_amx_panels(xb, kp, rows, rows16, wb, wb1, np, p, N, y, m0);
+                continue;
             }
+#endif
+            if (np == 2)
+                LIN_ZTILES(0, rows, lin_zbtile, xb, kp, wb, wb1, p, N, y, m0, 2);
+            else
+                LIN_ZTILES(0, rows, lin_zbtile, xb, kp, wb, wb1, p, N, y, m0, 1);
         }
     }
+#if defined(LLMOS_AMX)
+    if (amx) _tile_release();
+#endif
     free(xb);
     free(wb);
     return 1;
@@ -2098,6 +2206,16 @@ LIN_PARALLEL(lin_q8)
 int llmos_linear_bf16_rows(void) {
 #if defined(LLMOS_BF16_DOT)
     return LIN_BROWS;
+#else
+    return 0;
+#endif
+}
+
+/* 1 when bf16 products of bf16-rounded rows run on AMX tiles (the build has AMX-BF16 and the
+ * kernel asked Linux for the tile state and got it): for K a multiple of 32. */
+int llmos_linear_bf16_amx(void) {
+#if defined(LLMOS_AMX)
+    return lin_amx_ready();
 #else
     return 0;
 #endif
