@@ -175,6 +175,13 @@ def all_systems(paths: Paths, worker_src: Path | None = None) -> list[System]:
         "--alias",
         "smollm2",
     )
+    llama_notes = f"-np {LLAMA_SLOTS} -c {LLAMA_CONTEXT} -t {THREADS} --cont-batching"
+    # why: on a CPU with AMX llama.cpp repacks the weights for its AMX matmul, which crashed
+    # there (SIGSEGV in ggml_backend_amx_mul_mat, llama-cpp-python 0.3.36's llama.cpp, on the
+    # first batch); without repacking it runs its AVX-512 / VNNI dot products
+    if cpu_has("amx_tile"):
+        llama = (*llama, "--no-repack")
+        llama_notes += " --no-repack (its AMX path crashes on this CPU)"
     return [
         System(
             "llmos_fp32",
@@ -224,9 +231,22 @@ def all_systems(paths: Paths, worker_src: Path | None = None) -> list[System]:
             "llama_server",
             "4-bit",
             llama,
-            notes=f"-np {LLAMA_SLOTS} -c {LLAMA_CONTEXT} -t {THREADS} --cont-batching",
+            notes=llama_notes,
         ),
     ]
+
+
+def cpu_has(flag: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU lists `flag` in /proc/cpuinfo (False where there is none)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    return any(
+        flag in line.split(":", 1)[1].split()
+        for line in text.splitlines()
+        if line.startswith("flags")
+    )
 
 
 def _tree(pid: int) -> list[psutil.Process]:

@@ -416,3 +416,12 @@ def test_rotation_starts_each_repeat_with_another_system() -> None:
     assert rotated(["a", "b", "c"], 1) == ["b", "c", "a"]
     assert rotated(["a", "b", "c"], 4) == ["b", "c", "a"]
     assert rotated([], 3) == []
+
+
+def test_cpu_has_reads_the_flags_lines(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_tile\nmodel name\t: amx_int8 cpu\n")
+    assert systems.cpu_has("amx_tile", info)
+    assert not systems.cpu_has("amx", info)  # whole flags only
+    assert not systems.cpu_has("amx_int8", info)  # another line's text is no flag
+    assert not systems.cpu_has("avx2", tmp_path / "missing")

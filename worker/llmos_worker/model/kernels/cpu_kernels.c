@@ -1599,7 +1599,9 @@ static void lin_bf16_pairs(const uint16_t *w, int64_t K, int64_t kp, uint16_t *w
  * hands out the tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM, once per process);
  * refused, the vdpbf16ps tiles run instead. Needs K a multiple of 32. */
 #define LLMOS_AMX 1
-#define LIN_AMX_ROWS 16 /* rows of a tile of x; x is padded with zero rows to a multiple */
+#ifndef LIN_AMX_PASS_KB
+#define LIN_AMX_PASS_KB 512 /* KB of rounded x per pass */
+#endif
 
 static int lin_amx_state; /* 0: not asked yet, 1: granted, -1: refused */
 
@@ -1627,46 +1629,99 @@ static void lin_amx_begin(void) {
     _tile_loadconfig(&cfg);
 }
 
-/* Rows [0, rows16) of xb (bf16, rows of kp values, rows16 a multiple of 16, rows past the real
- * ones zero) against np (1 or 2) interleaved panels from p; real rows [0, rows) go to rows
- * y_base.. of y. */
-static void lin_amx_panels(const uint16_t *xb, int64_t kp, int64_t rows, int64_t rows16,
-                           const uint16_t *wb0, const uint16_t *wb1, int np, int64_t p,
-                           int64_t N, float *y, int64_t y_base) {
-    float c[32][32];
+/* One block of up to 32 rows of xb (bf16, rows of kp values; `two`: a second 16-row tile, the
+ * rows past `valid` zero) against np (1 or 2) interleaved panels from p (wb0, wb1); the valid
+ * rows go to rows y_row.. of y. */
+static void lin_amx_block(const uint16_t *xb, int64_t kp, int64_t valid, int two,
+                          const uint16_t *wb0, const uint16_t *wb1, int np, int64_t p,
+                          int64_t N, float *y, int64_t y_row) {
     const int64_t xs = kp * 2; /* bytes per row of xb */
-    for (int64_t m = 0; m < rows16; m += 32) {
-        const int two = m + 16 < rows16;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int64_t kb = 0; kb < kp; kb += 32) {
-            _tile_loadd(4, xb + m * kp + kb, xs);
-            _tile_loadd(6, wb0 + kb * 16, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            if (np == 2) {
-                _tile_loadd(7, wb1 + kb * 16, 64);
-                _tile_dpbf16ps(1, 4, 7);
-            }
-            if (two) {
-                _tile_loadd(5, xb + (m + 16) * kp + kb, xs);
-                _tile_dpbf16ps(2, 5, 6);
-                if (np == 2) _tile_dpbf16ps(3, 5, 7);
-            }
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t kb = 0; kb < kp; kb += 32) {
+        _tile_loadd(4, xb + kb, xs);
+        _tile_loadd(6, wb0 + kb * 16, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (np == 2) {
+            _tile_loadd(7, wb1 + kb * 16, 64);
+            _tile_dpbf16ps(1, 4, 7);
         }
-        _tile_stored(0, &c[0][0], 128);
-        if (np == 2) _tile_stored(1, &c[0][16], 128);
         if (two) {
-            _tile_stored(2, &c[16][0], 128);
-            if (np == 2) _tile_stored(3, &c[16][16], 128);
+            _tile_loadd(5, xb + 16 * kp + kb, xs);
+            _tile_dpbf16ps(2, 5, 6);
+            if (np == 2) _tile_dpbf16ps(3, 5, 7);
         }
-        const int64_t end = m + 32 < rows ? m + 32 : rows;
-        for (int64_t r = m; r < end; ++r)
-            for (int j = 0; j < np; ++j)
-                lin_zstore(y, N, y_base + r, (p + j) * LIN_PNR,
-                           _mm512_loadu_ps(&c[r - m][16 * j]), NULL);
     }
+    if (valid == 32 && (p + np) * LIN_PNR <= N) { /* whole tiles: straight into y */
+        float *y0 = y + y_row * N + p * LIN_PNR;
+        const int64_t ys = N * 4;
+        _tile_stored(0, y0, ys);
+        if (np == 2) _tile_stored(1, y0 + LIN_PNR, ys);
+        _tile_stored(2, y0 + 16 * N, ys);
+        if (np == 2) _tile_stored(3, y0 + 16 * N + LIN_PNR, ys);
+        return;
+    }
+    float c[32][32];
+    _tile_stored(0, &c[0][0], 128);
+    if (np == 2) _tile_stored(1, &c[0][16], 128);
+    if (two) {
+        _tile_stored(2, &c[16][0], 128);
+        if (np == 2) _tile_stored(3, &c[16][16], 128);
+    }
+    for (int64_t r = 0; r < valid; ++r)
+        for (int j = 0; j < np; ++j)
+            lin_zstore(y, N, y_row + r, (p + j) * LIN_PNR, _mm512_loadu_ps(&c[r][16 * j]), NULL);
+}
+
+/* Panels [p0, p1) for every row on AMX tiles: per pass of rows (rounded to bf16 once), the
+ * panels in chunks of LIN_AMX_CHUNK interleaved into an L2-resident buffer, and each 32-row
+ * block of x stays in L1 while a chunk's panels stream past it. 0: out of memory (nothing
+ * written). */
+#ifndef LIN_AMX_CHUNK
+#define LIN_AMX_CHUNK 16 /* panels: 16 x K x 32 bytes, 288 KB at K = 576 */
+#endif
+static int lin_amx_range(const float *x, int64_t x_stride, int64_t M, const void *w, int64_t K,
+                         int64_t N, float *y, int64_t p0, int64_t p1) {
+    int64_t mb = (LIN_AMX_PASS_KB * 1024 / 2) / K; /* rows per pass of rounded x */
+    mb -= mb % 32;
+    if (mb < 32) mb = 32;
+    if (mb > M) mb = M;
+    const int64_t mb16 = (mb + 15) / 16 * 16;
+    uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)(mb16 * K));
+    uint16_t *wb = malloc(sizeof(uint16_t) * (size_t)(LIN_AMX_CHUNK * K * LIN_PNR));
+    if (xb == NULL || wb == NULL) {
+        free(xb);
+        free(wb);
+        return 0;
+    }
+    lin_amx_begin();
+    for (int64_t m0 = 0; m0 < M; m0 += mb) {
+        const int64_t rows = m0 + mb < M ? mb : M - m0;
+        const int64_t rows16 = (rows + 15) / 16 * 16;
+        lin_bf16_rows(x + m0 * x_stride, x_stride, rows, K, K, xb);
+        if (rows16 > rows)
+            memset(xb + rows * K, 0, sizeof(uint16_t) * (size_t)((rows16 - rows) * K));
+        for (int64_t c0 = p0; c0 < p1; c0 += LIN_AMX_CHUNK) {
+            const int64_t c1 = c0 + LIN_AMX_CHUNK < p1 ? c0 + LIN_AMX_CHUNK : p1;
+            for (int64_t p = c0; p < c1; ++p)
+                lin_bf16_pairs((const uint16_t *)w + p * K * LIN_PNR, K, K,
+                               wb + (p - c0) * K * LIN_PNR);
+            for (int64_t m = 0; m < rows16; m += 32) {
+                const int64_t valid = rows - m < 32 ? rows - m : 32;
+                for (int64_t p = c0; p < c1; p += 2) {
+                    const uint16_t *wb0 = wb + (p - c0) * K * LIN_PNR;
+                    lin_amx_block(xb + m * K, K, valid, m + 16 < rows16, wb0, wb0 + K * LIN_PNR,
+                                  p + 2 <= c1 ? 2 : 1, p, N, y, m0 + m);
+                }
+            }
+        }
+    }
+    _tile_release();
+    free(xb);
+    free(wb);
+    return 1;
 }
 #endif
 
@@ -1710,19 +1765,16 @@ static inline __attribute__((always_inline)) void lin_zbtile(const uint16_t *xb,
  * in pairs. Returns 0 when out of memory (nothing written). */
 static int lin_zb_range(const float *x, int64_t x_stride, int64_t M, const void *w, int64_t K,
                         int64_t N, float *y, int64_t p0, int64_t p1) {
-    const int64_t kp = K + (K & 1);
 #if defined(LLMOS_AMX)
-    const int amx = K % 32 == 0 && lin_amx_ready();
-#else
-    const int amx = 0;
+    if (K % 32 == 0 && lin_amx_ready() && lin_amx_range(x, x_stride, M, w, K, N, y, p0, p1))
+        return 1;
 #endif
+    const int64_t kp = K + (K & 1);
     int64_t mb = (192 * 1024 / 2) / kp;
-    const int64_t unit = amx ? 32 : LIN_ZMR;
-    mb -= mb % unit;
-    if (mb < unit) mb = unit;
+    mb -= mb % LIN_ZMR;
+    if (mb < LIN_ZMR) mb = LIN_ZMR;
     if (mb > M) mb = M;
-    const int64_t mb16 = (mb + 15) / 16 * 16; /* AMX: whole tiles of x, the rest zero */
-    uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)(mb16 * kp));
+    uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)(mb * kp));
     uint16_t *wb = malloc(sizeof(uint16_t) * (size_t)(2 * kp * LIN_PNR));
     if (xb == NULL || wb == NULL) {
         free(xb);
@@ -1730,36 +1782,20 @@ static int lin_zb_range(const float *x, int64_t x_stride, int64_t M, const void 
         return 0;
     }
     const uint16_t *wb1 = wb + kp * LIN_PNR;
-#if defined(LLMOS_AMX)
-    if (amx) lin_amx_begin();
-#endif
     for (int64_t m0 = 0; m0 < M; m0 += mb) {
         const int64_t rows = m0 + mb < M ? mb : M - m0;
-        const int64_t rows16 = (rows + 15) / 16 * 16;
         lin_bf16_rows(x + m0 * x_stride, x_stride, rows, K, kp, xb);
-        if (amx && rows16 > rows)
-            memset(xb + rows * kp, 0, sizeof(uint16_t) * (size_t)((rows16 - rows) * kp));
         for (int64_t p = p0; p < p1; p += 2) {
-            const int np = p + 2 <= p1 ? 2 : 1;
             lin_bf16_pairs((const uint16_t *)w + p * K * LIN_PNR, K, kp, wb);
-            if (np == 2)
+            if (p + 2 <= p1) {
                 lin_bf16_pairs((const uint16_t *)w + (p + 1) * K * LIN_PNR, K, kp,
                                wb + kp * LIN_PNR);
-#if defined(LLMOS_AMX)
-            if (amx) {
-                lin_amx_panels(xb, kp, rows, rows16, wb, wb1, np, p, N, y, m0);
-                continue;
-            }
-#endif
-            if (np == 2)
                 LIN_ZTILES(0, rows, lin_zbtile, xb, kp, wb, wb1, p, N, y, m0, 2);
-            else
+            } else {
                 LIN_ZTILES(0, rows, lin_zbtile, xb, kp, wb, wb1, p, N, y, m0, 1);
+            }
         }
     }
-#if defined(LLMOS_AMX)
-    if (amx) _tile_release();
-#endif
     free(xb);
     free(wb);
     return 1;
