@@ -1274,7 +1274,6 @@ static inline __attribute__((always_inline)) void lin_zstore(float *y, int64_t N
     _mm512_mask_storeu_ps(y + row * N + n0, mask, a);
 }
 
-
 /* mt (<= LIN_ZMR) rows of x from m0 against np (1 or 2; constants at each call site)
  * panels from p, panel j's weights at element bases[j] of w. */
 static inline __attribute__((always_inline)) void lin_ztile(const float *x, int64_t x_stride,
@@ -1310,8 +1309,6 @@ static inline __attribute__((always_inline)) void lin_ztile(const float *x, int6
         if (np == 2) lin_zstore(y, N, m0 + i, (p + 1) * LIN_PNR, acc[i][1], scale);
     }
 }
-
-
 
 /* One row of x against np panels from p: four k phases in separate accumulators, so enough
  * FMA chains are in flight for a single row. */
