@@ -161,31 +161,20 @@ def native_matmul_gflops(mode: str, n: int = 1024, seconds: float = 1.0) -> floa
     return best
 
 
-def linear_vector_bits() -> int | None:
-    """The vector width of the worker's linear kernel on this machine (512 with AVX-512, 256
-    with AVX2); None without the kernel."""
+def linear_kernel_facts() -> dict[str, Any]:
+    """What the worker's linear kernel does on this machine (all None without the kernel):
+    `linear_vector_bits` its vector width (512 with AVX-512, 256 with AVX2), `bf16_dot_rows`
+    from how many rows it rounds rows to bf16 for bf16 weights (0: never, no AVX512_BF16), and
+    `bf16_amx` whether those products run on AMX tiles."""
     from llmos_worker.model.kernels import native_kernels
 
     kernels = native_kernels()
-    return kernels.vector_bits if kernels is not None and kernels.has_linear else None
-
-
-def bf16_dot_rows() -> int | None:
-    """From how many rows the worker's kernel rounds rows to bf16 for bf16 weights (0: never,
-    no AVX512_BF16); None without the kernel."""
-    from llmos_worker.model.kernels import native_kernels
-
-    kernels = native_kernels()
-    return kernels.bf16_dot_rows if kernels is not None and kernels.has_linear else None
-
-
-def bf16_amx() -> bool | None:
-    """Whether the worker's bf16 products of rounded rows run on AMX tiles here; None without
-    the kernel."""
-    from llmos_worker.model.kernels import native_kernels
-
-    kernels = native_kernels()
-    return kernels.bf16_amx if kernels is not None and kernels.has_linear else None
+    have = kernels is not None and kernels.has_linear
+    return {
+        "linear_vector_bits": kernels.vector_bits if have else None,
+        "bf16_dot_rows": kernels.bf16_dot_rows if have else None,
+        "bf16_amx": kernels.bf16_amx if have else None,
+    }
 
 
 def native_read_gbs(nbytes: int = 256 * 2**20, repeats: int = 10) -> float | None:
@@ -267,9 +256,7 @@ def measure(
         "matmul_gflops_bf16_native": bf16_native,
         # the worker's bf16 weights multiply at the better of the two where they can
         "matmul_gflops_bf16_best": _best(bf16, bf16_native),
-        "linear_vector_bits": linear_vector_bits(),
-        "bf16_dot_rows": bf16_dot_rows(),
-        "bf16_amx": bf16_amx(),
+        **linear_kernel_facts(),
         "threads": torch.get_num_threads(),
         "measurements": prev.get("measurements", 0) + 1,
     }
