@@ -70,8 +70,11 @@ def test_systems_cover_the_issue_modes_with_the_port_filled_in(tmp_path: Path) -
     for s in got.values():
         cmd = s.command(8123)
         assert "8123" in cmd and "{port}" not in " ".join(cmd)
-    assert got["llmos_bf16"].command(1)[-2:] == ["--quantization", "bf16"]
-    assert got["llmos_int4"].command(1)[-2:] == ["--quantization", "int4"]
+    # the 16-bit and 4-bit modes cache K/V in 16 bits, as vLLM bf16 and llama-server do
+    half = ["--kv-cache-dtype", "float16"]
+    assert got["llmos_bf16"].command(1)[-4:] == ["--quantization", "bf16", *half]
+    assert got["llmos_int4"].command(1)[-4:] == ["--quantization", "int4", *half]
+    assert "--kv-cache-dtype" not in got["llmos_fp32"].command(1)
     assert got["llmos_fp32"].env["PYTHONPATH"] == str(tmp_path / "w")
     assert got["vllm_bf16"].command(1)[-2:] == ["--dtype", "bfloat16"]
     assert got["vllm_fp32"].env["VLLM_CPU_KVCACHE_SPACE"] == str(systems.KV_CACHE_GIB)

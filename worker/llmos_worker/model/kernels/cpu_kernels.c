@@ -163,13 +163,28 @@ static inline void weighted_rows(float *y, const float *p, const float *x, int64
 #if defined(LLMOS_AVX2) && defined(__AVX512F__)
 /* 512-bit decode attention for head_dim 64 and up to 4 query heads per KV head: a K or V row is
  * 4 zmm, loaded once for all the group's heads (the 256-bit path loads it once per head), with
- * the group's q (or outputs) held in registers across a span of rows. */
+ * the group's q (or outputs) held in registers across a span of rows. fp16 rows are widened as
+ * they are loaded (HALF, a constant at each call site), with no copy through a buffer. */
 #define ATT64_GROUP 4
+
+/* chunk c (16 values) of row i of `rows` (ld elements apart), fp32 or (half) fp16 */
+static inline __attribute__((always_inline)) __m512 row64_chunk(const void *rows, const int half,
+                                                               int64_t i, int64_t ld, int c) {
+#ifdef LLMOS_KV_HALF
+    if (half)
+        return _mm512_cvtph_ps(
+            _mm256_loadu_si256((const __m256i *)((const uint16_t *)rows + i * ld + c * 16)));
+#else
+    (void)half;
+#endif
+    return _mm512_loadu_ps((const float *)rows + i * ld + c * 16);
+}
 
 /* scores[g * max_len + i] = (q_g . row i) * scale for rows i < n (ld floats apart); maxes[g]
  * raised to them. G: the group size, a constant at each call site. */
 static inline __attribute__((always_inline)) void span_scores64(const float *q, const int G,
-                                                               const float *rows, int64_t ld,
+                                                               const void *rows, const int half,
+                                                               int64_t ld,
                                                                int64_t n, float *scores,
                                                                int64_t max_len, float scale,
                                                                float *maxes) {
@@ -179,9 +194,8 @@ static inline __attribute__((always_inline)) void span_scores64(const float *q, 
 #pragma GCC unroll 4
         for (int c = 0; c < 4; ++c) qv[g][c] = _mm512_loadu_ps(q + g * 64 + c * 16);
     for (int64_t i = 0; i < n; ++i) {
-        const float *r = rows + i * ld;
-        const __m512 k0 = _mm512_loadu_ps(r), k1 = _mm512_loadu_ps(r + 16);
-        const __m512 k2 = _mm512_loadu_ps(r + 32), k3 = _mm512_loadu_ps(r + 48);
+        const __m512 k0 = row64_chunk(rows, half, i, ld, 0), k1 = row64_chunk(rows, half, i, ld, 1);
+        const __m512 k2 = row64_chunk(rows, half, i, ld, 2), k3 = row64_chunk(rows, half, i, ld, 3);
 #pragma GCC unroll 4
         for (int g = 0; g < G; ++g) {
             const __m512 a = _mm512_fmadd_ps(qv[g][2], k2, _mm512_mul_ps(qv[g][0], k0));
@@ -196,17 +210,16 @@ static inline __attribute__((always_inline)) void span_scores64(const float *q, 
 /* out_g (64) += sum_i p[g * max_len + i] * row i, for rows i < n (ld floats apart). */
 static inline __attribute__((always_inline)) void span_weighted64(float *out, const int G,
                                                                  const float *p, int64_t max_len,
-                                                                 const float *rows, int64_t ld,
-                                                                 int64_t n) {
+                                                                 const void *rows, const int half,
+                                                                 int64_t ld, int64_t n) {
     __m512 acc[ATT64_GROUP][4];
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g)
 #pragma GCC unroll 4
         for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_loadu_ps(out + g * 64 + c * 16);
     for (int64_t i = 0; i < n; ++i) {
-        const float *r = rows + i * ld;
-        const __m512 v0 = _mm512_loadu_ps(r), v1 = _mm512_loadu_ps(r + 16);
-        const __m512 v2 = _mm512_loadu_ps(r + 32), v3 = _mm512_loadu_ps(r + 48);
+        const __m512 v0 = row64_chunk(rows, half, i, ld, 0), v1 = row64_chunk(rows, half, i, ld, 1);
+        const __m512 v2 = row64_chunk(rows, half, i, ld, 2), v3 = row64_chunk(rows, half, i, ld, 3);
 #pragma GCC unroll 4
         for (int g = 0; g < G; ++g) {
             const __m512 w = _mm512_set1_ps(p[g * max_len + i]);
@@ -222,16 +235,23 @@ static inline __attribute__((always_inline)) void span_weighted64(float *out, co
         for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + g * 64 + c * 16, acc[g][c]);
 }
 
-/* One span for the whole group (1 <= group <= ATT64_GROUP): pass 0 scores, pass 1 outputs. */
-static inline void span64(int pass, const float *q, float *out, int64_t group, const float *rows,
-                          int64_t ld, int64_t n, float *scores, int64_t max_len, float scale,
-                          float *maxes) {
+/* One span for the whole group (1 <= group <= ATT64_GROUP): pass 0 scores, pass 1 outputs;
+ * rows fp32 or (half) fp16. */
+static inline void span64(int pass, const float *q, float *out, int64_t group, const void *rows,
+                          int half, int64_t ld, int64_t n, float *scores, int64_t max_len,
+                          float scale, float *maxes) {
+#define SPAN64_CALL(G, HALF)                                                                    \
+    if (pass == 0)                                                                              \
+        span_scores64(q, G, rows, HALF, ld, n, scores, max_len, scale, maxes);                  \
+    else                                                                                        \
+        span_weighted64(out, G, scores, max_len, rows, HALF, ld, n);
 #define SPAN64_CASE(G)                                                                          \
     case G:                                                                                     \
-        if (pass == 0)                                                                          \
-            span_scores64(q, G, rows, ld, n, scores, max_len, scale, maxes);                    \
-        else                                                                                    \
-            span_weighted64(out, G, scores, max_len, rows, ld, n);                              \
+        if (half) {                                                                             \
+            SPAN64_CALL(G, 1)                                                                   \
+        } else {                                                                                \
+            SPAN64_CALL(G, 0)                                                                   \
+        }                                                                                       \
         break;
     switch (group) {
         SPAN64_CASE(1)
@@ -241,6 +261,7 @@ static inline void span64(int pass, const float *q, float *out, int64_t group, c
     default: break;
     }
 #undef SPAN64_CASE
+#undef SPAN64_CALL
 }
 #endif
 
@@ -329,15 +350,15 @@ static void attend_item(const float *q, float *out, const void *k_cache, const v
             for (int64_t j = 0; j < spans_per_block && j * span < in_block; ++j) {
                 const int64_t r0 = j * span, n = in_block - r0 < span ? in_block - r0 : span;
                 const int64_t at = ((table[b] * block_size + r0) * num_kv_heads + kvh) * head_dim;
-                int64_t ld;
-                const float *rows = cache_rows(cache, half, at, kv_row, n, head_dim, buf, &ld);
 #if defined(LLMOS_AVX2) && defined(__AVX512F__)
-                if (head_dim == 64 && group <= ATT64_GROUP) {
-                    span64(pass, q, out, group, rows, ld, n, scores + t0 + r0, max_len, scale,
-                           maxes);
+                if (head_dim == 64 && group <= ATT64_GROUP) { /* rows read in place */
+                    span64(pass, q, out, group, (const char *)cache + at * esize, half, kv_row,
+                           n, scores + t0 + r0, max_len, scale, maxes);
                     continue;
                 }
 #endif
+                int64_t ld;
+                const float *rows = cache_rows(cache, half, at, kv_row, n, head_dim, buf, &ld);
                 for (int64_t g = 0; g < group; ++g) {
                     float *sg = scores + g * max_len + t0 + r0;
                     if (pass == 0) {
