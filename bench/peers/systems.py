@@ -186,7 +186,7 @@ def all_systems(paths: Paths, worker_src: Path | None = None) -> list[System]:
     # bf16, llama-server f16), so each pair reads the same bytes of KV a step; fp32 keeps fp32,
     # as vLLM fp32 does
     half_kv = ("--kv-cache-dtype", "float16")
-    half_kv_note = "`--kv-cache-dtype float16`"
+    half_kv_note = f"`{' '.join(half_kv)}`"
     return [
         System(
             "llmos_fp32",

@@ -180,7 +180,7 @@ static inline __attribute__((always_inline)) __m512 row64_chunk(const void *rows
     return _mm512_loadu_ps((const float *)rows + i * ld + c * 16);
 }
 
-/* scores[g * max_len + i] = (q_g . row i) * scale for rows i < n (ld floats apart); maxes[g]
+/* scores[g * max_len + i] = (q_g . row i) * scale for rows i < n (ld elements apart); maxes[g]
  * raised to them. G: the group size, a constant at each call site. */
 static inline __attribute__((always_inline)) void span_scores64(const float *q, const int G,
                                                                const void *rows, const int half,
@@ -207,7 +207,7 @@ static inline __attribute__((always_inline)) void span_scores64(const float *q, 
     }
 }
 
-/* out_g (64) += sum_i p[g * max_len + i] * row i, for rows i < n (ld floats apart). */
+/* out_g (64) += sum_i p[g * max_len + i] * row i, for rows i < n (ld elements apart). */
 static inline __attribute__((always_inline)) void span_weighted64(float *out, const int G,
                                                                  const float *p, int64_t max_len,
                                                                  const void *rows, const int half,
