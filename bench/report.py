@@ -230,7 +230,7 @@ def render(results: dict[str, Any]) -> str:
                 (
                     "llmos worker, bf16 weights (opt-in)",
                     off.get("llmos_bf16"),
-                    "`--quantization bf16` (bf16-rounded activations from 12 rows where the CPU "
+                    "`--quantization bf16` (bf16-rounded activations from 8 rows where the CPU "
                     "has AVX512_BF16)",
                 ),
                 (

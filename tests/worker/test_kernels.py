@@ -324,6 +324,8 @@ def test_linear_matches_dense(kernels: NativeKernels, mode: str, rows: int, n: i
     mm = make_linear(weight, mode)
     dense = mm.dense().double()  # what the stored (fp16 / int8 * scale) weights are worth
     mm.pack()
+    # bf16 panels hold k in pairs: an odd K stays dense, on torch's fp32 products
+    assert mm.packed == (mode != "bf16" or k % 2 == 0)
     wide = torch.randn(rows, k + 5, generator=g)
     for x in (wide[:, :k].contiguous(), wide[:, 2 : k + 2]):  # contiguous, and a strided slice
         got = mm(x, kernels)
@@ -331,7 +333,7 @@ def test_linear_matches_dense(kernels: NativeKernels, mode: str, rows: int, n: i
         want = x.double() @ dense.T
         if mode == "int8" and rows >= kernels.int8_integer_rows:
             assert_within_integer_bound(got, x, dense, want)
-        elif mode == "bf16" and 0 < kernels.bf16_dot_rows <= rows:
+        elif mode == "bf16" and mm.packed and 0 < kernels.bf16_dot_rows <= rows:
             # x rounded to bf16 (nearest even, as torch rounds), products summed in fp32
             rounded = x.to(torch.bfloat16).double() @ dense.T
             torch.testing.assert_close(got.double(), rounded, atol=1e-4, rtol=1e-4)
@@ -421,6 +423,15 @@ def test_pack_roundtrip_and_zero_padding() -> None:
     assert packed.shape == (3, 5, 16)
     assert packed[2, :, 5:].abs().sum() == 0  # rows 37..47 do not exist: zeros
     assert torch.equal(unpack_panels(packed, 37), w)
+    # bf16 in k pairs: [p, t, j, e] holds W[16p + j, 2t + e]
+    wb = torch.arange(37 * 6, dtype=torch.float32).view(37, 6).to(torch.bfloat16)
+    pairs = pack_panels(wb)
+    assert pairs.shape == (3, 3, 16, 2) and pairs.dtype == torch.bfloat16
+    assert torch.equal(pairs[1, 2, 3], wb[19, 4:6])
+    assert pairs[2, :, 5:].abs().sum() == 0
+    assert torch.equal(unpack_panels(pairs, 37), wb)
+    with pytest.raises(ValueError, match="K must be even"):
+        pack_panels(torch.zeros(4, 5, dtype=torch.bfloat16))
 
 
 # 4-row tiles and remainders, one row; from 96 rows (512-bit; 256-bit: from 8) panels are
@@ -515,6 +526,8 @@ def test_linear_refuses_bad_inputs(kernels: NativeKernels) -> None:
         kernels.linear(torch.zeros(3, 9), w, 20)
     with pytest.raises(ValueError, match="packed"):
         kernels.linear(x, torch.zeros(20, 8), 20)
+    with pytest.raises(ValueError, match="k pairs"):  # bf16 panels not in k pairs
+        kernels.linear(x, w.to(torch.bfloat16), 20)
     with pytest.raises(ValueError, match="unit column stride"):
         kernels.linear(torch.zeros(8, 3).T, w, 20)
     with pytest.raises(ValueError, match="need a scale"):

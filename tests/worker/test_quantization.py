@@ -5,7 +5,7 @@ The quality check scores a fixed English passage (tests/worker/data/perplexity.t
 this test) with the bundled SmolLM2-135M-Instruct, fp32 against fp16 or int8 linear layers. The
 stated bounds: fp16 perplexity within 0.5 % of fp32 (measured: 0.01 %), int8 (per-channel
 weight scales, 16-bit activation rows) within 2 % (measured: -0.5 % on this text, +0.2 % on
-CPython's reference docs), bf16 (with AVX512_BF16: bf16-rounded activations from 12 rows) within
+CPython's reference docs), bf16 (with AVX512_BF16: bf16-rounded activations from 8 rows) within
 1 % (measured: +0.03 %), int4 (GGUF's Q4_1 blocks, which the bundled file's decoder layers are
 stored in, and its Q8_0 LM head: both kept exactly) within 0.01 % (measured: 0.0 %, the same
 weights summed in another order). The perplexity helper itself is checked against Hugging

@@ -12,11 +12,11 @@ Modes (`QUANTIZATIONS`):
   the weights'). Perplexity of SmolLM2-135M within ±0.6 % of fp32 on the test texts (-0.52 %
   and +0.20 %, the same as with fp32 activations).
 - "bf16": weights stored in bfloat16 (rounded to nearest even; half the bytes, fp32's exponent
-  range). Where the CPU has AVX512_BF16, steps of 12+ rows also round each activation to bf16
+  range). Where the CPU has AVX512_BF16, steps of 8+ rows also round each activation to bf16
   (relative error <= 2^-9) and the native kernel multiplies pairs with vdpbf16ps, accumulating
   in fp32: twice the multiply-adds per instruction of fp32 FMAs; where the CPU also has
   AMX-BF16 (and K is a multiple of 32), the same products run on AMX tiles (tdpbf16ps, fp32
-  sums): on a 2-core Xeon, 512 prompt tokens in 216 ms instead of 690. Below 12 rows, or without
+  sums): on a 2-core Xeon, 512 prompt tokens in 216 ms instead of 690. Below 8 rows, or without
   AVX512_BF16, the weights are widened and multiply fp32 activations. Perplexity within 1 % of
   fp32 (tests/worker/test_quantization.py; measured +0.03 % with bf16-rounded activations).
 - "int4": 4-bit weights in blocks of 32 along K, each block with an fp16 scale d and minimum m
@@ -77,17 +77,26 @@ Q4_BYTES, Q8_BYTES = 320, 544
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
-    """(N, K) -> (ceil(N / 16), K, 16): the native kernel's layout, rows past N zero."""
+    """(N, K) -> (ceil(N / 16), K, 16): the native kernel's layout, rows past N zero.
+
+    bfloat16 weights go in k pairs instead, (ceil(N / 16), K / 2, 16, 2) with element
+    [p, t, j, e] = W[16p + j, 2t + e]: the layout vdpbf16ps and AMX multiply, so the kernel reads
+    it in place at every row count (an even K only).
+    """
     n, k = weight.shape
     panels = -(-n // PANEL)
     padded = torch.zeros(panels * PANEL, k, dtype=weight.dtype, device=weight.device)
     padded[:n] = weight
+    if weight.dtype is torch.bfloat16:
+        if k % 2:
+            raise ValueError(f"bf16 panels hold k in pairs: K must be even, not {k}")
+        return padded.view(panels, PANEL, k // 2, 2).transpose(1, 2).contiguous()
     return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
 
 
 def unpack_panels(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The inverse of `pack_panels`: (P, K, 16) -> (n, K)."""
-    panels, k, _ = packed.shape
+    """The inverse of `pack_panels`: (P, K, 16) or bf16's (P, K / 2, 16, 2) -> (n, K)."""
+    panels, k = packed.shape[0], packed.shape[1] * (2 if packed.dim() == 4 else 1)
     return packed.transpose(1, 2).reshape(panels * PANEL, k)[:n].contiguous()
 
 
@@ -169,6 +178,10 @@ class Bf16Linear(Linear):
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__(weight.to(torch.bfloat16).contiguous())
+
+    def pack(self) -> None:
+        if self.in_features % 2 == 0:  # an odd K has no k-pair panels: it stays on torch
+            super().pack()
 
 
 class Fp16PackedLinear(Linear):

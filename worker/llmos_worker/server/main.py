@@ -106,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=e("quantization", "none"),
         help="linear-layer weights in fp16 (fp32 compute), int8 with per-channel scales "
         "(fp32 compute below 12 rows; from 12 rows, activations rounded per row to 16 bits and "
-        "multiplied in integers), bf16 (with AVX512_BF16, from 12 rows activations rounded "
+        "multiplied in integers), bf16 (with AVX512_BF16, from 8 rows activations rounded "
         "to bf16 and multiplied pairwise into fp32 sums), or int4 (blocks of 32 weights with an "
         "fp16 scale and minimum, GGUF's Q4_1: a Q4_1 GGUF's layers exactly; LM head in 8-bit "
         "blocks, Q8_0) "

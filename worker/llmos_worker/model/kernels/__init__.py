@@ -172,10 +172,11 @@ class NativeKernels:
     ) -> torch.Tensor:
         """(M, n) = x (M, K) @ W.T [* scale], W (n, K) packed by `quant.pack_panels`.
 
-        packed (ceil(n / 16), K, 16) contiguous float32, float16, bfloat16, or int8 (with
-        `scale` (n,) fp32, one per output row), or (ceil(n / 16), K / 32, 320 | 544) uint8
-        blocks of 4-bit | 8-bit values (`quant.pack_blocks`); x fp32 with unit column stride
-        (rows may be a slice of a wider tensor). With int8 weights and at least
+        packed (ceil(n / 16), K, 16) contiguous float32, float16 or int8 (with `scale` (n,)
+        fp32, one per output row), (ceil(n / 16), K / 2, 16, 2) bfloat16 in k pairs, or
+        (ceil(n / 16), K / 32, 320 | 544) uint8 blocks of 4-bit | 8-bit values
+        (`quant.pack_blocks`); x fp32 with unit column stride (rows may be a slice of a wider
+        tensor). With int8 weights and at least
         `int8_integer_rows` rows, each row of x is quantised to 16 bits (symmetric, its own
         scale) and multiplied in integers: every input is then within half of 1/32767 of its
         row's largest magnitude. With bf16 weights and at least `bf16_dot_rows` rows (where
@@ -355,12 +356,18 @@ class NativeKernels:
         return DecoderStack(self, spec, layers, torch.tensor(dims, dtype=torch.int64), table, wtype)
 
     def _check_packed(self, packed: torch.Tensor, n: int, scale: torch.Tensor | None) -> None:
-        if packed.dtype not in _WEIGHT_TYPES or not packed.is_contiguous() or packed.dim() != 3:
+        pairs = packed.dtype is torch.bfloat16
+        if (
+            packed.dtype not in _WEIGHT_TYPES
+            or not packed.is_contiguous()
+            or packed.dim() != (4 if pairs else 3)
+            or (pairs and packed.shape[3] != 2)
+        ):
             raise ValueError(
-                "weight must be packed (P, K, 16) float32, float16, int8 or bfloat16, or "
-                "(P, K / 32, 320 | 544) uint8 blocks (4-bit | 8-bit)"
+                "weight must be packed (P, K, 16) float32, float16 or int8, (P, K / 2, 16, 2) "
+                "bfloat16 k pairs, or (P, K / 32, 320 | 544) uint8 blocks (4-bit | 8-bit)"
             )
-        panels, _, width = packed.shape
+        panels, width = packed.shape[0], packed.shape[2]
         blocks = packed.dtype is torch.uint8
         if (width not in _BLOCK_BYTES.values() if blocks else width != 16) or not (
             (panels - 1) * 16 < n <= panels * 16
@@ -573,8 +580,10 @@ def weight_type(packed: torch.Tensor) -> int:
 
 
 def packed_k(packed: torch.Tensor) -> int:
-    """K of a packed weight: (P, K, 16), or (P, K / 32, bytes) for blocks of 32."""
-    return packed.shape[1] * (32 if packed.dtype is torch.uint8 else 1)
+    """K of a packed weight: (P, K, 16), bf16's (P, K / 2, 16, 2), or (P, K / 32, bytes) for
+    blocks of 32."""
+    per = 32 if packed.dtype is torch.uint8 else 2 if packed.dtype is torch.bfloat16 else 1
+    return packed.shape[1] * per
 
 
 def _check_attention(

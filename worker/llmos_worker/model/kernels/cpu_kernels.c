@@ -818,9 +818,10 @@ void llmos_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inte
  *   LLMOS_W_F32  float32
  *   LLMOS_W_F16  IEEE half (converted with F16C): half the bytes to read
  *   LLMOS_W_I8   int8 with one fp32 scale per output row (symmetric, per channel): a quarter
- *   LLMOS_W_BF16 bfloat16 (widened by a shift): half the bytes; with AVX512_BF16 and at least
- *                LIN_BROWS rows, the rows of x are rounded to bf16 too and multiplied pairwise
- *                with vdpbf16ps, accumulating in fp32 (below)
+ *   LLMOS_W_BF16 bfloat16 (widened by a shift or a mask): half the bytes; with AVX512_BF16
+ *                and at least LIN_BROWS rows, the rows of x are rounded to bf16 too and
+ *                multiplied pairwise with vdpbf16ps or on AMX tiles, accumulating in fp32
+ *                (below); its panels hold k in pairs (below), K even
  *   LLMOS_W_Q4   4 bits in blocks of 32 values of k with an fp16 scale and minimum each (GGUF's
  *                Q4_1): 5 bits per weight to read; its own block layout (below)
  *   LLMOS_W_Q8   int8 in blocks of 32 values of k with an fp16 scale each (GGUF's Q8_0): 8.5
@@ -829,7 +830,10 @@ void llmos_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inte
  * (p * K + k) * 16 + j (rows past N are zero). Reading a panel is one sequential stream, and a
  * step of k multiplies 16 weights (two vectors, converted once) by one broadcast x value for each
  * of up to LIN_PMR rows of x: outer products, no horizontal sums, the conversion shared by all
- * rows. Threads take contiguous ranges of panels. Rows of x go in passes of ~192 KB (all of a
+ * rows. bf16 panels go in k pairs instead: W[16p + j][k] at (p * K + k - k % 2) * 16 + 2j + k % 2,
+ * so a 32-bit lane holds output j's weights at an even k (low half) and k + 1 (high half), the
+ * layout vdpbf16ps and AMX multiply from memory; a shift (even k) or a mask (odd k) widens a
+ * lane to fp32. Threads take contiguous ranges of panels. Rows of x go in passes of ~192 KB (all of a
  * decode batch in one): each panel is read once per pass and from cache for every further LIN_PMR
  * rows, while the pass's x rows stay in L2. Accumulation is fp32 along k, except for int8 weights
  * and at least LIN_QROWS rows: those quantise each row of x to 16 bits and multiply in integers
@@ -837,7 +841,7 @@ void llmos_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inte
  * x rows are `x_stride` floats apart (a slice of a wider tensor is fine); y is contiguous.
  * Returns 0; 1 when this build has no AVX2/FMA/F16C (the caller uses torch instead); 2 for an
  * unknown weight type; 3 for block-quantised weights whose K is not a multiple of 32 (or over
- * LIN_BLK_MAX_K).
+ * LIN_BLK_MAX_K), or bf16 weights of an odd K.
  */
 enum {
     LLMOS_W_F32 = 0, LLMOS_W_F16 = 1, LLMOS_W_I8 = 2, LLMOS_W_BF16 = 3, LLMOS_W_Q4 = 4, LLMOS_W_Q8 = 5
@@ -872,13 +876,25 @@ int llmos_linear_supported(void) {
 #define LIN_PMR 6 /* 12 accumulators + 2 weight vectors + 1 broadcast = 15 ymm */
 #define LIN_WIDEN_ROWS 24 /* rows from which fp16/int8 panels are widened to fp32 once per pass */
 
-static inline __attribute__((always_inline)) __m256 load_w8(const void *w, int wt, int64_t i) {
+/* Weights jo .. jo + 7 (jo 0 or 8) at k of the bf16 panel from element `base` (k pairs, above):
+ * bf16 is the upper half of an fp32, so the lane of an even k shifts up, an odd k's is masked.
+ * `odd` is k % 2, a constant where the caller knows it. */
+static inline __attribute__((always_inline)) __m256 load_bf8(const void *w, int64_t base,
+                                                            int64_t k, int64_t jo, const int odd) {
+    const __m256i v = _mm256_loadu_si256(
+        (const __m256i *)((const uint16_t *)w + base + (k >> 1) * 2 * LIN_PNR + 2 * jo));
+    return _mm256_castsi256_ps(odd ? _mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u))
+                                   : _mm256_slli_epi32(v, 16));
+}
+
+/* Weights jo .. jo + 7 (jo 0 or 8) at k of the panel from element `base`, as fp32. */
+static inline __attribute__((always_inline)) __m256 load_w8(const void *w, int wt, int64_t base,
+                                                           int64_t k, int64_t jo) {
+    const int64_t i = base + k * LIN_PNR + jo;
     if (wt == LLMOS_W_F32) return _mm256_loadu_ps((const float *)w + i);
     if (wt == LLMOS_W_F16)
         return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
-    if (wt == LLMOS_W_BF16) /* bf16 is the upper half of an fp32 */
-        return _mm256_castsi256_ps(_mm256_slli_epi32(
-            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i))), 16));
+    if (wt == LLMOS_W_BF16) return load_bf8(w, base, k, jo, (int)(k & 1));
     return _mm256_cvtepi32_ps(
         _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + i))));
 }
@@ -913,14 +929,28 @@ static inline __attribute__((always_inline)) void lin_ptile(const float *x, int6
     __m256 acc[LIN_PMR][2];
 #pragma GCC unroll 8
     for (int i = 0; i < mt; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; ++k) {
-        const __m256 w0 = load_w8(w, wt, base + k * LIN_PNR);
-        const __m256 w1 = load_w8(w, wt, base + k * LIN_PNR + 8);
+    if (wt == LLMOS_W_BF16) { /* k pairs (K even): the parity of k is a constant in each half */
+        for (int64_t k = 0; k < K; k += 2) {
+#pragma GCC unroll 2
+            for (int e = 0; e < 2; ++e) {
+                const __m256 w0 = load_bf8(w, base, k, 0, e), w1 = load_bf8(w, base, k, 8, e);
 #pragma GCC unroll 8
-        for (int i = 0; i < mt; ++i) {
-            const __m256 xb = _mm256_broadcast_ss(x + (m0 + i) * x_stride + k);
-            acc[i][0] = _mm256_fmadd_ps(xb, w0, acc[i][0]);
-            acc[i][1] = _mm256_fmadd_ps(xb, w1, acc[i][1]);
+                for (int i = 0; i < mt; ++i) {
+                    const __m256 xb = _mm256_broadcast_ss(x + (m0 + i) * x_stride + k + e);
+                    acc[i][0] = _mm256_fmadd_ps(xb, w0, acc[i][0]);
+                    acc[i][1] = _mm256_fmadd_ps(xb, w1, acc[i][1]);
+                }
+            }
+        }
+    } else {
+        for (int64_t k = 0; k < K; ++k) {
+            const __m256 w0 = load_w8(w, wt, base, k, 0), w1 = load_w8(w, wt, base, k, 8);
+#pragma GCC unroll 8
+            for (int i = 0; i < mt; ++i) {
+                const __m256 xb = _mm256_broadcast_ss(x + (m0 + i) * x_stride + k);
+                acc[i][0] = _mm256_fmadd_ps(xb, w0, acc[i][0]);
+                acc[i][1] = _mm256_fmadd_ps(xb, w1, acc[i][1]);
+            }
         }
     }
 #pragma GCC unroll 8
@@ -940,16 +970,20 @@ static inline __attribute__((always_inline)) void lin_prow1(const float *x, cons
     int64_t k = 0;
     for (; k + 4 <= K; k += 4) {
 #pragma GCC unroll 4
-        for (int u = 0; u < 4; ++u) {
+        for (int u = 0; u < 4; ++u) { /* k is a multiple of 4: k + u has u's parity */
             const __m256 xb = _mm256_broadcast_ss(x + k + u);
-            a[u][0] = _mm256_fmadd_ps(xb, load_w8(w, wt, base + (k + u) * LIN_PNR), a[u][0]);
-            a[u][1] = _mm256_fmadd_ps(xb, load_w8(w, wt, base + (k + u) * LIN_PNR + 8), a[u][1]);
+            const __m256 w0 = wt == LLMOS_W_BF16 ? load_bf8(w, base, k + u, 0, u & 1)
+                                                 : load_w8(w, wt, base, k + u, 0);
+            const __m256 w1 = wt == LLMOS_W_BF16 ? load_bf8(w, base, k + u, 8, u & 1)
+                                                 : load_w8(w, wt, base, k + u, 8);
+            a[u][0] = _mm256_fmadd_ps(xb, w0, a[u][0]);
+            a[u][1] = _mm256_fmadd_ps(xb, w1, a[u][1]);
         }
     }
     for (; k < K; ++k) {
         const __m256 xb = _mm256_broadcast_ss(x + k);
-        a[0][0] = _mm256_fmadd_ps(xb, load_w8(w, wt, base + k * LIN_PNR), a[0][0]);
-        a[0][1] = _mm256_fmadd_ps(xb, load_w8(w, wt, base + k * LIN_PNR + 8), a[0][1]);
+        a[0][0] = _mm256_fmadd_ps(xb, load_w8(w, wt, base, k, 0), a[0][0]);
+        a[0][1] = _mm256_fmadd_ps(xb, load_w8(w, wt, base, k, 8), a[0][1]);
     }
     const __m256 s0 = _mm256_add_ps(_mm256_add_ps(a[0][0], a[1][0]), _mm256_add_ps(a[2][0], a[3][0]));
     const __m256 s1 = _mm256_add_ps(_mm256_add_ps(a[0][1], a[1][1]), _mm256_add_ps(a[2][1], a[3][1]));
@@ -1238,8 +1272,10 @@ static inline int64_t lin_row_block(int64_t K) {
                 int wt = WT;                                                                    \
                 int64_t base = stored;                                                          \
                 if (wide != NULL && m1 - m0 >= LIN_WIDEN_ROWS) {                                \
-                    for (int64_t i = 0; i < K * LIN_PNR; i += 8)                                \
-                        _mm256_storeu_ps(wide + i, load_w8(w, WT, stored + i));                 \
+                    for (int64_t k = 0; k < K; ++k) {                                           \
+                        _mm256_storeu_ps(wide + k * LIN_PNR, load_w8(w, WT, stored, k, 0));     \
+                        _mm256_storeu_ps(wide + k * LIN_PNR + 8, load_w8(w, WT, stored, k, 8)); \
+                    }                                                                           \
                     pw = wide, wt = LLMOS_W_F32, base = 0;                                      \
                 }                                                                               \
                 int64_t m = m0;                                                                 \
@@ -1273,14 +1309,24 @@ static inline int64_t lin_row_block(int64_t K) {
 #define LLMOS_AVX512 1
 #define LIN_ZMR 12
 
-static inline __attribute__((always_inline)) __m512 load_w16(const void *w, int wt, int64_t i) {
+/* The 16 weights at k of the bf16 panel from element `base` (k pairs: one zmm holds k and k + 1
+ * of an even k), as load_bf8; `odd` is k % 2. */
+static inline __attribute__((always_inline)) __m512 load_bf16(const void *w, int64_t base,
+                                                             int64_t k, const int odd) {
+    const __m512i v =
+        _mm512_loadu_si512((const void *)((const uint16_t *)w + base + (k >> 1) * 2 * LIN_PNR));
+    return _mm512_castsi512_ps(odd ? _mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u))
+                                   : _mm512_slli_epi32(v, 16));
+}
+
+/* The 16 weights at k of the panel from element `base`, as fp32. */
+static inline __attribute__((always_inline)) __m512 load_w16(const void *w, int wt, int64_t base,
+                                                            int64_t k) {
+    const int64_t i = base + k * LIN_PNR;
     if (wt == LLMOS_W_F32) return _mm512_loadu_ps((const float *)w + i);
     if (wt == LLMOS_W_F16)
         return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i)));
-    if (wt == LLMOS_W_BF16)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i))),
-            16));
+    if (wt == LLMOS_W_BF16) return load_bf16(w, base, k, (int)(k & 1));
     return _mm512_cvtepi32_ps(
         _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)w + i))));
 }
@@ -1310,18 +1356,40 @@ static inline __attribute__((always_inline)) void lin_ztile(const float *x, int6
     for (int i = 0; i < mt; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     const int64_t esize = wt == LLMOS_W_F32 ? 4 : wt == LLMOS_W_I8 ? 1 : 2;
     const char *s0 = (const char *)w + base0 * esize, *s1 = (const char *)w + base1 * esize;
-    for (int64_t k = 0; k < K; ++k) {
-        if (LIN_TILE_PF) { /* see LIN_PF_AHEAD */
-            __builtin_prefetch(s0 + k * LIN_PNR * esize + LIN_PF_AHEAD, 0, LIN_PF_HINT);
-            if (np == 2) __builtin_prefetch(s1 + k * LIN_PNR * esize + LIN_PF_AHEAD, 0, LIN_PF_HINT);
-        }
-        const __m512 w0 = load_w16(w, wt, base0 + k * LIN_PNR);
-        const __m512 w1 = np == 2 ? load_w16(w, wt, base1 + k * LIN_PNR) : w0;
+    if (wt == LLMOS_W_BF16) { /* k pairs (K even): the parity of k is a constant in each half */
+        for (int64_t k = 0; k < K; k += 2) {
+            if (LIN_TILE_PF) { /* see LIN_PF_AHEAD */
+                __builtin_prefetch(s0 + k * LIN_PNR * esize + LIN_PF_AHEAD, 0, LIN_PF_HINT);
+                if (np == 2)
+                    __builtin_prefetch(s1 + k * LIN_PNR * esize + LIN_PF_AHEAD, 0, LIN_PF_HINT);
+            }
+#pragma GCC unroll 2
+            for (int e = 0; e < 2; ++e) {
+                const __m512 w0 = load_bf16(w, base0, k, e);
+                const __m512 w1 = np == 2 ? load_bf16(w, base1, k, e) : w0;
 #pragma GCC unroll 12
-        for (int i = 0; i < mt; ++i) {
-            const __m512 xb = _mm512_set1_ps(xr[i * x_stride + k]);
-            acc[i][0] = _mm512_fmadd_ps(xb, w0, acc[i][0]);
-            if (np == 2) acc[i][1] = _mm512_fmadd_ps(xb, w1, acc[i][1]);
+                for (int i = 0; i < mt; ++i) {
+                    const __m512 xb = _mm512_set1_ps(xr[i * x_stride + k + e]);
+                    acc[i][0] = _mm512_fmadd_ps(xb, w0, acc[i][0]);
+                    if (np == 2) acc[i][1] = _mm512_fmadd_ps(xb, w1, acc[i][1]);
+                }
+            }
+        }
+    } else {
+        for (int64_t k = 0; k < K; ++k) {
+            if (LIN_TILE_PF) { /* see LIN_PF_AHEAD */
+                __builtin_prefetch(s0 + k * LIN_PNR * esize + LIN_PF_AHEAD, 0, LIN_PF_HINT);
+                if (np == 2)
+                    __builtin_prefetch(s1 + k * LIN_PNR * esize + LIN_PF_AHEAD, 0, LIN_PF_HINT);
+            }
+            const __m512 w0 = load_w16(w, wt, base0, k);
+            const __m512 w1 = np == 2 ? load_w16(w, wt, base1, k) : w0;
+#pragma GCC unroll 12
+            for (int i = 0; i < mt; ++i) {
+                const __m512 xb = _mm512_set1_ps(xr[i * x_stride + k]);
+                acc[i][0] = _mm512_fmadd_ps(xb, w0, acc[i][0]);
+                if (np == 2) acc[i][1] = _mm512_fmadd_ps(xb, w1, acc[i][1]);
+            }
         }
     }
 #pragma GCC unroll 12
@@ -1354,17 +1422,22 @@ static inline __attribute__((always_inline)) void lin_zrow1(const float *x, cons
             if (np == 2) __builtin_prefetch(s1 + k * LIN_PNR * esize + LIN_PF_AHEAD + c, 0, LIN_PF_HINT);
         }
 #pragma GCC unroll 4
-        for (int u = 0; u < 4; ++u) {
+        for (int u = 0; u < 4; ++u) { /* k is a multiple of 4: k + u has u's parity */
             const __m512 xb = _mm512_set1_ps(x[k + u]);
-            a[u][0] = _mm512_fmadd_ps(xb, load_w16(w, wt, b0 + (k + u) * LIN_PNR), a[u][0]);
-            if (np == 2)
-                a[u][1] = _mm512_fmadd_ps(xb, load_w16(w, wt, b1 + (k + u) * LIN_PNR), a[u][1]);
+            const __m512 w0 = wt == LLMOS_W_BF16 ? load_bf16(w, b0, k + u, u & 1)
+                                                 : load_w16(w, wt, b0, k + u);
+            a[u][0] = _mm512_fmadd_ps(xb, w0, a[u][0]);
+            if (np == 2) {
+                const __m512 w1 = wt == LLMOS_W_BF16 ? load_bf16(w, b1, k + u, u & 1)
+                                                     : load_w16(w, wt, b1, k + u);
+                a[u][1] = _mm512_fmadd_ps(xb, w1, a[u][1]);
+            }
         }
     }
     for (; k < K; ++k) {
         const __m512 xb = _mm512_set1_ps(x[k]);
-        a[0][0] = _mm512_fmadd_ps(xb, load_w16(w, wt, b0 + k * LIN_PNR), a[0][0]);
-        if (np == 2) a[0][1] = _mm512_fmadd_ps(xb, load_w16(w, wt, b1 + k * LIN_PNR), a[0][1]);
+        a[0][0] = _mm512_fmadd_ps(xb, load_w16(w, wt, b0, k), a[0][0]);
+        if (np == 2) a[0][1] = _mm512_fmadd_ps(xb, load_w16(w, wt, b1, k), a[0][1]);
     }
 #pragma GCC unroll 2
     for (int j = 0; j < np; ++j)
@@ -1572,14 +1645,17 @@ static int lin_zq_range(const float *x, int64_t x_stride, int64_t M, const void 
     return 1;
 }
 
-/* ---- bf16 weights x bf16-rounded rows, vdpbf16ps (AVX512_BF16): a panel's k pairs are
- * interleaved once per pass (lane j of a zmm holds output j's weights at k and k + 1, as for
- * the integer path), each row of x is rounded to bf16 (nearest even) once per pass, and
- * vdpbf16ps adds both products of a pair to an fp32 lane: 32 multiply-adds per instruction,
- * twice the fp32 FMA's. Each x value is then within 2^-9 of itself (relative); the products of
- * two bf16 values are exact in fp32 and the sums run in fp32. From LIN_BROWS rows, where the
- * rounding and the interleave are shared by enough products to pay. */
-#define LIN_BROWS 12
+/* ---- bf16 weights x bf16-rounded rows, vdpbf16ps (AVX512_BF16): the panels are stored in k
+ * pairs (lane j of a zmm holds output j's weights at k and k + 1, as for the integer path) and
+ * read in place, each row of x is rounded to bf16 (nearest even) once per pass, and vdpbf16ps
+ * adds both products of a pair to an fp32 lane: 32 multiply-adds per instruction, twice the fp32
+ * FMA's. Each x value is then within 2^-9 of itself (relative); the products of two bf16 values
+ * are exact in fp32 and the sums run in fp32. From LIN_BROWS rows, where the rounding is shared
+ * by enough products to pay. */
+#ifndef LIN_BROWS /* measured on Zen 4 (SmolLM2-135M's shapes): 0.86-0.93x the time of the fp32
+                   * tiles at 8-11 rows, even at 2-6 */
+#define LIN_BROWS 8
+#endif
 #if defined(__AVX512BF16__)
 #define LLMOS_BF16_DOT 1
 
@@ -1599,23 +1675,10 @@ static void lin_bf16_rows(const float *x, int64_t x_stride, int64_t rows, int64_
     }
 }
 
-/* Panel of bf16 weights ((K, 16) as stored) into wb as (kp / 2, 16, 2): each 32-bit lane holds
- * one output's weights at k (low half) and k + 1 (high half; 0 past K). */
-static void lin_bf16_pairs(const uint16_t *w, int64_t K, int64_t kp, uint16_t *wb) {
-    for (int64_t k = 0; k < kp; k += 2) {
-        __builtin_prefetch((const char *)(w + k * 16) + LIN_PF_AHEAD, 0, LIN_PF_HINT);
-        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + k * 16)));
-        const __m512i hi =
-            k + 1 < K ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + (k + 1) * 16)))
-                      : _mm512_setzero_si512();
-        _mm512_storeu_si512((void *)(wb + k * 16), _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-    }
-}
-
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__) && defined(SYS_arch_prctl)
 /* ---- bf16 products on AMX tiles (the build's -march=native has AMX-BF16): the same rounded
- * rows and interleaved panels as vdpbf16ps above, but tdpbf16ps multiplies a 16 x 32 tile of x
- * by a 32 x 16 tile of weights (one panel's 16 k pairs, exactly the interleaved layout) into a
+ * rows and k-pair panels as vdpbf16ps above, but tdpbf16ps multiplies a 16 x 32 tile of x by a
+ * 32 x 16 tile of weights (one panel's 16 k pairs, exactly the stored layout) into a
  * 16 x 16 fp32 tile: 16 times the multiply-adds per instruction of vdpbf16ps. Sums stay fp32,
  * so the result is the vdpbf16ps path's up to the order of the additions. Tiles 0-3 hold a
  * 32-row x 32-output block of sums, 4-5 two 16-row tiles of x, 6-7 two panels' weights. Linux
@@ -1699,8 +1762,8 @@ static void lin_amx_block(const uint16_t *xb, int64_t kp, int64_t valid, int two
 }
 
 /* Panels [p0, p1) for every row on AMX tiles: per pass of rows (rounded to bf16 once), the
- * panels in chunks of LIN_AMX_CHUNK interleaved into an L2-resident buffer, and each 32-row
- * block of x stays in L1 while a chunk's panels stream past it. 0: out of memory (nothing
+ * panels in chunks of LIN_AMX_CHUNK, each 32-row block of x in L1 while a chunk's panels stream
+ * past it (from memory for the first block, from L2 for the rest). 0: out of memory (nothing
  * written). */
 #ifndef LIN_AMX_CHUNK
 #define LIN_AMX_CHUNK 16 /* panels: 16 x K x 32 bytes, 288 KB at K = 576 */
@@ -1713,12 +1776,8 @@ static int lin_amx_range(const float *x, int64_t x_stride, int64_t M, const void
     if (mb > M) mb = M;
     const int64_t mb16 = (mb + 15) / 16 * 16;
     uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)(mb16 * K));
-    uint16_t *wb = malloc(sizeof(uint16_t) * (size_t)(LIN_AMX_CHUNK * K * LIN_PNR));
-    if (xb == NULL || wb == NULL) {
-        free(xb);
-        free(wb);
-        return 0;
-    }
+    if (xb == NULL) return 0;
+    const uint16_t *wb = w;
     lin_amx_begin();
     for (int64_t m0 = 0; m0 < M; m0 += mb) {
         const int64_t rows = m0 + mb < M ? mb : M - m0;
@@ -1728,13 +1787,10 @@ static int lin_amx_range(const float *x, int64_t x_stride, int64_t M, const void
             memset(xb + rows * K, 0, sizeof(uint16_t) * (size_t)((rows16 - rows) * K));
         for (int64_t c0 = p0; c0 < p1; c0 += LIN_AMX_CHUNK) {
             const int64_t c1 = c0 + LIN_AMX_CHUNK < p1 ? c0 + LIN_AMX_CHUNK : p1;
-            for (int64_t p = c0; p < c1; ++p)
-                lin_bf16_pairs((const uint16_t *)w + p * K * LIN_PNR, K, K,
-                               wb + (p - c0) * K * LIN_PNR);
             for (int64_t m = 0; m < rows16; m += 32) {
                 const int64_t valid = rows - m < 32 ? rows - m : 32;
                 for (int64_t p = c0; p < c1; p += 2) {
-                    const uint16_t *wb0 = wb + (p - c0) * K * LIN_PNR;
+                    const uint16_t *wb0 = wb + p * K * LIN_PNR;
                     lin_amx_block(xb + m * K, K, valid, m + 16 < rows16, wb0, wb0 + K * LIN_PNR,
                                   p + 2 <= c1 ? 2 : 1, p, N, y, m0 + m);
                 }
@@ -1743,7 +1799,6 @@ static int lin_amx_range(const float *x, int64_t x_stride, int64_t M, const void
     }
     _tile_release();
     free(xb);
-    free(wb);
     return 1;
 }
 #endif
@@ -1784,43 +1839,33 @@ static inline __attribute__((always_inline)) void lin_zbtile(const uint16_t *xb,
 }
 
 
-/* The bf16 products over panels [p0, p1) for all M rows, in passes of ~192 KB of bf16 rows, panels
- * in pairs. Returns 0 when out of memory (nothing written). */
+/* The bf16 products over panels [p0, p1) for all M rows (K even), in passes of ~192 KB of bf16
+ * rows, panels in pairs. Returns 0 when out of memory (nothing written). */
 static int lin_zb_range(const float *x, int64_t x_stride, int64_t M, const void *w, int64_t K,
                         int64_t N, float *y, int64_t p0, int64_t p1) {
 #if defined(LLMOS_AMX)
     if (K % 32 == 0 && lin_amx_ready() && lin_amx_range(x, x_stride, M, w, K, N, y, p0, p1))
         return 1;
 #endif
-    const int64_t kp = K + (K & 1);
+    const int64_t kp = K; /* even: the panels' k pairs */
     int64_t mb = (192 * 1024 / 2) / kp;
     mb -= mb % LIN_ZMR;
     if (mb < LIN_ZMR) mb = LIN_ZMR;
     if (mb > M) mb = M;
     uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)(mb * kp));
-    uint16_t *wb = malloc(sizeof(uint16_t) * (size_t)(2 * kp * LIN_PNR));
-    if (xb == NULL || wb == NULL) {
-        free(xb);
-        free(wb);
-        return 0;
-    }
-    const uint16_t *wb1 = wb + kp * LIN_PNR;
+    if (xb == NULL) return 0;
     for (int64_t m0 = 0; m0 < M; m0 += mb) {
         const int64_t rows = m0 + mb < M ? mb : M - m0;
         lin_bf16_rows(x + m0 * x_stride, x_stride, rows, K, kp, xb);
         for (int64_t p = p0; p < p1; p += 2) {
-            lin_bf16_pairs((const uint16_t *)w + p * K * LIN_PNR, K, kp, wb);
-            if (p + 2 <= p1) {
-                lin_bf16_pairs((const uint16_t *)w + (p + 1) * K * LIN_PNR, K, kp,
-                               wb + kp * LIN_PNR);
+            const uint16_t *wb = (const uint16_t *)w + p * K * LIN_PNR, *wb1 = wb + K * LIN_PNR;
+            if (p + 2 <= p1)
                 LIN_ZTILES(0, rows, lin_zbtile, xb, kp, wb, wb1, p, N, y, m0, 2);
-            } else {
+            else
                 LIN_ZTILES(0, rows, lin_zbtile, xb, kp, wb, wb1, p, N, y, m0, 1);
-            }
         }
     }
     free(xb);
-    free(wb);
     return 1;
 }
 #endif
@@ -1864,8 +1909,8 @@ static inline int lin_zb_try(const float *x, int64_t x_stride, int64_t M, const 
                 const int np = p + 2 <= p1 ? 2 : 1;                                             \
                 const int64_t stored = p * K * LIN_PNR; /* the panels as stored in w */         \
                 if (wide != NULL && m1 - m0 >= LIN_WIDEN_ROWS) {                                \
-                    for (int64_t i = 0; i < np * K * LIN_PNR; i += 16)                          \
-                        _mm512_storeu_ps(wide + i, load_w16(w, WT, stored + i));                \
+                    for (int64_t k = 0; k < np * K; ++k) /* both panels: K is even for bf16 */  \
+                        _mm512_storeu_ps(wide + k * LIN_PNR, load_w16(w, WT, stored, k));       \
                     if (np == 2)                                                                \
                         LIN_ZTILES(m0, m1, lin_ztile, x, x_stride, wide, LLMOS_W_F32, 0,        \
                             K * LIN_PNR, p, K, N, scale, y, 2);                                 \
@@ -2287,7 +2332,10 @@ int llmos_linear(const float *x, int64_t M, int64_t K, int64_t x_stride, const v
     case LLMOS_W_F32: lin_f32(x, x_stride, M, w, K, N, scale, y); return 0;
     case LLMOS_W_F16: lin_f16(x, x_stride, M, w, K, N, scale, y); return 0;
     case LLMOS_W_I8: lin_i8(x, x_stride, M, w, K, N, scale, y); return 0;
-    case LLMOS_W_BF16: lin_bf16(x, x_stride, M, w, K, N, scale, y); return 0;
+    case LLMOS_W_BF16:
+        if (K % 2) return 3; /* k pairs */
+        lin_bf16(x, x_stride, M, w, K, N, scale, y);
+        return 0;
     case LLMOS_W_Q4:
     case LLMOS_W_Q8:
         if (K % 32 || K > LIN_BLK_MAX_K) return 3;
@@ -2469,6 +2517,7 @@ int llmos_decoder_stack(const int64_t *dims, const int64_t *layers, int wtype, f
         (hidden % 32 || inter % 32 || (dims[SD_HEADS] * D) % 32 || hidden > LIN_BLK_MAX_K ||
          inter > LIN_BLK_MAX_K || dims[SD_HEADS] * D > LIN_BLK_MAX_K))
         return 7;
+    if (wtype == LLMOS_W_BF16 && (hidden % 2 || inter % 2)) return 7; /* k pairs; D is even */
     int64_t max_len, total_len;
     const int status = check_attention(block_tables, context_lens, rows, num_seqs, H, Hkv, bs,
                                        max_blocks, num_blocks, T, &max_len, &total_len);
