@@ -5,8 +5,10 @@ No model is loaded here; these run in milliseconds.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -16,9 +18,10 @@ from llmos_worker.engine.outputs import CompletionOutput, EngineStats, RequestMe
 from llmos_worker.errors import InvalidRequestError
 from llmos_worker.server.errors import to_http_error
 from llmos_worker.server.generation import DeltaTracker, _stop_prefix_len
-from llmos_worker.server.main import JsonFormatter, engine_config
+from llmos_worker.server.main import JsonFormatter, engine_config, load_engine
 from llmos_worker.server.metrics import ServerMetrics
 from llmos_worker.server.protocol import ChatCompletionRequest, CompletionRequest
+from tests.worker.server_harness import TINY_ENGINE
 
 
 def out(text: str, n_tokens: int, finish: str | None = None) -> CompletionOutput:
@@ -266,3 +269,16 @@ def test_null_optional_fields_mean_their_defaults() -> None:
     params = chat.to_sampling_params()
     assert (params.n, params.max_tokens, params.logprobs) == (1, None, None)
     assert not chat.stream
+
+
+def test_loaded_engine_is_frozen_out_of_garbage_collection(tiny_model_dir: Path) -> None:
+    """The serve command's load leaves the model's objects in the collector's permanent
+    generation, so decode steps' collections do not walk them again."""
+    gc.unfreeze()
+    try:
+        engine = load_engine(str(tiny_model_dir), None, None, TINY_ENGINE)
+        assert gc.get_freeze_count() > 0
+        held = [o for o in gc.get_objects() if o is engine]
+        assert not held  # frozen objects are no longer tracked by the generations
+    finally:
+        gc.unfreeze()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -284,6 +285,24 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def load_engine(
+    model: str, key_file: str | None, digest: str | None, config: EngineConfig
+) -> Engine:
+    """The engine for `model`, its objects then frozen out of the garbage collector's walks."""
+    from llmos_worker.engine.engine import LLMEngine
+    from llmos_worker.storage.plaintext import open_model_source
+
+    # why: an encrypted model is decrypted into memory for the load and released after it
+    with open_model_source(model, key_file=key_file, expected_digest=digest) as source:
+        engine = LLMEngine.from_source(source, config)
+    # why: the loaded model, tokenizer and vocabulary are hundreds of thousands of objects that
+    # live as long as the process; frozen, the collections that decode steps trigger stop
+    # walking them (they were ~1 % of a decode step's samples)
+    gc.collect()
+    gc.freeze()
+    return engine
+
+
 def run(args: argparse.Namespace) -> int:
     from llmos_worker.server.app import build_app
     from llmos_worker.server.auth import ApiKeyAuth
@@ -319,14 +338,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     def loader() -> Engine:
-        from llmos_worker.engine.engine import LLMEngine
-        from llmos_worker.storage.plaintext import open_model_source
-
-        # why: an encrypted model is decrypted into memory for the load and released after it
-        with open_model_source(
-            args.model, key_file=args.model_key_file, expected_digest=args.model_digest
-        ) as source:
-            return LLMEngine.from_source(source, config)
+        return load_engine(args.model, args.model_key_file, args.model_digest, config)
 
     failures: list[BaseException] = []
 
