@@ -24,6 +24,8 @@
  * Built by llmos_worker/model/kernels/__init__.py with `cc -O3 -fopenmp -shared`; the OpenMP
  * runtime it links (libgomp.so.1) is the one torch already loaded, so both share one thread pool.
  */
+/* why: under -std=c11, unistd.h declares syscall() (the AMX permission request) only with this */
+#define _DEFAULT_SOURCE
 #include <math.h>
 #include <omp.h>
 #include <sched.h>
@@ -1652,8 +1654,8 @@ static int lin_zq_range(const float *x, int64_t x_stride, int64_t M, const void 
  * FMA's. Each x value is then within 2^-9 of itself (relative); the products of two bf16 values
  * are exact in fp32 and the sums run in fp32. From LIN_BROWS rows, where the rounding is shared
  * by enough products to pay. */
-#ifndef LIN_BROWS /* measured on Zen 4 (SmolLM2-135M's shapes): 0.86-0.93x the time of the fp32
-                   * tiles at 8-11 rows, even at 2-6 */
+#ifndef LIN_BROWS /* measured on Zen 4, SmolLM2-135M's shapes: at 8-11 rows these products take
+                   * 0.86-0.93x the fp32 tiles' time; at 2-6 rows, about the same */
 #define LIN_BROWS 8
 #endif
 #if defined(__AVX512BF16__)
