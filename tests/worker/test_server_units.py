@@ -1,6 +1,6 @@
 """Server parts on their own: stream deltas, request conversion, metrics, CLI settings, logging.
 
-No model is loaded here; these run in milliseconds.
+These run in milliseconds; only the load test loads a model (the tiny one).
 """
 
 from __future__ import annotations

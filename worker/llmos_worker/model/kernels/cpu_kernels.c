@@ -1661,19 +1661,18 @@ static int lin_zq_range(const float *x, int64_t x_stride, int64_t M, const void 
 #if defined(__AVX512BF16__)
 #define LLMOS_BF16_DOT 1
 
-/* Rows [0, rows) of x rounded to bf16 into xb (rows of kp values, the pad zero). */
-static void lin_bf16_rows(const float *x, int64_t x_stride, int64_t rows, int64_t K, int64_t kp,
+/* Rows [0, rows) of x rounded to bf16 into xb (rows of K values; K is even for bf16 panels). */
+static void lin_bf16_rows(const float *x, int64_t x_stride, int64_t rows, int64_t K,
                           uint16_t *xb) {
     for (int64_t m = 0; m < rows; ++m) {
         const float *xr = x + m * x_stride;
-        uint16_t *br = xb + m * kp;
+        uint16_t *br = xb + m * K;
         for (int64_t k = 0; k < K; k += 16) {
             const __mmask16 mask =
                 k + 16 <= K ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
             const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, xr + k));
             _mm256_mask_storeu_epi16(br + k, mask, (__m256i)v);
         }
-        if (kp > K) br[K] = 0;
     }
 }
 
@@ -1784,7 +1783,7 @@ static int lin_amx_range(const float *x, int64_t x_stride, int64_t M, const void
     for (int64_t m0 = 0; m0 < M; m0 += mb) {
         const int64_t rows = m0 + mb < M ? mb : M - m0;
         const int64_t rows16 = (rows + 15) / 16 * 16;
-        lin_bf16_rows(x + m0 * x_stride, x_stride, rows, K, K, xb);
+        lin_bf16_rows(x + m0 * x_stride, x_stride, rows, K, xb);
         if (rows16 > rows)
             memset(xb + rows * K, 0, sizeof(uint16_t) * (size_t)((rows16 - rows) * K));
         for (int64_t c0 = p0; c0 < p1; c0 += LIN_AMX_CHUNK) {
@@ -1849,22 +1848,21 @@ static int lin_zb_range(const float *x, int64_t x_stride, int64_t M, const void 
     if (K % 32 == 0 && lin_amx_ready() && lin_amx_range(x, x_stride, M, w, K, N, y, p0, p1))
         return 1;
 #endif
-    const int64_t kp = K; /* even: the panels' k pairs */
-    int64_t mb = (192 * 1024 / 2) / kp;
+    int64_t mb = (192 * 1024 / 2) / K;
     mb -= mb % LIN_ZMR;
     if (mb < LIN_ZMR) mb = LIN_ZMR;
     if (mb > M) mb = M;
-    uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)(mb * kp));
+    uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)(mb * K));
     if (xb == NULL) return 0;
     for (int64_t m0 = 0; m0 < M; m0 += mb) {
         const int64_t rows = m0 + mb < M ? mb : M - m0;
-        lin_bf16_rows(x + m0 * x_stride, x_stride, rows, K, kp, xb);
+        lin_bf16_rows(x + m0 * x_stride, x_stride, rows, K, xb);
         for (int64_t p = p0; p < p1; p += 2) {
             const uint16_t *wb = (const uint16_t *)w + p * K * LIN_PNR, *wb1 = wb + K * LIN_PNR;
             if (p + 2 <= p1)
-                LIN_ZTILES(0, rows, lin_zbtile, xb, kp, wb, wb1, p, N, y, m0, 2);
+                LIN_ZTILES(0, rows, lin_zbtile, xb, K, wb, wb1, p, N, y, m0, 2);
             else
-                LIN_ZTILES(0, rows, lin_zbtile, xb, kp, wb, wb1, p, N, y, m0, 1);
+                LIN_ZTILES(0, rows, lin_zbtile, xb, K, wb, wb1, p, N, y, m0, 1);
         }
     }
     free(xb);
