@@ -448,18 +448,93 @@ def test_block_linear_matches_dense(
 ) -> None:
     """Blocks of 32 (4-bit with a scale and minimum, 8-bit with a scale): up to 95 rows sum
     x * q per block and scale by d (and m); more rows multiply the panels dequantised to fp32.
-    Either way x @ W.T of the weights d * q (+ m) the layer holds."""
+    Either way x @ W.T of the weights d * q (+ m) the layer holds. A row alone (the last of a
+    count that leaves one over the 4-row tiles) runs in integers where the build has VNNI: its
+    x is off by half a step of its block (test_block_linear_one_row_in_integers)."""
     g = torch.Generator().manual_seed(rows * 100 + n)
-    mm = make_linear(torch.randn(n, k, generator=g), mode)
+    w = torch.randn(n, k, generator=g)
+    mm = make_linear(w, mode)
     dense = mm.dense().double()
+    mins = _block_mins(w, mode)
     mm.pack()
+    alone = [rows - 1] if kernels.block_vnni and rows < 96 and rows % 4 == 1 else []
     wide = torch.randn(rows, k + 5, generator=g) + 0.5  # a mean: the m * sum(x) term counts
     for x in (wide[:, :k].contiguous(), wide[:, 2 : k + 2]):
         got = mm(x, kernels)
         assert got.shape == (rows, n) and got.dtype == torch.float32
         # fp32 sums: relative to the sizes of the products summed, not to the (cancelled) result
         scale = x.abs().double() @ dense.abs().T
-        assert ((got.double() - x.double() @ dense.T).abs() <= 2e-6 * scale + 1e-6).all()
+        bound = 2e-6 * scale + 1e-6
+        if alone:
+            half_steps = _integer_steps(x[alone]) / 2
+            bound[alone] += half_steps @ (dense - mins).abs().T
+        assert ((got.double() - x.double() @ dense.T).abs() <= bound).all()
+
+
+def _block_mins(w: torch.Tensor, mode: str) -> torch.Tensor:
+    """The m of each weight's block (int4), expanded to the weights' shape; q8_0: zeros."""
+    if mode != "int4":
+        return torch.zeros(w.shape, dtype=torch.float64)
+    return quantize_q4(w)[2].double().repeat_interleave(32, 1)
+
+
+def _integer_steps(x: torch.Tensor) -> torch.Tensor:
+    """The step of each value of x on the 1-row integer path: max|x| of its block of 32 / 32512
+    (0 for a block with nothing above 1e-30), as float64 of x's shape."""
+    amax = x.view(x.shape[0], -1, 32).abs().amax(-1, keepdim=True)
+    step = torch.where(amax > 1e-30, amax / torch.tensor(32512.0), torch.zeros(()))
+    return step.double().expand(-1, -1, 32).reshape(x.shape)
+
+
+def _integer_x(x: torch.Tensor) -> torch.Tensor:
+    """x as the 1-row integer path rounds it: q = round(x * 32512 / max|x_block|) in fp32
+    (nearest, ties to even, as the kernel's conversion), times the block's step."""
+    b = x.view(x.shape[0], -1, 32)
+    amax = b.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 1e-30, torch.tensor(32512.0) / amax, torch.zeros(()))
+    return (b * inv).round().double().view(x.shape) * _integer_steps(x)
+
+
+@pytest.mark.parametrize("mode", ["int4", "q8_0"])
+def test_block_linear_one_row_in_integers(kernels: NativeKernels, mode: str) -> None:
+    """One row against block weights: with VNNI (`block_vnni`) x is rounded per block of 32 to
+    16-bit steps of max|x_block| / 32512, split into two int8 halves, and the products with the
+    weights' q summed in int32 are exact, so the result is x-hat @ (d q).T (+ m @ the exact x)
+    up to the fp32 sums of the blocks; without VNNI the fp32 path computes x @ W.T. Blocks of x
+    that are zero, too small to scale (taken as zero), one-sided or dominated by an outlier; the
+    extreme q of each kind (0 and 15; -128 and 127, which Q8_0 files may hold)."""
+    g = torch.Generator().manual_seed(11)
+    n, k = 37, 3008
+    w = torch.randn(n, k, generator=g)
+    mm = make_linear(w, mode)
+    if mode == "int4":
+        q, d, m = quantize_q4(w)
+        q[:, :32:2], q[:, 1:32:2] = 0, 15
+        mm.weight = pack_blocks(q, d, m)
+        mins = m.double().repeat_interleave(32, 1)
+    else:
+        q, d = quantize_q8(w)
+        q[:, :32:2], q[:, 1:32:2] = -128, 127
+        mm.weight = pack_blocks(q, d)
+        mins = torch.zeros(n, k, dtype=torch.float64)
+    dense = mm.dense().double()
+    mm.pack()
+    x = torch.randn(1, k, generator=g) + 0.5
+    x[0, 32:64] = 0.0
+    x[0, 64:96] = 1e-35  # nothing above 1e-30: taken as zero on the integer path
+    x[0, 96:128] = x[0, 96:128].abs()
+    x[0, 128:160] *= 1e-3
+    x[0, 130] = 1e4  # one outlier: its block's other values keep about 7 bits
+    plain = torch.randn(1, k, generator=g) + 0.5
+    for row in (x, plain):
+        got = mm(row, kernels).double()
+        used = _integer_x(row) if kernels.block_vnni else row.double()
+        want = used @ (dense - mins).T + row.double() @ mins.T
+        scale = used.abs() @ (dense - mins).abs().T + row.abs().double() @ mins.abs().T
+        assert ((got - want).abs() <= 2e-6 * scale + 1e-6).all()
+    if kernels.block_vnni:  # the rounding shows: x-hat explains the answer, x does not
+        exact = plain.double() @ dense.T
+        assert (got - want).abs().sum() < 0.25 * (got - exact).abs().sum()
 
 
 def test_int4_blocks_quantise_and_pack() -> None:

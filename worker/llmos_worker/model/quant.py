@@ -28,7 +28,9 @@ Modes (`QUANTIZATIONS`):
   kernel (512-bit build) turns each block's 4-bit values into floats once for a tile of up to
   4 rows, sums x * q per block in fp32 and applies d and m per block (m times the block's sum of
   x), reading 5 bits per weight (256-bit build: row by row, up to 7 rows); from 96 rows
-  (256-bit: 8) it dequantises each panel to fp32 once per pass and multiplies as fp32.
+  (256-bit: 8) it dequantises each panel to fp32 once per pass and multiplies as fp32. A row
+  alone, where the CPU has AVX512_VNNI and AVX512_VBMI, multiplies in integers instead: x
+  rounded per block of 32 to 16-bit steps, exact int32 sums (cpu_kernels.c, LIN_BLK_VNNI).
   Measured on SmolLM2's shapes (30 layers, 2-core Zen 5): 1.9 ms a step at 1 row, 2.2 at 2,
   2.9 at 4, 8.3 at 16 (int8: 2.7, 4.4, 5.0, 10.4; fp32 at 16 rows: 17.3). Needs every K a
   multiple of 32.

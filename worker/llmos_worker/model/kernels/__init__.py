@@ -78,6 +78,9 @@ class NativeKernels:
         # those bf16 products run on AMX tiles (K a multiple of 32): the CPU has AMX-BF16 and
         # Linux granted the process the tile state
         self.bf16_amx = bool(lib.llmos_linear_bf16_amx())
+        # one row of x multiplies 4- and 8-bit block weights in integers, quantised to 16 bits
+        # per block of 32 (AVX512_VNNI and AVX512_VBMI); else in fp32
+        self.block_vnni = bool(lib.llmos_linear_block_vnni())
         self._stack = lib.llmos_decoder_stack
         # dims, layer table, weight type, eps, attention scale, cos, sin, x, T, positions,
         # slots, rows, block tables, context lengths, S, max blocks, LoRA descriptor or NULL
