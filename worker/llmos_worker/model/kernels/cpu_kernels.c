@@ -2217,17 +2217,17 @@ static void lin_blk_xquant(const float *x, int64_t K, int kind, int8_t *xv, floa
     }
 }
 
-/* As lin_blk_row1, on x quantised by lin_blk_xquant; xs the exact block sums (Q4_1's m). Per
- * panel four int32 accumulators (Q4_1: h and l against the low and the high nibbles, the high
- * ones left in place, 16 times their value; Q8_0: h and l, two groups apart). */
+/* As lin_blk_row1, on x quantised by lin_blk_xquant; xs the exact block sums (Q4_1's m), tr
+ * lin_blk_transpose_index(). Per panel four int32 accumulators (Q4_1: h and l against the low
+ * and the high nibbles, the high ones left in place, 16 times their value; Q8_0: h and l, two
+ * groups apart). */
 static inline __attribute__((always_inline)) void lin_blk_vrow1(const int8_t *xv, const float *sx,
                                                                const int32_t *qs, const float *xs,
-                                                               const uint8_t *w, int kind,
-                                                               int64_t p, int64_t K, int64_t N,
-                                                               float *y, const int np) {
+                                                               const __m512i tr, const uint8_t *w,
+                                                               int kind, int64_t p, int64_t K,
+                                                               int64_t N, float *y, const int np) {
     const int64_t kb = K / 32, bytes = lin_blk_bytes(kind);
     const uint8_t *base[2] = {w + p * kb * bytes, w + (p + 1) * kb * bytes};
-    const __m512i tr = lin_blk_transpose_index();
     const __m512i lo4 = _mm512_set1_epi8(0x0F), hi4 = _mm512_set1_epi8((char)0xF0);
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     __m512 t[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
@@ -2299,23 +2299,18 @@ static inline __attribute__((always_inline)) void lin_blk_vrow1(const int8_t *xv
 }
 #endif
 #if defined(LIN_BLK_VNNI)
-/* lin_blk_xquant's output for one row, a buffer per thread kept between calls (as
- * lin_blk_range's wide_buf) and grown when a larger K needs it; 0 when it cannot be had (then
- * the fp32 path runs) */
-static __thread int8_t *vbuf_x = NULL;
-static __thread float *vbuf_s = NULL;
-static __thread int32_t *vbuf_q = NULL;
-static __thread int64_t vbuf_blocks = 0;
-static int lin_blk_vbuf(int64_t kb) {
-    if (kb <= vbuf_blocks) return 1;
-    free(vbuf_x);
-    free(vbuf_s);
-    free(vbuf_q);
-    vbuf_x = malloc((size_t)kb * 64);
-    vbuf_s = malloc(sizeof(float) * (size_t)kb);
-    vbuf_q = malloc(sizeof(int32_t) * (size_t)kb);
-    vbuf_blocks = vbuf_x != NULL && vbuf_s != NULL && vbuf_q != NULL ? kb : 0;
-    return vbuf_blocks > 0;
+/* lin_blk_xquant's output for one row of kb blocks, in a buffer per thread kept between calls
+ * (as lin_blk_range's wide_buf) and grown when a larger K needs it: kb * 64 bytes of halves,
+ * then kb steps and kb sums. NULL when it cannot be had (then the fp32 path runs). */
+static int8_t *lin_blk_vbuf(int64_t kb) {
+    static __thread int8_t *buf = NULL;
+    static __thread int64_t blocks = 0;
+    if (kb > blocks) {
+        free(buf);
+        buf = malloc((size_t)kb * (64 + sizeof(float) + sizeof(int32_t)));
+        blocks = buf != NULL ? kb : 0;
+    }
+    return buf;
 }
 #endif
 
@@ -2409,13 +2404,17 @@ static inline __attribute__((always_inline)) void lin_blk_range(const float *x, 
                 for (int64_t r = 0; r < mt; ++r)
                     lin_blk_xsums(x + (m0 + r) * x_stride, K, xs + r * kb);
 #if defined(LIN_BLK_VNNI)
-            if (mt == 1 && lin_blk_vbuf(kb)) {
-                lin_blk_xquant(x + m0 * x_stride, K, kind, vbuf_x, vbuf_s, vbuf_q);
+            int8_t *xv = mt == 1 ? lin_blk_vbuf(kb) : NULL;
+            if (xv != NULL) {
+                float *sx = (float *)(xv + 64 * kb);
+                int32_t *qs = (int32_t *)(sx + kb);
+                const __m512i tr = lin_blk_transpose_index();
+                lin_blk_xquant(x + m0 * x_stride, K, kind, xv, sx, qs);
                 float *yr = y + m0 * N;
                 int64_t p = p0;
                 for (; p + 2 <= p1; p += 2)
-                    lin_blk_vrow1(vbuf_x, vbuf_s, vbuf_q, xs, w, kind, p, K, N, yr, 2);
-                if (p < p1) lin_blk_vrow1(vbuf_x, vbuf_s, vbuf_q, xs, w, kind, p, K, N, yr, 1);
+                    lin_blk_vrow1(xv, sx, qs, xs, tr, w, kind, p, K, N, yr, 2);
+                if (p < p1) lin_blk_vrow1(xv, sx, qs, xs, tr, w, kind, p, K, N, yr, 1);
                 continue;
             }
 #endif
