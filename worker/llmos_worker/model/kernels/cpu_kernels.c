@@ -2309,8 +2309,6 @@ static inline __attribute__((always_inline)) void lin_blk_vrow1(const int8_t *xv
 #pragma GCC unroll 2
     for (int i = 0; i < np; ++i) lin_zstore(y, N, 0, (p + i) * LIN_PNR, t[i], NULL);
 }
-#endif
-#if defined(LIN_BLK_VNNI)
 /* lin_blk_xquant's output for one row of kb blocks, in a buffer per thread kept between calls
  * (as lin_blk_range's wide_buf) and grown when a larger K needs it: kb * 64 bytes of halves,
  * then kb steps and kb sums. NULL when it cannot be had (then the fp32 path runs). */
